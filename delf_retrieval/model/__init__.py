@@ -1,0 +1,1 @@
+"""DELF networks: backbones (one module each), the attention head, and weight loaders."""
