@@ -3,6 +3,7 @@ receptive-field keypoint locations, and selection by score threshold and top-K (
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -126,6 +127,16 @@ class Extractor:
     def network_calls_traced(self) -> int:
         """How many times the network function was traced (1 means no retracing)."""
         return self._run.experimental_get_tracing_count()
+
+    def score_map(self, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Dense keypoint scores of one pyramid level of ``image``, cropped to the real image."""
+        config = dataclasses.replace(self.config, scales=(float(scale),))
+        levels = pyramid(image.shape[0], image.shape[1], config, self.net.stride)
+        if not levels:
+            return np.zeros((0, 0), np.float32)
+        level = levels[0]
+        *_, scores = next(self._run_bucket([image], [level], level.bucket, self.batch_size(level.bucket)))
+        return scores
 
     def extract(self, image: np.ndarray) -> Features:
         return self.extract_batch([image])[0]

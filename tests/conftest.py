@@ -1,0 +1,37 @@
+"""Shared fixtures: a per-session weight cache, the converted light network, the dev photographs."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(REPO_ROOT, "samples")
+LANDMARKS_DEV = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "landmarks-dev")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A weight cache private to the test session (the converted ImageNet weights land here)."""
+    path = str(tmp_path_factory.mktemp("weights-cache"))
+    os.environ["DELF_CACHE_DIR"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite_net(cache_dir):
+    from delf_retrieval.model import delf
+
+    return delf.load(delf.ModelConfig(backbone="efficientnet_lite0", keypoint_score="l2norm"), cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def landmarks_dev():
+    if not os.path.isdir(LANDMARKS_DEV):
+        pytest.skip("../shared/data/landmarks-dev is not present (a user's clone has no ../shared)")
+    return LANDMARKS_DEV
+
+
+def sample_path(*parts):
+    return os.path.join(SAMPLES, *parts)
