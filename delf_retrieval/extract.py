@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from delf_retrieval.features import Features
+from delf_retrieval.model.fold import fold_batch_norm
 
 PAPER_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
@@ -23,9 +24,9 @@ class ExtractionConfig:
     score_threshold: float | None = None  # None: the network's own threshold
     max_image_size: int | None = None  # long side brought down to this before the pyramid
     min_image_size: int | None = None  # long side brought up to this before the pyramid
-    # Pixels per network call: sets the batch size of each bucket (0: one pyramid level per call,
-    # best on CPU). Calls are padded to that fixed batch size, so a feature never depends on which
-    # other images shared its batch: results are bit-identical however the corpus is split.
+    # Pixels per network call: bounds the batch size of each size bucket (0: one pyramid level per
+    # call, best on CPU, and bit-identical features whatever else is extracted). Batching is for
+    # GPUs: a level's features then vary with its batch neighbours by float rounding (~1e-5).
     batch_pixels: int = 0
 
 
@@ -105,17 +106,16 @@ class Extractor:
         self.config = config
         self.threshold = net.config.score_threshold if config.score_threshold is None else config.score_threshold
         self.use_attention = net.config.keypoint_score == "attention"
-        model = net.keras_model
         spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-
-        backbone = net.backbone
+        backbone = fold_batch_norm(net.backbone)  # same function, fewer ops at inference
+        attention = net.attention
 
         @tf.function(input_signature=[spec])
         def run(images):
+            features = backbone(images, training=False)
             if self.use_attention:
-                return model(images, training=False)
-            features = backbone(images, training=False)  # the attention head is not needed
-            return features, tf.norm(features, axis=-1)
+                return features, attention(features, training=False)[..., 0]
+            return features, tf.norm(features, axis=-1)  # the attention head is not needed
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int32)])
         def resize(image, size):
@@ -135,7 +135,7 @@ class Extractor:
         if not levels:
             return np.zeros((0, 0), np.float32)
         level = levels[0]
-        *_, scores = next(self._run_bucket([image], [level], level.bucket, self.batch_size(level.bucket)))
+        *_, scores = next(self._run_bucket([image], [level], level.bucket, 1))
         return scores
 
     def extract(self, image: np.ndarray) -> Features:
@@ -154,13 +154,18 @@ class Extractor:
             batch = self.batch_size(bucket)
             for start in range(0, len(members), batch):
                 chunk = members[start : start + batch]
-                for lv, part in zip(chunk, self._run_bucket(images, chunk, bucket, batch)):
+                for lv, part in zip(chunk, self._run_bucket(images, chunk, bucket, self.padded_batch(len(chunk), batch))):
                     parts[lv.image].append((lv, part))
         return [self._assemble(img, sorted(parts[i], key=lambda p: p[0].scale)) for i, img in enumerate(images)]
 
     def batch_size(self, bucket: tuple) -> int:
-        """Fixed number of pyramid levels per network call for a bucket shape."""
+        """Most pyramid levels per network call for a bucket shape."""
         return max(1, self.config.batch_pixels // (bucket[0] * bucket[1]))
+
+    @staticmethod
+    def padded_batch(n: int, limit: int) -> int:
+        """Calls are padded to a power of two (at most ``limit``): few distinct shapes, little waste."""
+        return min(limit, 1 << (n - 1).bit_length())
 
     def _run_bucket(self, images, chunk: list[Level], bucket: tuple, batch_size: int):
         batch = np.zeros((batch_size, bucket[0], bucket[1], 3), np.float32)
