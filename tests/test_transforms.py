@@ -1,0 +1,33 @@
+"""The Beam extraction transform on the local runner: every input ends as features or a dead letter."""
+
+import shutil
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that, equal_to
+
+from delf_retrieval.extract import ExtractionConfig, Extractor
+from delf_retrieval.images import load_image
+from delf_retrieval.model import delf
+from tests.conftest import sample_path
+from transforms.extract import DEAD_LETTER, ExtractFromFiles
+
+
+def test_extract_from_files_accounts_for_every_input(tmp_path, cache_dir):
+    shutil.copy(sample_path("berlin_cathedral", "01.jpg"), tmp_path / "good.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image" * 100)
+    model = delf.ModelConfig(backbone="efficientnet_lite0", keypoint_score="l2norm")
+    extraction = ExtractionConfig(scales=(0.25, 0.5), max_features=100)
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        out = p | beam.Create([str(tmp_path / "*.jpg")]) | ExtractFromFiles(model, extraction)
+        summary = out["features"] | beam.Map(lambda r: (r[0].rsplit("/", 1)[-1], len(r[1]), r[1].descriptors.shape[1]))
+        assert_that(summary, equal_to([("good.jpg", 100, 112)]), label="features")
+        reasons = out[DEAD_LETTER] | beam.Map(lambda d: (d["uri"].rsplit("/", 1)[-1], d["stage"], d["reason"]))
+        assert_that(reasons, equal_to([("empty.jpg", "decode", "empty"), ("junk.jpg", "decode", "corrupt")]),
+                    label="dead letters")
+        # The transform computes what the library computes.
+        expected = Extractor(delf.load(model), extraction).extract(load_image(str(tmp_path / "good.jpg")))
+        same = out["features"] | beam.Map(lambda r: bool(np.array_equal(r[1].descriptors, expected.descriptors)))
+        assert_that(same, equal_to([True]), label="same as library")
