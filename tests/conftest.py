@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,3 +36,15 @@ def landmarks_dev():
 
 def sample_path(*parts):
     return os.path.join(SAMPLES, *parts)
+
+
+def good_matches(a, b, ratio=0.85) -> int:
+    """Mutual nearest neighbours (cosine on L2-normalised descriptors) that pass Lowe's ratio test."""
+    da = a / np.linalg.norm(a, axis=1, keepdims=True)
+    db = b / np.linalg.norm(b, axis=1, keepdims=True)
+    sim = da @ db.T
+    mutual = sim.argmax(1)[sim.argmax(0)] == np.arange(len(db))
+    top2 = np.sort(sim, axis=0)[-2:]
+    distances = np.sqrt(np.maximum(2 - 2 * top2, 0))
+    passes = distances[1] < ratio * distances[0]
+    return int(np.sum(mutual & passes))
