@@ -174,10 +174,9 @@ class Extractor:
             batch[j, : lv.height, : lv.width] = self.net.normalise(resized)
         features, scores = self._run(batch)
         features, scores = features.numpy(), scores.numpy()
-        rf = self.net.receptive_field
+        ys = self.net.receptive_field.centres(features.shape[1])
+        xs = self.net.receptive_field.centres(features.shape[2])
         for j, lv in enumerate(chunk):
-            ys = rf.centres(features.shape[1])
-            xs = rf.centres(features.shape[2])
             rows = np.flatnonzero((ys >= 0) & (ys <= lv.height - 1))
             cols = np.flatnonzero((xs >= 0) & (xs <= lv.width - 1))
             yield ys[rows], xs[cols], features[j][np.ix_(rows, cols)], scores[j][np.ix_(rows, cols)]

@@ -106,6 +106,13 @@ def main(model_config, extraction_config, inputs: list[str], output: str, visual
     return summary
 
 
+def report(summary: ExtractionSummary) -> None:
+    """The summary table on stdout, and each rejected input with its reason on stderr."""
+    print(summary.table())
+    for path, reason, message in summary.rejected:
+        print(f"rejected {path}: {reason}: {message}", file=sys.stderr)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.extract", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,9 +131,7 @@ def run(argv=None) -> int:
     model_config, extraction_config = cli.configs_from_args(args)
     summary = main(model_config, extraction_config, args.inputs, args.output, args.visualize, args.overwrite,
                    progress=not args.no_progress)
-    print(summary.table())
-    for path, reason, message in summary.rejected:
-        print(f"rejected {path}: {reason}: {message}", file=sys.stderr)
+    report(summary)
     return 0 if (summary.extracted or summary.skipped or not summary.rejected) else 1
 
 

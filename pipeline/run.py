@@ -34,7 +34,7 @@ def run(argv=None) -> int:
     model_config, extraction_config = cli.configs_from_args(args)
     summary = extract.main(model_config, extraction_config, [args.input], args.output,
                            overwrite=args.overwrite, progress=not args.no_progress)
-    print(summary.table())
+    extract.report(summary)
     print(f"features written to {os.path.abspath(args.output)}")
     return 0 if not summary.rejected else 1
 

@@ -1,5 +1,6 @@
 """The networks and their weight loaders, each checked against an independent reference."""
 
+import contextlib
 import functools
 import http.server
 import os
@@ -94,48 +95,42 @@ def test_resnet50_matches_keras_applications_conv4(keras_resnet_file):
     np.testing.assert_allclose(ours(x).numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+@contextlib.contextmanager
+def serving(directory):
+    """An HTTP server on loopback serving ``directory``; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_keras_weights_download_with_cache_and_checksum(keras_resnet_file, tmp_path):
     import hashlib
 
     _, path = keras_resnet_file
     md5 = hashlib.md5(open(path, "rb").read()).hexdigest()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.path.dirname(path))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/{os.path.basename(path)}"
-        cache = str(tmp_path / "cache")
+    cache = str(tmp_path / "cache")
+    with serving(os.path.dirname(path)) as (base, server):
+        url = f"{base}/{os.path.basename(path)}"
         local = weights.fetch(url, cache, md5=md5)
         assert open(local, "rb").read() == open(path, "rb").read()
         server.shutdown()  # the second call must come from the cache
         assert weights.fetch(url, cache, md5=md5) == local
+    with serving(os.path.dirname(path)) as (base, _):
+        bad_cache = tmp_path / "cache-bad"
         with pytest.raises(weights.ChecksumError):
-            _fetch_wrong_checksum(path, tmp_path)
-        # Loading a model by URL goes through the same cache.
-        config = delf.ModelConfig(backbone="resnet50", layout="keras", weights=local, keypoint_score="l2norm")
-        net = delf.load(config, cache_dir=cache)
-        np.testing.assert_array_equal(net.backbone.get_layer("conv1_conv").get_weights()[0],
-                                      keras_resnet_file[0].get_layer("conv1_conv").get_weights()[0])
-    finally:
-        server.server_close()
-
-
-def _fetch_wrong_checksum(path, tmp_path):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.path.dirname(path))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/{os.path.basename(path)}"
-        cache = tmp_path / "cache-bad"
-        try:
-            weights.fetch(url, str(cache), sha256="0" * 64)
-        finally:
-            assert not any(p.name.endswith(".h5") for p in cache.iterdir())  # nothing bad is cached
-    finally:
-        server.shutdown()
-        server.server_close()
+            weights.fetch(f"{base}/{os.path.basename(path)}", str(bad_cache), sha256="0" * 64)
+        assert not any(p.name.endswith(".h5") for p in bad_cache.iterdir())  # nothing bad is cached
+    # Loading a model from the downloaded file sets the backbone's weights.
+    config = delf.ModelConfig(backbone="resnet50", layout="keras", weights=local, keypoint_score="l2norm")
+    net = delf.load(config, cache_dir=cache)
+    np.testing.assert_array_equal(net.backbone.get_layer("conv1_conv").get_weights()[0],
+                                  keras_resnet_file[0].get_layer("conv1_conv").get_weights()[0])
 
 
 # --- The official DELF v1 checkpoint -------------------------------------------------------------
