@@ -1,0 +1,430 @@
+"""The index on storage: Parquet posting shards grouped by cell, the image and dead-letter tables, the
+PCA and quantizer arrays, and the JSON manifest written last that publishes and verifies them all.
+
+Layout of an index directory::
+
+    manifest.json                 written last: nothing is an index until it exists
+    pca.npz, quantizer.npz        the trained projection and quantizer
+    images.parquet                one row per indexed image
+    dead_letters.parquet          one row per rejected input (uri, stage, reason, error)
+    postings/part-00000.parquet   rows sorted by (cell, region, image id); each file covers a
+                                  contiguous range of cells, so a probe reads few row groups
+
+Every file is listed in the manifest with its size and SHA-256, and every posting row group with
+its byte range and CRC-32, so a reader checks exactly the bytes it reads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import uuid
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from delf_retrieval import pca as pca_lib
+from delf_retrieval.quantize import Encoded, Quantizer
+from delf_retrieval.quantize import pq as pq_lib
+from delf_retrieval.search import InvertedLists, Searcher
+
+INDEX_FORMAT = "delf-retrieval-index"
+INDEX_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PCA_FILE = "pca.npz"
+QUANTIZER_FILE = "quantizer.npz"
+IMAGES_FILE = "images.parquet"
+DEAD_LETTERS_FILE = "dead_letters.parquet"
+POSTINGS_DIR = "postings"
+ROWS_PER_GROUP = 65536
+
+IMAGE_SCHEMA = pa.schema([
+    ("image_id", pa.int64()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("num_features", pa.int32()), ("content_hash", pa.string()), ("label", pa.string()),
+])
+DEAD_LETTER_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+                                ("error", pa.string())])
+
+
+def postings_schema(code_bytes: int) -> pa.Schema:
+    return pa.schema([
+        ("cell", pa.int32()), ("region", pa.int32()), ("image_id", pa.int64()),
+        ("code", pa.binary(code_bytes)), ("y", pa.uint16()), ("x", pa.uint16()),
+        ("scale", pa.float16()), ("attention", pa.float16()),
+    ])
+
+
+class IndexStorageError(Exception):
+    """Base of the errors about an index on storage."""
+
+
+class ManifestError(IndexStorageError):
+    """The manifest is missing, unreadable, or of another format/version."""
+
+
+class ShardError(IndexStorageError):
+    """A file the manifest lists is missing, truncated, corrupt, or belongs to another index."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def postings_table(quantizer: Quantizer, encoded: Encoded, image_ids: np.ndarray, locations: np.ndarray,
+                   scales: np.ndarray, attentions: np.ndarray) -> pa.Table:
+    """Rows for the posting shards, sorted by (cell, region, image id); codes bit-packed."""
+    params = quantizer.params
+    order = np.lexsort((np.asarray(image_ids), encoded.regions, encoded.cells))
+    packed = pq_lib.pack_codes(encoded.codes[order], params.pq_bits)
+    locations = np.clip(np.rint(np.asarray(locations, np.float64)[order]), 0, np.iinfo(np.uint16).max)
+    columns = [
+        pa.array(encoded.cells[order].astype(np.int32)),
+        pa.array(encoded.regions[order].astype(np.int32)),
+        pa.array(np.asarray(image_ids, np.int64)[order]),
+        pa.FixedSizeBinaryArray.from_buffers(pa.binary(params.code_bytes), len(order),
+                                             [None, pa.py_buffer(packed.tobytes())]),
+        pa.array(locations[:, 0].astype(np.uint16)),
+        pa.array(locations[:, 1].astype(np.uint16)),
+        pa.array(np.asarray(scales, np.float16)[order]),
+        pa.array(np.asarray(attentions, np.float16)[order]),
+    ]
+    return pa.Table.from_arrays(columns, schema=postings_schema(params.code_bytes))
+
+
+def _file_record(path: str, relative: str, **extra) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": relative, "bytes": os.path.getsize(path), "sha256": digest.hexdigest(), **extra}
+
+
+def _row_group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int]]:
+    """(offset, length) of each row group's column chunks in the file."""
+    ranges = []
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        starts, ends = [], []
+        for j in range(group.num_columns):
+            column = group.column(j)
+            start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+            starts.append(start)
+            ends.append(start + column.total_compressed_size)
+        ranges.append((min(starts), max(ends) - min(starts)))
+    return ranges
+
+
+def write_shard(directory: str, relative: str, table: pa.Table, index_id: str,
+                rows_per_group: int = ROWS_PER_GROUP) -> dict:
+    """Write one posting shard (rows already sorted) and return its manifest record."""
+    path = os.path.join(directory, relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = table.replace_schema_metadata({"index_id": index_id})
+    # Dictionary encoding suits the sorted cell/region/scale columns; image ids ascend within a
+    # region, so deltas are small; zstd takes what is left.
+    pq.write_table(table, path, row_group_size=rows_per_group, compression="zstd",
+                   use_dictionary=["cell", "region", "scale"],
+                   column_encoding={"image_id": "DELTA_BINARY_PACKED", "y": "BYTE_STREAM_SPLIT",
+                                    "x": "BYTE_STREAM_SPLIT", "attention": "BYTE_STREAM_SPLIT",
+                                    "code": "PLAIN"},
+                   write_statistics=["cell", "region"])
+    metadata = pq.ParquetFile(path).metadata
+    groups = []
+    with open(path, "rb") as f:
+        for i, (offset, length) in enumerate(_row_group_ranges(metadata)):
+            f.seek(offset)
+            groups.append({"rows": metadata.row_group(i).num_rows, "offset": offset, "length": length,
+                           "crc32": zlib.crc32(f.read(length))})
+    cells = table.column("cell")
+    return _file_record(path, relative, rows=table.num_rows, row_groups=groups,
+                        first_cell=int(cells[0].as_py()) if table.num_rows else None,
+                        last_cell=int(cells[-1].as_py()) if table.num_rows else None)
+
+
+def split_by_cells(table: pa.Table, rows_per_shard: int) -> list[pa.Table]:
+    """Cut a cell-sorted table into pieces of about ``rows_per_shard`` rows, never splitting a cell,
+    so every shard covers a disjoint, contiguous range of cells."""
+    cells = table.column("cell").to_numpy()
+    cuts, start = [], 0
+    while start < len(cells):
+        end = min(start + rows_per_shard, len(cells))
+        if end < len(cells):  # move the cut to the end of the cell it falls in
+            end = int(np.searchsorted(cells, cells[end - 1], side="right"))
+        cuts.append((start, end))
+        start = end
+    return [table.slice(s, e - s) for s, e in cuts]
+
+
+def image_table(records: list[dict]) -> pa.Table:
+    """The image table from dicts with the keys of ``IMAGE_SCHEMA`` (label may be absent)."""
+    return pa.Table.from_pylist([{**{"label": None}, **r} for r in records], schema=IMAGE_SCHEMA)
+
+
+def dead_letter_table(records: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{**{"error": None}, **r} for r in records], schema=DEAD_LETTER_SCHEMA)
+
+
+def write_table_file(directory: str, relative: str, table: pa.Table) -> dict:
+    path = os.path.join(directory, relative)
+    pq.write_table(table, path, compression="zstd")
+    return _file_record(path, relative, rows=table.num_rows)
+
+
+def write_array_file(directory: str, relative: str, payload: bytes) -> dict:
+    path = os.path.join(directory, relative)
+    with open(path, "wb") as f:
+        f.write(payload)
+    return _file_record(path, relative)
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    """Publish the index: the manifest goes to a temporary name, then is renamed into place."""
+    path = os.path.join(directory, MANIFEST)
+    temporary = path + f".tmp-{uuid.uuid4().hex}"
+    with open(temporary, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def new_index_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_manifest(index_id: str, quantizer: Quantizer, files: dict, shards: list[dict],
+                   model: dict | None = None, extra: dict | None = None) -> dict:
+    """The manifest record; ``files`` maps pca/quantizer/images/dead_letters to file records."""
+    images = files["images"]["rows"]
+    descriptors = sum(s["rows"] for s in shards)
+    return {
+        "format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "index_id": index_id,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spec": quantizer.params.spec,
+        "params": {**quantizer.params.__dict__, "regions": quantizer.regions.n_regions,
+                   "local_models": quantizer.regions.n_models, "dim": quantizer.dim},
+        "model": model or {},
+        "counts": {"images": images, "descriptors": descriptors,
+                   "rejected": files["dead_letters"]["rows"] if files.get("dead_letters") else 0,
+                   "shards": len(shards)},
+        "files": files, "shards": shards, **(extra or {}),
+    }
+
+
+def write_index(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, encoded: Encoded,
+                image_ids: np.ndarray, locations: np.ndarray, scales: np.ndarray, attentions: np.ndarray,
+                images: pa.Table, dead_letters: pa.Table | None = None, model: dict | None = None,
+                rows_per_shard: int = 4_000_000, rows_per_group: int = ROWS_PER_GROUP) -> dict:
+    """Write a whole index held in memory (the Beam pipeline writes the same files in parallel).
+    Returns the manifest, which is written last."""
+    os.makedirs(directory, exist_ok=True)
+    index_id = new_index_id()
+    table = postings_table(quantizer, encoded, image_ids, locations, scales, attentions)
+    shards = [write_shard(directory, f"{POSTINGS_DIR}/part-{i:05d}.parquet", piece, index_id, rows_per_group)
+              for i, piece in enumerate(split_by_cells(table, rows_per_shard))]
+    files = {"quantizer": write_array_file(directory, QUANTIZER_FILE, quantizer.to_npz_bytes()),
+             "images": write_table_file(directory, IMAGES_FILE, images)}
+    if pca is not None:
+        files["pca"] = write_array_file(directory, PCA_FILE, pca.to_npz_bytes())
+    if dead_letters is not None:
+        files["dead_letters"] = write_table_file(directory, DEAD_LETTERS_FILE, dead_letters)
+    manifest = build_manifest(index_id, quantizer, files, shards, model)
+    write_manifest(directory, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise ManifestError(f"{directory} is not an index: no {MANIFEST} (a build that did not finish "
+                            "publishes nothing)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read {path}: {e}") from e
+    if manifest.get("format") != INDEX_FORMAT:
+        raise ManifestError(f"{path} is not a {INDEX_FORMAT} manifest")
+    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+        raise ManifestError(f"{path}: index format version {manifest.get('format_version')}, this reader "
+                            f"reads version {INDEX_FORMAT_VERSION}")
+    return manifest
+
+
+def _check_file(directory: str, record: dict, checksum: bool) -> str:
+    path = os.path.join(directory, record["path"])
+    if not os.path.exists(path):
+        raise ShardError(f"{record['path']} is listed in the manifest but missing from {directory}")
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+        raise ShardError(f"{record['path']} has {size} bytes, the manifest says {record['bytes']} "
+                         "(truncated or replaced)")
+    if checksum and _file_record(path, record["path"])["sha256"] != record["sha256"]:
+        raise ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
+    return path
+
+
+def verify(directory: str) -> dict:
+    """Check every file of an index byte for byte against the manifest; return the manifest."""
+    manifest = read_manifest(directory)
+    for record in list(manifest["files"].values()) + manifest["shards"]:
+        _check_file(directory, record, checksum=True)
+    return manifest
+
+
+@dataclass
+class Rows:
+    """Stored attributes of posting rows, aligned with the ids asked for (-1 ids give image_id -1)."""
+
+    image_ids: np.ndarray  # int64
+    locations: np.ndarray  # (n, 2) float32, y, x
+    scales: np.ndarray  # float32
+    attentions: np.ndarray  # float32
+
+
+class IndexReader:
+    """Reads an index lazily: the small files on open (checked by SHA-256), posting row groups only
+    when a probed cell needs them (checked by CRC-32), kept in an LRU cache of ``cache_bytes``.
+
+    ``search`` takes PCA'd query descriptors; ids in results are global posting row numbers, and
+    :meth:`rows` gives their image ids and keypoints.
+    """
+
+    def __init__(self, directory: str, cache_bytes: int = 2 << 30):
+        self.directory = directory
+        self.manifest = read_manifest(directory)
+        files = self.manifest["files"]
+        self.quantizer = Quantizer.load(_check_file(directory, files["quantizer"], checksum=True))
+        self.pca = pca_lib.PCA.load(_check_file(directory, files["pca"], checksum=True)) if "pca" in files else None
+        self._images_path = _check_file(directory, files["images"], checksum=True)
+        self._images: pa.Table | None = None
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cached_bytes = 0
+        self._resident: InvertedLists | None = None
+        self._cell_regions = self.quantizer.regions.cell_regions(self.quantizer.coarse.n_cells)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        """Global tables of row groups: shard, position, first global row, cell range."""
+        shard_of, group_of, first_row, first_cell, last_cell = [], [], [], [], []
+        row = 0
+        self._shard_paths = []
+        for s, shard in enumerate(self.manifest["shards"]):
+            path = _check_file(self.directory, shard, checksum=False)
+            self._shard_paths.append(path)
+            metadata = pq.ParquetFile(path).metadata
+            if (metadata.metadata or {}).get(b"index_id", b"").decode() != self.manifest["index_id"]:
+                raise ShardError(f"{shard['path']} belongs to another index (index_id differs)")
+            if metadata.num_rows != shard["rows"] or metadata.num_row_groups != len(shard["row_groups"]):
+                raise ShardError(f"{shard['path']} has {metadata.num_rows} rows in {metadata.num_row_groups} "
+                                 f"row groups, the manifest says {shard['rows']} in {len(shard['row_groups'])}")
+            cell_column = metadata.schema.to_arrow_schema().get_field_index("cell")
+            for g in range(metadata.num_row_groups):
+                stats = metadata.row_group(g).column(cell_column).statistics
+                shard_of.append(s), group_of.append(g), first_row.append(row)
+                first_cell.append(stats.min), last_cell.append(stats.max)
+                row += metadata.row_group(g).num_rows
+        self.num_rows = row
+        self._group_shard = np.asarray(shard_of, np.int64)
+        self._group_index = np.asarray(group_of, np.int64)
+        self._group_first_row = np.asarray(first_row + [row], np.int64)
+        self._group_first_cell = np.asarray(first_cell, np.int64)
+        self._group_last_cell = np.asarray(last_cell, np.int64)
+
+    @property
+    def images(self) -> pa.Table:
+        if self._images is None:
+            self._images = pq.read_table(self._images_path)
+        return self._images
+
+    def _load_group(self, group: int) -> dict:
+        if group in self._cache:
+            self._cache.move_to_end(group)
+            return self._cache[group]
+        shard = self.manifest["shards"][self._group_shard[group]]
+        record = shard["row_groups"][self._group_index[group]]
+        path = self._shard_paths[self._group_shard[group]]
+        with open(path, "rb") as f:
+            f.seek(record["offset"])
+            data = f.read(record["length"])
+        if len(data) != record["length"] or zlib.crc32(data) != record["crc32"]:
+            raise ShardError(f"{shard['path']} row group {self._group_index[group]} does not match its "
+                             "CRC-32 in the manifest (corrupt)")
+        table = pq.ParquetFile(path).read_row_group(int(self._group_index[group]))
+        params = self.quantizer.params
+        packed = np.frombuffer(table.column("code").combine_chunks().buffers()[1], np.uint8,
+                               count=table.num_rows * params.code_bytes).reshape(-1, params.code_bytes)
+        arrays = {
+            "region": table.column("region").to_numpy().astype(np.int64),
+            "codes": pq_lib.unpack_codes(packed, params.pq_m, params.pq_bits),
+            "image_id": table.column("image_id").to_numpy(),
+            "y": table.column("y").to_numpy(), "x": table.column("x").to_numpy(),
+            "scale": table.column("scale").to_numpy(), "attention": table.column("attention").to_numpy(),
+        }
+        arrays["nbytes"] = sum(a.nbytes for a in arrays.values())
+        self._cache[group] = arrays
+        self._cached_bytes += arrays["nbytes"]
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted["nbytes"]
+        return arrays
+
+    def _groups_for_cells(self, cells: np.ndarray) -> np.ndarray:
+        cells = np.unique(cells[cells >= 0])
+        # Row groups are sorted by cell: those whose [first, last] range meets a probed cell.
+        lo = np.searchsorted(self._group_last_cell, cells, side="left")
+        hi = np.searchsorted(self._group_first_cell, cells, side="right")
+        return np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)]))
+
+    def _lists(self, groups: np.ndarray) -> InvertedLists:
+        n_regions = self.quantizer.regions.n_regions
+        if len(groups) == 0:
+            return InvertedLists(np.zeros(n_regions + 1, np.int64), np.zeros((0, self.quantizer.params.pq_m), np.uint8),
+                                 np.zeros(0, np.int64))
+        loaded = [self._load_group(int(g)) for g in groups]
+        regions = np.concatenate([a["region"] for a in loaded])
+        codes = np.concatenate([a["codes"] for a in loaded])
+        ids = np.concatenate([np.arange(self._group_first_row[g], self._group_first_row[g + 1]) for g in groups])
+        return InvertedLists(np.searchsorted(regions, np.arange(n_regions + 1)).astype(np.int64), codes, ids)
+
+    def load_all(self) -> None:
+        """Keep all postings in memory (when the index fits) so searches skip the per-batch
+        assembly; the row-group cache is then only used for :meth:`rows`."""
+        self._resident = self._lists(np.arange(len(self._group_shard)))
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """ADC search of PCA'd queries (n, d): (squared distances, global row ids), as Searcher."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        probe_cells, _ = self.quantizer.coarse.probe(queries, nprobe)
+        lists = self._resident if self._resident is not None else self._lists(self._groups_for_cells(probe_cells.ravel()))
+        return Searcher(self.quantizer, lists).search_cells(queries, probe_cells, k)
+
+    def rows(self, ids: np.ndarray) -> Rows:
+        """Image id, keypoint (y, x), scale and attention of global posting rows."""
+        ids = np.asarray(ids, np.int64)
+        flat = ids.ravel()
+        out = Rows(np.full(flat.shape, -1, np.int64), np.zeros((flat.size, 2), np.float32),
+                   np.zeros(flat.size, np.float32), np.zeros(flat.size, np.float32))
+        valid = np.flatnonzero(flat >= 0)
+        groups = np.searchsorted(self._group_first_row, flat[valid], side="right") - 1
+        for g in np.unique(groups):
+            where = valid[groups == g]
+            arrays = self._load_group(int(g))
+            local = flat[where] - self._group_first_row[g]
+            out.image_ids[where] = arrays["image_id"][local]
+            out.locations[where, 0] = arrays["y"][local]
+            out.locations[where, 1] = arrays["x"][local]
+            out.scales[where] = arrays["scale"][local]
+            out.attentions[where] = arrays["attention"][local]
+        shape = ids.shape
+        return Rows(out.image_ids.reshape(shape), out.locations.reshape(shape + (2,)),
+                    out.scales.reshape(shape), out.attentions.reshape(shape))
