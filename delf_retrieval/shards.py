@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
+import struct
+import tempfile
 import uuid
 import zlib
 from collections import OrderedDict
@@ -30,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from delf_retrieval import pca as pca_lib
+from delf_retrieval import storage
 from delf_retrieval.quantize import Encoded, Quantizer
 from delf_retrieval.quantize import pq as pq_lib
 from delf_retrieval.search import InvertedLists, Searcher
@@ -97,12 +101,16 @@ def postings_table(quantizer: Quantizer, encoded: Encoded, image_ids: np.ndarray
     return pa.Table.from_arrays(columns, schema=postings_schema(params.code_bytes))
 
 
-def _file_record(path: str, relative: str, **extra) -> dict:
+def _sha256_of_file(local_path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(local_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"path": relative, "bytes": os.path.getsize(path), "sha256": digest.hexdigest(), **extra}
+    return digest.hexdigest()
+
+
+def _bytes_record(relative: str, data: bytes, **extra) -> dict:
+    return {"path": relative, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
 
 
 def _row_group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int]]:
@@ -122,10 +130,17 @@ def _row_group_ranges(metadata: pq.FileMetaData) -> list[tuple[int, int]]:
 
 def write_shard(directory: str, relative: str, table: pa.Table, index_id: str,
                 rows_per_group: int = ROWS_PER_GROUP) -> dict:
-    """Write one posting shard (rows already sorted) and return its manifest record."""
-    path = os.path.join(directory, relative)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    table = table.replace_schema_metadata({"index_id": index_id})
+    """Write one posting shard (rows already sorted) and return its manifest record. The file is
+    made in a local temporary folder, checksummed there, then copied to ``directory`` (local or gs://)."""
+    with tempfile.TemporaryDirectory(prefix="delf-shard-") as scratch:
+        path = os.path.join(scratch, "shard.parquet")
+        record = _write_local_shard(path, relative, table.replace_schema_metadata({"index_id": index_id}),
+                                    rows_per_group)
+        storage.upload(path, storage.join(directory, relative))
+    return record
+
+
+def _write_local_shard(path: str, relative: str, table: pa.Table, rows_per_group: int) -> dict:
     # Dictionary encoding suits the sorted cell/region/scale columns; image ids ascend within a
     # region, so deltas are small; zstd takes what is left.
     pq.write_table(table, path, row_group_size=rows_per_group, compression="zstd",
@@ -142,9 +157,10 @@ def write_shard(directory: str, relative: str, table: pa.Table, index_id: str,
             groups.append({"rows": metadata.row_group(i).num_rows, "offset": offset, "length": length,
                            "crc32": zlib.crc32(f.read(length))})
     cells = table.column("cell")
-    return _file_record(path, relative, rows=table.num_rows, row_groups=groups,
-                        first_cell=int(cells[0].as_py()) if table.num_rows else None,
-                        last_cell=int(cells[-1].as_py()) if table.num_rows else None)
+    return {"path": relative, "bytes": os.path.getsize(path), "sha256": _sha256_of_file(path),
+            "rows": table.num_rows, "row_groups": groups,
+            "first_cell": int(cells[0].as_py()) if table.num_rows else None,
+            "last_cell": int(cells[-1].as_py()) if table.num_rows else None}
 
 
 def split_by_cells(table: pa.Table, rows_per_shard: int) -> list[pa.Table]:
@@ -171,25 +187,19 @@ def dead_letter_table(records: list[dict]) -> pa.Table:
 
 
 def write_table_file(directory: str, relative: str, table: pa.Table) -> dict:
-    path = os.path.join(directory, relative)
-    pq.write_table(table, path, compression="zstd")
-    return _file_record(path, relative, rows=table.num_rows)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return write_array_file(directory, relative, buffer.getvalue(), rows=table.num_rows)
 
 
-def write_array_file(directory: str, relative: str, payload: bytes) -> dict:
-    path = os.path.join(directory, relative)
-    with open(path, "wb") as f:
-        f.write(payload)
-    return _file_record(path, relative)
+def write_array_file(directory: str, relative: str, payload: bytes, **extra) -> dict:
+    storage.write_bytes(storage.join(directory, relative), payload)
+    return _bytes_record(relative, payload, **extra)
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
-    """Publish the index: the manifest goes to a temporary name, then is renamed into place."""
-    path = os.path.join(directory, MANIFEST)
-    temporary = path + f".tmp-{uuid.uuid4().hex}"
-    with open(temporary, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    """Publish the index in one atomic write (see :func:`storage.write_bytes`)."""
+    storage.write_bytes(storage.join(directory, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
 def new_index_id() -> str:
@@ -221,7 +231,6 @@ def write_index(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None
                 rows_per_shard: int = 4_000_000, rows_per_group: int = ROWS_PER_GROUP) -> dict:
     """Write a whole index held in memory (the Beam pipeline writes the same files in parallel).
     Returns the manifest, which is written last."""
-    os.makedirs(directory, exist_ok=True)
     index_id = new_index_id()
     table = postings_table(quantizer, encoded, image_ids, locations, scales, attentions)
     shards = [write_shard(directory, f"{POSTINGS_DIR}/part-{i:05d}.parquet", piece, index_id, rows_per_group)
@@ -241,14 +250,24 @@ def write_index(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None
 # Reading
 
 
+def _read_footer(path: str, size: int) -> tuple[int, bytes]:
+    """(offset, bytes) of a Parquet file's footer: metadata, its length and the magic, at the end."""
+    tail = storage.read_bytes(path, size - 8, 8)
+    if len(tail) != 8 or tail[4:] != b"PAR1":
+        raise ShardError(f"{path} is not a complete Parquet file (no footer magic)")
+    length = struct.unpack("<I", tail[:4])[0] + 8
+    if length > size:
+        raise ShardError(f"{path}: footer length {length} exceeds the file size {size}")
+    return size - length, storage.read_bytes(path, size - length, length)
+
+
 def read_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
-        raise ManifestError(f"{directory} is not an index: no {MANIFEST} (a build that did not finish "
-                            "publishes nothing)")
+    path = storage.join(directory, MANIFEST)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise ManifestError(f"{directory} is not an index: no {MANIFEST} (a build that did not finish "
+                            "publishes nothing)") from None
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read {path}: {e}") from e
     if manifest.get("format") != INDEX_FORMAT:
@@ -259,17 +278,21 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def _check_file(directory: str, record: dict, checksum: bool) -> str:
-    path = os.path.join(directory, record["path"])
-    if not os.path.exists(path):
-        raise ShardError(f"{record['path']} is listed in the manifest but missing from {directory}")
-    size = os.path.getsize(path)
+def _check_file(directory: str, record: dict, checksum: bool) -> bytes | None:
+    """Check a listed file's size (and SHA-256 when ``checksum``); returns its bytes if it read them."""
+    path = storage.join(directory, record["path"])
+    try:
+        size = storage.size(path) if not checksum else None
+        data = storage.read_bytes(path) if checksum else None
+    except FileNotFoundError:
+        raise ShardError(f"{record['path']} is listed in the manifest but missing from {directory}") from None
+    size = len(data) if checksum else size
     if size != record["bytes"]:
         raise ShardError(f"{record['path']} has {size} bytes, the manifest says {record['bytes']} "
                          "(truncated or replaced)")
-    if checksum and _file_record(path, record["path"])["sha256"] != record["sha256"]:
+    if checksum and hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
-    return path
+    return data
 
 
 def verify(directory: str) -> dict:
@@ -304,7 +327,7 @@ class IndexReader:
         files = self.manifest["files"]
         self.quantizer = Quantizer.load(_check_file(directory, files["quantizer"], checksum=True))
         self.pca = pca_lib.PCA.load(_check_file(directory, files["pca"], checksum=True)) if "pca" in files else None
-        self._images_path = _check_file(directory, files["images"], checksum=True)
+        self._images_bytes = _check_file(directory, files["images"], checksum=True)
         self._images: pa.Table | None = None
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[int, dict] = OrderedDict()
@@ -317,11 +340,17 @@ class IndexReader:
         """Global tables of row groups: shard, position, first global row, cell range."""
         shard_of, group_of, first_row, first_cell, last_cell = [], [], [], [], []
         row = 0
-        self._shard_paths = []
+        self._shard_paths, self._footers, self._metadata = [], [], []
         for s, shard in enumerate(self.manifest["shards"]):
-            path = _check_file(self.directory, shard, checksum=False)
-            self._shard_paths.append(path)
-            metadata = pq.ParquetFile(path).metadata
+            _check_file(self.directory, shard, checksum=False)
+            path = storage.join(self.directory, shard["path"])
+            footer = _read_footer(path, shard["bytes"])
+            try:
+                # The footer alone parses as a file: the magic, then the footer (which ends in it).
+                metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer[1]))
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"{shard['path']}: unreadable Parquet footer ({e})") from e
+            self._shard_paths.append(path), self._footers.append(footer), self._metadata.append(metadata)
             if (metadata.metadata or {}).get(b"index_id", b"").decode() != self.manifest["index_id"]:
                 raise ShardError(f"{shard['path']} belongs to another index (index_id differs)")
             if metadata.num_rows != shard["rows"] or metadata.num_row_groups != len(shard["row_groups"]):
@@ -343,23 +372,22 @@ class IndexReader:
     @property
     def images(self) -> pa.Table:
         if self._images is None:
-            self._images = pq.read_table(self._images_path)
+            self._images = pq.read_table(io.BytesIO(self._images_bytes))
         return self._images
 
     def _load_group(self, group: int) -> dict:
         if group in self._cache:
             self._cache.move_to_end(group)
             return self._cache[group]
-        shard = self.manifest["shards"][self._group_shard[group]]
-        record = shard["row_groups"][self._group_index[group]]
-        path = self._shard_paths[self._group_shard[group]]
-        with open(path, "rb") as f:
-            f.seek(record["offset"])
-            data = f.read(record["length"])
+        s, g = int(self._group_shard[group]), int(self._group_index[group])
+        shard = self.manifest["shards"][s]
+        record = shard["row_groups"][g]
+        # One ranged read per row group; Parquet then parses it with the footer read on open.
+        data = storage.read_bytes(self._shard_paths[s], record["offset"], record["length"])
         if len(data) != record["length"] or zlib.crc32(data) != record["crc32"]:
-            raise ShardError(f"{shard['path']} row group {self._group_index[group]} does not match its "
-                             "CRC-32 in the manifest (corrupt)")
-        table = pq.ParquetFile(path).read_row_group(int(self._group_index[group]))
+            raise ShardError(f"{shard['path']} row group {g} does not match its CRC-32 in the manifest (corrupt)")
+        view = storage.RangeFile(shard["bytes"], dict([self._footers[s], (record["offset"], data)]))
+        table = pq.ParquetFile(view, metadata=self._metadata[s]).read_row_group(g)
         params = self.quantizer.params
         packed = np.frombuffer(table.column("code").combine_chunks().buffers()[1], np.uint8,
                                count=table.num_rows * params.code_bytes).reshape(-1, params.code_bytes)

@@ -48,3 +48,29 @@ def good_matches(a, b, ratio=0.85) -> int:
     distances = np.sqrt(np.maximum(2 - 2 * top2, 0))
     passes = distances[1] < ratio * distances[0]
     return int(np.sum(mutual & passes))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A local Google Cloud Storage emulator (the gcp-storage-emulator package, in this process) with
+    a bucket ``test-bucket``; google-cloud-storage and Beam's gs:// reach it via STORAGE_EMULATOR_HOST."""
+    import socket
+
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    server = emulator.create_server("localhost", port, in_memory=True, default_bucket="test-bucket")
+    server.start()
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://localhost:{port}"
+    from delf_retrieval import storage
+
+    storage._client.cache_clear()
+    yield "gs://test-bucket"
+    server.stop()
+    storage._client.cache_clear()
+    if previous is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous

@@ -172,3 +172,25 @@ def test_postings_fit_the_storage_budget(tmp_path, corpus):
     # Code (7 bytes) + image id + location + scale + attention, after compression. The budget of
     # 16 bytes is all-in at scale; this small index still pays Parquet's fixed per-file costs.
     assert posting_bytes / manifest["counts"]["descriptors"] < 16
+
+
+def test_index_on_gcs_reads_like_a_local_one(gcs_emulator, index_dir, corpus):
+    from delf_retrieval import storage
+
+    remote = f"{gcs_emulator}/indexes/run-1"
+    write(remote, corpus, rows_per_shard=3000, rows_per_group=500)
+    assert storage.exists(f"{remote}/{shards.MANIFEST}")
+    shards.verify(remote)
+    queries = corpus["x"][::211]
+    local_reader, remote_reader = shards.IndexReader(str(index_dir)), shards.IndexReader(remote)
+    d_local, ids_local = local_reader.search(queries, 10, 4)
+    d_remote, ids_remote = remote_reader.search(queries, 10, 4)
+    np.testing.assert_array_equal(ids_local, ids_remote)
+    np.testing.assert_array_equal(remote_reader.rows(ids_remote).image_ids, local_reader.rows(ids_local).image_ids)
+    # Damage on GCS is caught the same way.
+    storage.write_bytes(f"{remote}/postings/part-00001.parquet", b"PAR1 not really")
+    with pytest.raises(shards.ShardError, match="truncated or replaced"):
+        shards.IndexReader(remote)
+    storage.delete(f"{remote}/{shards.MANIFEST}")
+    with pytest.raises(shards.ManifestError, match="no manifest.json"):
+        shards.IndexReader(remote)

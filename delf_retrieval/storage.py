@@ -1,0 +1,166 @@
+"""Files on local disk or Google Cloud Storage (``gs://bucket/path``) behind one small API: whole and
+ranged reads, writes, listing, deletion. Honours ``STORAGE_EMULATOR_HOST`` (a local GCS emulator)."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+import uuid
+
+GCS_PREFIX = "gs://"
+
+
+def is_gcs(path: str) -> bool:
+    return path.startswith(GCS_PREFIX)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_gcs(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+    return os.path.join(base, *parts)
+
+
+def relative(path: str, base: str) -> str:
+    if is_gcs(path):
+        return path[len(base.rstrip("/")) + 1:]
+    return os.path.relpath(path, base)
+
+
+@functools.lru_cache(maxsize=None)
+def _client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulated"), credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def _blob(path: str):
+    bucket, _, name = path[len(GCS_PREFIX):].partition("/")
+    if not bucket or not name:
+        raise ValueError(f"not a gs://bucket/object path: {path}")
+    return _client().bucket(bucket).blob(name)
+
+
+def exists(path: str) -> bool:
+    return _blob(path).exists() if is_gcs(path) else os.path.exists(path)
+
+
+def size(path: str) -> int:
+    """Size in bytes; FileNotFoundError if absent."""
+    if is_gcs(path):
+        blob = _blob(path)
+        blob_with_meta = blob.bucket.get_blob(blob.name)
+        if blob_with_meta is None:
+            raise FileNotFoundError(path)
+        return int(blob_with_meta.size)
+    return os.path.getsize(path)
+
+
+def read_bytes(path: str, start: int | None = None, length: int | None = None) -> bytes:
+    """The whole file, or ``length`` bytes from ``start``; FileNotFoundError if absent."""
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        try:
+            if start is None:
+                return _blob(path).download_as_bytes()
+            return _blob(path).download_as_bytes(start=start, end=start + length - 1) if length else b""
+        except exceptions.NotFound as e:
+            raise FileNotFoundError(path) from e
+    with open(path, "rb") as f:
+        if start is None:
+            return f.read()
+        f.seek(start)
+        return f.read(length)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file. Atomic: readers see the old file or the new one, never a part (a GCS
+    object upload is atomic; locally the data goes to a temporary name that is then renamed)."""
+    if is_gcs(path):
+        _blob(path).upload_from_string(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+def upload(local_path: str, path: str) -> None:
+    """Copy a finished local file to ``path`` (atomically, as :func:`write_bytes`)."""
+    if is_gcs(path):
+        _blob(path).upload_from_filename(local_path)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    shutil.copyfile(local_path, temporary)
+    os.replace(temporary, path)
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file under a directory / object prefix, recursively, sorted."""
+    if is_gcs(prefix):
+        bucket, _, name = prefix[len(GCS_PREFIX):].partition("/")
+        name = name.rstrip("/") + "/" if name else ""
+        return sorted(f"{GCS_PREFIX}{bucket}/{b.name}" for b in _client().list_blobs(bucket, prefix=name))
+    found = []
+    for root, _, names in os.walk(prefix):
+        found += [os.path.join(root, n) for n in names]
+    return sorted(found)
+
+
+def delete(path: str) -> None:
+    if is_gcs(path):
+        _blob(path).delete()
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def delete_tree(prefix: str) -> None:
+    if is_gcs(prefix):
+        for path in list_files(prefix):
+            delete(path)
+    else:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only, seekable view of a file of ``size`` bytes of which only some ranges are known
+    (e.g. a Parquet footer and one row group fetched with ranged reads); reading outside them
+    is an error, so a reader that needs more bytes fails loudly instead of reading garbage."""
+
+    def __init__(self, size: int, segments: dict[int, bytes]):
+        self._size = size
+        self._segments = sorted(segments.items())
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        for start, data in self._segments:
+            if start <= self._pos and self._pos + want <= start + len(data):
+                buffer[:want] = data[self._pos - start:self._pos - start + want]
+                self._pos += want
+                return want
+        raise OSError(f"bytes {self._pos}..{self._pos + want} were not fetched")
