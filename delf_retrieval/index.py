@@ -13,27 +13,60 @@ from delf_retrieval import quantize, shards
 from delf_retrieval.features import Features
 
 
+class Reservoir:
+    """A uniform random sample of at most ``max_rows`` rows of a stream of blocks, in bounded memory;
+    two reservoirs of disjoint streams merge into a uniform sample of both (for parallel runs)."""
+
+    def __init__(self, max_rows: int, seed: int = 0):
+        self.max_rows = max_rows
+        self.rng = np.random.default_rng(seed)
+        self.rows: np.ndarray | None = None  # (min(seen, max_rows), d)
+        self.seen = 0
+
+    def add(self, block: np.ndarray) -> None:
+        block = np.asarray(block, np.float32)
+        if len(block) == 0:
+            return
+        if self.rows is None:
+            self.rows = np.empty((0, block.shape[1]), np.float32)
+        fill = min(max(self.max_rows - self.seen, 0), len(block))
+        if fill:
+            self.rows = np.concatenate([self.rows, block[:fill]])
+        # Algorithm R: the i-th row overall (0-based) takes a random slot with probability max_rows/(i+1);
+        # within a block, later rows overwrite earlier ones exactly as a row-by-row loop would.
+        later = np.arange(self.seen + fill, self.seen + len(block))
+        slots = (self.rng.random(len(later)) * (later + 1)).astype(np.int64)
+        keep = slots < self.max_rows
+        self.rows[slots[keep]] = block[fill:][keep]
+        self.seen += len(block)
+
+    def merge(self, other: "Reservoir") -> None:
+        """Absorb another reservoir: the number of rows drawn from each side is hypergeometric in
+        the two stream sizes, so the result is a uniform sample of the union."""
+        if other.rows is None or other.seen == 0:
+            return
+        if self.rows is None or self.seen == 0:
+            self.rows, self.seen = other.rows.copy(), other.seen
+            return
+        total = min(self.max_rows, self.seen + other.seen)
+        from_self = int(self.rng.hypergeometric(self.seen, other.seen, total))
+        mine = self.rows[self.rng.choice(len(self.rows), from_self, replace=False)]
+        theirs = other.rows[self.rng.choice(len(other.rows), total - from_self, replace=False)]
+        self.rows = np.concatenate([mine, theirs])
+        self.seen += other.seen
+
+    def result(self) -> np.ndarray:
+        if self.rows is None:
+            raise ValueError("no features to sample from")
+        return self.rows
+
+
 def sample_descriptors(features: Iterable[Features], max_rows: int, seed: int = 0) -> np.ndarray:
-    """A uniform random sample of at most ``max_rows`` descriptors over all images, in one pass
-    (reservoir sampling in blocks: memory stays at max_rows, whatever the corpus size)."""
-    rng = np.random.default_rng(seed)
-    reservoir: np.ndarray | None = None
-    seen = 0
+    """A uniform random sample of at most ``max_rows`` descriptors over all images, in one pass."""
+    reservoir = Reservoir(max_rows, seed)
     for f in features:
-        block = np.asarray(f.descriptors, np.float32)
-        if reservoir is None:
-            reservoir = np.empty((max_rows, block.shape[1]), np.float32)
-        fill = min(max(max_rows - seen, 0), len(block))
-        reservoir[seen:seen + fill] = block[:fill]
-        # Each later row i (0-based overall) replaces a random slot with probability max_rows / (i + 1).
-        later = np.arange(seen + fill, seen + len(block))
-        slots = (rng.random(len(later)) * (later + 1)).astype(np.int64)
-        keep = slots < max_rows
-        reservoir[slots[keep]] = block[fill:][keep]
-        seen += len(block)
-    if reservoir is None:
-        raise ValueError("no features to sample from")
-    return reservoir[:min(seen, max_rows)]
+        reservoir.add(f.descriptors)
+    return reservoir.result()
 
 
 def train(raw_sample: np.ndarray, params: quantize.IndexParams = quantize.IndexParams(), pca_dim: int = pca_lib.DEFAULT_DIM,
@@ -62,16 +95,51 @@ def encode_image(image_id: int, features: Features, projection: pca_lib.PCA, qua
 def write(directory: str, images: list[EncodedImage], image_table, projection: pca_lib.PCA,
           quantizer: quantize.Quantizer, dead_letters=None, model: dict | None = None, **kwargs) -> dict:
     """Write an index from encoded images held in memory; returns the manifest."""
-    def cat(get):
-        parts = [get(i) for i in images]
-        return np.concatenate(parts) if parts else np.zeros(0)
+    return shards.write_index(directory, quantizer=quantizer, pca=projection, images=image_table,
+                              dead_letters=dead_letters, model=model, **concatenate(images, quantizer.params.pq_m), **kwargs)
 
-    m = quantizer.params.pq_m
-    encoded = quantize.Encoded(cat(lambda i: i.encoded.cells).astype(np.int64), cat(lambda i: i.encoded.regions).astype(np.int64),
-                               np.concatenate([i.encoded.codes for i in images]) if images else np.zeros((0, m), np.uint8))
-    return shards.write_index(
-        directory, quantizer=quantizer, pca=projection, encoded=encoded,
-        image_ids=cat(lambda i: np.full(len(i.scales), i.image_id, np.int64)),
-        locations=np.concatenate([i.locations for i in images]) if images else np.zeros((0, 2)),
-        scales=cat(lambda i: i.scales), attentions=cat(lambda i: i.attentions),
-        images=image_table, dead_letters=dead_letters, model=model, **kwargs)
+
+def model_files(projection: pca_lib.PCA, quantizer: quantize.Quantizer) -> dict:
+    """The trained model as the bytes of its two files (what travels between pipeline steps)."""
+    return {"pca": projection.to_npz_bytes(), "quantizer": quantizer.to_npz_bytes()}
+
+
+def load_model_files(files: dict) -> tuple[pca_lib.PCA, quantize.Quantizer]:
+    return pca_lib.PCA.load(files["pca"]), quantize.Quantizer.load(files["quantizer"])
+
+
+def shard_of_cells(cells: np.ndarray, n_cells: int, n_shards: int) -> np.ndarray:
+    """Shard number of each cell: contiguous, near-equal ranges of cells, so shards cover disjoint
+    cell ranges in order."""
+    return (np.asarray(cells, np.int64) * n_shards) // n_cells
+
+
+def shard_count(descriptors: int, n_cells: int, rows_per_shard: int = 4_000_000) -> int:
+    return int(max(1, min(n_cells, -(-descriptors // rows_per_shard))))
+
+
+def concatenate(images: list[EncodedImage], m: int) -> dict:
+    """Posting columns of several encoded images, ready for :func:`shards.postings_table`."""
+    if not images:
+        return {"encoded": quantize.Encoded(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, m), np.uint8)),
+                "image_ids": np.zeros(0, np.int64), "locations": np.zeros((0, 2), np.float32),
+                "scales": np.zeros(0, np.float32), "attentions": np.zeros(0, np.float32)}
+    return {
+        "encoded": quantize.Encoded(np.concatenate([i.encoded.cells for i in images]).astype(np.int64),
+                                    np.concatenate([i.encoded.regions for i in images]).astype(np.int64),
+                                    np.concatenate([i.encoded.codes for i in images])),
+        "image_ids": np.concatenate([np.full(len(i.scales), i.image_id, np.int64) for i in images]),
+        "locations": np.concatenate([i.locations for i in images]),
+        "scales": np.concatenate([i.scales for i in images]),
+        "attentions": np.concatenate([i.attentions for i in images]),
+    }
+
+
+def split_by_shard(image: EncodedImage, n_cells: int, n_shards: int):
+    """(shard, the part of an image's rows that falls in it) for each shard the image touches."""
+    shard = shard_of_cells(image.encoded.cells, n_cells, n_shards)
+    for s in np.unique(shard):
+        rows = shard == s
+        yield int(s), EncodedImage(image.image_id, quantize.Encoded(image.encoded.cells[rows], image.encoded.regions[rows],
+                                                                    image.encoded.codes[rows]),
+                                   image.locations[rows], image.scales[rows], image.attentions[rows])

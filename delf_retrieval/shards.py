@@ -46,6 +46,7 @@ QUANTIZER_FILE = "quantizer.npz"
 IMAGES_FILE = "images.parquet"
 DEAD_LETTERS_FILE = "dead_letters.parquet"
 POSTINGS_DIR = "postings"
+BUILDS_DIR = "builds"  # the pipeline writes each run under builds/<build id>/ and publishes it
 ROWS_PER_GROUP = 65536
 
 IMAGE_SCHEMA = pa.schema([
@@ -80,25 +81,25 @@ class ShardError(IndexStorageError):
 # Writing
 
 
-def postings_table(quantizer: Quantizer, encoded: Encoded, image_ids: np.ndarray, locations: np.ndarray,
-                   scales: np.ndarray, attentions: np.ndarray) -> pa.Table:
+def postings_table(encoded: Encoded, image_ids: np.ndarray, locations: np.ndarray, scales: np.ndarray,
+                   attentions: np.ndarray, bits: int) -> pa.Table:
     """Rows for the posting shards, sorted by (cell, region, image id); codes bit-packed."""
-    params = quantizer.params
+    m = encoded.codes.shape[1]
+    code_bytes = pq_lib.packed_bytes(m, bits)
     order = np.lexsort((np.asarray(image_ids), encoded.regions, encoded.cells))
-    packed = pq_lib.pack_codes(encoded.codes[order], params.pq_bits)
-    locations = np.clip(np.rint(np.asarray(locations, np.float64)[order]), 0, np.iinfo(np.uint16).max)
+    packed = pq_lib.pack_codes(encoded.codes[order], bits)
+    locations = np.clip(np.rint(np.asarray(locations, np.float64).reshape(-1, 2)[order]), 0, np.iinfo(np.uint16).max)
     columns = [
         pa.array(encoded.cells[order].astype(np.int32)),
         pa.array(encoded.regions[order].astype(np.int32)),
         pa.array(np.asarray(image_ids, np.int64)[order]),
-        pa.FixedSizeBinaryArray.from_buffers(pa.binary(params.code_bytes), len(order),
-                                             [None, pa.py_buffer(packed.tobytes())]),
+        pa.FixedSizeBinaryArray.from_buffers(pa.binary(code_bytes), len(order), [None, pa.py_buffer(packed.tobytes())]),
         pa.array(locations[:, 0].astype(np.uint16)),
         pa.array(locations[:, 1].astype(np.uint16)),
         pa.array(np.asarray(scales, np.float16)[order]),
         pa.array(np.asarray(attentions, np.float16)[order]),
     ]
-    return pa.Table.from_arrays(columns, schema=postings_schema(params.code_bytes))
+    return pa.Table.from_arrays(columns, schema=postings_schema(code_bytes))
 
 
 def _sha256_of_file(local_path: str) -> str:
@@ -202,6 +203,23 @@ def write_manifest(directory: str, manifest: dict) -> None:
     storage.write_bytes(storage.join(directory, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
+def published_builds(directory: str) -> set[str]:
+    """The build folder named by the current manifest, if there is one (as a set, empty if none)."""
+    try:
+        build = read_manifest(directory).get("build")
+    except ManifestError:
+        return set()
+    return {build} if build else set()
+
+
+def remove_builds(directory: str, keep: set[str]) -> None:
+    """Delete the build folders under ``directory/builds`` other than those in ``keep``."""
+    prefix = storage.join(directory, BUILDS_DIR)
+    builds = {storage.relative(p, directory).split("/")[1] for p in storage.list_files(prefix)}
+    for build in builds - {b.split("/", 1)[-1] for b in keep}:
+        storage.delete_tree(storage.join(prefix, build))
+
+
 def new_index_id() -> str:
     return uuid.uuid4().hex
 
@@ -232,7 +250,7 @@ def write_index(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None
     """Write a whole index held in memory (the Beam pipeline writes the same files in parallel).
     Returns the manifest, which is written last."""
     index_id = new_index_id()
-    table = postings_table(quantizer, encoded, image_ids, locations, scales, attentions)
+    table = postings_table(encoded, image_ids, locations, scales, attentions, quantizer.params.pq_bits)
     shards = [write_shard(directory, f"{POSTINGS_DIR}/part-{i:05d}.parquet", piece, index_id, rows_per_group)
               for i, piece in enumerate(split_by_cells(table, rows_per_shard))]
     files = {"quantizer": write_array_file(directory, QUANTIZER_FILE, quantizer.to_npz_bytes()),

@@ -115,6 +115,45 @@ def list_files(prefix: str) -> list[str]:
     return sorted(found)
 
 
+def _glob_regex(pattern: str) -> "re.Pattern":
+    """``**/`` zero or more folders, ``*`` and ``?`` within one folder, ``[...]`` a character class."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):  # zero or more folders, as Python's recursive glob
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            out.append("[" + pattern[i + 1:end].replace("!", "^", 1) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob (``*``, ``?``, ``[..]``; ``**`` crosses folders), local or gs://, sorted."""
+    import glob as local_glob
+
+    if not is_gcs(pattern):
+        return sorted(p for p in local_glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    wildcard = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
+    matcher = _glob_regex(pattern)
+    return [p for p in list_files(pattern[:wildcard].rsplit("/", 1)[0]) if matcher.match(p)]
+
+
 def delete(path: str) -> None:
     if is_gcs(path):
         _blob(path).delete()

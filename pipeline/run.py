@@ -1,42 +1,157 @@
-"""The main job: ``python -m pipeline.run [--input SRC] [--output DIR]``.
+"""The main job, the batch index build on Apache Beam:
 
-With no arguments it runs on the bundled sample (``samples/``, 42 photographs), offline. For now
-the job is multi-scale DELF extraction of every image (feature files + a summary table); the Beam
-index build (PCA, quantizer, Parquet shards) replaces it as the index is built.
+    python -m pipeline.run [--input SRC] [--output INDEX] [options] [Beam pipeline options]
+
+SRC is a local or gs:// folder (searched recursively) or glob of images, or a listing CSV
+(``id,url,landmark_id`` as Google-Landmarks ships it, or ``path_or_url,label``); INDEX a local
+folder or gs:// prefix. Stages: list -> spread over workers -> read/fetch -> decode -> batched
+multi-scale extraction -> sample descriptors -> PCA + quantizer (or ``--quantizer DIR`` from
+``pipeline.build_quantizer``) -> encode -> Parquet shards by cell -> tables -> manifest, last.
+
+With no arguments it indexes the bundled sample (``samples/``, 42 photographs) offline into
+``output/sample-index``. Locally it runs on Beam's portable in-process runner (add
+``--direct_running_mode=multi_processing --direct_num_workers=N`` for worker processes);
+``--runner DataflowRunner`` with the usual Google Cloud options runs it on Dataflow
+(see ``run_dataflow.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import time
 
-from pipeline import cli, extract
+from pipeline import build_quantizer, cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_CORPUS = os.path.join(REPO_ROOT, "samples")
+LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default=SAMPLE_CORPUS, help="folder, glob or file of images (default: the bundled sample)")
-    parser.add_argument("--output", default="output/sample-features", help="output folder (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--input", default=SAMPLE_CORPUS, help="folder, glob or listing CSV (default: the bundled sample)")
+    parser.add_argument("--output", default="output/sample-index", help="index folder or gs:// prefix (default: %(default)s)")
+    parser.add_argument("--label-from-folder", action=argparse.BooleanOptionalAction, default=None,
+                        help="label each image with its folder's name (default: on for the bundled sample)")
+    parser.add_argument("--quantizer", help="reuse PCA + quantizer from this folder (pipeline.build_quantizer output)")
+    parser.add_argument("--num-shards", type=int, help="posting shards (default: one per ~4M descriptors)")
+    parser.add_argument("--rows-per-shard", type=int, default=4_000_000)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per extraction call (at most)")
+    parser.add_argument("--accelerator", help="Beam resource hint for the extraction step on Dataflow, e.g. "
+                        "'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
+    parser.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds per http(s) request")
+    parser.add_argument("--fetch-retries", type=int, default=3)
+    parser.add_argument("--host-interval", type=float, default=0.1, help="seconds between requests to one host, per worker")
     parser.add_argument("--no-progress", action="store_true")
     cli.add_model_arguments(parser)
-    return parser.parse_args(argv)
+    build_quantizer.add_index_arguments(parser)
+    return parser.parse_known_args(argv)
+
+
+def read_model_files(folder: str) -> dict:
+    """PCA + quantizer bytes from a build_quantizer output folder (local or gs://)."""
+    import json
+
+    from delf_retrieval import storage
+
+    files = {name: storage.read_bytes(storage.join(folder, f"{name}.npz")) for name in ("pca", "quantizer")}
+    report_path = storage.join(folder, "quantizer.json")
+    report = json.loads(storage.read_bytes(report_path)) if storage.exists(report_path) else {}
+    return {**files, "sample_size": report.get("sample_size", 0), "train_seconds": 0.0}
+
+
+def build_pipeline(pipeline, args, model_config, extraction_config):
+    """Add the index build to ``pipeline`` (so tests can pass their own); returns the manifest PCollection."""
+    import apache_beam as beam
+
+    from transforms.extract import DEAD_LETTER, ExtractImages, ListInputs, list_source
+    from transforms.index import BuildIndex
+
+    label_from_folder = args.label_from_folder
+    if label_from_folder is None:
+        label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
+    listed = pipeline | "ListInputs" >> ListInputs(args.input, label_from_folder)
+    count = listed | "CountInputs" >> beam.combiners.Count.Globally()
+    # Progress needs the total up front: list once more here (cheap next to extraction), locally only.
+    total = 0 if args.no_progress else len(list_source(args.input, label_from_folder))
+    extracted = listed | "ExtractImages" >> ExtractImages(
+        model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
+        fetch={"fetch_timeout": args.fetch_timeout, "fetch_retries": args.fetch_retries, "host_interval": args.host_interval},
+        progress_total=total)
+    params = build_quantizer.params_from_args(args)
+    return {"features": extracted["features"], DEAD_LETTER: extracted[DEAD_LETTER], "listed": count} | "BuildIndex" >> BuildIndex(
+        args.output, dataclasses.asdict(params), pca_dim=args.pca_dim, sample_size=args.sample_size,
+        model_files=read_model_files(args.quantizer) if args.quantizer else None, rows_per_shard=args.rows_per_shard,
+        num_shards=args.num_shards,
+        model_info={"network": model_config.to_json(), "extraction": dataclasses.asdict(extraction_config),
+                    "preset": args.preset})
+
+
+def make_pipeline(beam_args: list[str]):
+    """A Beam pipeline for the given options; local runs use the portable FnApiRunner directly,
+    which works offline (Beam 2.77's DirectRunner first tries to download the Prism runner)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner in LOCAL_RUNNERS:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return beam.Pipeline(runner=FnApiRunner(), options=options), True
+    return beam.Pipeline(options=options), False
+
+
+def summary_table(manifest: dict, root: str, seconds: float) -> str:
+    """Indexed, rejected by reason, descriptors, shards, bytes, wall time."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from delf_retrieval import storage
+
+    counts = manifest["counts"]
+    rows = [("inputs", counts.get("inputs", "")), ("indexed", counts["images"]), ("rejected", counts["rejected"])]
+    dead = manifest["files"].get("dead_letters")
+    if dead and dead["rows"]:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, dead["path"]))))
+        reasons: dict = {}
+        for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
+            reasons[f"{stage}/{reason}"] = reasons.get(f"{stage}/{reason}", 0) + 1
+        rows += [(f"  rejected: {r}", n) for r, n in sorted(reasons.items())]
+    total_bytes = sum(f["bytes"] for f in manifest["files"].values()) + sum(s["bytes"] for s in manifest["shards"])
+    rows += [("descriptors", counts["descriptors"]), ("shards", counts["shards"]), ("index", manifest["spec"]),
+             ("bytes", total_bytes),
+             ("bytes/descriptor", f"{sum(s['bytes'] for s in manifest['shards']) / max(counts['descriptors'], 1):.2f} (postings)"),
+             ("seconds", f"{seconds:.1f}")]
+    width = max(len(str(r[0])) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def run(argv=None) -> int:
-    args = parse_args(argv)
+    args, beam_args = parse_args(argv)
     cli.quiet_tensorflow()
+    from delf_retrieval import shards
+
     model_config, extraction_config = cli.configs_from_args(args)
-    summary = extract.main(model_config, extraction_config, [args.input], args.output,
-                           overwrite=args.overwrite, progress=not args.no_progress)
-    extract.report(summary)
-    print(f"features written to {os.path.abspath(args.output)}")
-    return 0 if not summary.rejected else 1
+    start = time.time()
+    pipeline, local = make_pipeline(beam_args)
+    if not local:
+        args.no_progress = True
+    build_pipeline(pipeline, args, model_config, extraction_config)
+    result = pipeline.run()
+    result.wait_until_finish()
+    if not local:
+        print(f"submitted; the index is published at {args.output} when the job finishes")
+        return 0
+    manifest = shards.read_manifest(args.output)
+    print(summary_table(manifest, args.output, time.time() - start))
+    print(f"index written to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":

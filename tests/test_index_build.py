@@ -61,3 +61,19 @@ def test_write_index_from_encoded_images(tmp_path):
     # An image's own descriptors find that image.
     _, ids = reader.search(projection.transform(features[5].descriptors[:50]), 1, nprobe=8)
     assert (reader.rows(ids[:, 0]).image_ids == 105).mean() > 0.9
+
+
+def test_merged_reservoirs_sample_the_union_uniformly():
+    # Two workers see streams of very different sizes; the merged sample must weigh them by size.
+    a, b = index.Reservoir(1000, seed=1), index.Reservoir(1000, seed=2)
+    for start in range(0, 3000, 700):
+        a.add(np.arange(start, min(start + 700, 3000), dtype=np.float32)[:, None])
+    b.add(np.arange(3000, 12000, dtype=np.float32)[:, None])
+    a.merge(b)
+    sample = a.result()[:, 0]
+    assert a.seen == 12000 and len(sample) == 1000 and len(np.unique(sample)) == 1000
+    share_a = np.mean(sample < 3000)
+    assert 0.2 < share_a < 0.3  # 3000 of 12000 rows came from a
+    empty = index.Reservoir(10)
+    empty.merge(a)
+    assert empty.seen == 12000

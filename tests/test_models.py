@@ -1,10 +1,6 @@
 """The networks and their weight loaders, each checked against an independent reference."""
 
-import contextlib
-import functools
-import http.server
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -13,7 +9,7 @@ import tensorflow as tf
 from delf_retrieval.model import attention as attention_head
 from delf_retrieval.model import delf, efficientnet_lite0, resnet50, weights
 from delf_retrieval.model.torch_pickle import load_torch_state_dict
-from tests.conftest import sample_path
+from tests.conftest import sample_path, serving
 
 
 def randomise(model, seed=0):
@@ -93,20 +89,6 @@ def test_resnet50_matches_keras_applications_conv4(keras_resnet_file):
     x = np.random.default_rng(2).uniform(-1, 1, (1, 96, 128, 3)).astype(np.float32)
     expected = keras.Model(reference.input, reference.get_layer(resnet50.FEATURE_LAYER).output)(x).numpy()
     np.testing.assert_allclose(ours(x).numpy(), expected, rtol=1e-4, atol=1e-4)
-
-
-@contextlib.contextmanager
-def serving(directory):
-    """An HTTP server on loopback serving ``directory``; yields its base URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_keras_weights_download_with_cache_and_checksum(keras_resnet_file, tmp_path):

@@ -194,3 +194,18 @@ def test_index_on_gcs_reads_like_a_local_one(gcs_emulator, index_dir, corpus):
     storage.delete(f"{remote}/{shards.MANIFEST}")
     with pytest.raises(shards.ManifestError, match="no manifest.json"):
         shards.IndexReader(remote)
+
+
+def test_glob_means_the_same_on_disk_and_on_gcs(tmp_path, gcs_emulator):
+    from delf_retrieval import storage
+
+    names = ["top.jpg", "a/one.jpg", "a/b/two.jpg", "a/b/two.png", "c/three.JPG"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+        storage.write_bytes(f"{gcs_emulator}/glob/{name}", b"x")
+    for pattern in ("**/*.jpg", "a/*.jpg", "*/b/two.*", "a/**", "?/one.jpg", "[ac]/*"):
+        local = [os.path.relpath(p, tmp_path) for p in storage.glob(str(tmp_path / pattern))]
+        remote = [p[len(f"{gcs_emulator}/glob/"):] for p in storage.glob(f"{gcs_emulator}/glob/{pattern}")]
+        assert local == remote, pattern
+    assert storage.glob(str(tmp_path / "**/*.jpg")) == [str(tmp_path / n) for n in ("a/b/two.jpg", "a/one.jpg", "top.jpg")]

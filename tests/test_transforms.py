@@ -1,4 +1,4 @@
-"""The Beam extraction transform on the local runner: every input ends as features or a dead letter."""
+"""The Beam extraction transforms on the local runner: every input ends as features or a dead letter."""
 
 import shutil
 
@@ -8,10 +8,12 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
 from delf_retrieval.extract import ExtractionConfig, Extractor
+from delf_retrieval.features import Features
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from tests.conftest import sample_path
-from transforms.extract import DEAD_LETTER, ExtractFromFiles
+from delf_retrieval.inputs import InputImage
+from transforms.extract import DEAD_LETTER, ExtractFeatures, ExtractImages, ListInputs
 
 
 def test_extract_from_files_accounts_for_every_input(tmp_path, cache_dir):
@@ -21,8 +23,8 @@ def test_extract_from_files_accounts_for_every_input(tmp_path, cache_dir):
     model = delf.ModelConfig(backbone="efficientnet_lite0", keypoint_score="l2norm")
     extraction = ExtractionConfig(scales=(0.25, 0.5), max_features=100)
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        out = p | beam.Create([str(tmp_path / "*.jpg")]) | ExtractFromFiles(model, extraction)
-        summary = out["features"] | beam.Map(lambda r: (r[0].rsplit("/", 1)[-1], len(r[1]), r[1].descriptors.shape[1]))
+        out = p | ListInputs(str(tmp_path / "*.jpg")) | ExtractImages(model, extraction)
+        summary = out["features"] | beam.Map(lambda r: (r[0].uri.rsplit("/", 1)[-1], len(r[1]), r[1].descriptors.shape[1]))
         assert_that(summary, equal_to([("good.jpg", 100, 112)]), label="features")
         reasons = out[DEAD_LETTER] | beam.Map(lambda d: (d["uri"].rsplit("/", 1)[-1], d["stage"], d["reason"]))
         assert_that(reasons, equal_to([("empty.jpg", "decode", "empty"), ("junk.jpg", "decode", "corrupt")]),
@@ -31,3 +33,27 @@ def test_extract_from_files_accounts_for_every_input(tmp_path, cache_dir):
         expected = Extractor(delf.load(model), extraction).extract(load_image(str(tmp_path / "good.jpg")))
         same = out["features"] | beam.Map(lambda r: bool(np.array_equal(r[1].descriptors, expected.descriptors)))
         assert_that(same, equal_to([True]), label="same as library")
+
+
+class FlakyExtractor:
+    """Fails on whole batches, and on single images whose first pixel is 255."""
+
+    def extract_batch(self, images):
+        raise RuntimeError("out of memory")
+
+    def extract(self, image):
+        if image[0, 0, 0] == 255:
+            raise ValueError("bad image")
+        return Features(np.zeros((1, 2)), np.ones(1), np.ones(1), np.zeros((1, 4)), image.shape[:2])
+
+
+def test_a_failing_batch_loses_only_the_failing_image():
+    fn = ExtractFeatures({}, {})
+    fn.extractor = FlakyExtractor()
+    good, bad = np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)
+    batch = [(InputImage("a.jpg"), good, "h1"), (InputImage("b.jpg"), bad, "h2"), (InputImage("c.jpg"), good, "h3")]
+    out = list(fn.process(batch))
+    assert [r[0].uri for r in out if isinstance(r, tuple)] == ["a.jpg", "c.jpg"]
+    dead = [r.value for r in out if isinstance(r, beam.pvalue.TaggedOutput)]
+    assert [(d["uri"], d["stage"], d["reason"]) for d in dead] == [("b.jpg", "extract", "extraction_failed")]
+    assert "bad image" in dead[0]["error"]

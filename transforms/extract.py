@@ -1,13 +1,54 @@
-"""Read, decode and extract DELF features in Beam, with a dead-letter output for bad images."""
+"""Beam stages from listed images to features: list, read (disk, gs://, http), decode, batched
+extraction; every input that cannot be used leaves as a dead letter with its stage and reason."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from delf_retrieval.inputs import InputImage
+
 DEAD_LETTER = "dead_letter"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LISTING_EXTENSIONS = (".csv", ".txt")
+
+
+class ProgressLine:
+    """Images finished (indexed or rejected) of a known total, with rate and ETA, on stderr at most
+    every few seconds. One per worker process: on the local in-process runner that is the job."""
+
+    def __init__(self):
+        self.total = 0
+        self.done = 0
+        self.start = 0.0
+        self.last = 0.0
+
+    def configure(self, total: int, every_seconds: float = 2.0) -> None:
+        if self.total != total:
+            self.total, self.done, self.start, self.last = total, 0, time.time(), 0.0
+        self.every_seconds = every_seconds
+
+    def tick(self, n: int = 1) -> None:
+        if not self.total:
+            return
+        self.done += n
+        now = time.time()
+        if now - self.last < self.every_seconds and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        end = "\n" if self.done >= self.total else ""
+        print(f"\r[delf] images {self.done}/{self.total}  {rate:.2f}/s  ETA {eta:.0f} s", end=end,
+              file=sys.stderr, flush=True)
+
+
+PROGRESS = ProgressLine()
 
 
 def dead_letter(uri: str, stage: str, reason: str, error: str) -> dict:
@@ -15,36 +56,108 @@ def dead_letter(uri: str, stage: str, reason: str, error: str) -> dict:
     return {"uri": uri, "stage": stage, "reason": reason, "error": error}
 
 
-class DecodeImage(beam.DoFn):
-    """(uri, encoded bytes) -> (uri, RGB array, content hash); bad images -> the dead-letter output."""
+def list_source(source: str, label_from_folder: bool = False) -> list:
+    """The images of a source: a listing CSV/TXT (local or gs://), a folder (searched recursively)
+    or a glob. Runs inside the ``ListInputs`` step, on a worker."""
+    from delf_retrieval import inputs, storage
 
-    def __init__(self):
+    if source.lower().endswith(LISTING_EXTENSIONS):
+        return inputs.parse_csv(storage.read_bytes(source).decode("utf-8-sig"))
+    if any(c in source for c in "*?["):
+        paths = storage.glob(source)
+    else:
+        paths = storage.list_files(source)
+    paths = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
+    label = (lambda p: os.path.basename(os.path.dirname(p))) if label_from_folder else (lambda p: None)
+    return [inputs.InputImage(p, label(p)) for p in paths]
+
+
+class ListInputs(beam.PTransform):
+    """Source -> unique ``InputImage`` records, spread over workers (Reshuffle)."""
+
+    def __init__(self, source: str, label_from_folder: bool = False):
+        super().__init__()
+        self.source = source
+        self.label_from_folder = label_from_folder
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Source" >> beam.Create([self.source])
+            | "List" >> beam.FlatMap(lambda source: [tuple(i) for i in list_source(source, self.label_from_folder)])
+            | "Unique" >> beam.Distinct()  # on plain tuples, which Beam encodes deterministically
+            | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
+            | "SpreadOverWorkers" >> beam.Reshuffle()
+        )
+
+
+class ReadImage(beam.DoFn):
+    """InputImage -> (InputImage, bytes); an unreadable or unfetchable input -> dead letter."""
+
+    def __init__(self, fetch_timeout: float = 20.0, fetch_retries: int = 3, host_interval: float = 0.1,
+                 progress_total: int = 0):
+        self.settings = dict(timeout=fetch_timeout, retries=fetch_retries, host_interval=host_interval)
+        self.progress_total = progress_total
+        self.fetcher = None
+        self.failed = Metrics.counter("delf", "images_unreadable")
+
+    def setup(self):
+        from delf_retrieval.inputs import Fetcher
+
+        self.fetcher = Fetcher(**self.settings)
+        PROGRESS.configure(self.progress_total)
+
+    def process(self, image):
+        from delf_retrieval import inputs
+
+        try:
+            yield image, inputs.read_image_bytes(image.uri, self.fetcher)
+        except inputs.FetchError as e:
+            self.failed.inc()
+            PROGRESS.tick()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(image.uri, "fetch", e.reason, str(e)))
+        except (OSError, ValueError) as e:
+            self.failed.inc()
+            PROGRESS.tick()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(image.uri, "read", "unreadable", f"{type(e).__name__}: {e}"))
+
+
+class DecodeImage(beam.DoFn):
+    """(key, encoded bytes) -> (key, RGB array, content hash); bad images -> dead letter. The key is
+    an ``InputImage`` (or a plain uri string)."""
+
+    def __init__(self, limits: dict | None = None):
+        self.limits = limits or {}
         self.decoded = Metrics.counter("delf", "images_decoded")
         self.rejected = Metrics.counter("delf", "images_rejected")
 
     def process(self, element):
         from delf_retrieval import images
 
-        uri, data = element
+        key, data = element
+        uri = getattr(key, "uri", key)
         try:
-            image = images.decode_image(data, name=uri)
+            image = images.decode_image(data, name=uri, limits=images.DecodeLimits(**self.limits))
         except images.ImageError as e:
             self.rejected.inc()
+            PROGRESS.tick()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, "decode", e.reason, str(e)))
             return
         self.decoded.inc()
-        yield uri, image, images.content_hash(data)
+        yield key, image, images.content_hash(data)
 
 
 class ExtractFeatures(beam.DoFn):
-    """Batches of (uri, image, hash) -> (uri, Features, hash). The network is built once per worker
-    in ``setup`` (never pickled with the graph) from plain model/extraction settings."""
+    """Batches of (key, image, hash) -> (key, Features, hash). The network is built once per worker
+    in ``setup`` (never pickled with the graph) from plain model/extraction settings. If a batch
+    fails, its images are retried one by one and only the failing ones become dead letters."""
 
     def __init__(self, model_config: dict, extraction_config: dict):
         self.model_config = model_config
         self.extraction_config = extraction_config
         self.extractor = None
         self.features = Metrics.counter("delf", "features_extracted")
+        self.failed = Metrics.counter("delf", "images_extraction_failed")
 
     def setup(self):
         from delf_retrieval.extract import ExtractionConfig, Extractor
@@ -56,38 +169,53 @@ class ExtractFeatures(beam.DoFn):
         self.extractor = Extractor(net, ExtractionConfig(**config))
 
     def process(self, batch):
-        results = self.extractor.extract_batch([image for _, image, _ in batch])
-        for (uri, _, digest), features in zip(batch, results):
+        try:
+            results = self.extractor.extract_batch([image for _, image, _ in batch])
+        except Exception:  # noqa: BLE001 - isolate the image that fails, keep the others
+            results = None
+        for i, (key, image, digest) in enumerate(batch):
+            if results is None:
+                try:
+                    features = self.extractor.extract(image)
+                except Exception as e:  # noqa: BLE001 - one bad image must not fail the job
+                    self.failed.inc()
+                    PROGRESS.tick()
+                    yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(getattr(key, "uri", key), "extract",
+                                                                            "extraction_failed", f"{type(e).__name__}: {e}"))
+                    continue
+            else:
+                features = results[i]
             self.features.inc(len(features))
-            yield uri, features, digest
+            PROGRESS.tick()
+            yield key, features, digest
 
 
-class ExtractFromFiles(beam.PTransform):
-    """File pattern(s) -> features per image, plus dead letters for files that cannot be used.
+class ExtractImages(beam.PTransform):
+    """InputImage records -> {"features": (InputImage, Features, hash), "dead_letter": records}."""
 
-    Returns a dict with ``features`` ((uri, Features, content hash)) and ``dead_letter``.
-    """
-
-    def __init__(self, model_config, extraction_config, max_batch_size: int = 8):
+    def __init__(self, model_config, extraction_config, max_batch_size: int = 8, decode_limits: dict | None = None,
+                 fetch: dict | None = None, accelerator: str | None = None, progress_total: int = 0):
         super().__init__()
-        self.model_config = model_config.to_json()
-        self.extraction_config = dataclasses.asdict(extraction_config)
+        self.model_config = model_config.to_json() if hasattr(model_config, "to_json") else dict(model_config)
+        self.extraction_config = (dataclasses.asdict(extraction_config) if dataclasses.is_dataclass(extraction_config)
+                                  else dict(extraction_config))
         self.max_batch_size = max_batch_size
+        self.decode_limits = decode_limits
+        self.fetch = fetch or {}
+        self.accelerator = accelerator
+        self.progress_total = progress_total
 
-    def expand(self, patterns):
-        from apache_beam.io import fileio
-
-        files = (
-            patterns
-            | "MatchFiles" >> fileio.MatchAll()
-            | "SpreadOverWorkers" >> beam.Reshuffle()
-            | "ReadMatches" >> fileio.ReadMatches()
-            | "ReadBytes" >> beam.Map(lambda f: (f.metadata.path, f.read()))
-        )
-        decoded = files | "Decode" >> beam.ParDo(DecodeImage()).with_outputs(DEAD_LETTER, main="images")
-        features = (
+    def expand(self, images):
+        read = images | "Read" >> beam.ParDo(ReadImage(**self.fetch, progress_total=self.progress_total)).with_outputs(
+            DEAD_LETTER, main="bytes")
+        decoded = read.bytes | "Decode" >> beam.ParDo(DecodeImage(self.decode_limits)).with_outputs(DEAD_LETTER, main="images")
+        extract = beam.ParDo(ExtractFeatures(self.model_config, self.extraction_config))
+        if self.accelerator:  # on Dataflow only this step asks for a GPU
+            extract = extract.with_resource_hints(accelerator=self.accelerator)
+        extracted = (
             decoded.images
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
-            | "Extract" >> beam.ParDo(ExtractFeatures(self.model_config, self.extraction_config))
+            | "Extract" >> extract.with_outputs(DEAD_LETTER, main="features")
         )
-        return {"features": features, DEAD_LETTER: decoded[DEAD_LETTER]}
+        dead = (read[DEAD_LETTER], decoded[DEAD_LETTER], extracted[DEAD_LETTER]) | "DeadLetters" >> beam.Flatten()
+        return {"features": extracted.features, DEAD_LETTER: dead}

@@ -118,6 +118,8 @@ class Quantizer:
 
 def _group_rows(labels: np.ndarray):
     """(label, row indices) for each distinct label, in one sort."""
+    if len(labels) == 0:
+        return
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])

@@ -1,0 +1,163 @@
+"""The Beam index build end to end on the local runner: search finds the same scene, nothing is lost,
+gs:// works through the emulator, worker processes work, re-runs are idempotent, a fixed
+quantizer is reused, http(s) listings are fetched."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from delf_retrieval import inputs, shards, storage
+from delf_retrieval.extract import Extractor
+from delf_retrieval.images import load_image
+from delf_retrieval.model import delf
+from pipeline import build_quantizer
+from pipeline import run as run_job
+from tests.conftest import SAMPLES, sample_path, serving
+
+FAST = ["--scales", "0.5,1.0", "--max-features", "300", "--max-image-size", "640", "--no-progress"]
+SCENES = tuple(sorted(s for s in os.listdir(SAMPLES) if os.path.isdir(os.path.join(SAMPLES, s))))[:3]
+
+
+def small_corpus(folder, per_scene=3):
+    """A few photographs of three scenes, kept in scene folders."""
+    for scene in SCENES:
+        os.makedirs(folder / scene, exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(SAMPLES, scene)))[:per_scene]:
+            shutil.copy(os.path.join(SAMPLES, scene, name), folder / scene / name)
+    return folder
+
+
+def build(argv):
+    assert run_job.run(argv) == 0
+
+
+def votes_for(index_dir, image_path, k=10):
+    """Votes per indexed image for the query's descriptors (k neighbours each), as {uri: votes}."""
+    reader = shards.IndexReader(str(index_dir))
+    model, extraction = reader.manifest["model"]["network"], reader.manifest["model"]["extraction"]
+    net = delf.load(delf.ModelConfig.from_json(model))
+    from delf_retrieval.extract import ExtractionConfig
+
+    extraction["scales"] = tuple(extraction["scales"])
+    features = Extractor(net, ExtractionConfig(**extraction)).extract(load_image(image_path))
+    _, ids = reader.search(reader.pca.transform(features.descriptors), k, nprobe=16)
+    image_ids = reader.rows(ids).image_ids.ravel()
+    uri_of = dict(zip(reader.images.column("image_id").to_pylist(), reader.images.column("uri").to_pylist()))
+    counted = np.unique(image_ids[image_ids >= 0], return_counts=True)
+    return {uri_of[i]: int(n) for i, n in zip(*counted)}
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory, cache_dir):
+    """The README's default job over the bundled sample, with cheaper extraction settings."""
+    output = tmp_path_factory.mktemp("sample-index")
+    build(["--output", str(output)] + FAST)
+    return output
+
+
+def test_sample_index_search_finds_the_same_scene_first(sample_index):
+    manifest = shards.verify(str(sample_index))
+    images = pq.read_table(os.path.join(sample_index, manifest["files"]["images"]["path"])).to_pylist()
+    assert manifest["counts"]["inputs"] == manifest["counts"]["images"] == 42 == len(images)
+    assert {r["label"] for r in images} == set(os.listdir(SAMPLES)) - {"NOTICE"}  # labels from folders
+    query = sample_path("berlin_cathedral", "01.jpg")
+    votes = votes_for(sample_index, query)
+    ranked = sorted(votes, key=votes.get, reverse=True)
+    assert ranked[0].endswith("berlin_cathedral/01.jpg")  # the image itself
+    others = [uri for uri in ranked[1:] if "berlin_cathedral" in uri]
+    assert ranked[1] in others, ranked[:5]  # then another view of the same building
+
+
+def test_bad_inputs_are_dead_letters_and_good_ones_indexed(tmp_path, cache_dir):
+    corpus = small_corpus(tmp_path / "corpus", per_scene=2)
+    (corpus / "empty.jpg").write_bytes(b"")
+    (corpus / "junk.jpg").write_bytes(b"not an image" * 100)
+    good = open(sample_path("berlin_cathedral", "01.jpg"), "rb").read()
+    (corpus / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    from PIL import Image
+
+    Image.new("RGB", (40, 10)).save(corpus / "tiny.png")  # shorter side under the 16 px minimum
+    output = tmp_path / "index"
+    build(["--input", str(corpus), "--output", str(output)] + FAST)
+    manifest = shards.verify(str(output))
+    dead = pq.read_table(os.path.join(output, manifest["files"]["dead_letters"]["path"])).to_pylist()
+    reasons = {os.path.basename(d["uri"]): (d["stage"], d["reason"]) for d in dead}
+    assert reasons == {"empty.jpg": ("decode", "empty"), "junk.jpg": ("decode", "corrupt"),
+                       "truncated.jpg": ("decode", "truncated"), "tiny.png": ("decode", "too_small")}
+    assert all(d["error"] for d in dead)
+    images = pq.read_table(os.path.join(output, manifest["files"]["images"]["path"])).column("uri").to_pylist()
+    assert sorted(os.path.relpath(u, corpus) for u in images) == sorted(
+        os.path.join(s, n) for s in SCENES for n in sorted(os.listdir(os.path.join(SAMPLES, s)))[:2])
+    assert manifest["counts"]["inputs"] == 10 and manifest["counts"]["rejected"] == 4
+
+
+def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
+    corpus = small_corpus(tmp_path / "corpus", per_scene=2)
+    output = tmp_path / "index"
+    build(["--input", str(corpus), "--output", str(output)] + FAST)
+    first = shards.read_manifest(str(output))
+    first_rows = shards.IndexReader(str(output))
+    build(["--input", str(corpus), "--output", str(output)] + FAST)
+    second = shards.read_manifest(str(output))
+    assert first["build"] != second["build"] and first["counts"] == second["counts"]
+    second_rows = shards.IndexReader(str(output))
+    a, b = first_rows.rows(np.arange(first_rows.num_rows)), second_rows.rows(np.arange(second_rows.num_rows))
+    np.testing.assert_array_equal(a.image_ids, b.image_ids)
+    np.testing.assert_array_equal(a.locations, b.locations)
+    assert first_rows.images.equals(second_rows.images)
+    # A third run removes the first build and keeps the one before it, for readers still on it.
+    build(["--input", str(corpus), "--output", str(output)] + FAST)
+    third = shards.read_manifest(str(output))
+    assert sorted(os.listdir(output / "builds")) == sorted(b.split("/")[1] for b in (second["build"], third["build"]))
+
+
+def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
+    reader = shards.IndexReader(str(sample_index))
+    fixed = tmp_path / "quantizer"
+    fixed.mkdir()
+    for name in ("pca.npz", "quantizer.npz"):
+        shutil.copy(os.path.join(sample_index, reader.manifest["files"][name.split(".")[0]]["path"]), fixed / name)
+    corpus = small_corpus(tmp_path / "corpus", per_scene=1)
+    output = tmp_path / "index"
+    build(["--input", str(corpus), "--output", str(output), "--quantizer", str(fixed)] + FAST)
+    manifest = shards.read_manifest(str(output))
+    assert manifest["files"]["quantizer"]["sha256"] == reader.manifest["files"]["quantizer"]["sha256"]
+    assert manifest["counts"]["images"] == 3
+
+
+def test_csv_listing_over_http_with_a_failing_url(tmp_path, cache_dir):
+    corpus = small_corpus(tmp_path / "corpus", per_scene=1)
+    with serving(str(corpus)) as (base, _):
+        rows = ["id,url,landmark_id"] + [f"{i},{base}/{s}/{sorted(os.listdir(corpus / s))[0]},{100 + i}"
+                                        for i, s in enumerate(SCENES)] + [f"9,{base}/missing.jpg,7"]
+        listing = tmp_path / "train.csv"
+        listing.write_text("\n".join(rows) + "\n")
+        output = tmp_path / "index"
+        build(["--input", str(listing), "--output", str(output), "--fetch-retries", "1"] + FAST)
+    manifest = shards.read_manifest(str(output))
+    dead = pq.read_table(os.path.join(output, manifest["files"]["dead_letters"]["path"])).to_pylist()
+    assert [(d["uri"].rsplit("/", 1)[-1], d["stage"], d["reason"]) for d in dead] == [("missing.jpg", "fetch", "fetch_failed")]
+    assert "HTTP 404" in dead[0]["error"]
+    images = pq.read_table(os.path.join(output, manifest["files"]["images"]["path"])).to_pylist()
+    assert sorted(r["label"] for r in images) == ["100", "101", "102"]
+    assert all(r["image_id"] == inputs.image_id(r["uri"]) for r in images)
+
+
+def test_gcs_input_and_output_in_worker_processes(tmp_path, cache_dir, gcs_emulator):
+    corpus = small_corpus(tmp_path / "corpus", per_scene=1)
+    for scene in SCENES:
+        for name in os.listdir(corpus / scene):
+            storage.upload(str(corpus / scene / name), f"{gcs_emulator}/corpus/{scene}/{name}")
+    storage.write_bytes(f"{gcs_emulator}/corpus/broken.jpg", b"\xff\xd8 broken")
+    output = f"{gcs_emulator}/indexes/multi"
+    build(["--input", f"{gcs_emulator}/corpus/**/*.jpg", "--output", output, "--direct_running_mode=multi_processing",
+           "--direct_num_workers=2"] + FAST)
+    manifest = shards.verify(output)
+    assert manifest["counts"]["images"] == 3 and manifest["counts"]["rejected"] == 1
+    reader = shards.IndexReader(output)
+    assert all(uri.startswith(f"{gcs_emulator}/corpus/") for uri in reader.images.column("uri").to_pylist())
+    assert json.loads(storage.read_bytes(f"{output}/manifest.json"))["index_id"] == manifest["index_id"]

@@ -1,0 +1,198 @@
+"""Beam stages from features to a published index: sample descriptors, train (or load) PCA and the
+quantizer, encode each image, write one Parquet shard per range of cells, then the tables and the
+manifest, last. Every numerical step is a call into ``delf_retrieval``."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from delf_retrieval import shards as index_files
+from delf_retrieval.quantize import IndexParams
+
+IMAGES = "images"
+
+
+def new_build_id() -> str:
+    """Sortable and unique: the UTC time of the launch plus a random suffix."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+class ReservoirFn(beam.CombineFn):
+    """A uniform sample of at most ``max_rows`` descriptors over all images, merged across workers."""
+
+    def __init__(self, max_rows: int, seed: int = 0):
+        self.max_rows = max_rows
+        self.seed = seed
+
+    def create_accumulator(self):
+        from delf_retrieval.index import Reservoir
+
+        return Reservoir(self.max_rows, self.seed)
+
+    def add_input(self, reservoir, descriptors):
+        reservoir.add(descriptors)
+        return reservoir
+
+    def merge_accumulators(self, reservoirs):
+        reservoirs = list(reservoirs)
+        merged = reservoirs[0]
+        for other in reservoirs[1:]:
+            merged.merge(other)
+        return merged
+
+    def extract_output(self, reservoir):
+        return reservoir.result() if reservoir.seen else None
+
+
+def train_model(sample, index_params: dict, pca_dim: int, expected_count: int) -> dict:
+    """The separate builder's work, as one step: PCA + quantizer from the sample, as file bytes."""
+    import time
+
+    from delf_retrieval import index, quantize
+
+    if sample is None:
+        raise ValueError("no image produced features: nothing to train the index on")
+    start = time.time()
+    projection, quantizer = index.train(sample, quantize.IndexParams(**index_params), pca_dim, expected_count)
+    return {**index.model_files(projection, quantizer), "sample_size": int(len(sample)),
+            "train_seconds": round(time.time() - start, 1)}
+
+
+class EncodeImages(beam.DoFn):
+    """(InputImage, Features, hash) -> (shard, EncodedImage part) per shard the image touches, and an
+    image-table record on the ``images`` output. The model arrives as a side input (file bytes)
+    and is loaded once per worker."""
+
+    def __init__(self, rows_per_shard: int, num_shards: int | None):
+        self.rows_per_shard = rows_per_shard
+        self.num_shards = num_shards
+        self._model_key = None
+        self.images = Metrics.counter("delf", "images_indexed")
+        self.rows = Metrics.counter("delf", "descriptors_indexed")
+
+    def process(self, element, model, descriptors):
+        from delf_retrieval import index, inputs
+
+        if self._model_key != id(model):
+            self.projection, self.quantizer = index.load_model_files(model)
+            self._model_key = id(model)
+        key, features, digest = element
+        image_id = inputs.image_id(key.uri)
+        n_cells = self.quantizer.coarse.n_cells
+        shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
+        height, width = features.image_size
+        self.images.inc()
+        self.rows.inc(len(features))
+        yield beam.pvalue.TaggedOutput(IMAGES, {"image_id": image_id, "uri": key.uri, "width": int(width),
+                                                "height": int(height), "num_features": len(features),
+                                                "content_hash": digest, "label": key.label})
+        if len(features):
+            encoded = index.encode_image(image_id, features, self.projection, self.quantizer)
+            yield from index.split_by_shard(encoded, n_cells, shards)
+
+
+def write_shard(element, output: str, build: str, index_id: str, m: int, bits: int) -> dict:
+    from delf_retrieval import index, shards
+
+    shard, parts = element
+    columns = index.concatenate(list(parts), m)
+    table = shards.postings_table(bits=bits, **columns)
+    return shards.write_shard(output, f"{build}/{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, index_id)
+
+
+class PublishIndex(beam.DoFn):
+    """The last step, on one worker: model files, image and dead-letter tables, then the manifest
+    that makes the new build visible; older builds are removed after it (the previous one is
+    kept, so a reader that opened it a moment ago still finds its files)."""
+
+    def __init__(self, output: str, build: str, index_id: str, model_info: dict):
+        self.output, self.build, self.index_id, self.model_info = output, build, index_id, model_info
+
+    def process(self, _, model, shard_records, image_records, dead_letters, inputs_listed):
+        from delf_retrieval import index, shards
+
+        images = sorted(image_records, key=lambda r: r["uri"])
+        ids = {}
+        for record in images:
+            if ids.setdefault(record["image_id"], record["uri"]) != record["uri"]:
+                raise RuntimeError(f"image id collision: {record['uri']} and {ids[record['image_id']]}")
+        accounted = len(images) + len(dead_letters)
+        if accounted != inputs_listed:
+            raise RuntimeError(f"{inputs_listed} inputs listed but {len(images)} indexed + {len(dead_letters)} "
+                               f"rejected: {inputs_listed - accounted} unaccounted for")
+        projection, quantizer = index.load_model_files(model)
+        previous = shards.published_builds(self.output)
+        files = {
+            "pca": shards.write_array_file(self.output, f"{self.build}/{shards.PCA_FILE}", model["pca"]),
+            "quantizer": shards.write_array_file(self.output, f"{self.build}/{shards.QUANTIZER_FILE}", model["quantizer"]),
+            "images": shards.write_table_file(self.output, f"{self.build}/{shards.IMAGES_FILE}", shards.image_table(images)),
+            "dead_letters": shards.write_table_file(self.output, f"{self.build}/{shards.DEAD_LETTERS_FILE}",
+                                                    shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
+        }
+        records = sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"])
+        manifest = shards.build_manifest(self.index_id, quantizer, files, records, self.model_info,
+                                         extra={"build": self.build, "training": {"sample_size": model["sample_size"],
+                                                                                  "seconds": model["train_seconds"]}})
+        manifest["counts"]["inputs"] = inputs_listed
+        shards.write_manifest(self.output, manifest)
+        shards.remove_builds(self.output, keep={self.build} | previous)
+        yield manifest
+
+
+class BuildIndex(beam.PTransform):
+    """(InputImage, Features, hash) + dead letters + the number of listed inputs -> the manifest of
+    the published index at ``output`` (a local folder or gs:// prefix)."""
+
+    def __init__(self, output: str, index_params: dict, pca_dim: int = 40, sample_size: int = 1_000_000,
+                 model_files: dict | None = None, rows_per_shard: int = 4_000_000, num_shards: int | None = None,
+                 model_info: dict | None = None, build: str | None = None):
+        super().__init__()
+        self.output = output
+        self.index_params = index_params
+        self.pca_dim = pca_dim
+        self.sample_size = sample_size
+        self.model_files = model_files
+        self.rows_per_shard = rows_per_shard
+        self.num_shards = num_shards
+        self.model_info = model_info or {}
+        self.build = f"{index_files.BUILDS_DIR}/{build or new_build_id()}"
+        self.index_id = uuid.uuid4().hex
+
+    def expand(self, inputs):
+        features, dead_letters, listed = inputs["features"], inputs["dead_letter"], inputs["listed"]
+        pipeline = features.pipeline
+        descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
+                       | "SumDescriptors" >> beam.CombineGlobally(sum))
+        if self.model_files is None:
+            model = (
+                features
+                | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
+                | "Sample" >> beam.CombineGlobally(ReservoirFn(self.sample_size, self.index_params.get("seed", 0)))
+                | "Train" >> beam.Map(lambda sample, count: train_model(sample, self.index_params, self.pca_dim, count),
+                                      count=beam.pvalue.AsSingleton(descriptors))
+            )
+        else:
+            model = pipeline | "GivenQuantizer" >> beam.Create([self.model_files])
+        encoded = features | "Encode" >> beam.ParDo(
+            EncodeImages(self.rows_per_shard, self.num_shards), model=beam.pvalue.AsSingleton(model),
+            descriptors=beam.pvalue.AsSingleton(descriptors)).with_outputs(IMAGES, main="rows")
+        defaults = IndexParams()
+        m, bits = self.index_params.get("pq_m", defaults.pq_m), self.index_params.get("pq_bits", defaults.pq_bits)
+        shard_records = (
+            encoded.rows
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.Map(write_shard, self.output, self.build, self.index_id, m, bits)
+        )
+        return (
+            pipeline
+            | "Once" >> beam.Create([None])
+            | "Publish" >> beam.ParDo(
+                PublishIndex(self.output, self.build, self.index_id, self.model_info),
+                model=beam.pvalue.AsSingleton(model), shard_records=beam.pvalue.AsList(shard_records),
+                image_records=beam.pvalue.AsList(encoded[IMAGES]), dead_letters=beam.pvalue.AsList(dead_letters),
+                inputs_listed=beam.pvalue.AsSingleton(listed))
+        )
