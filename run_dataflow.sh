@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Launch the DELF index build on Google Cloud Dataflow with GPU workers.
+# Launch the DELF index build (python -m pipeline.run) on Google Cloud Dataflow with GPU workers.
 #
-# Skeleton: it assembles and prints the full launch command (--dry-run). Launching for real needs
-# the Beam index build (pipeline.run as a Beam pipeline), which lands with the Beam pipeline issue;
-# until then the script refuses to launch rather than start a job that cannot work.
+# Workers run the container built from ./Dockerfile (CUDA TensorFlow + the pinned Beam SDK); the
+# project reaches them as an sdist of ./setup.py. The GPU is attached with the worker_accelerator
+# service option, and the extraction step also carries the matching Beam resource hint.
+# Prints the job's console URL; --dry-run prints the command instead of running it.
 set -euo pipefail
 
 usage() {
@@ -18,6 +19,7 @@ Usage: $0 --input SRC --output gs://BUCKET/index [options]
   --machine-type TYPE  worker machine         (env MACHINE_TYPE, default n1-standard-8)
   --image URI          worker container image (env WORKER_IMAGE)
   --max-workers N      autoscaling limit      (env MAX_WORKERS, default 50)
+  --wait               wait for the job and print the index summary
   --dry-run            print the command instead of running it
   Any other argument is passed to python -m pipeline.run (e.g. --preset lite-gpu).
 USAGE
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --input) input="$2"; shift 2 ;;
     --output) output="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --wait) extra+=("--wait"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) extra+=("$1"); shift ;;
   esac
@@ -55,17 +58,19 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 here="$(cd "$(dirname "$0")" && pwd)"
+accelerator="type:${gpu_type};count:${gpu_count};install-nvidia-driver"
 cmd=(python -m pipeline.run --input "$input" --output "$output"
      --runner DataflowRunner --project "$project" --region "$region"
      --temp_location "gs://${bucket}/tmp" --staging_location "gs://${bucket}/staging"
      --setup_file "${here}/setup.py" --sdk_container_image "$image"
      --machine_type "$machine_type" --max_num_workers "$max_workers"
-     --dataflow_service_options "worker_accelerator=type:${gpu_type};count:${gpu_count};install-nvidia-driver"
-     --experiments use_runner_v2 --preset lite-gpu "${extra[@]}")
+     --dataflow_service_options "worker_accelerator=${accelerator}" --accelerator "$accelerator"
+     --experiments use_runner_v2 --experiments no_use_multiple_sdk_containers
+     --preset lite-gpu "${extra[@]}")
 
 if [ "$dry_run" -eq 1 ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-echo "pipeline.run is not yet a Beam pipeline (the Beam index build issue); use --dry-run to see the command." >&2
-exit 2
+cd "$here"
+exec "${cmd[@]}"

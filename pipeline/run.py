@@ -47,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--fetch-retries", type=int, default=3)
     parser.add_argument("--host-interval", type=float, default=0.1, help="seconds between requests to one host, per worker")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--wait", action="store_true", help="on a remote runner, wait for the job and print the summary")
     cli.add_model_arguments(parser)
     build_quantizer.add_index_arguments(parser)
     return parser.parse_known_args(argv)
@@ -106,6 +107,17 @@ def make_pipeline(beam_args: list[str]):
     return beam.Pipeline(options=options), False
 
 
+def job_url(result, beam_args: list[str]) -> str | None:
+    """The Dataflow console page of a submitted job."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+    job_id = getattr(result, "job_id", None)
+    if not callable(job_id):
+        return None
+    cloud = PipelineOptions(beam_args).view_as(GoogleCloudOptions)
+    return f"https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id()}?project={cloud.project}"
+
+
 def summary_table(manifest: dict, root: str, seconds: float) -> str:
     """Indexed, rejected by reason, descriptors, shards, bytes, wall time."""
     import io
@@ -144,10 +156,15 @@ def run(argv=None) -> int:
         args.no_progress = True
     build_pipeline(pipeline, args, model_config, extraction_config)
     result = pipeline.run()
-    result.wait_until_finish()
     if not local:
-        print(f"submitted; the index is published at {args.output} when the job finishes")
-        return 0
+        print(f"job submitted: {job_url(result, beam_args) or 'see the runner log'}")
+        print(f"the index is published at {args.output} when the job finishes")
+        if not args.wait:
+            return 0
+    state = result.wait_until_finish()
+    if not local and str(state).split(".")[-1] != "DONE":
+        print(f"job ended in state {state}; the previous index (if any) is still the published one", file=sys.stderr)
+        return 1
     manifest = shards.read_manifest(args.output)
     print(summary_table(manifest, args.output, time.time() - start))
     print(f"index written to {args.output}")

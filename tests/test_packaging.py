@@ -1,0 +1,81 @@
+"""What Dataflow workers receive: an sdist with every module, a container that matches the pins,
+and a launcher that builds the right options."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PACKAGES = ("delf_retrieval", "pipeline", "transforms")
+
+
+def pinned(name):
+    text = open(os.path.join(REPO_ROOT, "requirements.txt")).read()
+    return re.search(rf"^{re.escape(name)}(?:\[[^\]]*\])?==(\S+)$", text, re.M).group(1)
+
+
+def test_sdist_carries_every_module_and_installs(tmp_path):
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=REPO_ROOT,
+                   check=True, capture_output=True)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    expected = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+                for package in PACKAGES for root, _, files in os.walk(os.path.join(REPO_ROOT, package))
+                for f in files if f.endswith(".py")}
+    assert expected - names == set()
+    assert {"requirements.txt", "setup.py"} <= names
+    # Installs from the archive (what a worker does), without touching the network.
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(archive)], check=True, capture_output=True)
+    installed = {os.path.relpath(os.path.join(root, f), target) for root, _, files in os.walk(target)
+                 for f in files if f.endswith(".py")}
+    assert expected - installed == set()
+
+
+def test_worker_container_matches_the_pins():
+    dockerfile = open(os.path.join(REPO_ROOT, "Dockerfile")).read()
+    base = re.search(r"^FROM apache/beam_python(\d)\.(\d+)_sdk:(\S+)$", dockerfile, re.M)
+    assert base and base.group(3) == pinned("apache-beam")
+    assert (int(base.group(1)), int(base.group(2))) == sys.version_info[:2]
+    # CUDA TensorFlow of exactly the pinned version: the image derives it from requirements.txt.
+    assert "sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' requirements.txt" in dockerfile
+    assert pinned("tensorflow-cpu")
+    for package in PACKAGES:
+        assert f"COPY {package} ./{package}" in dockerfile
+
+
+def launcher(*args, env=None):
+    return subprocess.run(["bash", os.path.join(REPO_ROOT, "run_dataflow.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_dataflow_launcher_builds_the_options():
+    result = launcher("--dry-run", "--project", "p1", "--bucket", "b1", "--image", "gcr.io/p1/delf:1",
+                      "--input", "gs://b1/train.csv", "--output", "gs://b1/index", "--gpu-type", "nvidia-l4",
+                      "--gpu-count", "2", "--max-workers", "7", "--num-shards", "64",
+                      env={"GCP_REGION": "europe-west4"})
+    assert result.returncode == 0, result.stderr
+    command = result.stdout
+    for expected in ("--runner DataflowRunner", "--project p1", "--region europe-west4", "--temp_location gs://b1/tmp",
+                     "--sdk_container_image gcr.io/p1/delf:1", "--max_num_workers 7", "--num-shards 64",
+                     "worker_accelerator=type:nvidia-l4\\;count:2\\;install-nvidia-driver",
+                     "--accelerator type:nvidia-l4\\;count:2\\;install-nvidia-driver",
+                     f"--setup_file {REPO_ROOT}/setup.py", "--input gs://b1/train.csv", "--output gs://b1/index"):
+        assert expected in command, expected
+    missing = launcher("--dry-run", "--project", "p1")
+    assert missing.returncode == 2 and "--bucket --image --input --output" in missing.stderr
+
+
+def test_dataflow_launcher_is_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (.ci/run installs it)")
+    result = subprocess.run(["shellcheck", os.path.join(REPO_ROOT, "run_dataflow.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
