@@ -97,8 +97,15 @@ def kmeans_subspaces(x: np.ndarray, k: int, iterations: int = 20, seed: int = 0)
     xt = np.ascontiguousarray(x.transpose(1, 0, 2))  # (m, n, dsub)
     flat_offsets = (np.arange(m) * k)[:, None]
     for _ in range(iterations):
-        d = np.einsum("mkd,mkd->mk", centroids, centroids)[:, None, :] - 2.0 * np.matmul(xt, centroids.transpose(0, 2, 1))
-        labels = np.argmin(d, axis=2)  # (m, n)
+        c_sq = np.einsum("mkd,mkd->mk", centroids, centroids)[:, None, :]
+        labels = np.empty((m, n), np.int64)
+        served = np.empty((m, n), np.float32)  # squared distance of each point to its centroid
+        for start in range(0, n, 65536):  # bounds the (m, chunk, k) distance block
+            block = xt[:, start:start + 65536]
+            d = c_sq - 2.0 * np.matmul(block, centroids.transpose(0, 2, 1))
+            labels[:, start:start + 65536] = np.argmin(d, axis=2)
+            served[:, start:start + 65536] = (np.take_along_axis(d, labels[:, start:start + 65536, None], 2)[:, :, 0]
+                                              + np.einsum("mnd,mnd->mn", block, block))
         flat = (labels + flat_offsets).ravel()
         counts = np.bincount(flat, minlength=m * k).reshape(m, k)
         sums = _sum_by_label(xt.reshape(m * n, dsub), flat, m * k).reshape(m, k, dsub)
@@ -106,6 +113,5 @@ def kmeans_subspaces(x: np.ndarray, k: int, iterations: int = 20, seed: int = 0)
         centroids[filled] = sums[filled] / counts[filled][:, None]
         for j in np.flatnonzero((~filled).any(axis=1)):  # re-seed on the worst-served points
             empty = np.flatnonzero(~filled[j])
-            served = np.take_along_axis(d[j], labels[j][:, None], 1)[:, 0] + np.einsum("nd,nd->n", xt[j], xt[j])
-            centroids[j, empty] = xt[j, np.argsort(-served, kind="stable")[:len(empty)]]
+            centroids[j, empty] = xt[j, np.argsort(-served[j], kind="stable")[:len(empty)]]
     return centroids

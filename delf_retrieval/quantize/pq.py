@@ -52,9 +52,14 @@ class ProductQuantizer:
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Codes (n, M) uint16 if K > 256 else uint8: the nearest centroid per sub-vector."""
         dtype = np.uint8 if self.k <= 256 else np.uint16
-        out = np.empty((len(x), self.m), dtype)
-        for start in range(0, len(x), 65536):  # bounds the (chunk, M, K) table
-            out[start:start + 65536] = np.argmin(self.distance_tables(x[start:start + 65536]), axis=2)
+        sub = self._split(x)
+        out = np.empty((len(sub), self.m), dtype)
+        # ||c||^2 - 2 x.c per sub-space with one matrix product each (||x||^2 does not change the argmin).
+        c_sq = np.einsum("mkd,mkd->mk", self.codebooks, self.codebooks)
+        for j in range(self.m):
+            for start in range(0, len(sub), 65536):
+                block = sub[start:start + 65536, j]
+                out[start:start + 65536, j] = np.argmin(c_sq[j] - 2.0 * (block @ self.codebooks[j].T), axis=1)
         return out
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
