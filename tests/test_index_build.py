@@ -43,7 +43,7 @@ def test_build_quantizer_cli_writes_loadable_artifacts(tmp_path):
                                 "--pca-dim", "40", "--sample-size", "3000"])
     assert code == 0
     report = json.loads((tmp_path / "q" / "quantizer.json").read_text())
-    assert report["spec"] == "IVF16,PQ10x5" and report["sample_size"] == 3000 and report["input_dim"] == 48
+    assert report["spec"] == "IVF16,PQ10x5,LOPQ30000" and report["sample_size"] == 3000 and report["input_dim"] == 48
     loaded = quantize.Quantizer.load(str(tmp_path / "q" / "quantizer.npz"))
     assert loaded.params.n_cells == 16
 

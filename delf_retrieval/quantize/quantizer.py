@@ -23,8 +23,10 @@ class IndexParams:
     pq_m: int = 10
     pq_bits: int = 5
     # LOPQ: split cells into KD-tree regions of at most this many *indexed* descriptors (the paper's
-    # 30K) and train a rotation + codebooks for each region with enough training data.
-    lopq: bool = False
+    # 30K) and train a rotation + codebooks for each region with at least min_region_train training
+    # rows; other regions keep the global codebooks, so LOPQ acts only where it has the data to win
+    # (measured on landmarks-dev: recall@10 0.880 vs 0.806 with ~3000 rows per cell; README).
+    lopq: bool = True
     max_region_features: int = 30000
     min_region_train: int = 1024
     kmeans_iterations: int = 15
