@@ -15,6 +15,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: a decompression bomb beyond this is refused.
 DEFAULT_MIN_SIDE = 16
+# File names taken as images when a folder or glob is listed.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class ImageError(ValueError):

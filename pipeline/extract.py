@@ -14,9 +14,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from delf_retrieval.images import IMAGE_EXTENSIONS
 from pipeline import cli
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass

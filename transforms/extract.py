@@ -11,10 +11,10 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from delf_retrieval.images import IMAGE_EXTENSIONS
 from delf_retrieval.inputs import InputImage
 
 DEAD_LETTER = "dead_letter"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LISTING_EXTENSIONS = (".csv", ".txt")
 
 
