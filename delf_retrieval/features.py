@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
+
+from delf_retrieval import npz
 
 FEATURES_FORMAT_VERSION = 1
 
@@ -29,17 +30,14 @@ class Features:
         return int(self.scores.shape[0])
 
     def to_npz_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            format_version=np.int32(FEATURES_FORMAT_VERSION),
+        return npz.to_bytes(
+            FEATURES_FORMAT_VERSION,
             locations=self.locations.astype(np.float32),
             scales=self.scales.astype(np.float32),
             scores=self.scores.astype(np.float32),
             descriptors=self.descriptors.astype(np.float32),
             image_size=np.asarray(self.image_size, np.int64),
         )
-        return buf.getvalue()
 
     def save(self, path: str) -> None:
         with open(path, "wb") as f:
@@ -48,16 +46,11 @@ class Features:
     @classmethod
     def from_npz(cls, source) -> "Features":
         """Read a file written by :meth:`save` (a path, file object or bytes); never unpickles."""
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        with np.load(source, allow_pickle=False) as data:
-            version = int(data["format_version"])
-            if version != FEATURES_FORMAT_VERSION:
-                raise ValueError(f"features format version {version}, expected {FEATURES_FORMAT_VERSION}")
-            return cls(
-                locations=data["locations"],
-                scales=data["scales"],
-                scores=data["scores"],
-                descriptors=data["descriptors"],
-                image_size=tuple(int(v) for v in data["image_size"]),
-            )
+        data = npz.read(source, FEATURES_FORMAT_VERSION, "features")
+        return cls(
+            locations=data["locations"],
+            scales=data["scales"],
+            scores=data["scores"],
+            descriptors=data["descriptors"],
+            image_size=tuple(int(v) for v in data["image_size"]),
+        )

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from delf_retrieval import npz
+
 PCA_FORMAT_VERSION = 1
 DEFAULT_DIM = 40
 
@@ -50,26 +52,15 @@ class PCA:
             f.write(self.to_npz_bytes())
 
     def to_npz_bytes(self) -> bytes:
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, format_version=np.int32(PCA_FORMAT_VERSION), mean=self.mean,
-                 components=self.components, explained_variance=self.explained_variance)
-        return buf.getvalue()
+        return npz.to_bytes(PCA_FORMAT_VERSION, mean=self.mean, components=self.components,
+                            explained_variance=self.explained_variance)
 
     @classmethod
     def load(cls, source) -> "PCA":
         """Read a file written by :meth:`save` (path, file object or bytes); never unpickles."""
-        import io
-
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        with np.load(source, allow_pickle=False) as data:
-            version = int(data["format_version"])
-            if version != PCA_FORMAT_VERSION:
-                raise ValueError(f"PCA format version {version}, expected {PCA_FORMAT_VERSION}")
-            return cls(mean=data["mean"].astype(np.float32), components=data["components"].astype(np.float32),
-                       explained_variance=data["explained_variance"].astype(np.float32))
+        data = npz.read(source, PCA_FORMAT_VERSION, "PCA")
+        return cls(mean=data["mean"].astype(np.float32), components=data["components"].astype(np.float32),
+                   explained_variance=data["explained_variance"].astype(np.float32))
 
 
 def fit(descriptors: np.ndarray, dim: int = DEFAULT_DIM) -> PCA:

@@ -3,12 +3,12 @@ and save/load as one ``.npz``."""
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from delf_retrieval import npz
 from delf_retrieval.quantize import coarse, lopq, pq
 
 QUANTIZER_FORMAT_VERSION = 1
@@ -93,11 +93,9 @@ class Quantizer:
         return out + self.coarse.centroids[cells]
 
     def to_npz_bytes(self) -> bytes:
-        buf = io.BytesIO()
         arrays = {f"regions_{k}": v for k, v in asdict(self.regions).items()}
-        np.savez(buf, format_version=np.int32(QUANTIZER_FORMAT_VERSION), params=np.asarray(json.dumps(asdict(self.params))),
-                 centroids=self.coarse.centroids, codebooks=self.pq.codebooks, **arrays)
-        return buf.getvalue()
+        return npz.to_bytes(QUANTIZER_FORMAT_VERSION, params=np.asarray(json.dumps(asdict(self.params))),
+                            centroids=self.coarse.centroids, codebooks=self.pq.codebooks, **arrays)
 
     def save(self, path: str) -> None:
         with open(path, "wb") as f:
@@ -106,16 +104,11 @@ class Quantizer:
     @classmethod
     def load(cls, source) -> "Quantizer":
         """Read a file written by :meth:`save` (path, file object or bytes); never unpickles."""
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        with np.load(source, allow_pickle=False) as data:
-            version = int(data["format_version"])
-            if version != QUANTIZER_FORMAT_VERSION:
-                raise ValueError(f"quantizer format version {version}, expected {QUANTIZER_FORMAT_VERSION}")
-            params = IndexParams(**json.loads(str(data["params"])))
-            regions = lopq.RegionPartition(**{name[len("regions_"):]: data[name] for name in data.files
-                                              if name.startswith("regions_")})
-            return cls(params, coarse.CoarseQuantizer(data["centroids"]), pq.ProductQuantizer(data["codebooks"]), regions)
+        data = npz.read(source, QUANTIZER_FORMAT_VERSION, "quantizer")
+        params = IndexParams(**json.loads(str(data["params"])))
+        regions = lopq.RegionPartition(**{name[len("regions_"):]: value for name, value in data.items()
+                                          if name.startswith("regions_")})
+        return cls(params, coarse.CoarseQuantizer(data["centroids"]), pq.ProductQuantizer(data["codebooks"]), regions)
 
 
 def _group_rows(labels: np.ndarray):
