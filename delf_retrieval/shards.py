@@ -431,7 +431,7 @@ class IndexReader:
         hi = np.searchsorted(self._group_first_cell, cells, side="right")
         return np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)]))
 
-    def _lists(self, groups: np.ndarray) -> InvertedLists:
+    def _lists(self, groups: np.ndarray, image_ids: np.ndarray | None = None) -> InvertedLists:
         n_regions = self.quantizer.regions.n_regions
         if len(groups) == 0:
             return InvertedLists(np.zeros(n_regions + 1, np.int64), np.zeros((0, self.quantizer.params.pq_m), np.uint8),
@@ -440,6 +440,10 @@ class IndexReader:
         regions = np.concatenate([a["region"] for a in loaded])
         codes = np.concatenate([a["codes"] for a in loaded])
         ids = np.concatenate([np.arange(self._group_first_row[g], self._group_first_row[g + 1]) for g in groups])
+        if image_ids is not None:
+            # Rows stay sorted by region when filtered, so the offsets below still hold.
+            keep = np.isin(np.concatenate([a["image_id"] for a in loaded]), image_ids)
+            regions, codes, ids = regions[keep], codes[keep], ids[keep]
         return InvertedLists(np.searchsorted(regions, np.arange(n_regions + 1)).astype(np.int64), codes, ids)
 
     def load_all(self) -> None:
@@ -447,12 +451,30 @@ class IndexReader:
         assembly; the row-group cache is then only used for :meth:`rows`."""
         self._resident = self._lists(np.arange(len(self._group_shard)))
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """ADC search of PCA'd queries (n, d): (squared distances, global row ids), as Searcher."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 8,
+               image_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """ADC search of PCA'd queries (n, d): (squared distances, global row ids), as Searcher.
+        ``image_ids`` restricts the scan to the rows of those images (an image shortlist)."""
         queries = np.ascontiguousarray(queries, np.float32)
         probe_cells, _ = self.quantizer.coarse.probe(queries, nprobe)
-        lists = self._resident if self._resident is not None else self._lists(self._groups_for_cells(probe_cells.ravel()))
+        if image_ids is not None:
+            lists = self._lists(self._groups_for_cells(probe_cells.ravel()), np.asarray(image_ids, np.int64))
+        elif self._resident is not None:
+            lists = self._resident
+        else:
+            lists = self._lists(self._groups_for_cells(probe_cells.ravel()))
         return Searcher(self.quantizer, lists).search_cells(queries, probe_cells, k)
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self._group_shard)
+
+    def postings(self):
+        """Every posting row group in turn, as (image ids, reconstructed PCA'd descriptors): for
+        builders that need the whole index once (the image shortlist), streamed group by group."""
+        for group in range(self.num_row_groups):
+            arrays = self._load_group(group)
+            yield arrays["image_id"], self.quantizer.decode(arrays["region"], arrays["codes"])
 
     def rows(self, ids: np.ndarray) -> Rows:
         """Image id, keypoint (y, x), scale and attention of global posting rows."""

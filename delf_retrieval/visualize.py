@@ -37,3 +37,47 @@ def attention_figure(image: np.ndarray, score_map: np.ndarray, features: Feature
     canvas.paste(left, (0, 0))
     canvas.paste(right, (width + 8, 0))
     return canvas
+
+
+def _fit_height(image: np.ndarray, height: int) -> tuple[Image.Image, float]:
+    factor = height / image.shape[0]
+    width = max(1, int(round(image.shape[1] * factor)))
+    return Image.fromarray(image).convert("RGB").resize((width, height), Image.BILINEAR), factor
+
+
+def matches_figure(query: np.ndarray, score_map: np.ndarray, matches: list, database_images: list,
+                   height: int = 320, max_lines: int = 200) -> Image.Image:
+    """A query's answer as one picture: the query beside its attention (score) map on the first
+    row, then per match the query beside the database image with the RANSAC inliers drawn as
+    lines, captioned with rank, score, inliers and votes. ``matches`` carry ``query_points`` and
+    ``database_points`` as (y, x); ``database_images`` align with them (None: not readable)."""
+    gap, caption_height = 8, 16
+    query_picture, query_factor = _fit_height(query, height)
+    span = float(score_map.max() - score_map.min()) if score_map.size else 0.0
+    norm = (score_map - score_map.min()) / span if span > 0 else np.zeros((1, 1))
+    heat = Image.fromarray(colormap(norm)).resize(query_picture.size, Image.BILINEAR)
+    rows = [(Image.blend(query_picture, heat, 0.55), 1.0, None, "query | attention map")]
+    for rank, (match, image) in enumerate(zip(matches, database_images), 1):
+        picture, factor = _fit_height(image, height) if image is not None else (None, 1.0)
+        rows.append((picture, factor, match, f"#{rank} score {match.score:.1f} inliers {match.inliers} "
+                                             f"votes {match.votes}  {match.uri}"))
+    right = max((r[0].width if r[0] is not None else height) for r in rows)
+    canvas = Image.new("RGB", (query_picture.width + gap + right, len(rows) * (height + caption_height + gap)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = query_picture.width + gap
+    for i, (picture, factor, match, caption) in enumerate(rows):
+        top = i * (height + caption_height + gap)
+        draw.text((2, top + 1), caption[:200], fill=(0, 0, 0))
+        top += caption_height
+        canvas.paste(query_picture, (0, top))
+        if picture is None:
+            draw.rectangle([left, top, left + height, top + height], outline=(150, 150, 150))
+            draw.text((left + 4, top + 4), "unreadable", fill=(150, 0, 0))
+            continue
+        canvas.paste(picture, (left, top))
+        if match is not None:
+            for (qy, qx), (dy, dx) in list(zip(match.query_points, match.database_points))[:max_lines]:
+                draw.line([qx * query_factor, top + qy * query_factor, left + dx * factor, top + dy * factor],
+                          fill=(40, 220, 40), width=1)
+    return canvas

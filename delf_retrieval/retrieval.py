@@ -1,0 +1,260 @@
+"""Query-time retrieval over an index: per-descriptor ANN, one-to-one putative matches, votes per
+database image, RANSAC verification of the shortlist, and the score that ranks the answer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from delf_retrieval import verify
+from delf_retrieval.features import Features
+
+RANK_BY = ("combined", "inliers", "votes")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How a query is answered. The defaults were chosen on the dev set (benchmarks/retrieval_quality.py)."""
+
+    neighbours: int = 10  # K nearest database descriptors per query descriptor
+    nprobe: int = 8  # coarse cells scanned per query descriptor
+    max_distance: float = 0.9  # L2 distance between unit descriptors beyond which a neighbour is no match
+    shortlist: int = 100  # images verified by RANSAC, the most voted first
+    top: int = 100  # matches returned
+    residual_threshold: float = 20.0  # RANSAC inlier threshold, pixels
+    max_trials: int = 1000
+    min_inliers: int = 4  # fewer inliers than this is no geometric evidence: counted as 0
+    rank_by: str = "combined"  # "inliers" (the paper), "votes", or "combined"
+    vote_weight: float = 0.25  # combined score = inliers + vote_weight * votes
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY}, not {self.rank_by!r}")
+        if self.neighbours < 1 or self.shortlist < 0 or self.top < 1:
+            raise ValueError("neighbours and top must be >= 1 and shortlist >= 0")
+
+
+@dataclass
+class Match:
+    """One database image in a query's answer; ``inliers`` is 0 when it was not verified."""
+
+    image_id: int
+    uri: str
+    score: float
+    inliers: int
+    votes: int
+    verified: bool
+    # The inlier correspondences, (y, x) in the query and in the database image (for pictures).
+    query_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32), repr=False)
+    database_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32), repr=False)
+
+    def to_json(self) -> dict:
+        return {"uri": self.uri, "score": float(self.score), "inliers": int(self.inliers), "votes": int(self.votes)}
+
+
+@dataclass
+class PutativeMatches:
+    """Query descriptor -> database row correspondences, at most one per (query descriptor, image)
+    and one per database row (the closest), each with its image and its place in the neighbour list."""
+
+    query: np.ndarray  # (n,) int64, index of the query descriptor
+    rows: np.ndarray  # (n,) int64, global posting row
+    images: np.ndarray  # (n,) int64, image id of the row
+    distances: np.ndarray  # (n,) float32, L2 distance
+    positions: np.ndarray  # (n,) int64, flat index into the (nq, K) neighbour arrays
+
+    def __len__(self) -> int:
+        return int(self.query.shape[0])
+
+
+def _first_of_each(keys: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct key, in their original order."""
+    return np.sort(np.unique(keys, return_index=True)[1])
+
+
+def putative_matches(squared_distances: np.ndarray, rows: np.ndarray, row_images: np.ndarray,
+                     max_distance: float) -> PutativeMatches:
+    """One-to-one matches from a (nq, K) neighbour list.
+
+    A database row takes at most one query descriptor (its nearest), then a query descriptor keeps
+    at most one row per image (its nearest there): repeated texture would otherwise cast many votes
+    for one image and hand RANSAC many copies of one point.
+    """
+    nq, k = rows.shape
+    distances = np.sqrt(np.maximum(squared_distances, 0.0)).astype(np.float32).ravel()
+    positions = np.flatnonzero((rows.ravel() >= 0) & (distances <= max_distance))
+    query = positions // max(k, 1)
+    flat_rows, flat_images = rows.ravel(), row_images.ravel()
+    # Nearest first (ties: lower query, lower row), so a first occurrence is the closest.
+    positions = positions[np.lexsort((flat_rows[positions], query, distances[positions]))]
+    positions = positions[_first_of_each(flat_rows[positions])]
+    query = positions // max(k, 1)
+    _, image_index = np.unique(flat_images[positions], return_inverse=True)
+    positions = positions[_first_of_each(query * (int(image_index.max(initial=0)) + 1) + image_index)]
+    positions = np.sort(positions)
+    return PutativeMatches(positions // max(k, 1), flat_rows[positions], flat_images[positions],
+                           distances[positions], positions)
+
+
+def count_votes(matches: PutativeMatches) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, votes) with votes = number of distinct query descriptors matched, most first
+    (ties: smaller image id first, so the order is deterministic)."""
+    images, votes = np.unique(matches.images, return_counts=True)
+    order = np.lexsort((images, -votes))
+    return images[order], votes[order]
+
+
+def combined_score(inliers: np.ndarray, votes: np.ndarray, config: RetrievalConfig) -> np.ndarray:
+    """The ranking score: RANSAC inliers (below ``min_inliers``: 0), votes, or inliers plus a share
+    of the votes (which carry signal when the landmark is small or far and few inliers survive)."""
+    inliers = np.where(np.asarray(inliers) >= config.min_inliers, inliers, 0).astype(np.float64)
+    votes = np.asarray(votes, np.float64)
+    if config.rank_by == "inliers":
+        return inliers
+    if config.rank_by == "votes":
+        return votes
+    return inliers + config.vote_weight * votes
+
+
+@dataclass
+class QueryResult:
+    matches: list[Match]
+    timings: dict  # seconds per stage: ann, voting, ransac
+    num_descriptors: int
+    num_putative: int
+
+
+class Retriever:
+    """Answers queries against an opened index (:class:`~delf_retrieval.shards.IndexReader`).
+
+    ``image_shortlist`` (a :class:`~delf_retrieval.shortlist.ImageShortlist`) restricts the local
+    search to the images nearest the query's aggregated descriptor, for large corpora.
+    """
+
+    def __init__(self, reader, config: RetrievalConfig = RetrievalConfig(), image_shortlist=None):
+        self.reader = reader
+        self.config = config
+        self.image_shortlist = image_shortlist
+        images = reader.images
+        ids = images.column("image_id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[order]
+        self._sorted_uris = np.asarray(images.column("uri").to_pylist(), dtype=object)[order]
+
+    def uri_of(self, image_ids: np.ndarray) -> list[str]:
+        pos = np.searchsorted(self._sorted_ids, image_ids)
+        return [str(u) for u in self._sorted_uris[np.minimum(pos, len(self._sorted_ids) - 1)]]
+
+    def project(self, features: Features) -> np.ndarray:
+        """The query's raw descriptors in the index's space (L2-PCA-L2)."""
+        descriptors = features.descriptors.astype(np.float32)
+        return self.reader.pca.transform(descriptors) if self.reader.pca is not None else descriptors
+
+    def search(self, features: Features) -> QueryResult:
+        """The ranked answer for a query's features (locations in the query image's pixels)."""
+        config = self.config
+        timings = {}
+        start = time.perf_counter()
+        projected = self.project(features)
+        candidates = None
+        if self.image_shortlist is not None and len(projected):
+            candidates = self.image_shortlist.candidates(projected)
+        if len(projected):
+            distances, rows = self.reader.search(projected, config.neighbours, config.nprobe, image_ids=candidates)
+        else:
+            distances, rows = np.zeros((0, config.neighbours), np.float32), np.zeros((0, config.neighbours), np.int64)
+        stored = self.reader.rows(rows)
+        timings["ann"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        putative = putative_matches(distances, rows, stored.image_ids, config.max_distance)
+        images, votes = count_votes(putative)
+        timings["voting"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        verified = min(config.shortlist, len(images))
+        inliers = np.zeros(len(images), np.int64)
+        points: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if verified:
+            locations = stored.locations.reshape(-1, 2)
+            order = np.argsort(putative.images, kind="stable")
+            lo = np.searchsorted(putative.images[order], images[:verified], side="left")
+            hi = np.searchsorted(putative.images[order], images[:verified], side="right")
+            for i in range(verified):
+                members = order[lo[i]:hi[i]]
+                src = features.locations[putative.query[members]].astype(np.float64)
+                dst = locations[putative.positions[members]].astype(np.float64)
+                result = verify.ransac_affine(src, dst, residual_threshold=config.residual_threshold,
+                                              max_trials=config.max_trials, seed=config.seed)
+                inliers[i] = result.num_inliers
+                if result.num_inliers:
+                    points[i] = (src[result.inliers].astype(np.float32), dst[result.inliers].astype(np.float32))
+        timings["ransac"] = time.perf_counter() - start
+
+        scores = combined_score(inliers, votes, config)
+        # Verified images rank by score; the rest follow by votes.
+        verified_first = np.arange(len(images)) >= verified
+        ranking = np.lexsort((images, -votes, -scores, verified_first))[: config.top]
+        uris = self.uri_of(images[ranking])
+        empty = np.zeros((0, 2), np.float32)
+        matches = []
+        for pos, uri in zip(ranking.tolist(), uris):
+            query_points, database_points = points.get(pos, (empty, empty))
+            matches.append(Match(int(images[pos]), uri, float(scores[pos]), int(inliers[pos]), int(votes[pos]),
+                                 pos < verified, query_points, database_points))
+        return QueryResult(matches, timings, len(projected), len(putative))
+
+
+def index_configs(manifest: dict):
+    """(ModelConfig, ExtractionConfig) the index was built with: queries must be extracted the same way."""
+    import dataclasses
+
+    from delf_retrieval.extract import ExtractionConfig
+    from delf_retrieval.model import delf
+
+    model = manifest.get("model") or {}
+    if "network" not in model or "extraction" not in model:
+        raise ValueError("the index manifest does not say which network built it (no model.network / model.extraction)")
+    known = {f.name for f in dataclasses.fields(ExtractionConfig)}
+    extraction = {k: v for k, v in model["extraction"].items() if k in known}
+    extraction["scales"] = tuple(float(s) for s in extraction.get("scales", ()))
+    return delf.ModelConfig.from_json(dict(model["network"])), ExtractionConfig(**extraction)
+
+
+def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_shortlist: str = "auto",
+               shortlist_min_images: int = 50_000, shortlist_size: int = 1000,
+               cache_bytes: int = 2 << 30) -> Retriever:
+    """A Retriever over the index at ``index`` (local or gs://; its current version). The image
+    shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at least
+    ``shortlist_min_images`` images and a shortlist was built for it."""
+    from delf_retrieval import shards
+    from delf_retrieval.shortlist import ImageShortlist
+
+    if image_shortlist not in ("auto", "on", "off"):
+        raise ValueError("image_shortlist must be auto, on or off")
+    reader = shards.IndexReader(index, cache_bytes=cache_bytes)
+    shortlist = None
+    if image_shortlist == "on" or (image_shortlist == "auto" and reader.manifest["counts"]["images"] >= shortlist_min_images):
+        shortlist = ImageShortlist.load(index, reader.manifest["index_id"], size=shortlist_size)
+        if shortlist is None and image_shortlist == "on":
+            raise FileNotFoundError(f"{index} has no image shortlist for its current version: "
+                                    "build one with python -m pipeline.build_shortlist")
+    return Retriever(reader, config, shortlist)
+
+
+def results_document(answers: list[tuple[str, list[Match]]]) -> dict:
+    """The results.json document: {"results": [{"query", "matches": [{uri, score, inliers, votes}]}]}."""
+    return {"results": [{"query": query, "matches": [m.to_json() for m in matches]} for query, matches in answers]}
+
+
+def results_table(answers: list[tuple[str, list[Match]]], rows_per_query: int = 5) -> str:
+    """A human-readable summary: each query and its best matches."""
+    lines = []
+    for query, matches in answers:
+        lines.append(f"{query}: {len(matches)} matches" + ("" if matches else " (none)"))
+        for rank, m in enumerate(matches[:rows_per_query], 1):
+            lines.append(f"  {rank:>3}. score {m.score:8.2f}  inliers {m.inliers:4d}  votes {m.votes:5d}  {m.uri}")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""The image-level shortlist for large corpora: one VLAD vector per image aggregated from its PCA'd
+local descriptors, an nmslib HNSW graph over them, and its files beside the index."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from delf_retrieval import npz, storage
+from delf_retrieval.quantize.kmeans import kmeans
+
+SHORTLIST_DIR = "shortlist"
+SHORTLIST_MANIFEST = "shortlist.json"
+VECTORS_FILE = "vectors.npz"
+GRAPH_FILE = "hnsw.bin"
+FORMAT_VERSION = 1
+DEFAULT_WORDS = 16
+
+
+def assign_words(descriptors: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Nearest visual word of each descriptor (both unit-norm-ish, so the largest dot product after
+    the norm correction)."""
+    scores = descriptors @ words.T - 0.5 * np.sum(words * words, axis=1)
+    return np.argmax(scores, axis=1)
+
+
+def accumulate_vlad(descriptors: np.ndarray, owners: np.ndarray, n_owners: int, words: np.ndarray,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Add the residuals of ``descriptors`` to their nearest word into ``out`` (n_owners, k, d), per
+    owner (the row of the image each descriptor belongs to). Unnormalised: finish with :func:`normalise`."""
+    k, d = words.shape
+    if out is None:
+        out = np.zeros((n_owners, k, d), np.float32)
+    assigned = assign_words(descriptors, words)
+    residuals = (descriptors - words[assigned]).astype(np.float32)
+    np.add.at(out, (owners, assigned), residuals)
+    return out
+
+
+def normalise(vlad: np.ndarray) -> np.ndarray:
+    """Signed square root, then L2 per word (intra-normalisation: no word dominates through repeated
+    texture), then L2 overall. (n, k, d) -> (n, k * d) float32."""
+    v = np.sign(vlad) * np.sqrt(np.abs(vlad))
+    v = v / np.maximum(np.linalg.norm(v, axis=2, keepdims=True), 1e-12)
+    v = v.reshape(len(v), -1)
+    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def aggregate(descriptors: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """The VLAD vector (k * d,) of one image's PCA'd descriptors."""
+    descriptors = np.asarray(descriptors, np.float32)
+    return normalise(accumulate_vlad(descriptors, np.zeros(len(descriptors), np.int64), 1, words))[0]
+
+
+def train_words(sample: np.ndarray, n_words: int = DEFAULT_WORDS, seed: int = 0) -> np.ndarray:
+    return kmeans(np.asarray(sample, np.float32), n_words, iterations=20, seed=seed)
+
+
+def _graph(vectors: np.ndarray):
+    import nmslib
+
+    graph = nmslib.init(method="hnsw", space="cosinesimil", data_type=nmslib.DataType.DENSE_VECTOR)
+    graph.addDataPointBatch(vectors)
+    return graph
+
+
+class ImageShortlist:
+    """``candidates(query descriptors)`` -> the ids of the ``size`` images whose VLAD vectors are
+    nearest (cosine) to the query's, from an HNSW graph."""
+
+    def __init__(self, words: np.ndarray, image_ids: np.ndarray, vectors: np.ndarray, graph=None,
+                 size: int = 1000, M: int = 16, ef_construction: int = 200, ef_search: int | None = None):
+        self.words = np.asarray(words, np.float32)
+        self.image_ids = np.asarray(image_ids, np.int64)
+        self.vectors = np.ascontiguousarray(vectors, np.float32)
+        self.size = size
+        self.params = {"M": M, "efConstruction": ef_construction}
+        if graph is None:
+            graph = _graph(self.vectors)
+            graph.createIndex({"M": M, "efConstruction": ef_construction, "post": 0}, print_progress=False)
+        self.graph = graph
+        self.set_ef(ef_search or max(2 * size, 100))
+
+    def set_ef(self, ef: int) -> None:
+        self.graph.setQueryTimeParams({"efSearch": int(ef)})
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def candidates(self, descriptors: np.ndarray, size: int | None = None) -> np.ndarray:
+        """Image ids of the shortlist for a query's PCA'd descriptors, nearest first."""
+        size = min(size or self.size, len(self.image_ids))
+        if len(descriptors) == 0 or size == 0:
+            return np.zeros(0, np.int64)
+        positions, _ = self.graph.knnQuery(aggregate(descriptors, self.words), k=size)
+        return self.image_ids[np.asarray(positions, np.int64)]
+
+    def save(self, directory: str, index_id: str) -> dict:
+        """Write the shortlist beside an index (``directory`` = its root): the vectors (.npz), the
+        graph (nmslib's file), and shortlist.json, last, naming the index it belongs to."""
+        vectors = npz.to_bytes(FORMAT_VERSION, words=self.words, image_ids=self.image_ids, vectors=self.vectors)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, GRAPH_FILE)
+            self.graph.saveIndex(path, save_data=False)
+            with open(path, "rb") as f:
+                graph = f.read()
+        files = {}
+        for name, payload in ((VECTORS_FILE, vectors), (GRAPH_FILE, graph)):
+            relative = f"{SHORTLIST_DIR}/{index_id}/{name}"
+            storage.write_bytes(storage.join(directory, relative), payload)
+            files[name] = {"path": relative, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        record = {"format_version": FORMAT_VERSION, "index_id": index_id, "images": len(self.image_ids),
+                  "words": len(self.words), "dim": int(self.vectors.shape[1]), "params": self.params, "files": files}
+        storage.write_bytes(storage.join(directory, SHORTLIST_MANIFEST), json.dumps(record, indent=1).encode())
+        return record
+
+    @classmethod
+    def load(cls, directory: str, index_id: str, size: int = 1000) -> "ImageShortlist | None":
+        """The shortlist saved beside the index at ``directory``, or None if there is none for this
+        index (absent, or built for an older version of it). Files are checked by SHA-256."""
+        path = storage.join(directory, SHORTLIST_MANIFEST)
+        if not storage.exists(path):
+            return None
+        record = json.loads(storage.read_bytes(path))
+        if record.get("index_id") != index_id:
+            return None
+        if record.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: shortlist format {record.get('format_version')}, this code reads {FORMAT_VERSION}")
+        payloads = {}
+        for name, meta in record["files"].items():
+            payload = storage.read_bytes(storage.join(directory, meta["path"]))
+            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+                raise ValueError(f"{meta['path']} does not match its SHA-256 in {SHORTLIST_MANIFEST} (corrupt)")
+            payloads[name] = payload
+        arrays = npz.read(io.BytesIO(payloads[VECTORS_FILE]), FORMAT_VERSION, "shortlist")
+        graph = _graph(arrays["vectors"])
+        with tempfile.TemporaryDirectory() as tmp:
+            graph_path = os.path.join(tmp, GRAPH_FILE)
+            with open(graph_path, "wb") as f:
+                f.write(payloads[GRAPH_FILE])
+            graph.loadIndex(graph_path, load_data=False)
+        params = record.get("params", {})
+        return cls(arrays["words"], arrays["image_ids"], arrays["vectors"], graph=graph, size=size,
+                   M=params.get("M", 16), ef_construction=params.get("efConstruction", 200))
+
+
+def build_from_index(reader, n_words: int = DEFAULT_WORDS, sample_rows: int = 200_000, seed: int = 0,
+                     **kwargs) -> ImageShortlist:
+    """Aggregate every image of an opened index (:class:`~delf_retrieval.shards.IndexReader`) from
+    its stored codes (the reconstructed descriptors), with words trained on a sample of them."""
+    image_ids = np.sort(reader.images.column("image_id").to_numpy().astype(np.int64))
+    rng = np.random.default_rng(seed)
+    per_group = max(1, sample_rows // max(reader.num_row_groups, 1))
+    sample = []
+    for _, reconstructed in reader.postings():
+        take = min(per_group, len(reconstructed))
+        sample.append(reconstructed[rng.choice(len(reconstructed), take, replace=False)])
+    words = train_words(np.concatenate(sample), min(n_words, max(1, sum(map(len, sample)))), seed)
+    vlad = np.zeros((len(image_ids), len(words), words.shape[1]), np.float32)
+    counts = np.zeros(len(image_ids), np.int64)
+    for ids, reconstructed in reader.postings():
+        owners = np.searchsorted(image_ids, ids)
+        accumulate_vlad(reconstructed, owners, len(image_ids), words, out=vlad)
+        counts += np.bincount(owners, minlength=len(image_ids))
+    described = counts > 0  # an image without descriptors can never be a candidate
+    return ImageShortlist(words, image_ids[described], normalise(vlad[described]), **kwargs)

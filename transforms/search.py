@@ -1,0 +1,101 @@
+"""The query search as Beam transforms: queries -> extraction (shared with the index build) ->
+retrieval against the index, opened once per worker -> one JSON record per query."""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.extract import DEAD_LETTER, ExtractImages
+
+
+class QueryImage(NamedTuple):
+    """A query as given (``uri``) and its position in the list (``rank``), which orders the results."""
+
+    uri: str
+    rank: int
+
+
+class SearchIndex(beam.DoFn):
+    """(QueryImage, Features, hash) -> a JSON line {"rank", "query", "matches", "error"}."""
+
+    def __init__(self, index: str, config, open_options: dict, visualize: str | None = None, visualize_top: int = 5):
+        self.index = index
+        self.config = config
+        self.open_options = open_options
+        self.visualize = visualize
+        self.visualize_top = visualize_top
+        self.retriever = None
+        self.extractor = None
+        self.answered = Metrics.counter("delf", "queries_answered")
+
+    def setup(self):
+        from delf_retrieval import retrieval
+
+        self.retriever = retrieval.open_index(self.index, self.config, **self.open_options)
+
+    def process(self, element):
+        query, features, _ = element
+        result = self.retriever.search(features)
+        self.answered.inc()
+        if self.visualize:
+            self._picture(query, result.matches[: self.visualize_top])
+        yield json.dumps({"rank": query.rank, "query": query.uri, "matches": [m.to_json() for m in result.matches],
+                          "error": None})
+
+    def _picture(self, query: QueryImage, matches) -> None:
+        from pipeline.search import load_query, write_picture
+
+        if self.extractor is None:
+            from delf_retrieval import retrieval
+            from delf_retrieval.extract import Extractor
+            from delf_retrieval.model import delf
+
+            model_config, extraction_config = retrieval.index_configs(self.retriever.reader.manifest)
+            self.extractor = Extractor(delf.load(model_config), extraction_config)
+        write_picture(self.visualize, query.rank, query.uri, load_query(query.uri), self.extractor, matches)
+
+
+def failed_query(record: dict, ranks: dict) -> str:
+    return json.dumps({"rank": ranks[record["uri"]], "query": record["uri"], "matches": [],
+                       "error": f"{record['stage']}/{record['reason']}: {record.get('error')}"})
+
+
+class SearchQueries(beam.PTransform):
+    """Queries (a list of paths/URLs) -> ``output``, a JSON-lines file with one record per query
+    (failed queries carry their error and no matches)."""
+
+    def __init__(self, queries: list[str], index: str, config, output: str, image_shortlist: str = "auto",
+                 shortlist_min_images: int = 50_000, shortlist_size: int = 1000, visualize: str | None = None,
+                 visualize_top: int = 5, max_batch_size: int = 8):
+        super().__init__()
+        self.queries = list(queries)
+        self.index = index
+        self.config = config
+        self.output = output
+        self.open_options = {"image_shortlist": image_shortlist, "shortlist_min_images": shortlist_min_images,
+                             "shortlist_size": shortlist_size}
+        self.visualize = visualize
+        self.visualize_top = visualize_top
+        self.max_batch_size = max_batch_size
+
+    def expand(self, pbegin):
+        from delf_retrieval import retrieval, shards
+
+        # Queries are extracted exactly as the index was built.
+        model_config, extraction_config = retrieval.index_configs(shards.read_manifest(self.index))
+        ranks = {uri: rank for rank, uri in reversed(list(enumerate(self.queries)))}
+        extracted = (
+            pbegin
+            | "Queries" >> beam.Create([QueryImage(uri, rank) for rank, uri in enumerate(self.queries)])
+            | "Spread" >> beam.Reshuffle()
+            | "Extract" >> ExtractImages(model_config, extraction_config, max_batch_size=self.max_batch_size)
+        )
+        answered = extracted["features"] | "Search" >> beam.ParDo(
+            SearchIndex(self.index, self.config, self.open_options, self.visualize, self.visualize_top))
+        failed = extracted[DEAD_LETTER] | "Failed" >> beam.Map(failed_query, ranks)
+        return ((answered, failed) | "Records" >> beam.Flatten()
+                | "Write" >> beam.io.WriteToText(self.output, num_shards=1, shard_name_template=""))
