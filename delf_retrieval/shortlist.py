@@ -117,6 +117,11 @@ class ImageShortlist:
         record = {"format_version": FORMAT_VERSION, "index_id": index_id, "images": len(self.image_ids),
                   "words": len(self.words), "dim": int(self.vectors.shape[1]), "params": self.params, "files": files}
         storage.write_bytes(storage.join(directory, SHORTLIST_MANIFEST), json.dumps(record, indent=1).encode())
+        # Shortlists of other index versions are now unreachable: remove them.
+        root = storage.join(directory, SHORTLIST_DIR)
+        stale = {storage.relative(path, root).split("/")[0] for path in storage.list_files(root)} - {index_id}
+        for other in sorted(stale):
+            storage.delete_tree(storage.join(root, other))
         return record
 
     @classmethod

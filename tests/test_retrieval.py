@@ -244,3 +244,19 @@ def test_beam_search_gives_the_local_answers(scene_index, tmp_path):
     assert search_cli.run(["--index", str(scene_index), "--output", str(beam), "--runner", "DirectRunner",
                            *queries]) == 1
     assert json.loads(beam.read_text()) == json.loads(local.read_text())
+
+
+def test_build_shortlist_cli_replaces_the_previous_versions_shortlist(planted_index, tmp_path):
+    from pipeline import build_shortlist
+
+    source, _ = planted_index
+    directory = tmp_path / "index"
+    shutil.copytree(source, directory)
+    stale = directory / shortlist.SHORTLIST_DIR / "an-older-version"
+    stale.mkdir(parents=True)
+    (stale / shortlist.VECTORS_FILE).write_bytes(b"old")
+    assert build_shortlist.run(["--index", str(directory), "--words", "4"]) == 0
+    record = json.loads((directory / shortlist.SHORTLIST_MANIFEST).read_text())
+    assert record["index_id"] == shards.read_manifest(str(directory))["index_id"]
+    assert record["images"] == 30 and record["dim"] == 4 * 40
+    assert os.listdir(directory / shortlist.SHORTLIST_DIR) == [record["index_id"]]
