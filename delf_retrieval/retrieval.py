@@ -122,7 +122,7 @@ def combined_score(inliers: np.ndarray, votes: np.ndarray, config: RetrievalConf
 @dataclass
 class QueryResult:
     matches: list[Match]
-    timings: dict  # seconds per stage: ann, voting, ransac
+    timings: dict  # seconds per stage: shortlist (with PCA), ann, voting, ransac
     num_descriptors: int
     num_putative: int
 
@@ -153,15 +153,19 @@ class Retriever:
         descriptors = features.descriptors.astype(np.float32)
         return self.reader.pca.transform(descriptors) if self.reader.pca is not None else descriptors
 
-    def search(self, features: Features) -> QueryResult:
-        """The ranked answer for a query's features (locations in the query image's pixels)."""
+    def search(self, features: Features, among: np.ndarray | None = None) -> QueryResult:
+        """The ranked answer for a query's features (locations in the query image's pixels);
+        ``among`` limits the answer to those image ids (e.g. all but the query, in evaluations)."""
         config = self.config
         timings = {}
         start = time.perf_counter()
         projected = self.project(features)
-        candidates = None
+        candidates = None if among is None else np.asarray(among, np.int64)
         if self.image_shortlist is not None and len(projected):
-            candidates = self.image_shortlist.candidates(projected)
+            shortlisted = self.image_shortlist.candidates(projected)
+            candidates = shortlisted if candidates is None else shortlisted[np.isin(shortlisted, candidates)]
+        timings["shortlist"] = time.perf_counter() - start
+        start = time.perf_counter()
         if len(projected):
             distances, rows = self.reader.search(projected, config.neighbours, config.nprobe, image_ids=candidates)
         else:

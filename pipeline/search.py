@@ -140,26 +140,24 @@ def write_picture(folder: str, rank: int, query: str, image, extractor, matches)
 
 
 def search_with_beam(args, beam_args) -> tuple[list, list]:
-    """The same search as a Beam pipeline; results come back in query order."""
-    import tempfile
-
+    """The same search as a Beam pipeline: workers write one JSON line per query beside
+    ``--output`` (so on Dataflow it must be a gs:// path), read back here in query order."""
+    from delf_retrieval import storage
     from pipeline.run import make_pipeline
     from transforms.search import SearchQueries
 
-    with tempfile.TemporaryDirectory() as tmp:
-        output = os.path.join(tmp, "answers.jsonl")
-        pipeline, local = make_pipeline(beam_args)
-        if not local and not args.output.startswith("gs://"):
-            print("note: on a remote runner the workers write --output's folder; use a gs:// path", file=sys.stderr)
-        pipeline | "SearchQueries" >> SearchQueries(args.queries, args.index, retrieval_config(args), output,
-                                                    image_shortlist=args.image_shortlist,
-                                                    shortlist_min_images=args.shortlist_min_images,
-                                                    shortlist_size=args.shortlist_size,
-                                                    visualize=args.visualize, visualize_top=args.visualize_top)
-        pipeline.run().wait_until_finish()
-        from delf_retrieval import storage
-
-        records = [json.loads(line) for line in storage.read_bytes(output).decode().splitlines() if line]
+    records_path = args.output + ".records.jsonl"
+    pipeline, local = make_pipeline(beam_args)
+    if not local and not args.output.startswith("gs://"):
+        raise SystemExit("--output must be a gs:// path on a remote runner (the workers write it)")
+    pipeline | "SearchQueries" >> SearchQueries(args.queries, args.index, retrieval_config(args), records_path,
+                                                image_shortlist=args.image_shortlist,
+                                                shortlist_min_images=args.shortlist_min_images,
+                                                shortlist_size=args.shortlist_size,
+                                                visualize=args.visualize, visualize_top=args.visualize_top)
+    pipeline.run().wait_until_finish()
+    records = [json.loads(line) for line in storage.read_bytes(records_path).decode().splitlines() if line]
+    storage.delete(records_path)
     records.sort(key=lambda r: r["rank"])
     answers = [(r["query"], [_Match(m) for m in r["matches"]]) for r in records]
     failures = [(r["query"], r["error"]) for r in records if r.get("error")]

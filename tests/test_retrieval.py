@@ -117,7 +117,11 @@ def test_planted_image_is_found_first_with_its_geometry(planted_index):
     assert all(m.inliers < 10 for m in result.matches[1:])  # chance matches elsewhere have no geometry
     # The inliers drawn are the planted correspondences: database = A query + t.
     np.testing.assert_allclose(best.query_points @ A.T + t, best.database_points, atol=0.5)
-    assert set(result.timings) == {"ann", "voting", "ransac"}
+    assert set(result.timings) == {"shortlist", "ann", "voting", "ransac"}
+    # Limited to other images, the planted one is absent.
+    others = retrieval.Retriever(reader, retrieval.RetrievalConfig(max_distance=10.0, nprobe=16)).search(
+        query, among=np.array([1000 + i for i in range(30) if i != 7]))
+    assert "db/7.jpg" not in [m.uri for m in others.matches] and others.matches
     # Deterministic: the same query gives the same answer.
     again = retrieval.Retriever(reader, retrieval.RetrievalConfig(max_distance=10.0, nprobe=16)).search(query)
     assert [m.to_json() for m in again.matches] == [m.to_json() for m in result.matches]
