@@ -228,3 +228,14 @@ def test_inlier_counts_agree_with_skimage(seed):
                                                max_trials=1000, rng=seed)
     theirs = int(np.sum(sk_inliers))
     assert abs(ours.num_inliers - theirs) <= max(2, 0.05 * theirs), (ours.num_inliers, theirs)
+
+
+def test_without_refit_the_model_is_the_best_hypothesis():
+    src, dst, truth = planted_problem(200, 0.5, 8, noise=3.0)
+    raw = ransac_affine(src, dst, refit=False)
+    refit = ransac_affine(src, dst)
+    residuals = np.linalg.norm(apply(raw.model, src) - dst, axis=1)
+    assert np.sum(residuals < 1e-6) >= 3  # an exact fit of its three sample points
+    np.testing.assert_array_equal(raw.inliers, residuals < 20.0)
+    assert refit.num_inliers >= raw.num_inliers
+    assert np.sum(refit.inliers & truth) >= np.sum(raw.inliers & truth)
