@@ -218,7 +218,7 @@ def ransac_affine(src, dst, residual_threshold: float = 20.0, max_trials: int = 
         if best_count == n or (not exhaustive and trials >= required_trials(best_count, n, confidence)):
             break
 
-    if best_model is None or best_count < max(min_inliers, MIN_SAMPLES):
+    if best_model is None:
         return VerifyResult.empty(n_all, trials)
     best_model = best_model.copy()  # back to original coordinates: t' = t + dst_centre - M src_centre
     best_model[:, 2] += dst_centre - best_model[:, :2] @ src_centre
@@ -228,6 +228,8 @@ def ransac_affine(src, dst, residual_threshold: float = 20.0, max_trials: int = 
         refit_inside = squared_residuals(refit_model[None], src_f, dst_f)[0] < threshold2
         if refit_inside.sum() >= inside.sum():
             best_model, inside = refit_model, refit_inside
+    if inside.sum() < max(min_inliers, MIN_SAMPLES):  # counted in float64, as reported
+        return VerifyResult.empty(n_all, trials)
     inliers = np.zeros(n_all, bool)
     inliers[rows[inside]] = True
     return VerifyResult(best_model.copy(), inliers, int(inside.sum()), trials)
