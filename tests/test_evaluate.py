@@ -235,3 +235,31 @@ def test_cli_as_a_module(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--results", results, "--ground-truth", gt],
                           capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=True)
     assert f"{100 * 47 / 180:.2f}" in done.stdout
+
+
+def test_gld_curve_against_brute_force_with_ties():
+    """Random rankings with coarse (tied) scores: each point recounted from scratch per threshold."""
+    rng = np.random.default_rng(3)
+    queries, results = [], []
+    for q in range(15):
+        positives = [f"img{i}" for i in rng.choice(40, size=int(rng.integers(0, 6)), replace=False)]
+        junk = [f"img{i}" for i in range(40, 42)]
+        queries.append({"query": f"q{q}", "positives": positives, "junk": junk})
+        retrieved = rng.choice(42, size=int(rng.integers(0, 12)), replace=False)
+        scores = np.sort(np.round(rng.uniform(0, 1, len(retrieved)), 1))[::-1]
+        results.append({"query": f"q{q}", "matches": [match(f"img{i}", float(s)) for i, s in zip(retrieved, scores)]})
+    truth = evaluate.parse_ground_truth({"queries": queries})
+    parsed_results = evaluate.parse_results({"results": results})
+    curve = evaluate.gld_curve(parsed_results, truth)
+    pairs = [(m.score, m.uri in truth[q].positives) for q in truth for m in parsed_results[q]
+             if m.uri not in truth[q].junk]
+    thresholds = sorted({s for s, _ in pairs}, reverse=True)
+    np.testing.assert_allclose(curve.thresholds, thresholds)
+    expected_tp = [sum(c for s, c in pairs if s >= t) for t in thresholds]
+    expected_retrieved = [sum(1 for s, _ in pairs if s >= t) for t in thresholds]
+    np.testing.assert_array_equal(curve.true_positives, expected_tp)
+    np.testing.assert_array_equal(curve.retrieved, expected_retrieved)
+    total = sum(len(q["positives"]) for q in queries)
+    expected_ap = sum(tp / r * (tp - previous) for tp, r, previous in
+                      zip(expected_tp, expected_retrieved, [0] + expected_tp[:-1])) / total
+    assert curve.micro_ap() == pytest.approx(expected_ap)
