@@ -27,7 +27,8 @@ set (its refit does not re-score), so "ours no-refit" (refit=False, the best hyp
 the like-for-like count. skimage is also run with a second seed: its own seed-to-seed
 spread is the yardstick for "the same inlier counts".
 Times: per pair the median of --repeats runs (ours) / of max(1, --repeats // 3) runs (skimage,
-which is slower), on one process; wall-clock.
+which is slower), on one process; wall-clock, and CPU time of the process (time.process_time, all
+its threads), which a loaded machine inflates less. Summary speedups are ratios of total times.
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ def synthetic_pairs(settings: dict, seed: int = 0) -> list[dict]:
 
 
 def timed(fn, repeats: int):
-    times, result = [], None
+    """(median wall seconds, median CPU seconds of this process, the last result)."""
+    wall, cpu, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return float(np.median(wall)), float(np.median(cpu)), result
 
 
 def run_problem(problem: dict, repeats: int, seed: int = 0) -> dict:
@@ -151,9 +154,10 @@ def run_problem(problem: dict, repeats: int, seed: int = 0) -> dict:
 
     sk_repeats = max(1, repeats // 3)
     for setting, confidence, stop_probability in (("fixed", None, None), ("adaptive", 0.999, 0.999)):
-        seconds, result = timed(lambda: ours_run(confidence), repeats)
-        sk_seconds, sk_inliers = timed(lambda: skimage_run(stop_probability, seed), sk_repeats)
-        row[setting] = {"ours_s": seconds, "ours_inliers": result.num_inliers, "ours_trials": result.trials,
+        seconds, cpu, result = timed(lambda: ours_run(confidence), repeats)
+        sk_seconds, sk_cpu, sk_inliers = timed(lambda: skimage_run(stop_probability, seed), sk_repeats)
+        row[setting] = {"ours_s": seconds, "ours_cpu_s": cpu, "skimage_cpu_s": sk_cpu,
+                        "ours_inliers": result.num_inliers, "ours_trials": result.trials,
                         "ours_inliers_no_refit": ours_run(confidence, refit=False).num_inliers,
                         "skimage_s": sk_seconds, "skimage_inliers": sk_inliers,
                         "skimage_inliers_other_seed": skimage_run(stop_probability, seed + 1),
@@ -178,6 +182,9 @@ def summarise(rows: list[dict], kinds) -> dict:
             "ours_ms_median": 1e3 * float(np.median([r["ours_s"] for r in rs])),
             "skimage_ms_median": 1e3 * float(np.median([r["skimage_s"] for r in rs])),
             "speedup_total": sum(r["skimage_s"] for r in rs) / sum(r["ours_s"] for r in rs),
+            "ours_cpu_ms_median": 1e3 * float(np.median([r["ours_cpu_s"] for r in rs])),
+            "skimage_cpu_ms_median": 1e3 * float(np.median([r["skimage_cpu_s"] for r in rs])),
+            "speedup_cpu_total": sum(r["skimage_cpu_s"] for r in rs) / max(sum(r["ours_cpu_s"] for r in rs), 1e-9),
             "speedup_median": float(np.median([r["speedup"] for r in rs])),
             "inliers_ours_total": ours_total, "inliers_skimage_total": sk_total,
             "inliers_relative_difference_total": (ours_total - sk_total) / max(sk_total, 1),
@@ -199,7 +206,8 @@ def print_row(r: dict) -> None:
         print(f"{r['kind']:<9} {r['matches']:>5}  (fewer than 3 matches) {r['name']}")
         return
     f, a = r["fixed"], r["adaptive"]
-    print(f"{r['kind']:<9} {r['matches']:>5} | {1e3 * f['ours_s']:>7.2f} {1e3 * f['skimage_s']:>8.1f} {f['speedup']:>6.1f}x"
+    print(f"{r['kind']:<9} {r['matches']:>5} | {1e3 * f['ours_s']:>7.2f} {1e3 * f['skimage_s']:>8.1f}"
+          f" {f['speedup']:>6.1f}x"
           f" {f['ours_inliers']:>5} {f['ours_inliers_no_refit']:>5} {f['skimage_inliers']:>5}"
           f" {f['skimage_inliers_other_seed']:>5} |"
           f" {1e3 * a['ours_s']:>7.2f} {a['ours_trials']:>5} {1e3 * a['skimage_s']:>8.1f} {a['speedup']:>6.1f}x"
@@ -240,15 +248,18 @@ def main(argv=None):
                 ("synthetic", {"synthetic"}), ("all", {"same", "different", "synthetic"}))}
     print()
     print("inliers: ours (refit, re-scored) and ours no-refit (the best hypothesis' set, like skimage's) vs skimage;"
-          " rel diff = (ours - skimage) / skimage over all pairs, then the median of |ours - skimage| / skimage per pair;"
+          " rel diff = (ours - skimage) / skimage over all pairs, then the median of |ours - skimage| / skimage"
+          " per pair;"
           " skimage seed spread = median per-pair |skimage(seed 1) - skimage(seed 0)| / skimage(seed 0)")
     print(f"{'pairs':<21} {'setting':<9} {'n':>3} {'ours ms':>8} {'skim ms':>8} {'speedup':>8} {'(median)':>8}"
+          f" {'ours cpu':>8} {'skim cpu':>8} {'cpu spd':>8}"
           f" {'inl ours':>8} {'no-refit':>8} {'inl skim':>8} {'rel diff':>8} {'(median)':>8} {'no-refit':>8}"
           f" {'(median)':>8} {'skim seed':>9}")
     for name, by_setting in summary.items():
         for setting, s in by_setting.items():
             print(f"{name:<21} {setting:<9} {s['pairs']:>3} {s['ours_ms_median']:>8.2f} {s['skimage_ms_median']:>8.1f}"
-                  f" {s['speedup_total']:>7.1f}x {s['speedup_median']:>7.1f}x {s['inliers_ours_total']:>8}"
+                  f" {s['speedup_total']:>7.1f}x {s['speedup_median']:>7.1f}x {s['ours_cpu_ms_median']:>8.2f}"
+                  f" {s['skimage_cpu_ms_median']:>8.1f} {s['speedup_cpu_total']:>7.1f}x {s['inliers_ours_total']:>8}"
                   f" {s['inliers_no_refit_total']:>8} {s['inliers_skimage_total']:>8}"
                   f" {100 * s['inliers_relative_difference_total']:>+7.1f}%"
                   f" {100 * s['inliers_relative_difference_median']:>7.1f}%"
