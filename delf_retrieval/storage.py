@@ -218,8 +218,9 @@ def read_with_token(path: str) -> tuple[bytes | None, str | None]:
             return None, None
         from google.api_core import exceptions
 
+        generation = found.generation  # read first: the download may reset the blob's properties
         try:
-            return found.download_as_bytes(if_generation_match=found.generation), str(found.generation)
+            return found.download_as_bytes(if_generation_match=generation), str(generation)
         except (exceptions.NotFound, exceptions.PreconditionFailed):
             return read_with_token(path)  # replaced between the two requests: read the new one
     with _local_guard(path):
