@@ -38,32 +38,51 @@ from pipeline import run as run_job
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the lock; try at the next slot
 
 
+def flag(value: str) -> bool:
+    """A boolean option's value as a Flex Template passes it (``--retrain=true``)."""
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {value}")
+
+
 def parse_args(argv=None):
+    """The job's own options and the rest (Beam's). Options a Flex Template sets have underscore
+    spellings too (flex_template/metadata.json names them so) and booleans take an optional value."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.reindex", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="folder, glob or listing CSV, as pipeline.run's --input (not with --rollback)")
-    parser.add_argument("--index", required=True, help="index root: local folder or gs:// prefix")
-    parser.add_argument("--label-from-folder", action=argparse.BooleanOptionalAction, default=False,
-                        help="label each image with its folder's name")
-    parser.add_argument("--keep", type=int, default=2, help="old versions kept besides the current one (default %(default)s)")
-    parser.add_argument("--rollback", action="store_true", help="re-point ROOT to the previous version, verified first")
-    parser.add_argument("--retrain", action="store_true", help="full rebuild: extract everything, train PCA + quantizer")
-    parser.add_argument("--drift-threshold", type=float, default=1.5,
-                        help="retrain (on the next run) when the new descriptors' quantization error exceeds the "
-                             "training error by this factor (default %(default)s; see README)")
-    parser.add_argument("--lock-ttl", type=float, default=20 * 3600,
-                        help="seconds after which a lock left by a crashed run is broken (default %(default)s: "
-                             "above the longest run, below the schedule's period)")
-    parser.add_argument("--report", help="also write the run report JSON here")
-    parser.add_argument("--num-shards", type=int, help="posting shards (default: one per ~--rows-per-shard descriptors)")
-    parser.add_argument("--rows-per-shard", type=int, default=4_000_000)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per extraction call (at most)")
-    parser.add_argument("--accelerator", help="Beam resource hint for the extraction step on Dataflow")
-    parser.add_argument("--fetch-timeout", type=float, default=20.0)
-    parser.add_argument("--fetch-retries", type=int, default=3)
-    parser.add_argument("--host-interval", type=float, default=0.1)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--wait", action="store_true", help="on a remote runner, wait for the job and print the report")
+    add = parser.add_argument
+
+    def both(name, **kwargs):
+        spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+        return add(*spellings, dest=name[2:].replace("-", "_"), **kwargs)
+
+    both("--input", help="folder, glob or listing CSV, as pipeline.run's --input (not with --rollback)")
+    both("--index", required=True, help="index root: local folder or gs:// prefix")
+    both("--label-from-folder", nargs="?", const=True, default=False, type=flag,
+         help="label each image with its folder's name")
+    both("--keep", type=int, default=2, help="old versions kept besides the current one (default %(default)s)")
+    both("--rollback", nargs="?", const=True, default=False, type=flag,
+         help="re-point ROOT to the previous version, verified first")
+    both("--retrain", nargs="?", const=True, default=False, type=flag,
+         help="full rebuild: extract everything, train PCA + quantizer")
+    both("--drift-threshold", type=float, default=1.5,
+         help="retrain (on the next run) when the new descriptors' quantization error exceeds the training "
+              "error by this factor (default %(default)s; see README)")
+    both("--lock-ttl", type=float, default=20 * 3600,
+         help="seconds after which a lock left by a crashed run is broken (default %(default)s: above the "
+              "longest run, below the schedule's period)")
+    both("--report", help="also write the run report JSON here")
+    both("--num-shards", type=int, help="posting shards (default: one per ~--rows-per-shard descriptors)")
+    both("--rows-per-shard", type=int, default=4_000_000)
+    both("--batch-size", type=int, default=8, help="images per extraction call (at most)")
+    both("--accelerator", help="Beam resource hint for the extraction step on Dataflow")
+    add("--fetch-timeout", type=float, default=20.0)
+    add("--fetch-retries", type=int, default=3)
+    add("--host-interval", type=float, default=0.1)
+    add("--no-progress", action="store_true")
+    add("--wait", action="store_true", help="on a remote runner, wait for the job and print the report")
     cli.add_model_arguments(parser)
     build_quantizer.add_index_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)

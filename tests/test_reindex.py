@@ -350,3 +350,77 @@ def test_quantization_error_measures_drift():
     enc = quantizer.encode(x)
     assert index.quantization_error(projection, quantizer, train[:100]) == pytest.approx(
         float(np.mean(((x - quantizer.decode(enc.regions, enc.codes)) ** 2).sum(1))), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling: the Flex Template spec and the script that registers it and the Scheduler job
+
+FLEX = os.path.join(REPO_ROOT, "flex_template")
+EXAMPLES = {"input": "gs://b/photos", "index": "gs://b/index", "keep": "3", "retrain": "true", "drift_threshold": "1.5",
+            "lock_ttl": "3600", "label_from_folder": "false", "preset": "lite-gpu", "num_shards": "4",
+            "rows_per_shard": "1000", "batch_size": "8", "accelerator": "type:nvidia-l4;count:1;install-nvidia-driver"}
+
+
+def test_flex_template_parameters_are_the_jobs_flags():
+    import re
+
+    metadata = json.load(open(os.path.join(FLEX, "metadata.json")))
+    parameters = {p["name"]: p for p in metadata["parameters"]}
+    assert set(parameters) == set(EXAMPLES)
+    assert {n for n, p in parameters.items() if not p.get("isOptional")} == {"input", "index"}
+    argv = []
+    for name, value in EXAMPLES.items():
+        assert all(re.match(r, value) for r in parameters[name].get("regexes", [])), name
+        argv.append(f"--{name}={value}")  # how the launcher passes template parameters
+    args, beam_args = reindex.parse_args(argv)
+    assert beam_args == []
+    assert (args.input, args.index, args.keep, args.retrain, args.drift_threshold, args.lock_ttl,
+            args.label_from_folder, args.preset, args.num_shards) == (
+        "gs://b/photos", "gs://b/index", 3, True, 1.5, 3600.0, False, "lite-gpu", 4)
+    assert reindex.parse_args(["--index", "x", "--rollback"])[0].rollback is True
+    dockerfile = open(os.path.join(FLEX, "Dockerfile")).read()
+    assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/opt/delf/pipeline/reindex.py" in dockerfile
+    assert "COPY pipeline ./pipeline" in open(os.path.join(REPO_ROOT, "Dockerfile")).read()  # where that file comes from
+
+
+def test_schedule_script_registers_the_template_and_the_nightly_job(tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for tool in ("docker", "gcloud", "git"):
+        (stubs / tool).write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                  "call = [os.path.basename(sys.argv[0])] + sys.argv[1:]\n"
+                                  "open(os.environ['CALLS'], 'a').write(json.dumps(call) + '\\n')\n")
+        (stubs / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CALLS": str(calls), "IMAGE_TAG": "t1"}
+    result = subprocess.run(["bash", os.path.join(FLEX, "schedule_reindex.sh"), "--project", "p1", "--bucket", "b1",
+                             "--repository", "r.pkg.dev/p1/delf", "--service-account", "sa@p1", "--input",
+                             "gs://b1/photos", "--index", "gs://b1/index", "--schedule", "30 1 * * *"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [c[1:3] for c in made if c[0] == "docker"] == [["build", "-t"], ["push", "r.pkg.dev/p1/delf/delf-worker:t1"],
+                                                        ["build", "-f"], ["push", "r.pkg.dev/p1/delf/delf-reindex-template:t1"]]
+    build = next(c[1:] for c in made if c[:4] == ["gcloud", "dataflow", "flex-template", "build"])
+    assert build[3] == "gs://b1/templates/delf-reindex.json"
+    assert build[build.index("--metadata-file") + 1] == os.path.join(FLEX, "metadata.json")
+    scheduler = next(c[1:] for c in made if c[:5] == ["gcloud", "scheduler", "jobs", "create", "http"])
+    option = lambda name: scheduler[scheduler.index(name) + 1]  # noqa: E731
+    assert option("--schedule") == "30 1 * * *"
+    assert option("--uri") == "https://dataflow.googleapis.com/v1b3/projects/p1/locations/us-central1/flexTemplates:launch"
+    body = json.loads(option("--message-body"))["launchParameter"]
+    assert body["containerSpecGcsPath"] == build[3]
+    assert body["environment"]["sdkContainerImage"] == "r.pkg.dev/p1/delf/delf-worker:t1"
+    names = {p["name"] for p in json.load(open(os.path.join(FLEX, "metadata.json")))["parameters"]}
+    assert set(body["parameters"]) <= names
+    reindex.parse_args([f"--{k}={v}" for k, v in body["parameters"].items()])
+    missing = subprocess.run(["bash", os.path.join(FLEX, "schedule_reindex.sh"), "--project", "p1"], env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "--bucket --repository --service-account --input --index" in missing.stderr
+
+
+def test_schedule_script_is_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (.ci/run installs it)")
+    result = subprocess.run(["shellcheck", os.path.join(FLEX, "schedule_reindex.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
