@@ -93,6 +93,8 @@ def publish(root: str, build: str, manifest: dict, expected_token: str | None, *
     With ``check_token=False`` the pointer is replaced whatever it names (``pipeline.run``)."""
     folder = build_folder(build)
     before, token = current(root)
+    if before and before.get("build") == folder:
+        return before  # already published (a retried publish step): nothing to do
     previous = before.get("build") if before else None
     version = {**manifest, "previous": previous}
     shards.write_manifest(storage.join(root, folder), version)

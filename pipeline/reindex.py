@@ -135,6 +135,8 @@ def make_plan(listed: list[tuple], previous_images: list[dict], full: bool) -> t
         else:
             action = CHECK
         fields = {k: old.get(k) for k in ("width", "height", "num_features", "content_hash")} if old else {}
+        if label is None and old:
+            label = old.get("label")  # a listing without labels keeps the ones the index has
         rows.append({"uri": uri, "label": label, "stamp": stamp, "action": action,
                      **{k: fields.get(k) for k in ("width", "height", "num_features", "content_hash")}})
     deleted = sorted(set(before) - seen)

@@ -292,6 +292,7 @@ def test_publish_is_a_compare_and_swap_and_prune_keeps_the_newest(tiny_versions)
     with pytest.raises(versions.PublishConflict):  # started from a, but b was published meanwhile
         versions.publish(root, c, versions.read_version(root, c), token)
     assert shards.verify(root)["build"] == b and shards.IndexReader(root).num_rows == 51
+    assert versions.publish(root, b, versions.read_version(root, b), token)["build"] == b  # a retried step: no-op
     os.makedirs(os.path.join(root, "builds", "20250101T000000Z-dead", "postings"))
     open(os.path.join(root, "builds", "20250101T000000Z-dead", "postings", "part-00000.parquet"), "wb").close()
     assert versions.prune(root, keep=1) == [a, "builds/20250101T000000Z-dead"]  # c is the newest other
