@@ -70,6 +70,8 @@ def parse_args(argv=None):
     both("--drift-threshold", type=float, default=1.5,
          help="retrain (on the next run) when the new descriptors' quantization error exceeds the training "
               "error by this factor (default %(default)s; see README)")
+    both("--drift-sample", type=int, default=100_000,
+         help="new descriptors sampled to measure drift (default %(default)s)")
     both("--lock-ttl", type=float, default=20 * 3600,
          help="seconds after which a lock left by a crashed run is broken (default %(default)s: above the "
               "longest run, below the schedule's period)")
@@ -236,7 +238,8 @@ def run(argv=None, test_pipeline=None) -> int:
             "root": args.index, "build": build, "index_id": shards.new_index_id(), "plan_path": plan_path,
             "plan_record": plan_record, "expected_token": token, "keep": args.keep, "mode": mode,
             "lock_owner": lock.owner, "started": started, "deleted": len(deleted), "model_info": model_info,
-            "drift_threshold": args.drift_threshold, "sample_size": args.sample_size, "pca_dim": args.pca_dim,
+            "drift_threshold": args.drift_threshold,
+            "sample_size": args.sample_size if mode == "full" else args.drift_sample, "pca_dim": args.pca_dim,
             "rows_per_shard": args.rows_per_shard, "num_shards": num_shards,
         }
         to_extract = sum(r["action"] != KEEP for r in rows)
