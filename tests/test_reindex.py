@@ -4,7 +4,6 @@ previous version serving, two runs never both publish, rollback works, drift tri
 gs:// through the emulator; and the version/lock primitives on their own."""
 
 import hashlib
-import io
 import json
 import os
 import shutil

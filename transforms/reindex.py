@@ -172,7 +172,7 @@ class PublishVersion(beam.DoFn):
         self.settings = settings  # plain data: root, build, index_id, plan, expected token, ...
 
     def process(self, _, model, shard_records, new_images, same_uris, dead_letters, new_error):
-        from delf_retrieval import inputs, shards, storage, versions
+        from delf_retrieval import index, inputs, shards, storage, versions
 
         s = self.settings
         plan = read_plan(s["plan_path"])
@@ -194,8 +194,6 @@ class PublishVersion(beam.DoFn):
         for record in images:
             if ids.setdefault(record["image_id"], record["uri"]) != record["uri"]:
                 raise RuntimeError(f"image id collision: {record['uri']} and {ids[record['image_id']]}")
-        from delf_retrieval import index
-
         _, quantizer = index.load_model_files(model)
         files = write_version_files(s["root"], s["build"], model, images, dead_letters)
         files["plan"] = s["plan_record"]
