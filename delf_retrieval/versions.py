@@ -138,11 +138,15 @@ def prune(root: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
     that never finished, except ``protect``ed ones. Call it only while holding the lock (or from
     the only writer): an unfinished folder of a live run would go too. Returns what it deleted."""
     pointer, _ = current(root)
-    kept = {pointer["build"]} if pointer else set()
-    kept |= {build_folder(b) for b in protect}
+    serving = pointer.get("build") if pointer else None
+    # The version the current one replaced always stays (readers may still be on it, and an index
+    # published before versions had their own manifests has no other mark of completeness).
+    previous = pointer.get("previous") if pointer else None
+    kept = {b for b in (serving, previous) if b} | {build_folder(b) for b in protect}
     complete, incomplete = version_ids(root)
-    others = [b for b in complete if b not in kept]
-    doomed = others[:max(len(others) - keep, 0)] + [b for b in incomplete if b not in kept]
+    others = [b for b in complete if b != serving and b not in protect]
+    doomed = [b for b in others[:max(len(others) - keep, 0)] if b not in kept]
+    doomed += [b for b in incomplete if b not in kept]
     for folder in doomed:
         storage.delete_tree(storage.join(root, folder))
     return doomed

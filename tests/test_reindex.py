@@ -294,9 +294,10 @@ def test_publish_is_a_compare_and_swap_and_prune_keeps_the_newest(tiny_versions)
     assert versions.publish(root, b, versions.read_version(root, b), token)["build"] == b  # a retried step: no-op
     os.makedirs(os.path.join(root, "builds", "20250101T000000Z-dead", "postings"))
     open(os.path.join(root, "builds", "20250101T000000Z-dead", "postings", "part-00000.parquet"), "wb").close()
-    assert versions.prune(root, keep=1) == [a, "builds/20250101T000000Z-dead"]  # c is the newest other
+    assert versions.prune(root, keep=1) == ["builds/20250101T000000Z-dead"]  # c is the newest other version
+    # With keep=0 c goes, but a stays: the current version replaced it, readers may still be on it.
     assert versions.prune(root, keep=0) == [c]
-    assert versions.version_ids(root) == ([b], [])
+    assert versions.version_ids(root) == ([a, b], [])
 
 
 def test_rollback_refuses_a_damaged_version(tiny_versions):
