@@ -135,6 +135,31 @@ def concatenate(images: list[EncodedImage], m: int) -> dict:
     }
 
 
+def concatenate_parts(parts: list, m: int) -> dict:
+    """Posting columns of parts that are :class:`EncodedImage` or already columns (dicts as
+    :func:`concatenate` returns, e.g. rows carried over from a previous index version)."""
+    images = [p for p in parts if isinstance(p, EncodedImage)]
+    columns = [concatenate(images, m)] if images else []
+    columns += [p for p in parts if isinstance(p, dict)]
+    if len(columns) == 1:
+        return columns[0]
+    if not columns:
+        return concatenate([], m)
+    return {
+        "encoded": quantize.Encoded(*(np.concatenate([getattr(c["encoded"], name) for c in columns])
+                                      for name in ("cells", "regions", "codes"))),
+        **{name: np.concatenate([c[name] for c in columns]) for name in ("image_ids", "locations", "scales", "attentions")},
+    }
+
+
+def quantization_error(projection: pca_lib.PCA, quantizer: quantize.Quantizer, raw: np.ndarray) -> float:
+    """Mean squared distance between PCA'd descriptors and their quantized reconstructions: what
+    the codebooks lose. Recorded at training; re-measured on new images to detect drift."""
+    x = projection.transform(raw)
+    encoded = quantizer.encode(x)
+    return float(np.mean(np.sum((x - quantizer.decode(encoded.regions, encoded.codes)) ** 2, axis=1)))
+
+
 def split_by_shard(image: EncodedImage, n_cells: int, n_shards: int):
     """(shard, the part of an image's rows that falls in it) for each shard the image touches."""
     shard = shard_of_cells(image.encoded.cells, n_cells, n_shards)

@@ -52,6 +52,7 @@ ROWS_PER_GROUP = 65536
 IMAGE_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("num_features", pa.int32()), ("content_hash", pa.string()), ("label", pa.string()),
+    ("stamp", pa.string()),  # the source's change marker when listed (storage.stamp), for re-indexing
 ])
 DEAD_LETTER_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
                                 ("error", pa.string())])
@@ -180,7 +181,7 @@ def split_by_cells(table: pa.Table, rows_per_shard: int) -> list[pa.Table]:
 
 def image_table(records: list[dict]) -> pa.Table:
     """The image table from dicts with the keys of ``IMAGE_SCHEMA`` (label may be absent)."""
-    return pa.Table.from_pylist([{**{"label": None}, **r} for r in records], schema=IMAGE_SCHEMA)
+    return pa.Table.from_pylist([{**{"label": None, "stamp": None}, **r} for r in records], schema=IMAGE_SCHEMA)
 
 
 def dead_letter_table(records: list[dict]) -> pa.Table:

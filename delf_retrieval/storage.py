@@ -3,13 +3,19 @@ ranged reads, writes, listing, deletion. Honours ``STORAGE_EMULATOR_HOST`` (a lo
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import io
 import os
 import shutil
 import uuid
 
 GCS_PREFIX = "gs://"
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete found the file in another state than the one expected."""
 
 
 def is_gcs(path: str) -> bool:
@@ -152,6 +158,113 @@ def glob(pattern: str) -> list[str]:
     wildcard = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
     matcher = _glob_regex(pattern)
     return [p for p in list_files(pattern[:wildcard].rsplit("/", 1)[0]) if matcher.match(p)]
+
+
+def stamp(path: str) -> str | None:
+    """A cheap change marker of a file without reading it: the object generation on gs://, size and
+    mtime locally; None if absent. Equal stamps mean unchanged; different ones only maybe changed."""
+    if is_gcs(path):
+        blob = _blob(path)
+        found = blob.bucket.get_blob(blob.name)
+        return None if found is None else f"gen:{found.generation}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return f"st:{st.st_size}:{st.st_mtime_ns}"
+
+
+def stamps_under(prefix: str) -> dict[str, str]:
+    """{path: stamp} of every file under a gs:// prefix, from one listing (no per-object requests)."""
+    if not is_gcs(prefix):
+        return {p: stamp(p) for p in list_files(prefix)}
+    bucket, _, name = prefix[len(GCS_PREFIX):].partition("/")
+    name = name.rstrip("/") + "/" if name else ""
+    return {f"{GCS_PREFIX}{bucket}/{b.name}": f"gen:{b.generation}" for b in _client().list_blobs(bucket, prefix=name)}
+
+
+# Conditional operations (compare-and-swap). On gs:// the token is the object generation and the
+# checks are GCS preconditions, atomic on the server. Locally the token is the content's SHA-256
+# and each operation holds an exclusive flock on ``<path>.guard`` while it checks and writes.
+
+
+@contextlib.contextmanager
+def _local_guard(path: str):
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.guard", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def _local_token(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def read_with_token(path: str) -> tuple[bytes | None, str | None]:
+    """(content, token) of a file, (None, None) if absent; pass the token to the conditional calls."""
+    if is_gcs(path):
+        blob = _blob(path)
+        found = blob.bucket.get_blob(blob.name)
+        if found is None:
+            return None, None
+        from google.api_core import exceptions
+
+        generation = found.generation  # read first: the download may reset the blob's properties
+        try:
+            return found.download_as_bytes(if_generation_match=generation), str(generation)
+        except (exceptions.NotFound, exceptions.PreconditionFailed):
+            return read_with_token(path)  # replaced between the two requests: read the new one
+    with _local_guard(path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_bytes_if(path: str, data: bytes, token: str | None) -> str:
+    """Write ``path`` only if it is still in the state ``token`` names (None: only if absent);
+    PreconditionFailed otherwise. Atomic like :func:`write_bytes`. Returns the new token."""
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        blob = _blob(path)
+        try:
+            blob.upload_from_string(data, if_generation_match=int(token) if token is not None else 0)
+        except exceptions.PreconditionFailed as e:
+            raise PreconditionFailed(f"{path} changed since it was read") from e
+        return str(blob.generation)
+    with _local_guard(path):
+        if _local_token(path) != token:
+            raise PreconditionFailed(f"{path} changed since it was read")
+        write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def delete_if(path: str, token: str) -> None:
+    """Delete ``path`` only if it is still in the state ``token`` names; PreconditionFailed otherwise."""
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        try:
+            _blob(path).delete(if_generation_match=int(token))
+        except (exceptions.PreconditionFailed, exceptions.NotFound) as e:
+            raise PreconditionFailed(f"{path} changed since it was read") from e
+        return
+    with _local_guard(path):
+        if _local_token(path) != token:
+            raise PreconditionFailed(f"{path} changed since it was read")
+        os.remove(path)
 
 
 def delete(path: str) -> None:

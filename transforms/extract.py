@@ -148,8 +148,8 @@ class DecodeImage(beam.DoFn):
 
 
 class ExtractFeatures(beam.DoFn):
-    """Batches of (key, image, hash) -> (key, Features, hash). The network is built once per worker
-    in ``setup`` (never pickled with the graph) from plain model/extraction settings. If a batch
+    """Batches of (key, image, hash) -> (key, Features, hash). The network is built once per worker,
+    by its first batch (never pickled with the graph), from plain model/extraction settings. If a batch
     fails, its images are retried one by one and only the failing ones become dead letters."""
 
     def __init__(self, model_config: dict, extraction_config: dict):
@@ -160,6 +160,9 @@ class ExtractFeatures(beam.DoFn):
         self.failed = Metrics.counter("delf", "images_extraction_failed")
 
     def setup(self):
+        self.extractor = None  # built by the first batch: a worker (or a re-index) with none never loads it
+
+    def _build(self):
         from delf_retrieval.extract import ExtractionConfig, Extractor
         from delf_retrieval.model import delf
 
@@ -169,6 +172,8 @@ class ExtractFeatures(beam.DoFn):
         self.extractor = Extractor(net, ExtractionConfig(**config))
 
     def process(self, batch):
+        if self.extractor is None:
+            self._build()
         try:
             results = self.extractor.extract_batch([image for _, image, _ in batch])
         except Exception:  # noqa: BLE001 - isolate the image that fails, keep the others

@@ -59,7 +59,8 @@ def train_model(sample, index_params: dict, pca_dim: int, expected_count: int) -
     start = time.time()
     projection, quantizer = index.train(sample, quantize.IndexParams(**index_params), pca_dim, expected_count)
     return {**index.model_files(projection, quantizer), "sample_size": int(len(sample)),
-            "train_seconds": round(time.time() - start, 1)}
+            "train_seconds": round(time.time() - start, 1),
+            "quantization_error": index.quantization_error(projection, quantizer, sample)}
 
 
 class EncodeImages(beam.DoFn):
@@ -96,21 +97,25 @@ class EncodeImages(beam.DoFn):
 
 
 def write_shard(element, output: str, build: str, index_id: str, m: int, bits: int) -> dict:
-    from delf_retrieval import index, shards
+    """One posting shard of the version folder ``output/build``; its record's path is relative to it."""
+    from delf_retrieval import index, shards, storage
 
     shard, parts = element
-    columns = index.concatenate(list(parts), m)
+    columns = index.concatenate_parts(list(parts), m)
     table = shards.postings_table(bits=bits, **columns)
-    return shards.write_shard(output, f"{build}/{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, index_id)
+    return shards.write_shard(storage.join(output, build), f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table,
+                              index_id)
 
 
 class PublishIndex(beam.DoFn):
-    """The last step, on one worker: model files, image and dead-letter tables, then the manifest
-    that makes the new build visible; older builds are removed after it (the previous one is
-    kept, so a reader that opened it a moment ago still finds its files)."""
+    """The last step, on one worker: model files, image and dead-letter tables and the version's
+    own manifest in its folder, then the root pointer that makes it visible (``versions.publish``);
+    older builds are removed after it, ``keep`` of them kept (so a reader that opened the previous
+    one a moment ago still finds its files, and ``pipeline.reindex --rollback`` can return to it)."""
 
-    def __init__(self, output: str, build: str, index_id: str, model_info: dict):
+    def __init__(self, output: str, build: str, index_id: str, model_info: dict, keep: int = 1):
         self.output, self.build, self.index_id, self.model_info = output, build, index_id, model_info
+        self.keep = keep
 
     def process(self, _, model, shard_records, image_records, dead_letters, inputs_listed):
         from delf_retrieval import index, shards
@@ -124,23 +129,39 @@ class PublishIndex(beam.DoFn):
         if accounted != inputs_listed:
             raise RuntimeError(f"{inputs_listed} inputs listed but {len(images)} indexed + {len(dead_letters)} "
                                f"rejected: {inputs_listed - accounted} unaccounted for")
-        projection, quantizer = index.load_model_files(model)
-        previous = shards.published_builds(self.output)
-        files = {
-            "pca": shards.write_array_file(self.output, f"{self.build}/{shards.PCA_FILE}", model["pca"]),
-            "quantizer": shards.write_array_file(self.output, f"{self.build}/{shards.QUANTIZER_FILE}", model["quantizer"]),
-            "images": shards.write_table_file(self.output, f"{self.build}/{shards.IMAGES_FILE}", shards.image_table(images)),
-            "dead_letters": shards.write_table_file(self.output, f"{self.build}/{shards.DEAD_LETTERS_FILE}",
-                                                    shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
-        }
+        from delf_retrieval import versions
+
+        _, quantizer = index.load_model_files(model)
+        files = write_version_files(self.output, self.build, model, images, dead_letters)
         records = sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"])
         manifest = shards.build_manifest(self.index_id, quantizer, files, records, self.model_info,
-                                         extra={"build": self.build, "training": {"sample_size": model["sample_size"],
-                                                                                  "seconds": model["train_seconds"]}})
+                                         extra={"training": training_record(model)})
         manifest["counts"]["inputs"] = inputs_listed
-        shards.write_manifest(self.output, manifest)
-        shards.remove_builds(self.output, keep={self.build} | previous)
-        yield manifest
+        pointer = versions.publish(self.output, self.build, manifest, None, check_token=False)
+        versions.prune(self.output, keep=self.keep, protect={self.build})
+        yield pointer
+
+
+def training_record(model: dict) -> dict:
+    """What the manifest records of the model's training (the error is the drift baseline)."""
+    record = {"sample_size": model["sample_size"], "seconds": model["train_seconds"]}
+    if model.get("quantization_error") is not None:
+        record["quantization_error"] = model["quantization_error"]
+    return record
+
+
+def write_version_files(output: str, build: str, model: dict, images: list, dead_letters: list) -> dict:
+    """Model files and the image and dead-letter tables into the version folder; their records."""
+    from delf_retrieval import shards, storage
+
+    folder = storage.join(output, build)
+    return {
+        "pca": shards.write_array_file(folder, shards.PCA_FILE, model["pca"]),
+        "quantizer": shards.write_array_file(folder, shards.QUANTIZER_FILE, model["quantizer"]),
+        "images": shards.write_table_file(folder, shards.IMAGES_FILE, shards.image_table(images)),
+        "dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
+                                                shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
+    }
 
 
 class BuildIndex(beam.PTransform):

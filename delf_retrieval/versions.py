@@ -1,0 +1,252 @@
+"""Index versions under one root: immutable build folders with their own manifests, the root
+``manifest.json`` as the pointer to the current one (replaced by compare-and-swap, only after the new
+version is verified), retention of old versions, rollback, and the lock that keeps runs apart.
+
+Layout of a versioned root::
+
+    manifest.json                   the pointer: the current version's manifest with its paths
+                                    prefixed by builds/<id>/, so IndexReader(ROOT) reads it as is
+    builds/<id>/manifest.json       each version's own manifest (paths relative to its folder), so
+                                    builds/<id> is itself a complete index
+    builds/<id>/...                 its files; never modified after its manifest is written
+    reindex.lock                    while a run holds the lock: owner, host, pid, start, expiry
+    reports/<id>.json               one report per re-index run
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+import uuid
+
+from delf_retrieval import shards, storage
+
+LOCK_FILE = "reindex.lock"
+REPORTS_DIR = "reports"
+
+
+class PublishConflict(shards.IndexStorageError):
+    """The pointer changed since the run read it: another run published first; this one must not."""
+
+
+class LockHeld(Exception):
+    """Another run holds the lock (and it has not expired)."""
+
+    def __init__(self, record: dict | None):
+        self.record = record or {}
+        super().__init__(f"another run holds the lock: {json.dumps(self.record, sort_keys=True)}")
+
+
+def build_folder(build: str) -> str:
+    """``builds/<id>`` from an id or a folder name."""
+    return build if build.startswith(shards.BUILDS_DIR + "/") else f"{shards.BUILDS_DIR}/{build}"
+
+
+def _with_paths(manifest: dict, change) -> dict:
+    out = json.loads(json.dumps(manifest))
+    for record in list(out["files"].values()) + out["shards"]:
+        record["path"] = change(record["path"])
+    return out
+
+
+def pointer_from_version(manifest: dict, build: str) -> dict:
+    """The root pointer for a version: its manifest with paths relative to the root."""
+    folder = build_folder(build)
+    return {**_with_paths(manifest, lambda p: f"{folder}/{p}"), "build": folder}
+
+
+def current(root: str) -> tuple[dict | None, str | None]:
+    """(pointer manifest, token) of the published version; (None, None) if nothing is published.
+    Pass the token to :func:`publish` so it only replaces the version this run started from."""
+    data, token = storage.read_with_token(storage.join(root, shards.MANIFEST))
+    if data is None:
+        return None, None
+    shards.read_manifest(root)  # format checks
+    return json.loads(data), token
+
+
+def read_version(root: str, build: str) -> dict:
+    return shards.read_manifest(storage.join(root, build_folder(build)))
+
+
+def version_ids(root: str) -> tuple[list[str], list[str]]:
+    """(complete, incomplete) build folders under root, oldest first (ids sort by launch time).
+    Complete ones hold their own manifest; incomplete ones are runs that never finished."""
+    prefix = storage.join(root, shards.BUILDS_DIR)
+    files: dict[str, set] = {}
+    for path in storage.list_files(prefix):
+        parts = storage.relative(path, root).replace(os.sep, "/").split("/")
+        if len(parts) >= 3:
+            files.setdefault(f"{parts[0]}/{parts[1]}", set()).add("/".join(parts[2:]))
+    complete = sorted(b for b, names in files.items() if shards.MANIFEST in names)
+    return complete, sorted(set(files) - set(complete))
+
+
+def publish(root: str, build: str, manifest: dict, expected_token: str | None, *, check_token: bool = True) -> dict:
+    """Make ``build`` (its files already written) the current version: write its own manifest,
+    verify every file against it, then replace the pointer, only if the pointer is still the one
+    ``expected_token`` names (None: nothing published yet). Returns the pointer manifest.
+
+    With ``check_token=False`` the pointer is replaced whatever it names (``pipeline.run``)."""
+    folder = build_folder(build)
+    before, token = current(root)
+    if before and before.get("build") == folder:
+        return before  # already published (a retried publish step): nothing to do
+    previous = before.get("build") if before else None
+    version = {**manifest, "previous": previous}
+    shards.write_manifest(storage.join(root, folder), version)
+    shards.verify(storage.join(root, folder))
+    pointer = pointer_from_version(version, folder)
+    if check_token and token != expected_token:
+        raise PublishConflict(f"{root}: the current version changed while this run worked (now {previous}); "
+                              "not publishing")
+    try:
+        storage.write_bytes_if(storage.join(root, shards.MANIFEST),
+                               json.dumps(pointer, indent=1, sort_keys=True).encode(), token)
+    except storage.PreconditionFailed as e:
+        raise PublishConflict(f"{root}: another run published while this one was publishing") from e
+    return pointer
+
+
+def rollback(root: str, to: str | None = None) -> dict:
+    """Re-point to the version the current one replaced (or to ``to``), verified first. The
+    restored pointer names its own predecessor, so rolling back again goes one further back."""
+    pointer, token = current(root)
+    if pointer is None:
+        raise shards.ManifestError(f"{root} has no published version to roll back from")
+    target = build_folder(to) if to else pointer.get("previous")
+    if not target:
+        raise shards.ManifestError(f"{root}: the current version records no previous one")
+    complete, _ = version_ids(root)
+    if target not in complete:
+        raise shards.ManifestError(f"{root}: version {target} is no longer kept (see --keep)")
+    version = shards.verify(storage.join(root, target))
+    restored = pointer_from_version(version, target)
+    try:
+        storage.write_bytes_if(storage.join(root, shards.MANIFEST),
+                               json.dumps(restored, indent=1, sort_keys=True).encode(), token)
+    except storage.PreconditionFailed as e:
+        raise PublishConflict(f"{root}: another run published during the rollback") from e
+    return restored
+
+
+def prune(root: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    """Delete versions beyond the current one and the ``keep`` newest others, and folders of runs
+    that never finished, except ``protect``ed ones. Call it only while holding the lock (or from
+    the only writer): an unfinished folder of a live run would go too. Returns what it deleted."""
+    pointer, _ = current(root)
+    serving = pointer.get("build") if pointer else None
+    # The version the current one replaced always stays (readers may still be on it, and an index
+    # published before versions had their own manifests has no other mark of completeness).
+    previous = pointer.get("previous") if pointer else None
+    kept = {b for b in (serving, previous) if b} | {build_folder(b) for b in protect}
+    complete, incomplete = version_ids(root)
+    others = [b for b in complete if b != serving and b not in protect]
+    doomed = [b for b in others[:max(len(others) - keep, 0)] if b not in kept]
+    doomed += [b for b in incomplete if b not in kept]
+    for folder in doomed:
+        storage.delete_tree(storage.join(root, folder))
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------------
+# The run lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_is_stale(record: dict | None, now: float | None = None) -> bool:
+    """Expired, or taken on this host by a process that no longer exists (a killed local run)."""
+    if not record:
+        return False
+    now = time.time() if now is None else now
+    if record.get("expires", float("inf")) < now:
+        return True
+    pid = record.get("pid")
+    return bool(pid) and record.get("host") == socket.gethostname() and not _pid_alive(int(pid))
+
+
+class RunLock:
+    """``ROOT/reindex.lock``, created only if absent (O_EXCL-like locally under a flock guard; a
+    GCS precondition ``if_generation_match=0`` on gs://) with owner, host, pid, start and expiry.
+    A lock past its expiry, or held by a dead process on this host, is broken by a conditional
+    delete, so two runs that find the same stale lock cannot both take it.
+
+    ``pid`` is recorded only for runs whose process lives as long as the run (local runners); a
+    job submitted to Dataflow is released by its publish step, or expires after ``ttl_seconds``.
+    """
+
+    def __init__(self, root: str, ttl_seconds: float, owner: str | None = None, track_pid: bool = True):
+        self.path = storage.join(root, LOCK_FILE)
+        self.ttl_seconds = ttl_seconds
+        self.owner = owner or uuid.uuid4().hex
+        self.track_pid = track_pid
+        self.token: str | None = None
+        self.broke: dict | None = None
+
+    def record(self) -> dict:
+        now = time.time()
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid() if self.track_pid else None,
+                "started": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+                "expires": now + self.ttl_seconds}
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                self.token = storage.write_bytes_if(self.path, json.dumps(self.record()).encode(), None)
+                return self
+            except storage.PreconditionFailed:
+                pass
+            data, token = storage.read_with_token(self.path)
+            if data is None:
+                continue  # released meanwhile: try again
+            try:
+                held = json.loads(data)
+            except ValueError:
+                held = {}
+            if not lock_is_stale(held):
+                raise LockHeld(held)
+            try:
+                storage.delete_if(self.path, token)
+                self.broke = held
+            except storage.PreconditionFailed:
+                pass  # someone else broke or renewed it: look again
+        raise LockHeld(None)
+
+    def release(self) -> bool:
+        """Delete the lock if it is still this run's; False if it was not (broken by another run)."""
+        return release_lock(self.path, self.owner)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def release_lock(path: str, owner: str) -> bool:
+    """Delete the lock file at ``path`` if ``owner`` holds it (from any process: a job's last step)."""
+    data, token = storage.read_with_token(path)
+    if data is None:
+        return False
+    try:
+        if json.loads(data).get("owner") != owner:
+            return False
+    except ValueError:
+        return False
+    try:
+        storage.delete_if(path, token)
+    except storage.PreconditionFailed:
+        return False
+    return True
