@@ -53,21 +53,16 @@ class MemoryIndex:
         self.num_rows = len(lists)
 
     def search(self, queries, k, nprobe=8, image_ids=None):
-        from delf_retrieval.search import InvertedLists, Searcher
-
         probe, _ = self.quantizer.coarse.probe(np.ascontiguousarray(queries, np.float32), nprobe)
         if image_ids is None:
             return self.searcher.search_cells(queries, probe, k)
-        # As IndexReader: only the probed cells' rows of the candidate images are scanned.
-        regions = np.unique(self.searcher.cell_regions[np.unique(probe)].ravel())
-        regions = regions[regions >= 0]
-        spans = [np.arange(self.lists.offsets[r], self.lists.offsets[r + 1]) for r in regions]
-        rows = np.concatenate(spans) if spans else np.zeros(0, np.int64)
-        region_of = np.repeat(regions, [len(span) for span in spans])
-        keep = np.isin(self.row_images[self.lists.ids[rows]], image_ids)
-        rows, region_of = rows[keep], region_of[keep]
-        offsets = np.searchsorted(region_of, np.arange(self.quantizer.regions.n_regions + 1)).astype(np.int64)
-        lists = InvertedLists(offsets, self.lists.codes[rows], self.lists.ids[rows])
+        # As IndexReader over a resident index: only the probed cells' rows of the candidates.
+        from delf_retrieval.search import Searcher
+
+        allowed = np.zeros(len(self.images), bool)
+        allowed[np.asarray(image_ids, np.int64)] = True  # image ids here are 0..n-1
+        lists = self.lists.restrict(self.searcher.cell_regions[np.unique(probe)].ravel(),
+                                    lambda rows: allowed[self.row_images[self.lists.ids[rows]]])
         return Searcher(self.quantizer, lists).search_cells(queries, probe, k)
 
     def rows(self, ids):

@@ -24,6 +24,21 @@ class InvertedLists:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    def restrict(self, regions: np.ndarray, keep=None) -> "InvertedLists":
+        """Only the rows of ``regions`` (others left empty), and of those only the rows for which
+        ``keep(row positions) -> bool mask`` holds: a query's working set under a filter."""
+        regions = np.unique(np.asarray(regions, np.int64))
+        regions = regions[regions >= 0]
+        starts, ends = self.offsets[regions], self.offsets[regions + 1]
+        lengths = ends - starts
+        rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        region_of = np.repeat(regions, lengths)
+        if keep is not None:
+            mask = keep(rows)
+            rows, region_of = rows[mask], region_of[mask]
+        offsets = np.searchsorted(region_of, np.arange(len(self.offsets))).astype(np.int64)
+        return InvertedLists(offsets, self.codes[rows], self.ids[rows])
+
     @classmethod
     def build(cls, n_regions: int, encoded: Encoded, ids: np.ndarray | None = None) -> "InvertedLists":
         """Group encoded rows by region (ties kept in id order)."""

@@ -17,6 +17,7 @@ its byte range and CRC-32, so a reader checks exactly the bytes it reads.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -417,6 +418,8 @@ class IndexReader:
             "y": table.column("y").to_numpy(), "x": table.column("x").to_numpy(),
             "scale": table.column("scale").to_numpy(), "attention": table.column("attention").to_numpy(),
         }
+        # Each row's position in the sorted image ids: image filters then cost one gather per row.
+        arrays["image_index"] = np.searchsorted(self._sorted_image_ids, arrays["image_id"]).astype(np.int32)
         arrays["nbytes"] = sum(a.nbytes for a in arrays.values())
         self._cache[group] = arrays
         self._cached_bytes += arrays["nbytes"]
@@ -432,6 +435,19 @@ class IndexReader:
         hi = np.searchsorted(self._group_first_cell, cells, side="right")
         return np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)]))
 
+    @functools.cached_property
+    def _sorted_image_ids(self) -> np.ndarray:
+        return np.sort(self.images.column("image_id").to_numpy().astype(np.int64))
+
+    def _allowed_images(self, image_ids: np.ndarray) -> np.ndarray:
+        """A mask over the sorted image ids: True for the given ids (unknown ids are ignored)."""
+        ids = np.asarray(image_ids, np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_image_ids, ids), max(len(self._sorted_image_ids) - 1, 0))
+        allowed = np.zeros(len(self._sorted_image_ids), bool)
+        if len(allowed):
+            allowed[pos[self._sorted_image_ids[pos] == ids]] = True
+        return allowed
+
     def _lists(self, groups: np.ndarray, image_ids: np.ndarray | None = None) -> InvertedLists:
         n_regions = self.quantizer.regions.n_regions
         if len(groups) == 0:
@@ -443,14 +459,17 @@ class IndexReader:
         ids = np.concatenate([np.arange(self._group_first_row[g], self._group_first_row[g + 1]) for g in groups])
         if image_ids is not None:
             # Rows stay sorted by region when filtered, so the offsets below still hold.
-            keep = np.isin(np.concatenate([a["image_id"] for a in loaded]), image_ids)
+            keep = self._allowed_images(image_ids)[np.concatenate([a["image_index"] for a in loaded])]
             regions, codes, ids = regions[keep], codes[keep], ids[keep]
         return InvertedLists(np.searchsorted(regions, np.arange(n_regions + 1)).astype(np.int64), codes, ids)
 
     def load_all(self) -> None:
         """Keep all postings in memory (when the index fits) so searches skip the per-batch
         assembly; the row-group cache is then only used for :meth:`rows`."""
-        self._resident = self._lists(np.arange(len(self._group_shard)))
+        groups = np.arange(len(self._group_shard))
+        self._resident = self._lists(groups)
+        self._resident_image_index = np.concatenate([self._load_group(int(g))["image_index"] for g in groups]
+                                                    or [np.zeros(0, np.int32)])
 
     def search(self, queries: np.ndarray, k: int, nprobe: int = 8,
                image_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -458,7 +477,11 @@ class IndexReader:
         ``image_ids`` restricts the scan to the rows of those images (an image shortlist)."""
         queries = np.ascontiguousarray(queries, np.float32)
         probe_cells, _ = self.quantizer.coarse.probe(queries, nprobe)
-        if image_ids is not None:
+        if image_ids is not None and self._resident is not None:
+            allowed = self._allowed_images(image_ids)
+            lists = self._resident.restrict(self._cell_regions[np.unique(probe_cells[probe_cells >= 0])].ravel(),
+                                            lambda rows: allowed[self._resident_image_index[rows]])
+        elif image_ids is not None:
             lists = self._lists(self._groups_for_cells(probe_cells.ravel()), np.asarray(image_ids, np.int64))
         elif self._resident is not None:
             lists = self._resident

@@ -174,6 +174,12 @@ def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_
     for q in range(0, len(projected), 17):  # first 5 allowed neighbours of the unrestricted search
         allowed = all_rows[q][np.isin(all_images[q], candidates)][:5]
         np.testing.assert_array_equal(rows[q][: len(allowed)], allowed)
+    # The same restriction over an index held in memory (load_all) scans the same rows.
+    resident = shards.IndexReader(directory)
+    resident.load_all()
+    resident_distances, resident_rows = resident.search(projected, 5, nprobe=16, image_ids=candidates)
+    np.testing.assert_array_equal(resident_rows, rows)
+    np.testing.assert_allclose(resident_distances, distances, rtol=1e-6)
     # Saved beside the index, loaded back for the same index only, checked by SHA-256.
     built.save(directory, reader.manifest["index_id"])
     loaded = shortlist.ImageShortlist.load(directory, reader.manifest["index_id"], size=5)
@@ -264,3 +270,21 @@ def test_build_shortlist_cli_replaces_the_previous_versions_shortlist(planted_in
     assert record["index_id"] == shards.read_manifest(str(directory))["index_id"]
     assert record["images"] == 30 and record["dim"] == 4 * 40
     assert os.listdir(directory / shortlist.SHORTLIST_DIR) == [record["index_id"]]
+
+
+def test_restricted_lists_hold_exactly_the_kept_rows_of_the_regions():
+    from delf_retrieval.search import InvertedLists
+
+    rng = np.random.default_rng(5)
+    regions = np.sort(rng.integers(0, 12, 300))
+    lists = InvertedLists(np.searchsorted(regions, np.arange(13)).astype(np.int64),
+                          rng.integers(0, 32, (300, 10)).astype(np.uint8), rng.permutation(300).astype(np.int64))
+    chosen = np.array([2, 5, 5, 11, -1])
+    sub = lists.restrict(chosen, keep=lambda rows: lists.ids[rows] % 3 == 0)
+    for r in range(12):
+        members = lists.ids[lists.offsets[r]:lists.offsets[r + 1]]
+        expected = members[members % 3 == 0] if r in (2, 5, 11) else members[:0]
+        np.testing.assert_array_equal(sub.ids[sub.offsets[r]:sub.offsets[r + 1]], expected)
+        got_codes = sub.codes[sub.offsets[r]:sub.offsets[r + 1]]
+        np.testing.assert_array_equal(got_codes, lists.codes[lists.offsets[r]:lists.offsets[r + 1]][members % 3 == 0]
+                                      if r in (2, 5, 11) else got_codes[:0])
