@@ -50,6 +50,8 @@ class MemoryIndex:
         self.images = pa.table({"image_id": image_ids, "uri": [f"img{i}" for i in image_ids]})
         self.manifest = {"counts": {"images": len(image_ids)}}
         self.searcher = Searcher(quantizer, lists)
+        # Each row's image in list order; rows of a region are in image order, as in an index.
+        self.list_images = row_images[lists.ids]
         self.num_rows = len(lists)
 
     def search(self, queries, k, nprobe=8, image_ids=None):
@@ -59,10 +61,8 @@ class MemoryIndex:
         # As IndexReader over a resident index: only the probed cells' rows of the candidates.
         from delf_retrieval.search import Searcher
 
-        allowed = np.zeros(len(self.images), bool)
-        allowed[np.asarray(image_ids, np.int64)] = True  # image ids here are 0..n-1
-        lists = self.lists.restrict(self.searcher.cell_regions[np.unique(probe)].ravel(),
-                                    lambda rows: allowed[self.row_images[self.lists.ids[rows]]])
+        lists = self.lists.restrict_to_images(self.searcher.cell_regions[np.unique(probe)].ravel(), self.list_images,
+                                              image_ids)
         return Searcher(self.quantizer, lists).search_cells(queries, probe, k)
 
     def rows(self, ids):

@@ -478,9 +478,9 @@ class IndexReader:
         queries = np.ascontiguousarray(queries, np.float32)
         probe_cells, _ = self.quantizer.coarse.probe(queries, nprobe)
         if image_ids is not None and self._resident is not None:
-            allowed = self._allowed_images(image_ids)
-            lists = self._resident.restrict(self._cell_regions[np.unique(probe_cells[probe_cells >= 0])].ravel(),
-                                            lambda rows: allowed[self._resident_image_index[rows]])
+            lists = self._resident.restrict_to_images(self._cell_regions[np.unique(probe_cells[probe_cells >= 0])].ravel(),
+                                                      self._resident_image_index,
+                                                      np.flatnonzero(self._allowed_images(image_ids)))
         elif image_ids is not None:
             lists = self._lists(self._groups_for_cells(probe_cells.ravel()), np.asarray(image_ids, np.int64))
         elif self._resident is not None:

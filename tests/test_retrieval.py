@@ -272,19 +272,20 @@ def test_build_shortlist_cli_replaces_the_previous_versions_shortlist(planted_in
     assert os.listdir(directory / shortlist.SHORTLIST_DIR) == [record["index_id"]]
 
 
-def test_restricted_lists_hold_exactly_the_kept_rows_of_the_regions():
+def test_lists_restricted_to_images_hold_exactly_their_rows_in_the_regions():
     from delf_retrieval.search import InvertedLists
 
     rng = np.random.default_rng(5)
-    regions = np.sort(rng.integers(0, 12, 300))
+    regions = rng.integers(0, 12, 300)
+    row_images = rng.integers(0, 20, 300)
+    order = np.lexsort((row_images, regions))  # an index's order: by region, then image
+    regions, row_images = regions[order], row_images[order]
     lists = InvertedLists(np.searchsorted(regions, np.arange(13)).astype(np.int64),
                           rng.integers(0, 32, (300, 10)).astype(np.uint8), rng.permutation(300).astype(np.int64))
-    chosen = np.array([2, 5, 5, 11, -1])
-    sub = lists.restrict(chosen, keep=lambda rows: lists.ids[rows] % 3 == 0)
+    chosen, images = np.array([2, 5, 5, 11, -1]), np.array([3, 7, 7, 19, 25])
+    sub = lists.restrict_to_images(chosen, row_images, images)
     for r in range(12):
-        members = lists.ids[lists.offsets[r]:lists.offsets[r + 1]]
-        expected = members[members % 3 == 0] if r in (2, 5, 11) else members[:0]
-        np.testing.assert_array_equal(sub.ids[sub.offsets[r]:sub.offsets[r + 1]], expected)
-        got_codes = sub.codes[sub.offsets[r]:sub.offsets[r + 1]]
-        np.testing.assert_array_equal(got_codes, lists.codes[lists.offsets[r]:lists.offsets[r + 1]][members % 3 == 0]
-                                      if r in (2, 5, 11) else got_codes[:0])
+        span = slice(lists.offsets[r], lists.offsets[r + 1])
+        kept = np.isin(row_images[span], images) & (r in (2, 5, 11))
+        np.testing.assert_array_equal(sub.ids[sub.offsets[r]:sub.offsets[r + 1]], lists.ids[span][kept])
+        np.testing.assert_array_equal(sub.codes[sub.offsets[r]:sub.offsets[r + 1]], lists.codes[span][kept])
