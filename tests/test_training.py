@@ -114,7 +114,8 @@ def csv_listing(tmp_path):
 
 def test_descriptor_step_loss_goes_down_and_exports_the_trained_backbone(tmp_path, cache_dir):
     """Step 1 on 36 images from a CSV listing: the loss falls within 8 steps; the export holds the
-    trained backbone (changed from ImageNet) and ranks keypoints by L2 norm."""
+    trained backbone (changed from ImageNet) and ranks keypoints by L2 norm; step 2 from it leaves
+    that backbone untouched."""
     images = csv_listing(tmp_path)
     assert images.class_names == ["class0", "class1", "class2"] and len(images) == 36
     config = loop.LoopConfig(steps=8, batch_size=8, learning_rate=1e-4, optimizer="adam", log_every=1, progress=False)
@@ -131,6 +132,16 @@ def test_descriptor_step_loss_goes_down_and_exports_the_trained_backbone(tmp_pat
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     untouched = delf.load(start, cache_dir=cache_dir)
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(exported.backbone.weights, untouched.backbone.weights))
+
+    # Step 2 from the step-1 model: the descriptor stays frozen, only the attention head changes.
+    second = steps.train_attention(images, delf.read_model_config(result.model_dir), str(tmp_path / "run2"),
+                                   loop.LoopConfig(steps=2, batch_size=4, progress=False), data.Preprocessing(80, 64, 0.75),
+                                   steps.CalibrationConfig(10, 3, ExtractionConfig(scales=(1.0,))), cache_dir=cache_dir)
+    final = delf.load(second.model_dir, cache_dir=cache_dir)
+    for a, b in zip(final.backbone.weights, exported.backbone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert all(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(final.attention.weights, exported.attention.weights))
+    assert final.config.keypoint_score == "attention" and final.config.score_threshold == second.calibration.threshold
 
 
 def test_resume_continues_the_step_count_and_is_exact(tmp_path):
