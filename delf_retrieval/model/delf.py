@@ -98,10 +98,17 @@ class DelfNet:
     def save(self, directory: str) -> None:
         """Write ``model.json`` and ``model.weights.h5``: a directory :func:`load` reads back."""
         os.makedirs(directory, exist_ok=True)
-        config = dataclasses.replace(self.config, weights=directory, attention_weights=None)
         self.keras_model.save_weights(os.path.join(directory, MODEL_WEIGHTS_FILE))
-        with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
-            json.dump({"format_version": MODEL_FORMAT_VERSION, **config.to_json()}, f, indent=2, sort_keys=True)
+        write_model_config(directory, self.config)
+
+
+def write_model_config(directory: str, config: ModelConfig) -> None:
+    """Write (or replace) a model directory's ``model.json``, e.g. with a calibrated threshold."""
+    config = dataclasses.replace(config, weights=directory, attention_weights=None)
+    tmp = os.path.join(directory, MODEL_CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format_version": MODEL_FORMAT_VERSION, **config.to_json()}, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, MODEL_CONFIG_FILE))
 
 
 def is_model_dir(path: str) -> bool:

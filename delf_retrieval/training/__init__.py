@@ -1,0 +1,2 @@
+"""Training DELF in the paper's two steps: descriptor fine-tuning, then the attention head with the
+descriptor frozen, from landmark labels alone; export as a model directory extraction reads."""
