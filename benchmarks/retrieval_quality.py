@@ -107,7 +107,8 @@ def measure(doc: dict, truth: dict) -> dict:
     from delf_retrieval import evaluate
 
     scores = evaluate.evaluate(evaluate.parse_results(doc), evaluate.parse_ground_truth(truth))
-    return {k: scores[k] for k in ("map", "mp@1", "mp@5", "mp@10", "gld_micro_ap")}
+    return {**{k: scores[k] for k in ("map", "mp@1", "mp@5", "mp@10", "gld_micro_ap")},
+            "ap_per_query": [q["ap"] for q in scores["per_query"]]}
 
 
 def run_ours(root, rows, preset, cache, config) -> dict:
@@ -132,6 +133,11 @@ def run_ours(root, rows, preset, cache, config) -> dict:
         doc = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers)}
                            for p in queries]}
         table[name] = measure(doc, truth)
+    # Each rule against votes alone, paired over the same queries: mean AP difference and its s.e.
+    base = np.asarray(table["votes (no verification)"]["ap_per_query"])
+    for name in table:
+        diff = np.asarray(table[name]["ap_per_query"]) - base
+        table[name]["vs_votes"] = [float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))]
     # How often the true matches survive the image shortlist (self excluded).
     built = shortlist.build_from_index(reader, size=len(ids))
     survival = {}
@@ -213,7 +219,8 @@ def print_ours(ours: dict) -> None:
     search = sum(ours["seconds_per_query"].values())
     for name, s in ours["rules"].items():
         print(f"{ours['preset'] + ': ' + name:<46} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} "
-              f"{s['mp@10']:6.3f} {s['gld_micro_ap']:6.3f}  {search:.3f}; {ours['extract_seconds_per_image']:.2f}")
+              f"{s['mp@10']:6.3f} {s['gld_micro_ap']:6.3f}  {search:.3f}; {ours['extract_seconds_per_image']:.2f}"
+              f"  (AP vs votes {s['vs_votes'][0]:+.4f} +- {s['vs_votes'][1]:.4f})")
     print(f"  {ours['preset']}: {ours['index']}, {ours['descriptors']} descriptors; per query "
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in ours["seconds_per_query"].items()))
     print(f"  {ours['preset']}: true matches surviving the image shortlist: "

@@ -192,7 +192,8 @@ class Retriever:
                 src = features.locations[putative.query[members]].astype(np.float64)
                 dst = locations[putative.positions[members]].astype(np.float64)
                 result = verify.ransac_affine(src, dst, residual_threshold=config.residual_threshold,
-                                              max_trials=config.max_trials, seed=config.seed)
+                                              max_trials=config.max_trials, min_inliers=max(config.min_inliers, 3),
+                                              seed=config.seed)
                 inliers[i] = result.num_inliers
                 if result.num_inliers:
                     points[i] = (src[result.inliers].astype(np.float32), dst[result.inliers].astype(np.float32))
@@ -200,8 +201,8 @@ class Retriever:
 
         scores = combined_score(inliers, votes, config)
         # Verified images rank by score; the rest follow by votes.
-        verified_first = np.arange(len(images)) >= verified
-        ranking = np.lexsort((images, -votes, -scores, verified_first))[: config.top]
+        unverified = np.arange(len(images)) >= verified
+        ranking = np.lexsort((images, -votes, -scores, unverified))[: config.top]
         uris = self.uri_of(images[ranking])
         empty = np.zeros((0, 2), np.float32)
         matches = []
