@@ -264,7 +264,9 @@ def part_dev(quick: bool, workdir: str) -> dict:
     return {"settings": settings, "runs": rows}
 
 
-def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str]) -> dict:
+def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str], save=lambda part: None) -> dict:
+    """Build over the first n generated images for each n; ``save(part)`` after every run, so a
+    run stopped at a deadline keeps the sizes it finished."""
     corpus = os.path.join(workdir, "synthetic")
     start = time.time()
     paths = write_synthetic_corpus(corpus, max(sizes), seed)
@@ -272,6 +274,8 @@ def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str]) ->
     jpeg_kb = sum(os.path.getsize(p) for p in paths[:200]) / min(200, len(paths)) / 1024
     print(f"generated {len(paths)} images {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} (mean {jpeg_kb:.1f} KB) in {generated:.0f} s")
     rows = []
+    part = {"settings": SCALING_SETTINGS, "image_size": list(SYNTHETIC_SIZE), "seed": seed,
+            "generate_s": round(generated, 1), "mean_jpeg_kb": round(jpeg_kb, 1), "runs": rows}
     for n in sizes:
         listing = write_listing(paths[:n], os.path.join(workdir, f"synthetic-{n}.csv"))
         for mode in modes:
@@ -285,21 +289,64 @@ def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str]) ->
             print_run_table(f"scaling so far (synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]}, "
                             f"{' '.join(SCALING_SETTINGS)})", rows)
             sys.stdout.flush()
-    return {"settings": SCALING_SETTINGS, "image_size": list(SYNTHETIC_SIZE), "seed": seed,
-            "generate_s": round(generated, 1), "mean_jpeg_kb": round(jpeg_kb, 1), "runs": rows}
+            save(part)
+    return part
+
+
+def extrapolate(runs: list[dict], sizes: list[int]) -> list[dict]:
+    """EXTRAPOLATION, not measurement: least-squares lines a + b*n through the measured runs for CPU
+    seconds, wall seconds and peak RSS, evaluated at the sizes that were not measured. (Per-image
+    costs are flat in n; the fixed part is model load + training; RSS grows with n because the local
+    runner holds every image's features in memory until the trained model reaches the encoder.)"""
+    import numpy as np
+
+    measured = {r["corpus_size"] for r in runs}
+    n = np.array([r["corpus_size"] for r in runs], float)
+    if len(set(n)) < 2:
+        return []
+    fits = {key: np.polyfit(n, [r[key] for r in runs], 1) for key in ("cpu_s", "pipeline_s", "peak_rss_mb")}
+    rows = []
+    for size in sizes:
+        if size in measured:
+            continue
+        value = {key: float(np.polyval(fit, size)) for key, fit in fits.items()}
+        rows.append({"corpus_size": size, "extrapolated": True, "cpu_s": round(value["cpu_s"]),
+                     "cpu_s_per_image": round(value["cpu_s"] / size, 4), "pipeline_s": round(value["pipeline_s"]),
+                     "images_per_s": round(size / value["pipeline_s"], 2), "peak_rss_mb": round(value["peak_rss_mb"]),
+                     "fit": {key: [round(float(c), 6) for c in fit] for key, fit in fits.items()}})
+    return rows
+
+
+def print_scaling(part: dict) -> None:
+    print(f"\nscaling curve, synthetic {part['image_size'][0]}x{part['image_size'][1]}, {' '.join(part['settings'])}")
+    print(f"{'images':>8}{'':>14}{'wall s':>9}{'img/s':>8}{'CPU s':>8}{'CPU s/img':>10}{'peak RSS MB':>12}{'load':>6}")
+    for r in part["runs"]:
+        print(f"{r['corpus_size']:>8}{'measured':>14}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
+              f"{r['cpu_s_per_image']:>10.3f}{r['peak_rss_mb']:>12.0f}{r['load_mean']:>6.1f}")
+    for r in part.get("extrapolated", []):
+        print(f"{r['corpus_size']:>8}{'EXTRAPOLATED':>14}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
+              f"{r['cpu_s_per_image']:>10.3f}{r['peak_rss_mb']:>12.0f}{'':>6}")
 
 
 # ----------------------------------------------------------------------------- the 1M estimate
 GPUS = {
-    # name: (peak FP32 TFLOPS, worker machine, $/h of the GPU on Dataflow [assumed], vCPUs, GB memory)
-    "nvidia-tesla-t4": {"peak_tflops_fp32": 8.1, "machine": "n1-standard-8", "gpu_usd_h": 0.35, "vcpus": 8, "memory_gb": 30},
-    "nvidia-l4": {"peak_tflops_fp32": 30.3, "machine": "g2-standard-8", "gpu_usd_h": 0.71, "vcpus": 8, "memory_gb": 32},
+    # The T4 is the cheapest GPU Dataflow offers on general-purpose n1 workers and has 16 GB (a 2048 px
+    # ResNet50 level fits); the L4 (g2 workers) is the faster alternative. Peak FP32: the spec sheets.
+    "nvidia-tesla-t4": {"peak_tflops_fp32": 8.1, "machine": "n1-standard-8", "vcpus": 8, "memory_gb": 30},
+    "nvidia-l4": {"peak_tflops_fp32": 30.3, "machine": "g2-standard-8", "vcpus": 8, "memory_gb": 32},
 }
-# Assumed Dataflow batch list prices, us-central1 (not verified here: the pricing page renders its
-# figures client-side; check https://cloud.google.com/dataflow/pricing before spending).
-PRICES = {"vcpu_usd_h": 0.056, "memory_gb_usd_h": 0.003557, "pd_gb_usd_h": 0.000054, "shuffle_gb_usd": 0.011}
-GPU_EFFICIENCY = 0.35  # achieved fraction of FP32 peak for fp32 convolutions at these sizes (assumption)
+# ASSUMED Dataflow batch list prices, us-central1, USD (not verified here: the pricing page renders
+# its figures client-side; check https://cloud.google.com/dataflow/pricing before spending).
+PRICES = {"vcpu_h": 0.056, "memory_gb_h": 0.003557, "pd_gb_h": 0.000054, "shuffle_gb": 0.011,
+          "gpu_h": {"nvidia-tesla-t4": 0.35, "nvidia-l4": 0.71}}
+# ASSUMED achieved fraction of FP32 peak (the extractor runs float32): dense 3x3/1x1 convolutions
+# (ResNet50) reach ~40% with cuDNN at these sizes; EfficientNet's depthwise convolutions are memory
+# bound, ~15%.
+GPU_EFFICIENCY = {"resnet50": 0.40, "efficientnet_lite0": 0.15}
+CHANNELS = {"resnet50": 1024, "efficientnet_lite0": 112}
 ESTIMATE_IMAGE = (768, 1024)  # Google-Landmarks-like: long side 1024, 4:3
+ESTIMATE = {"images": 1_000_000, "features": 1000, "workers": 25, "startup_h": 0.15, "disk_gb": 250,
+            "train_h": 0.25}  # startup: GPU workers pulling a ~6 GB CUDA container (assumed)
 
 
 def pyramid_flops(backbone: str) -> dict:
@@ -327,62 +374,79 @@ def pyramid_flops(backbone: str) -> dict:
     return {"backbone": backbone, "levels": levels, "gflops_per_image": round(sum(lv["gflops"] for lv in levels), 1)}
 
 
-def estimate(flops: list[dict], cpu_s_per_image_other: float, images: int = 1_000_000, gpu: str = "nvidia-tesla-t4",
-             workers: int = 25) -> list[dict]:
-    """Time and cost of ``images`` on ``workers`` GPU workers: the GPU does the network; the worker's
-    vCPUs do fetch, decode, resize, selection, encode and write at the measured CPU cost per image.
-    A worker's rate is the slower of the two (they overlap: Beam runs several bundles per worker)."""
+def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTIMATE) -> dict:
+    """Time and cost of the build for ``e['images']`` images on ``e['workers']`` GPU workers.
+
+    Per worker the GPU runs the network; its vCPUs do fetch, decode, resize, keypoint selection,
+    encode and write at the measured CPU cost per image; the two overlap (several bundles per
+    worker), so a worker's rate is set by the slower. Add the workers' start, and the training step
+    (one worker trains while the others wait for its side input). Data moved: the raw features
+    between extraction and encoding (materialised: encoding waits for the trained model) and the
+    PQ rows grouped by shard, both priced as Dataflow Shuffle."""
     g = GPUS[gpu]
-    rows = []
-    for f in flops:
-        gpu_s = f["gflops_per_image"] * 1e9 / (g["peak_tflops_fp32"] * 1e12 * GPU_EFFICIENCY)
-        cpu_s = cpu_s_per_image_other / g["vcpus"]  # the CPU work spread over the worker's vCPUs
-        per_worker = 1 / max(gpu_s, cpu_s)
-        hours = images / (per_worker * workers) / 3600
-        worker_h = hours * workers
-        usd_h = g["gpu_usd_h"] + g["vcpus"] * PRICES["vcpu_usd_h"] + g["memory_gb"] * PRICES["memory_gb_usd_h"] + 250 * PRICES["pd_gb_usd_h"]
-        # Shuffled bytes: the features reshuffled once (1000 x (1024|112) float32 -> too big: the
-        # pipeline shuffles PQ rows by shard, ~40 B/descriptor) plus the Reshuffle of uris.
-        shuffle_gb = images * 1000 * 40 / 1e9
-        cost = worker_h * usd_h + shuffle_gb * PRICES["shuffle_gb_usd"]
-        rows.append({"backbone": f["backbone"], "gpu": gpu, "machine": g["machine"], "workers": workers,
-                     "gflops_per_image": f["gflops_per_image"], "gpu_s_per_image": round(gpu_s, 4),
-                     "cpu_s_per_image_other": round(cpu_s_per_image_other, 3), "bound": "gpu" if gpu_s >= cpu_s else "cpu",
-                     "images_per_s_per_worker": round(per_worker, 2), "hours": round(hours, 2),
-                     "worker_hours": round(worker_h, 1), "usd_per_worker_hour": round(usd_h, 3),
-                     "usd": round(cost, 0)})
-    return rows
+    backbone = flops["backbone"]
+    gpu_s = flops["gflops_per_image"] * 1e9 / (g["peak_tflops_fp32"] * 1e12 * GPU_EFFICIENCY[backbone])
+    cpu_s = cpu_s_per_image_other / g["vcpus"]
+    per_worker = 1 / max(gpu_s, cpu_s)
+    extract_h = e["images"] / (per_worker * e["workers"]) / 3600
+    hours = e["startup_h"] + extract_h + e["train_h"]
+    worker_h = hours * e["workers"]
+    usd_h = (PRICES["gpu_h"][gpu] + g["vcpus"] * PRICES["vcpu_h"] + g["memory_gb"] * PRICES["memory_gb_h"]
+             + e["disk_gb"] * PRICES["pd_gb_h"])
+    features_gb = e["images"] * e["features"] * (CHANNELS[backbone] * 4 + 16) / 1e9  # descriptors + location/scale/score
+    rows_gb = e["images"] * e["features"] * 48 / 1e9  # cell, region, 10 code bytes, image id, location, scale, attention
+    cost = worker_h * usd_h + (features_gb + rows_gb) * PRICES["shuffle_gb"]
+    return {"backbone": backbone, "gpu": gpu, "machine": g["machine"], "workers": e["workers"],
+            "gflops_per_image": flops["gflops_per_image"], "gpu_efficiency": GPU_EFFICIENCY[backbone],
+            "gpu_s_per_image": round(gpu_s, 4), "cpu_s_per_image_other": round(cpu_s_per_image_other, 3),
+            "bound": "gpu" if gpu_s >= cpu_s else "cpu", "images_per_s_per_worker": round(per_worker, 1),
+            "extract_h": round(extract_h, 2), "hours": round(hours, 2), "worker_hours": round(worker_h, 1),
+            "usd_per_worker_hour": round(usd_h, 3), "intermediate_gb": round(features_gb + rows_gb),
+            "usd": round(cost)}
 
 
-def part_estimate(dev: dict, quick: bool) -> dict:
-    backbones = ["efficientnet_lite0"] if quick else ["efficientnet_lite0", "resnet50"]
-    flops = [pyramid_flops(b) for b in backbones]
+def non_network_cpu(dev: dict) -> tuple[float, str]:
+    """CPU seconds per image spent outside the network, from the in-memory dev run: its CPU s/image
+    times the share of stage time outside extraction and model loading, then scaled to a 1024 px image
+    (decoding and resizing grow with pixels; x (1024/side)^2)."""
+    if not dev.get("runs"):
+        return 0.1, "assumed (no dev run)"
+    run = dev["runs"][0]
+    stages = run["stages_s"]
+    per_image = sum(v for k, v in stages.items() if k not in ("model_load", "extract", "train", "list", "publish"))
+    busy = sum(v for k, v in stages.items() if k != "model_load") or 1
+    side = int(dev["settings"][dev["settings"].index("--max-image-size") + 1])
+    scale = (1024 / side) ** 2
+    value = run["cpu_s_per_image"] * per_image / busy * scale
+    return value, f"measured in '{run['name']}' (share {per_image / busy:.2f} of stage time) x {scale:.2f} for 1024 px"
+
+
+def part_estimate(dev: dict, quick: bool, flops_json: str | None = None) -> dict:
+    if flops_json:  # reuse FLOPs computed by an earlier run (they depend only on the networks)
+        with open(flops_json) as f:
+            flops = json.load(f)["estimate"]["flops"]
+    else:
+        flops = [pyramid_flops(b) for b in (["efficientnet_lite0"] if quick else ["efficientnet_lite0", "resnet50"])]
     for f in flops:
-        print(f"\n{f['backbone']}: {f['gflops_per_image']} GFLOPs per 1024x768 image over 7 scales")
+        print(f"\n{f['backbone']}: {f['gflops_per_image']} GFLOPs per 1024x768 image over 7 scales (padded buckets)")
         for lv in f["levels"]:
-            print(f"  scale {lv['scale']:<7} input {lv['input'][0]}x{lv['input'][1]:<5} bucket {lv['bucket'][0]}x{lv['bucket'][1]:<5}"
-                  f" {lv['gflops']:>8.2f} GFLOPs")
-    # Non-network CPU cost per image, from the in-memory dev run: CPU s/image x the share of stage
-    # time that is not extraction, scaled from the dev images to 1024 px (decode/resize ~ pixels).
-    other = 0.05
-    if dev.get("runs"):
-        run = dev["runs"][0]
-        stages = run["stages_s"]
-        total = sum(stages.values()) or 1
-        non_network = (stages["read"] + stages["decode"] + stages["encode"] + stages["write"] + stages["sample"]) / total
-        dev_side = int(next(v for k, v in zip(dev["settings"], dev["settings"][1:]) if k == "--max-image-size"))
-        other = run["cpu_s_per_image"] * non_network * max(1.0, (1024 / dev_side) ** 2 / 2)
-    rows = []
-    for gpu in GPUS:
-        rows += estimate(flops, other, gpu=gpu)
-    print(f"\n1M images, 25 workers, GPU at {GPU_EFFICIENCY:.0%} of FP32 peak; non-network CPU {other:.3f} s/image; "
-          f"assumed prices {PRICES} + GPU $/h {({k: v['gpu_usd_h'] for k, v in GPUS.items()})}")
-    print(f"{'backbone':<20}{'gpu':<17}{'GFLOP/img':>10}{'GPU s/img':>10}{'bound':>6}{'img/s/wkr':>10}{'hours':>7}{'wkr-h':>8}{'$/wkr-h':>8}{'USD':>8}")
+            print(f"  scale {lv['scale']:<7} input {lv['input'][0]:>4}x{lv['input'][1]:<5} bucket "
+                  f"{lv['bucket'][0]:>4}x{lv['bucket'][1]:<5} {lv['gflops']:>8.2f} GFLOPs")
+    other, source = non_network_cpu(dev)
+    rows = [estimate(f, other, gpu) for gpu in GPUS for f in flops]
+    print(f"\n{ESTIMATE['images']:,} images x {ESTIMATE['features']} features, {ESTIMATE['workers']} workers; "
+          f"GPU efficiency {GPU_EFFICIENCY} of FP32 peak (assumed); non-network CPU {other:.3f} s/image ({source});")
+    print(f"startup {ESTIMATE['startup_h']} h and training {ESTIMATE['train_h']} h added (assumed); "
+          f"ASSUMED prices: {PRICES}")
+    print(f"{'backbone':<19}{'gpu / machine':<32}{'GFLOP':>7}{'GPU s/img':>10}{'bound':>6}{'img/s/wkr':>10}"
+          f"{'hours':>7}{'wkr-h':>7}{'$/wkr-h':>8}{'shuffle GB':>11}{'USD':>7}")
     for r in rows:
-        print(f"{r['backbone']:<20}{r['gpu']:<17}{r['gflops_per_image']:>10.1f}{r['gpu_s_per_image']:>10.4f}{r['bound']:>6}"
-              f"{r['images_per_s_per_worker']:>10.1f}{r['hours']:>7.1f}{r['worker_hours']:>8.0f}{r['usd_per_worker_hour']:>8.2f}{r['usd']:>8.0f}")
+        print(f"{r['backbone']:<19}{r['gpu'] + ' / ' + r['machine']:<32}{r['gflops_per_image']:>7.0f}"
+              f"{r['gpu_s_per_image']:>10.4f}{r['bound']:>6}{r['images_per_s_per_worker']:>10.1f}{r['hours']:>7.1f}"
+              f"{r['worker_hours']:>7.0f}{r['usd_per_worker_hour']:>8.2f}{r['intermediate_gb']:>11}{r['usd']:>7}")
     return {"flops": flops, "gpu_efficiency": GPU_EFFICIENCY, "prices_assumed": PRICES, "gpus": GPUS,
-            "non_network_cpu_s_per_image": round(other, 4), "rows": rows}
+            "assumptions": ESTIMATE, "non_network_cpu_s_per_image": round(other, 4), "non_network_source": source,
+            "rows": rows}
 
 
 def main() -> None:
@@ -395,6 +459,9 @@ def main() -> None:
     parser.add_argument("--sizes", help="synthetic corpus sizes (default 500,2000,10000,50000; quick 100,300)")
     parser.add_argument("--scaling-modes", default="inmemory", help="comma list of inmemory,multi")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scaling-json", help="take the measured scaling runs from this earlier JSON")
+    parser.add_argument("--dev-json", help="take the dev part's figures from this earlier JSON instead of running it")
+    parser.add_argument("--flops-json", help="take the FLOPs from this earlier JSON instead of profiling the networks")
     parser.add_argument("--workdir", help="keep the generated corpus and outputs here (default: a temporary folder)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench_results", "pipeline_throughput.json"))
     args = parser.parse_args()
@@ -415,10 +482,21 @@ def main() -> None:
             results["dev"] = part_dev(args.quick, workdir)
             save()
         if "scaling" in parts:
-            results["scaling"] = part_scaling(sizes, args.seed, workdir, args.scaling_modes.split(","))
+            results["scaling"] = part_scaling(sizes, args.seed, workdir, args.scaling_modes.split(","),
+                                              save=lambda part: (results.update(scaling=part), save()))
             save()
+        if args.scaling_json and "scaling" not in results:
+            with open(args.scaling_json) as f:
+                results["scaling"] = json.load(f)["scaling"]
+        if results.get("scaling", {}).get("runs"):
+            results["scaling"]["extrapolated"] = extrapolate(results["scaling"]["runs"], sizes)
+            print_scaling(results["scaling"])
+            save()
+        if args.dev_json and "dev" not in results:
+            with open(args.dev_json) as f:
+                results["dev"] = json.load(f)["dev"]
         if "estimate" in parts:
-            results["estimate"] = part_estimate(results.get("dev", {}), args.quick)
+            results["estimate"] = part_estimate(results.get("dev", {}), args.quick, args.flops_json)
             save()
     finally:
         if not args.workdir:
