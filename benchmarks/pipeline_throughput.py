@@ -3,7 +3,7 @@ RSS of the whole process tree and the time per stage, then a scaling curve over 
 and an on-paper Dataflow cost/time estimate for 1M images.
 
     python benchmarks/pipeline_throughput.py [--quick] [--parts dev,scaling,estimate]
-        [--sizes 500,2000,10000,50000] [--json bench_results/pipeline_throughput.json]
+        [--sizes 500,2000,5000,10000,50000] [--json bench_results/pipeline_throughput.json]
 
 dev:      landmarks-dev (../shared/data/landmarks-dev: scenes + distractors) on the in-process runner
           and with --direct_running_mode=multi_processing --direct_num_workers=2.
@@ -456,7 +456,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small runs: 26 dev images, sizes 100,300, lite FLOPs only")
     parser.add_argument("--parts", default="dev,scaling,estimate")
-    parser.add_argument("--sizes", help="synthetic corpus sizes (default 500,2000,10000,50000; quick 100,300)")
+    parser.add_argument("--sizes", help="synthetic corpus sizes (default 500,2000,5000,10000,50000; quick 100,300)")
     parser.add_argument("--scaling-modes", default="inmemory", help="comma list of inmemory,multi")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scaling-json", help="take the measured scaling runs from this earlier JSON")
@@ -467,7 +467,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("DELF_CACHE_DIR", "/tmp/delfcache")
     parts = args.parts.split(",")
-    sizes = [int(s) for s in (args.sizes or ("100,300" if args.quick else "500,2000,10000,50000")).split(",")]
+    sizes = [int(s) for s in (args.sizes or ("100,300" if args.quick else "500,2000,5000,10000,50000")).split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="pipeline-throughput-")
     os.makedirs(workdir, exist_ok=True)
     results = {"quick": args.quick, "cores": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
