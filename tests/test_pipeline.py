@@ -178,3 +178,27 @@ def test_landmarks_dev_index_ranks_the_same_scene_first(tmp_path, cache_dir, lan
         hits += label_of[best] == scene
     # Votes alone (no verification yet) put another view of the same scene first for most scenes.
     assert hits >= 0.8 * len(scenes), f"{hits}/{len(scenes)}"
+
+
+def test_stage_timings_are_beam_metrics(tmp_path, cache_dir):
+    """Each stage records its time per element as a ``delf/<stage>_us`` distribution, one update per
+    element it handled, readable from the job's metrics (and shown in the Dataflow UI)."""
+    from transforms.extract import STAGES
+
+    corpus = small_corpus(tmp_path / "corpus", per_scene=1)
+    (corpus / "junk.jpg").write_bytes(b"not an image" * 100)
+    output = tmp_path / "index"
+    args, beam_args = run_job.parse_args(["--input", str(corpus), "--output", str(output)] + FAST)
+    pipeline, local = run_job.make_pipeline(beam_args)
+    run_job.build_pipeline(pipeline, args, *run_job.cli.configs_from_args(args))
+    result = pipeline.run()
+    result.wait_until_finish()
+    distributions = {r.key.metric.name: r.committed for r in result.metrics().query()["distributions"]
+                     if r.key.metric.namespace == "delf"}
+    assert set(distributions) == {f"{s}_us" for s in STAGES}
+    counts = {name[:-3]: d.count for name, d in distributions.items()}
+    shards_written = shards.read_manifest(str(output))["counts"]["shards"]
+    assert counts == {"list": 1, "read": 4, "decode": 4, "model_load": 1, "extract": 3, "sample": 3, "train": 1,
+                      "encode": 3, "write": shards_written, "publish": 1}
+    assert all(d.min >= 0 for d in distributions.values())
+    assert distributions["extract_us"].sum > distributions["decode_us"].sum > 0  # the network dominates

@@ -16,6 +16,19 @@ from delf_retrieval.inputs import InputImage
 
 DEAD_LETTER = "dead_letter"
 LISTING_EXTENSIONS = (".csv", ".txt")
+METRICS_NAMESPACE = "delf"
+STAGES = ("list", "read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "publish")
+
+
+def stage_timing(stage: str):
+    """Wall microseconds per element of one stage, as the Beam distribution ``delf/<stage>_us``
+    (integers, so microseconds keep sub-millisecond stages; its sum is the stage's total time, and
+    it shows in the Dataflow UI and in a run's metrics)."""
+    return Metrics.distribution(METRICS_NAMESPACE, f"{stage}_us")
+
+
+def elapsed_us(start: float) -> int:
+    return int(round((time.perf_counter() - start) * 1e6))
 
 
 class ProgressLine:
@@ -72,6 +85,14 @@ def list_source(source: str, label_from_folder: bool = False) -> list:
     return [inputs.InputImage(p, label(p)) for p in paths]
 
 
+def list_records(source: str, label_from_folder: bool = False) -> list:
+    """``list_source`` as plain tuples, timed as the ``list`` stage."""
+    start = time.perf_counter()
+    records = [tuple(i) for i in list_source(source, label_from_folder)]
+    stage_timing("list").update(elapsed_us(start))
+    return records
+
+
 class ListInputs(beam.PTransform):
     """Source -> unique ``InputImage`` records, spread over workers (Reshuffle)."""
 
@@ -84,7 +105,7 @@ class ListInputs(beam.PTransform):
         return (
             pbegin
             | "Source" >> beam.Create([self.source])
-            | "List" >> beam.FlatMap(lambda source: [tuple(i) for i in list_source(source, self.label_from_folder)])
+            | "List" >> beam.FlatMap(list_records, self.label_from_folder)
             | "Unique" >> beam.Distinct()  # on plain tuples, which Beam encodes deterministically
             | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
             | "SpreadOverWorkers" >> beam.Reshuffle()
@@ -100,6 +121,7 @@ class ReadImage(beam.DoFn):
         self.progress_total = progress_total
         self.fetcher = None
         self.failed = Metrics.counter("delf", "images_unreadable")
+        self.timing = stage_timing("read")
 
     def setup(self):
         from delf_retrieval.inputs import Fetcher
@@ -110,8 +132,9 @@ class ReadImage(beam.DoFn):
     def process(self, image):
         from delf_retrieval import inputs
 
+        start = time.perf_counter()
         try:
-            yield image, inputs.read_image_bytes(image.uri, self.fetcher)
+            data = inputs.read_image_bytes(image.uri, self.fetcher)
         except inputs.FetchError as e:
             self.failed.inc()
             PROGRESS.tick()
@@ -120,6 +143,9 @@ class ReadImage(beam.DoFn):
             self.failed.inc()
             PROGRESS.tick()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(image.uri, "read", "unreadable", f"{type(e).__name__}: {e}"))
+        else:
+            self.timing.update(elapsed_us(start))
+            yield image, data
 
 
 class DecodeImage(beam.DoFn):
@@ -130,21 +156,26 @@ class DecodeImage(beam.DoFn):
         self.limits = limits or {}
         self.decoded = Metrics.counter("delf", "images_decoded")
         self.rejected = Metrics.counter("delf", "images_rejected")
+        self.timing = stage_timing("decode")
 
     def process(self, element):
         from delf_retrieval import images
 
         key, data = element
         uri = getattr(key, "uri", key)
+        start = time.perf_counter()
         try:
             image = images.decode_image(data, name=uri, limits=images.DecodeLimits(**self.limits))
         except images.ImageError as e:
+            self.timing.update(elapsed_us(start))
             self.rejected.inc()
             PROGRESS.tick()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, "decode", e.reason, str(e)))
             return
+        digest = images.content_hash(data)
+        self.timing.update(elapsed_us(start))
         self.decoded.inc()
-        yield key, image, images.content_hash(data)
+        yield key, image, digest
 
 
 class ExtractFeatures(beam.DoFn):
@@ -158,6 +189,7 @@ class ExtractFeatures(beam.DoFn):
         self.extractor = None
         self.features = Metrics.counter("delf", "features_extracted")
         self.failed = Metrics.counter("delf", "images_extraction_failed")
+        self.timing = stage_timing("extract")
 
     def setup(self):
         self.extractor = None  # built by the first batch: a worker (or a re-index) with none never loads it
@@ -166,22 +198,31 @@ class ExtractFeatures(beam.DoFn):
         from delf_retrieval.extract import ExtractionConfig, Extractor
         from delf_retrieval.model import delf
 
+        start = time.perf_counter()
         net = delf.load(delf.ModelConfig.from_json(dict(self.model_config)))
         config = dict(self.extraction_config)
         config["scales"] = tuple(config["scales"])
         self.extractor = Extractor(net, ExtractionConfig(**config))
+        stage_timing("model_load").update(elapsed_us(start))
 
     def process(self, batch):
         if self.extractor is None:
             self._build()
+        start = time.perf_counter()
         try:
             results = self.extractor.extract_batch([image for _, image, _ in batch])
         except Exception:  # noqa: BLE001 - isolate the image that fails, keep the others
             results = None
+        if results is not None:
+            per_image = elapsed_us(start) / len(batch)
+            for _ in batch:
+                self.timing.update(int(round(per_image)))
         for i, (key, image, digest) in enumerate(batch):
             if results is None:
+                start = time.perf_counter()
                 try:
                     features = self.extractor.extract(image)
+                    self.timing.update(elapsed_us(start))
                 except Exception as e:  # noqa: BLE001 - one bad image must not fail the job
                     self.failed.inc()
                     PROGRESS.tick()

@@ -12,6 +12,7 @@ from apache_beam.metrics import Metrics
 
 from delf_retrieval import shards as index_files
 from delf_retrieval.quantize import IndexParams
+from transforms.extract import elapsed_us, stage_timing
 
 IMAGES = "images"
 
@@ -34,7 +35,11 @@ class ReservoirFn(beam.CombineFn):
         return Reservoir(self.max_rows, self.seed)
 
     def add_input(self, reservoir, descriptors):
+        import time
+
+        start = time.perf_counter()
         reservoir.add(descriptors)
+        stage_timing("sample").update(elapsed_us(start))
         return reservoir
 
     def merge_accumulators(self, reservoirs):
@@ -58,6 +63,7 @@ def train_model(sample, index_params: dict, pca_dim: int, expected_count: int) -
         raise ValueError("no image produced features: nothing to train the index on")
     start = time.time()
     projection, quantizer = index.train(sample, quantize.IndexParams(**index_params), pca_dim, expected_count)
+    stage_timing("train").update(int(round((time.time() - start) * 1e6)))
     return {**index.model_files(projection, quantizer), "sample_size": int(len(sample)),
             "train_seconds": round(time.time() - start, 1),
             "quantization_error": index.quantization_error(projection, quantizer, sample)}
@@ -74,10 +80,14 @@ class EncodeImages(beam.DoFn):
         self._model_key = None
         self.images = Metrics.counter("delf", "images_indexed")
         self.rows = Metrics.counter("delf", "descriptors_indexed")
+        self.timing = stage_timing("encode")
 
     def process(self, element, model, descriptors):
+        import time
+
         from delf_retrieval import index, inputs
 
+        start = time.perf_counter()
         if self._model_key != id(model):
             self.projection, self.quantizer = index.load_model_files(model)
             self._model_key = id(model)
@@ -93,18 +103,27 @@ class EncodeImages(beam.DoFn):
                                                 "content_hash": digest, "label": key.label})
         if len(features):
             encoded = index.encode_image(image_id, features, self.projection, self.quantizer)
-            yield from index.split_by_shard(encoded, n_cells, shards)
+            parts = list(index.split_by_shard(encoded, n_cells, shards))
+            self.timing.update(elapsed_us(start))
+            yield from parts
+        else:
+            self.timing.update(elapsed_us(start))
 
 
 def write_shard(element, output: str, build: str, index_id: str, m: int, bits: int) -> dict:
     """One posting shard of the version folder ``output/build``; its record's path is relative to it."""
+    import time
+
     from delf_retrieval import index, shards, storage
 
+    start = time.perf_counter()
     shard, parts = element
     columns = index.concatenate_parts(list(parts), m)
     table = shards.postings_table(bits=bits, **columns)
-    return shards.write_shard(storage.join(output, build), f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table,
-                              index_id)
+    record = shards.write_shard(storage.join(output, build), f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table,
+                                index_id)
+    stage_timing("write").update(elapsed_us(start))
+    return record
 
 
 class PublishIndex(beam.DoFn):
@@ -118,8 +137,11 @@ class PublishIndex(beam.DoFn):
         self.keep = keep
 
     def process(self, _, model, shard_records, image_records, dead_letters, inputs_listed):
+        import time
+
         from delf_retrieval import index, shards
 
+        start = time.perf_counter()
         images = sorted(image_records, key=lambda r: r["uri"])
         ids = {}
         for record in images:
@@ -139,6 +161,7 @@ class PublishIndex(beam.DoFn):
         manifest["counts"]["inputs"] = inputs_listed
         pointer = versions.publish(self.output, self.build, manifest, None, check_token=False)
         versions.prune(self.output, keep=self.keep, protect={self.build})
+        stage_timing("publish").update(elapsed_us(start))
         yield pointer
 
 
