@@ -205,23 +205,6 @@ def write_manifest(directory: str, manifest: dict) -> None:
     storage.write_bytes(storage.join(directory, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def published_builds(directory: str) -> set[str]:
-    """The build folder named by the current manifest, if there is one (as a set, empty if none)."""
-    try:
-        build = read_manifest(directory).get("build")
-    except ManifestError:
-        return set()
-    return {build} if build else set()
-
-
-def remove_builds(directory: str, keep: set[str]) -> None:
-    """Delete the build folders under ``directory/builds`` other than those in ``keep``."""
-    prefix = storage.join(directory, BUILDS_DIR)
-    builds = {storage.relative(p, directory).split("/")[1] for p in storage.list_files(prefix)}
-    for build in builds - {b.split("/", 1)[-1] for b in keep}:
-        storage.delete_tree(storage.join(prefix, build))
-
-
 def new_index_id() -> str:
     return uuid.uuid4().hex
 
