@@ -26,8 +26,10 @@ class RetrievalConfig:
     residual_threshold: float = 20.0  # RANSAC inlier threshold, pixels
     max_trials: int = 1000
     min_inliers: int = 4  # fewer inliers than this is no geometric evidence: counted as 0
-    rank_by: str = "combined"  # "inliers" (the paper), "votes", or "combined"
-    vote_weight: float = 0.25  # combined score = inliers + vote_weight * votes
+    # "votes" (ties: more inliers first), "inliers" (the paper), or "combined". On landmarks-dev
+    # votes ranked best on every measure (benchmarks/retrieval_quality.py; README "The score").
+    rank_by: str = "votes"
+    vote_weight: float = 1.0  # combined score = inliers + vote_weight * votes
     seed: int = 0
 
     def __post_init__(self):
@@ -202,7 +204,7 @@ class Retriever:
         scores = combined_score(inliers, votes, config)
         # Verified images rank by score; the rest follow by votes.
         unverified = np.arange(len(images)) >= verified
-        ranking = np.lexsort((images, -votes, -scores, unverified))[: config.top]
+        ranking = np.lexsort((images, -inliers, -votes, -scores, unverified))[: config.top]
         uris = self.uri_of(images[ranking])
         empty = np.zeros((0, 2), np.float32)
         matches = []

@@ -4,8 +4,8 @@
     python -m pipeline.search --index INDEX --queries queries.txt --runner DirectRunner ...
 
 Per query: extract features with the network the index was built with -> PCA -> per-descriptor
-ANN -> votes per database image -> RANSAC verification of the shortlist -> ranked by the combined
-score. Writes results.json ({"results": [{"query", "matches": [{"uri", "score", "inliers",
+ANN -> votes per database image -> RANSAC verification of the shortlist -> ranked by the score
+(``--rank-by``: votes by default, inliers, or both). Writes results.json ({"results": [{"query", "matches": [{"uri", "score", "inliers",
 "votes"}]}]}, best first) and prints a table. With ``--runner`` the same search runs as a Beam
 pipeline (for many queries: extraction spreads over workers, each opens the index once).
 """
@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-distance", type=float, default=defaults.max_distance,
                         help="L2 distance (unit descriptors) beyond which a neighbour is not a match")
     parser.add_argument("--rank-by", choices=RANK_BY, default=defaults.rank_by,
-                        help="combined (inliers + vote weight x votes), inliers (the paper), or votes")
+                        help="votes (default, best on the dev set; ties broken by inliers), inliers (the paper), "
+                             "or combined (inliers + vote weight x votes)")
     parser.add_argument("--vote-weight", type=float, default=defaults.vote_weight)
     parser.add_argument("--min-inliers", type=int, default=defaults.min_inliers)
     parser.add_argument("--residual-threshold", type=float, default=defaults.residual_threshold, help="RANSAC, pixels")
