@@ -104,7 +104,8 @@ def search_locally(args) -> tuple[list, list]:
     retriever = open_retriever(args)
     model_config, extraction_config = retrieval.index_configs(retriever.reader.manifest)
     extractor = Extractor(delf.load(model_config), extraction_config)
-    answers, failures, timings = [], [], {"extract": 0.0, "ann": 0.0, "voting": 0.0, "ransac": 0.0}
+    answers, failures = [], []
+    timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
         try:
             image = load_query(query)
