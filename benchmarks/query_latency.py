@@ -61,7 +61,9 @@ class MemoryIndex:
         # As IndexReader over a resident index: only the probed cells' rows of the candidates.
         from delf_retrieval.search import Searcher
 
-        lists = self.lists.restrict_to_images(self.searcher.cell_regions[np.unique(probe)].ravel(), self.list_images,
+        from delf_retrieval.shards import regions_of_cells
+
+        lists = self.lists.restrict_to_images(regions_of_cells(self.searcher.cell_regions, probe), self.list_images,
                                               image_ids)
         return Searcher(self.quantizer, lists).search_cells(queries, probe, k)
 
@@ -178,9 +180,9 @@ def main(argv=None) -> int:
                 for stage, seconds in result.timings.items():
                     stages[stage].append(seconds)
                 probe, _ = quantizer.coarse.probe(projection.transform(features[q].descriptors), config.nprobe)
-                regions = memory.searcher.cell_regions[probe].ravel()
-                regions = regions[regions >= 0]
-                scanned.append(int(np.sum(lists.offsets[regions + 1] - lists.offsets[regions])))
+                cells = probe[probe >= 0]
+                cell_regions = memory.searcher.cell_regions
+                scanned.append(int(np.sum(lists.offsets[cell_regions[cells + 1]] - lists.offsets[cell_regions[cells]])))
             mean = {k: float(np.mean(v)) for k, v in stages.items()}
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             entry = {"images": n_images, "rows": len(lists), "image_shortlist": name, "seconds": mean,

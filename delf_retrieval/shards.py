@@ -316,6 +316,14 @@ class Rows:
     attentions: np.ndarray  # float32
 
 
+def regions_of_cells(cell_regions: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Every region of the given cells (-1 ignored); cell c owns cell_regions[c]:cell_regions[c + 1]."""
+    cells = np.unique(np.asarray(cells)[np.asarray(cells) >= 0])
+    starts, ends = cell_regions[cells], cell_regions[cells + 1]
+    lengths = ends - starts
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+
+
 class IndexReader:
     """Reads an index lazily: the small files on open (checked by SHA-256), posting row groups only
     when a probed cell needs them (checked by CRC-32), kept in an LRU cache of ``cache_bytes``.
@@ -461,7 +469,7 @@ class IndexReader:
         queries = np.ascontiguousarray(queries, np.float32)
         probe_cells, _ = self.quantizer.coarse.probe(queries, nprobe)
         if image_ids is not None and self._resident is not None:
-            lists = self._resident.restrict_to_images(self._cell_regions[np.unique(probe_cells[probe_cells >= 0])].ravel(),
+            lists = self._resident.restrict_to_images(regions_of_cells(self._cell_regions, probe_cells),
                                                       self._resident_image_index,
                                                       np.flatnonzero(self._allowed_images(image_ids)))
         elif image_ids is not None:

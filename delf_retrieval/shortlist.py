@@ -80,13 +80,19 @@ class ImageShortlist:
     def __init__(self, words: np.ndarray, image_ids: np.ndarray, vectors: np.ndarray, graph=None,
                  size: int = 1000, M: int = 16, ef_construction: int = 200, ef_search: int | None = None):
         self.words = np.asarray(words, np.float32)
+        if size < 1:
+            raise ValueError("the shortlist size must be at least 1")
+        if len(image_ids) == 0:
+            raise ValueError("no image has descriptors: nothing to shortlist")
         self.image_ids = np.asarray(image_ids, np.int64)
         self.vectors = np.ascontiguousarray(vectors, np.float32)
         self.size = size
         self.params = {"M": M, "efConstruction": ef_construction}
         if graph is None:
             graph = _graph(self.vectors)
-            graph.createIndex({"M": M, "efConstruction": ef_construction, "post": 0}, print_progress=False)
+            # One build thread: the graph (and so the candidates) is the same on every build.
+            graph.createIndex({"M": M, "efConstruction": ef_construction, "post": 0, "indexThreadQty": 1},
+                              print_progress=False)
         self.graph = graph
         self.set_ef(ef_search or max(2 * size, 100))
 
@@ -142,7 +148,10 @@ class ImageShortlist:
             raise ValueError(f"{path}: shortlist format {record.get('format_version')}, this code reads {FORMAT_VERSION}")
         payloads = {}
         for name, meta in record["files"].items():
-            payload = storage.read_bytes(storage.join(directory, meta["path"]))
+            path = storage.join(directory, meta["path"])
+            if not storage.exists(path):  # replaced by a newer version's shortlist meanwhile
+                return None
+            payload = storage.read_bytes(path)
             if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
                 raise ValueError(f"{meta['path']} does not match its SHA-256 in {SHORTLIST_MANIFEST} (corrupt)")
             payloads[name] = payload
@@ -163,6 +172,8 @@ def build_from_index(reader, n_words: int = DEFAULT_WORDS, sample_rows: int = 20
     """Aggregate every image of an opened index (:class:`~delf_retrieval.shards.IndexReader`) from
     its stored codes (the reconstructed descriptors), with words trained on a sample of them."""
     image_ids = np.sort(reader.images.column("image_id").to_numpy().astype(np.int64))
+    if reader.num_rows == 0:
+        raise ValueError("the index has no posting rows: nothing to build a shortlist from")
     rng = np.random.default_rng(seed)
     per_group = max(1, sample_rows // max(reader.num_row_groups, 1))
     sample = []

@@ -59,6 +59,9 @@ def parse_args(argv=None):
             args.queries += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not args.queries:
         parser.error("no queries: give image paths/URLs or --queries FILE")
+    for name in ("top", "neighbours", "nprobe", "shortlist_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.runner:
         beam_args = [f"--runner={args.runner}", *beam_args]
     elif beam_args:
@@ -114,7 +117,12 @@ def search_locally(args) -> tuple[list, list]:
             answers.append((query, []))
             continue
         start = time.perf_counter()
-        features = extractor.extract(image)
+        try:
+            features = extractor.extract(image)
+        except Exception as e:  # noqa: BLE001 - one query that fails extraction must not lose the others
+            failures.append((query, f"extraction failed: {type(e).__name__}: {e}"))
+            answers.append((query, []))
+            continue
         timings["extract"] += time.perf_counter() - start
         result = retriever.search(features)
         for stage, seconds in result.timings.items():

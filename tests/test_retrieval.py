@@ -289,3 +289,32 @@ def test_lists_restricted_to_images_hold_exactly_their_rows_in_the_regions():
         kept = np.isin(row_images[span], images) & (r in (2, 5, 11))
         np.testing.assert_array_equal(sub.ids[sub.offsets[r]:sub.offsets[r + 1]], lists.ids[span][kept])
         np.testing.assert_array_equal(sub.codes[sub.offsets[r]:sub.offsets[r + 1]], lists.codes[span][kept])
+
+
+def test_restricted_search_covers_every_region_of_a_split_cell(tmp_path):
+    # LOPQ splits big cells into several regions: an image filter must scan all of them, lazily
+    # and with the index held in memory alike.
+    features = planted_corpus()
+    projection, quantizer = index.train(np.concatenate([f.descriptors for f in features]),
+                                        quantize.IndexParams(n_cells=16, max_region_features=100,
+                                                             min_region_train=10**9))
+    assert quantizer.regions.n_regions > 16
+    encoded = [index.encode_image(1000 + i, f, projection, quantizer) for i, f in enumerate(features)]
+    table = shards.image_table([{"image_id": 1000 + i, "uri": f"db/{i}.jpg", "width": 600, "height": 600,
+                                 "num_features": len(f), "content_hash": "0" * 64} for i, f in enumerate(features)])
+    index.write(str(tmp_path), encoded, table, projection, quantizer)
+    queries = projection.transform(features[7].descriptors[:50])
+    candidates = np.array([1002, 1007, 1011, 1019, 1025])
+    lazy = shards.IndexReader(str(tmp_path))
+    lazy_distances, lazy_rows = lazy.search(queries, 5, nprobe=4, image_ids=candidates)
+    resident = shards.IndexReader(str(tmp_path))
+    resident.load_all()
+    distances, rows = resident.search(queries, 5, nprobe=4, image_ids=candidates)
+    np.testing.assert_array_equal(rows, lazy_rows)
+    np.testing.assert_allclose(distances, lazy_distances, rtol=1e-6)
+    # ... and both equal the unrestricted search with other images' rows struck out.
+    all_distances, all_rows = lazy.search(queries, 400, nprobe=4)
+    images = lazy.rows(all_rows).image_ids
+    for q in range(len(queries)):
+        allowed = all_rows[q][np.isin(images[q], candidates)][:5]
+        np.testing.assert_array_equal(rows[q][: len(allowed)], allowed)
