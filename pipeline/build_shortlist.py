@@ -37,6 +37,10 @@ def run(argv=None) -> int:
     reader = shards.IndexReader(args.index, cache_bytes=256 << 20)
     built = shortlist.build_from_index(reader, n_words=args.words, sample_rows=args.sample_rows, seed=args.seed,
                                        M=args.M, ef_construction=args.ef_construction)
+    if shards.read_manifest(args.index)["index_id"] != reader.manifest["index_id"]:
+        print(f"{args.index} was re-published while the shortlist was built: run again for the new version",
+              file=sys.stderr)
+        return 1
     record = built.save(args.index, reader.manifest["index_id"])
     print(f"image shortlist of {record['images']} images ({record['words']} words, {record['dim']}-D VLAD, "
           f"HNSW M={args.M}) written beside {args.index} in {time.time() - start:.1f} s")
