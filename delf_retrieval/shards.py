@@ -37,7 +37,7 @@ from delf_retrieval import pca as pca_lib
 from delf_retrieval import storage
 from delf_retrieval.quantize import Encoded, Quantizer
 from delf_retrieval.quantize import pq as pq_lib
-from delf_retrieval.search import InvertedLists, Searcher
+from delf_retrieval.search import InvertedLists, Searcher, expand_ranges
 
 INDEX_FORMAT = "delf-retrieval-index"
 INDEX_FORMAT_VERSION = 1
@@ -319,9 +319,7 @@ class Rows:
 def regions_of_cells(cell_regions: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Every region of the given cells (-1 ignored); cell c owns cell_regions[c]:cell_regions[c + 1]."""
     cells = np.unique(np.asarray(cells)[np.asarray(cells) >= 0])
-    starts, ends = cell_regions[cells], cell_regions[cells + 1]
-    lengths = ends - starts
-    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+    return expand_ranges(cell_regions[cells], cell_regions[cells + 1])
 
 
 class IndexReader:
@@ -424,7 +422,7 @@ class IndexReader:
         # Row groups are sorted by cell: those whose [first, last] range meets a probed cell.
         lo = np.searchsorted(self._group_last_cell, cells, side="left")
         hi = np.searchsorted(self._group_first_cell, cells, side="right")
-        return np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)] or [np.zeros(0, np.int64)]))
+        return np.unique(expand_ranges(lo, hi))
 
     @functools.cached_property
     def _sorted_image_ids(self) -> np.ndarray:
