@@ -103,12 +103,17 @@ def publish(root: str, build: str, manifest: dict, expected_token: str | None, *
     if check_token and token != expected_token:
         raise PublishConflict(f"{root}: the current version changed while this run worked (now {previous}); "
                               "not publishing")
+    _swap_pointer(root, pointer, token, "while this one was publishing")
+    return pointer
+
+
+def _swap_pointer(root: str, pointer: dict, token, during: str) -> None:
+    """Replace the root pointer only if it is still the one read with ``token`` (compare-and-swap)."""
     try:
         storage.write_bytes_if(storage.join(root, shards.MANIFEST),
                                json.dumps(pointer, indent=1, sort_keys=True).encode(), token)
     except storage.PreconditionFailed as e:
-        raise PublishConflict(f"{root}: another run published while this one was publishing") from e
-    return pointer
+        raise PublishConflict(f"{root}: another run published {during}") from e
 
 
 def rollback(root: str, to: str | None = None) -> dict:
@@ -125,11 +130,7 @@ def rollback(root: str, to: str | None = None) -> dict:
         raise shards.ManifestError(f"{root}: version {target} is no longer kept (see --keep)")
     version = shards.verify(storage.join(root, target))
     restored = pointer_from_version(version, target)
-    try:
-        storage.write_bytes_if(storage.join(root, shards.MANIFEST),
-                               json.dumps(restored, indent=1, sort_keys=True).encode(), token)
-    except storage.PreconditionFailed as e:
-        raise PublishConflict(f"{root}: another run published during the rollback") from e
+    _swap_pointer(root, restored, token, "during the rollback")
     return restored
 
 
