@@ -85,12 +85,18 @@ def train_descriptor(images: data.LabelledImages, model_config: delf.ModelConfig
 
     result = loop.train(build, _dataset_factory(images, preprocessing, loop_config, holder, seed), loop_config,
                         output, resume=resume)
-    net = holder["net"]
-    config = dataclasses.replace(net.config, keypoint_score="l2norm", score_threshold=0.0)
-    model_dir = os.path.join(output, MODEL_DIR)
-    delf.DelfNet(config, net.backbone, net.attention).save(model_dir)
+    model_dir, _ = _export(holder["net"], "l2norm", output)
     _write_training_info(model_dir, "descriptor", images, preprocessing, loop_config, result, source)
     return StepResult(model_dir, result)
+
+
+def _export(net, keypoint_score: str, output: str) -> tuple[str, delf.ModelConfig]:
+    """Save the trained network as the run's model directory, features ranked by ``keypoint_score``
+    (threshold 0 until calibrated); returns the directory and the config written."""
+    config = dataclasses.replace(net.config, keypoint_score=keypoint_score, score_threshold=0.0)
+    model_dir = os.path.join(output, MODEL_DIR)
+    delf.DelfNet(config, net.backbone, net.attention).save(model_dir)
+    return model_dir, config
 
 
 def train_attention(images: data.LabelledImages, model_config: delf.ModelConfig, output: str,
@@ -110,10 +116,7 @@ def train_attention(images: data.LabelledImages, model_config: delf.ModelConfig,
 
     result = loop.train(build, _dataset_factory(images, preprocessing, loop_config, holder, seed), loop_config,
                         output, resume=resume)
-    net = holder["net"]
-    config = dataclasses.replace(net.config, keypoint_score="attention", score_threshold=0.0)
-    model_dir = os.path.join(output, MODEL_DIR)
-    delf.DelfNet(config, net.backbone, net.attention).save(model_dir)
+    model_dir, config = _export(holder["net"], "attention", output)
     # Calibrate on the exported model, rebuilt in float32 exactly as extraction will load it.
     sample = data.load_images(images, calibration_config.images, seed=seed)
     calibrated = calibration.calibrate(delf.load(model_dir, cache_dir=cache_dir), sample,
