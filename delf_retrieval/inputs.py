@@ -114,3 +114,10 @@ def read_image_bytes(uri: str, fetcher: Fetcher | None = None) -> bytes:
     if is_url(uri):
         return (fetcher or Fetcher()).fetch(uri)
     return storage.read_bytes(uri)
+
+
+def read_image(uri: str, fetcher: Fetcher | None = None):
+    """The decoded RGB image (H, W, 3) uint8 at a local path, gs:// uri or http(s) URL."""
+    from delf_retrieval import images
+
+    return images.decode_image(read_image_bytes(uri, fetcher), name=uri)

@@ -1,6 +1,9 @@
-"""Pictures of features: the attention map over the image and the selected keypoints (PIL only)."""
+"""Pictures of features and answers: the attention map over the image and the selected keypoints,
+and a query beside its matches with their inliers (PIL only)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -81,3 +84,27 @@ def matches_figure(query: np.ndarray, score_map: np.ndarray, matches: list, data
                 draw.line([qx * query_factor, top + qy * query_factor, left + dx * factor, top + dy * factor],
                           fill=(40, 220, 40), width=1)
     return canvas
+
+
+def picture_name(rank: int, query: str) -> str:
+    """A file name for the picture of the ``rank``-th query, readable and safe on any filesystem."""
+    stem = os.path.splitext(os.path.basename(query.rstrip("/")))[0] or "query"
+    return f"{rank:04d}_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}.png"
+
+
+def write_query_picture(folder: str, rank: int, query: str, image: np.ndarray, score_map: np.ndarray,
+                        matches: list) -> str:
+    """Write :func:`matches_figure` of one query into ``folder``, reading each match's database image
+    from its uri (shown as unreadable if it cannot be read); returns the file's path."""
+    from delf_retrieval.inputs import read_image
+
+    os.makedirs(folder, exist_ok=True)
+    database_images = []
+    for match in matches:
+        try:
+            database_images.append(read_image(match.uri))
+        except Exception:  # noqa: BLE001 - a picture shows the database image as unreadable
+            database_images.append(None)
+    path = os.path.join(folder, picture_name(rank, query))
+    matches_figure(image, score_map, matches, database_images).save(path)
+    return path

@@ -85,24 +85,14 @@ def open_retriever(args):
                                 shortlist_min_images=args.shortlist_min_images, shortlist_size=args.shortlist_size)
 
 
-def load_query(uri: str):
-    from delf_retrieval import images, inputs
-
-    return images.decode_image(inputs.read_image_bytes(uri), name=uri)
-
-
-def picture_name(rank: int, query: str) -> str:
-    stem = os.path.splitext(os.path.basename(query.rstrip("/")))[0] or "query"
-    return f"{rank:04d}_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}.png"
-
-
 def search_locally(args) -> tuple[list, list]:
     """Answer each query in this process: (answers, failures)."""
     from delf_retrieval import retrieval
     from delf_retrieval.extract import Extractor
     from delf_retrieval.images import ImageError
-    from delf_retrieval.inputs import FetchError
+    from delf_retrieval.inputs import FetchError, read_image
     from delf_retrieval.model import delf
+    from delf_retrieval.visualize import write_query_picture
 
     retriever = open_retriever(args)
     model_config, extraction_config = retrieval.index_configs(retriever.reader.manifest)
@@ -111,7 +101,7 @@ def search_locally(args) -> tuple[list, list]:
     timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
         try:
-            image = load_query(query)
+            image = read_image(query)
         except (ImageError, FetchError, OSError, ValueError) as e:
             failures.append((query, f"{type(e).__name__}: {e}"))
             answers.append((query, []))
@@ -129,24 +119,11 @@ def search_locally(args) -> tuple[list, list]:
             timings[stage] += seconds
         answers.append((query, result.matches))
         if args.visualize:
-            write_picture(args.visualize, rank, query, image, extractor, result.matches[: args.visualize_top])
+            write_query_picture(args.visualize, rank, query, image, extractor.score_map(image),
+                                result.matches[: args.visualize_top])
     n = max(len(answers) - len(failures), 1)
     print("seconds per query: " + ", ".join(f"{k} {v / n:.3f}" for k, v in timings.items()), file=sys.stderr)
     return answers, failures
-
-
-def write_picture(folder: str, rank: int, query: str, image, extractor, matches) -> None:
-    from delf_retrieval.visualize import matches_figure
-
-    os.makedirs(folder, exist_ok=True)
-    database_images = []
-    for match in matches:
-        try:
-            database_images.append(load_query(match.uri))
-        except Exception:  # noqa: BLE001 - a picture shows the database image as unreadable
-            database_images.append(None)
-    matches_figure(image, extractor.score_map(image), matches, database_images).save(
-        os.path.join(folder, picture_name(rank, query)))
 
 
 def search_with_beam(args, beam_args) -> tuple[list, list]:

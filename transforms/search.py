@@ -47,7 +47,8 @@ class SearchIndex(beam.DoFn):
                           "error": None})
 
     def _picture(self, query: QueryImage, matches) -> None:
-        from pipeline.search import load_query, write_picture
+        from delf_retrieval.inputs import read_image
+        from delf_retrieval.visualize import write_query_picture
 
         if self.extractor is None:
             from delf_retrieval import retrieval
@@ -56,7 +57,8 @@ class SearchIndex(beam.DoFn):
 
             model_config, extraction_config = retrieval.index_configs(self.retriever.reader.manifest)
             self.extractor = Extractor(delf.load(model_config), extraction_config)
-        write_picture(self.visualize, query.rank, query.uri, load_query(query.uri), self.extractor, matches)
+        image = read_image(query.uri)
+        write_query_picture(self.visualize, query.rank, query.uri, image, self.extractor.score_map(image), matches)
 
 
 def failed_query(record: dict, ranks: dict) -> str:
