@@ -8,7 +8,6 @@ import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,15 +42,10 @@ def sample_path(*parts):
 
 
 def good_matches(a, b, ratio=0.85) -> int:
-    """Mutual nearest neighbours (cosine on L2-normalised descriptors) that pass Lowe's ratio test."""
-    da = a / np.linalg.norm(a, axis=1, keepdims=True)
-    db = b / np.linalg.norm(b, axis=1, keepdims=True)
-    sim = da @ db.T
-    mutual = sim.argmax(1)[sim.argmax(0)] == np.arange(len(db))
-    top2 = np.sort(sim, axis=0)[-2:]
-    distances = np.sqrt(np.maximum(2 - 2 * top2, 0))
-    passes = distances[1] < ratio * distances[0]
-    return int(np.sum(mutual & passes))
+    """Mutual nearest neighbours between two descriptor sets that pass Lowe's ratio test."""
+    from delf_retrieval import verify
+
+    return len(verify.mutual_nearest_neighbours(a, b, ratio=ratio))
 
 
 @pytest.fixture(scope="session")
