@@ -67,16 +67,14 @@ def read_model_files(folder: str) -> dict:
 
 def build_pipeline(pipeline, args, model_config, extraction_config):
     """Add the index build to ``pipeline`` (so tests can pass their own); returns the manifest PCollection."""
-    import apache_beam as beam
-
     from transforms.extract import DEAD_LETTER, ExtractImages, ListInputs, list_source
     from transforms.index import BuildIndex
 
     label_from_folder = args.label_from_folder
     if label_from_folder is None:
         label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
-    listed = pipeline | "ListInputs" >> ListInputs(args.input, label_from_folder)
-    count = listed | "CountInputs" >> beam.combiners.Count.Globally()
+    listing = pipeline | "ListInputs" >> ListInputs(args.input, label_from_folder)
+    listed, count = listing["images"], listing["count"]
     # Progress needs the total up front: list once more here (cheap next to extraction), locally only.
     total = 0 if args.no_progress else len(list_source(args.input, label_from_folder))
     extracted = listed | "ExtractImages" >> ExtractImages(
@@ -87,7 +85,7 @@ def build_pipeline(pipeline, args, model_config, extraction_config):
     return {"features": extracted["features"], DEAD_LETTER: extracted[DEAD_LETTER], "listed": count} | "BuildIndex" >> BuildIndex(
         args.output, dataclasses.asdict(params), pca_dim=args.pca_dim, sample_size=args.sample_size,
         model_files=read_model_files(args.quantizer) if args.quantizer else None, rows_per_shard=args.rows_per_shard,
-        num_shards=args.num_shards,
+        num_shards=args.num_shards, max_features=extraction_config.max_features,
         model_info={"network": model_config.to_json(), "extraction": dataclasses.asdict(extraction_config),
                     "preset": args.preset})
 

@@ -115,6 +115,54 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
     assert sorted(os.listdir(output / "builds")) == sorted(b.split("/")[1] for b in (second["build"], third["build"]))
 
 
+def encoding_waits_for_extraction(pipeline) -> bool:
+    """Whether a side input of the Encode step is computed from what the extraction stage reads (the
+    records the Read step takes, or anything made from them). Such a side input is finished only when
+    every image is extracted, so encoding cannot fuse with extraction and the raw features are held."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    class Walk(PipelineVisitor):
+        def __init__(self):
+            self.downstream, self.encode_side_inputs = set(), None
+
+        def visit_transform(self, node):  # topological order
+            inputs = list(node.inputs) + [side.pvalue for side in node.side_inputs]
+            if node.full_label.endswith("/Read/ParDo(ReadImage)"):
+                self.downstream.update(node.inputs)
+            if any(i in self.downstream for i in inputs):
+                self.downstream.update(node.outputs.values())
+            if node.full_label.endswith("/Encode/ParDo(EncodeImages)"):
+                self.encode_side_inputs = [side.pvalue for side in node.side_inputs]
+
+    walk = Walk()
+    pipeline.visit(walk)
+    assert walk.encode_side_inputs, "no Encode step in the graph"
+    return any(p in walk.downstream for p in walk.encode_side_inputs)
+
+
+def graph_of(argv):
+    """The build's Beam graph for these arguments, not run."""
+    import apache_beam as beam
+
+    from pipeline import cli
+
+    args, _ = run_job.parse_args(argv)
+    pipeline = beam.Pipeline()
+    run_job.build_pipeline(pipeline, args, *cli.configs_from_args(args))
+    return pipeline
+
+
+def test_with_a_fixed_quantizer_encoding_streams_behind_extraction(tmp_path):
+    quantizer = tmp_path / "quantizer"
+    quantizer.mkdir()
+    for name in ("pca.npz", "quantizer.npz"):
+        (quantizer / name).write_bytes(b"read by the workers, not here")
+    trained = graph_of(["--output", str(tmp_path / "a")] + FAST)
+    fixed = graph_of(["--output", str(tmp_path / "b"), "--quantizer", str(quantizer)] + FAST)
+    assert encoding_waits_for_extraction(trained)  # training needs every image's features first
+    assert not encoding_waits_for_extraction(fixed)
+
+
 def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
     reader = shards.IndexReader(str(sample_index))
     fixed = tmp_path / "quantizer"
@@ -123,10 +171,18 @@ def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
         shutil.copy(os.path.join(sample_index, reader.manifest["files"][name.split(".")[0]]["path"]), fixed / name)
     corpus = small_corpus(tmp_path / "corpus", per_scene=1)
     output = tmp_path / "index"
-    build(["--input", str(corpus), "--output", str(output), "--quantizer", str(fixed)] + FAST)
+    # Shards are sized from the bound 3 images x 300 features: ceil(900 / 200) = 5 cell ranges.
+    build(["--input", str(corpus), "--output", str(output), "--quantizer", str(fixed), "--rows-per-shard", "200"]
+          + FAST)
     manifest = shards.read_manifest(str(output))
     assert manifest["files"]["quantizer"]["sha256"] == reader.manifest["files"]["quantizer"]["sha256"]
     assert manifest["counts"]["images"] == 3
+    assert 1 < len(manifest["shards"]) <= 5
+    assert sum(s["rows"] for s in manifest["shards"]) == manifest["counts"]["descriptors"] > 0
+    built = shards.IndexReader(str(output))
+    assert built.quantizer.coarse.n_cells == reader.quantizer.coarse.n_cells
+    assert set(built.rows(np.arange(manifest["counts"]["descriptors"])).image_ids.tolist()) == set(
+        built.images.column("image_id").to_pylist())
 
 
 def test_csv_listing_over_http_with_a_failing_url(tmp_path, cache_dir):

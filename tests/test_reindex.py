@@ -21,7 +21,7 @@ from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import reindex
 from tests.conftest import REPO_ROOT, SAMPLES
-from tests.test_pipeline import FAST
+from tests.test_pipeline import FAST, encoding_waits_for_extraction
 
 SMALL = FAST + ["--cells", "8"]
 
@@ -230,6 +230,32 @@ def test_drift_past_the_threshold_makes_the_next_run_retrain(built, tmp_path):
     pointer = shards.read_manifest(str(root))
     assert pointer["files"]["quantizer"]["sha256"] != first["files"]["quantizer"]["sha256"]
     assert not pointer["drift"]["retrain_due"]
+
+
+class GraphBuilt(Exception):
+    pass
+
+
+def reindex_graph(corpus, root, *extra):
+    """The Beam graph a re-index run builds, stopped before it runs (the run fails and publishes nothing)."""
+    import apache_beam as beam
+
+    class GraphOnly(beam.Pipeline):
+        def run(self, test_runner_api="AUTO"):
+            raise GraphBuilt
+
+    pipeline = GraphOnly()
+    with pytest.raises(GraphBuilt):
+        reindex.run(["--input", str(corpus), "--index", str(root)] + SMALL + list(extra), test_pipeline=pipeline)
+    return pipeline
+
+
+def test_an_incremental_run_encodes_behind_extraction(built, tmp_path):
+    corpus, root = copy_root(built, tmp_path)
+    # Incremental: the model and the shard count are known before extraction, so nothing waits for it.
+    assert not encoding_waits_for_extraction(reindex_graph(corpus, root))
+    # A full rebuild trains on the new features first.
+    assert encoding_waits_for_extraction(reindex_graph(corpus, root, "--retrain"))
 
 
 def test_gcs_build_update_and_rollback(tmp_path, cache_dir, gcs_emulator):

@@ -94,7 +94,12 @@ def list_records(source: str, label_from_folder: bool = False) -> list:
 
 
 class ListInputs(beam.PTransform):
-    """Source -> unique ``InputImage`` records, spread over workers (Reshuffle)."""
+    """Source -> unique ``InputImage`` records, spread over workers (Reshuffle), and their count.
+
+    Returns ``{"images": records, "count": one int}``. The count is taken before the Reshuffle, so
+    a step that reads it as a side input can still fuse with extraction behind the Reshuffle (a
+    count taken after it would be computed by the extraction stage itself, which then has to
+    finish first)."""
 
     def __init__(self, source: str, label_from_folder: bool = False):
         super().__init__()
@@ -102,14 +107,15 @@ class ListInputs(beam.PTransform):
         self.label_from_folder = label_from_folder
 
     def expand(self, pbegin):
-        return (
+        unique = (
             pbegin
             | "Source" >> beam.Create([self.source])
             | "List" >> beam.FlatMap(list_records, self.label_from_folder)
             | "Unique" >> beam.Distinct()  # on plain tuples, which Beam encodes deterministically
             | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
-            | "SpreadOverWorkers" >> beam.Reshuffle()
         )
+        return {"images": unique | "SpreadOverWorkers" >> beam.Reshuffle(),
+                "count": unique | "Count" >> beam.combiners.Count.Globally()}
 
 
 class ReadImage(beam.DoFn):

@@ -72,7 +72,8 @@ def train_model(sample, index_params: dict, pca_dim: int, expected_count: int) -
 class EncodeImages(beam.DoFn):
     """(InputImage, Features, hash) -> (shard, EncodedImage part) per shard the image touches, and an
     image-table record on the ``images`` output. The model arrives as a side input (file bytes)
-    and is loaded once per worker."""
+    and is loaded once per worker. Shards are cut from ``num_shards`` when given, else from the
+    ``descriptors`` side input (the total, or an upper bound of it)."""
 
     def __init__(self, rows_per_shard: int, num_shards: int | None):
         self.rows_per_shard = rows_per_shard
@@ -82,7 +83,7 @@ class EncodeImages(beam.DoFn):
         self.rows = Metrics.counter("delf", "descriptors_indexed")
         self.timing = stage_timing("encode")
 
-    def process(self, element, model, descriptors):
+    def process(self, element, model, descriptors=None):
         import time
 
         from delf_retrieval import index, inputs
@@ -94,6 +95,8 @@ class EncodeImages(beam.DoFn):
         key, features, digest = element
         image_id = inputs.image_id(key.uri)
         n_cells = self.quantizer.coarse.n_cells
+        if self.num_shards is None and descriptors is None:
+            raise ValueError("EncodeImages needs num_shards or the descriptors side input to size the shards")
         shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
         height, width = features.image_size
         self.images.inc()
@@ -189,11 +192,18 @@ def write_version_files(output: str, build: str, model: dict, images: list, dead
 
 class BuildIndex(beam.PTransform):
     """(InputImage, Features, hash) + dead letters + the number of listed inputs -> the manifest of
-    the published index at ``output`` (a local folder or gs:// prefix)."""
+    the published index at ``output`` (a local folder or gs:// prefix).
+
+    Training needs every image's features before the first one is encoded, so they are held (in
+    memory locally, on disk on Dataflow) until the model is trained. With ``model_files`` (a fixed
+    quantizer) encoding waits for nothing that extraction produces: shards are sized from the listed
+    inputs x ``max_features`` (an upper bound of the descriptors), so extraction and encoding fuse
+    and raw features stream through to their codes (provided ``listed`` is counted before the
+    Reshuffle that spreads the images, as ``ListInputs`` does)."""
 
     def __init__(self, output: str, index_params: dict, pca_dim: int = 40, sample_size: int = 1_000_000,
                  model_files: dict | None = None, rows_per_shard: int = 4_000_000, num_shards: int | None = None,
-                 model_info: dict | None = None, build: str | None = None):
+                 model_info: dict | None = None, build: str | None = None, max_features: int | None = None):
         super().__init__()
         self.output = output
         self.index_params = index_params
@@ -203,15 +213,19 @@ class BuildIndex(beam.PTransform):
         self.rows_per_shard = rows_per_shard
         self.num_shards = num_shards
         self.model_info = model_info or {}
+        self.max_features = max_features
+        if model_files is not None and num_shards is None and not max_features:
+            raise ValueError("with a fixed quantizer, give num_shards or max_features (the per-image bound) "
+                             "to size the shards")
         self.build = f"{index_files.BUILDS_DIR}/{build or new_build_id()}"
         self.index_id = uuid.uuid4().hex
 
     def expand(self, inputs):
         features, dead_letters, listed = inputs["features"], inputs["dead_letter"], inputs["listed"]
         pipeline = features.pipeline
-        descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
-                       | "SumDescriptors" >> beam.CombineGlobally(sum))
         if self.model_files is None:
+            descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
+                           | "SumDescriptors" >> beam.CombineGlobally(sum))
             model = (
                 features
                 | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
@@ -221,9 +235,12 @@ class BuildIndex(beam.PTransform):
             )
         else:
             model = pipeline | "GivenQuantizer" >> beam.Create([self.model_files])
+            descriptors = None if self.num_shards else (
+                listed | "DescriptorBound" >> beam.Map(lambda n, k: n * k, self.max_features))
+        sizes = {} if descriptors is None else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
         encoded = features | "Encode" >> beam.ParDo(
             EncodeImages(self.rows_per_shard, self.num_shards), model=beam.pvalue.AsSingleton(model),
-            descriptors=beam.pvalue.AsSingleton(descriptors)).with_outputs(IMAGES, main="rows")
+            **sizes).with_outputs(IMAGES, main="rows")
         defaults = IndexParams()
         m, bits = self.index_params.get("pq_m", defaults.pq_m), self.index_params.get("pq_bits", defaults.pq_bits)
         shard_records = (

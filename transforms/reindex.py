@@ -268,8 +268,6 @@ class Reindex(beam.PTransform):
                                                         **self.extract_options))
         features = extracted["features"]
         dead = (extracted[DEAD_LETTER], checked[DEAD_LETTER]) | "DeadLetters" >> beam.Flatten()
-        descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
-                       | "SumDescriptors" >> beam.CombineGlobally(sum))
         new_sample = (features | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
                       | "Sample" >> beam.CombineGlobally(ReservoirFn(s["sample_size"], self.index_params.get("seed", 0))))
         if incremental:
@@ -278,13 +276,18 @@ class Reindex(beam.PTransform):
                                              {k: self.pointer[k] for k in ("files", "training") if k in self.pointer}))
             new_error = new_sample | "Drift" >> beam.Map(drift_error, model=beam.pvalue.AsSingleton(model))
         else:
+            descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
+                           | "SumDescriptors" >> beam.CombineGlobally(sum))
             model = new_sample | "Train" >> beam.Map(
                 lambda sample, count: train_model(sample, self.index_params, s["pca_dim"], count),
                 count=beam.pvalue.AsSingleton(descriptors))
             new_error = pbegin | "NoDrift" >> beam.Create([None])
+        # An incremental run knows its shard count (from the previous version's counts), so encoding
+        # does not wait for the descriptor total and streams behind extraction.
+        sizes = {} if s["num_shards"] else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
         encoded = features | "Encode" >> beam.ParDo(
             EncodeImages(s["rows_per_shard"], s["num_shards"]), model=beam.pvalue.AsSingleton(model),
-            descriptors=beam.pvalue.AsSingleton(descriptors)).with_outputs(IMAGES, main="rows")
+            **sizes).with_outputs(IMAGES, main="rows")
         rows = [encoded.rows]
         if incremental:
             params = self.pointer["params"]
