@@ -278,13 +278,19 @@ def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str], sa
             "generate_s": round(generated, 1), "mean_jpeg_kb": round(jpeg_kb, 1), "runs": rows}
     for n in sizes:
         listing = write_listing(paths[:n], os.path.join(workdir, f"synthetic-{n}.csv"))
+        quantizer = os.path.join(workdir, f"quantizer-{n}")
         for mode in modes:
+            if mode == "fixed" and not os.path.isdir(quantizer):
+                raise SystemExit(f"the 'fixed' mode reuses {quantizer}, kept by an earlier mode's build of the same "
+                                 f"size (in this --workdir): list one before it")
             out = os.path.join(workdir, f"scaling-{n}-{mode}")
-            extra = MULTI if mode == "multi" else []
+            extra = {"multi": MULTI, "fixed": ["--quantizer", quantizer]}.get(mode, [])
             row = measure(f"{n} {mode}", ["--input", listing, "--output", out, "--no-progress"] + SCALING_SETTINGS + extra,
                           workdir)
-            row["corpus_size"] = n
+            row["corpus_size"], row["mode"] = n, mode
             rows.append(row)
+            if mode != "fixed" and not os.path.isdir(quantizer):
+                keep_quantizer(out, quantizer)
             shutil.rmtree(out, ignore_errors=True)
             print_run_table(f"scaling so far (synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]}, "
                             f"{' '.join(SCALING_SETTINGS)})", rows)
@@ -293,13 +299,24 @@ def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str], sa
     return part
 
 
+def keep_quantizer(index_root: str, folder: str) -> None:
+    """Copy a built index's PCA + quantizer files to ``folder``, as ``--quantizer`` reads them."""
+    from delf_retrieval import shards, versions
+
+    pointer, _ = versions.current(index_root)
+    os.makedirs(folder, exist_ok=True)
+    for name in (shards.PCA_FILE, shards.QUANTIZER_FILE):
+        shutil.copy(os.path.join(index_root, pointer["build"], name), os.path.join(folder, name))
+
+
 def extrapolate(runs: list[dict], sizes: list[int]) -> list[dict]:
     """EXTRAPOLATION, not measurement: least-squares lines a + b*n through the measured runs for CPU
-    seconds, wall seconds and peak RSS, evaluated at the sizes that were not measured. (Per-image
+    seconds, wall seconds and peak RSS of the in-memory runs, evaluated at the sizes that were not measured. (Per-image
     costs are flat in n; the fixed part is model load + training; RSS grows with n because the local
     runner holds every image's features in memory until the trained model reaches the encoder.)"""
     import numpy as np
 
+    runs = [r for r in runs if r.get("mode", r["name"].split()[-1]) == "inmemory"]
     measured = {r["corpus_size"] for r in runs}
     n = np.array([r["corpus_size"] for r in runs], float)
     if len(set(n)) < 2:
@@ -317,14 +334,34 @@ def extrapolate(runs: list[dict], sizes: list[int]) -> list[dict]:
     return rows
 
 
+def merge_scaling(paths: list[str]) -> dict:
+    """One scaling part from the runs of several earlier JSONs (same settings and corpus), by size."""
+    part = None
+    for path in paths:
+        with open(path) as f:
+            other = json.load(f)["scaling"]
+        if part is None:
+            part = {**other, "runs": list(other["runs"]), "sources": [path]}
+            continue
+        for key in ("settings", "image_size", "seed"):
+            if other[key] != part[key]:
+                raise SystemExit(f"{path}: its {key} {other[key]} differs from {part['sources'][0]}'s {part[key]}")
+        part["runs"] += other["runs"]
+        part["sources"].append(path)
+    part.pop("extrapolated", None)
+    part["runs"].sort(key=lambda r: (r["corpus_size"], r["name"]))
+    return part
+
+
 def print_scaling(part: dict) -> None:
     print(f"\nscaling curve, synthetic {part['image_size'][0]}x{part['image_size'][1]}, {' '.join(part['settings'])}")
-    print(f"{'images':>8}{'':>14}{'wall s':>9}{'img/s':>8}{'CPU s':>8}{'CPU s/img':>10}{'peak RSS MB':>12}{'load':>6}")
+    print(f"{'images':>8}{'':>18}{'wall s':>9}{'img/s':>8}{'CPU s':>8}{'CPU s/img':>10}{'peak RSS MB':>12}{'load':>6}")
     for r in part["runs"]:
-        print(f"{r['corpus_size']:>8}{'measured':>14}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
+        mode = r.get("mode", r["name"].split()[-1])
+        print(f"{r['corpus_size']:>8}{'measured ' + mode:>18}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
               f"{r['cpu_s_per_image']:>10.3f}{r['peak_rss_mb']:>12.0f}{r['load_mean']:>6.1f}")
     for r in part.get("extrapolated", []):
-        print(f"{r['corpus_size']:>8}{'EXTRAPOLATED':>14}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
+        print(f"{r['corpus_size']:>8}{'EXTRAPOLATED':>18}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
               f"{r['cpu_s_per_image']:>10.3f}{r['peak_rss_mb']:>12.0f}{'':>6}")
 
 
@@ -457,9 +494,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small runs: 26 dev images, sizes 100,300, lite FLOPs only")
     parser.add_argument("--parts", default="dev,scaling,estimate")
     parser.add_argument("--sizes", help="synthetic corpus sizes (default 500,2000,5000,10000,50000; quick 100,300)")
-    parser.add_argument("--scaling-modes", default="inmemory", help="comma list of inmemory,multi")
+    parser.add_argument("--scaling-modes", default="inmemory",
+                        help="comma list of inmemory, multi (2 worker processes) and fixed (in-memory with --quantizer "
+                             "from the previous mode's build of the same size: no training, encoding streams)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scaling-json", help="take the measured scaling runs from this earlier JSON")
+    parser.add_argument("--scaling-json", help="take the measured scaling runs from these earlier JSONs (comma list; "
+                                               "their runs are merged, so sizes measured separately make one curve)")
     parser.add_argument("--dev-json", help="take the dev part's figures from this earlier JSON instead of running it")
     parser.add_argument("--flops-json", help="take the FLOPs from this earlier JSON instead of profiling the networks")
     parser.add_argument("--workdir", help="keep the generated corpus and outputs here (default: a temporary folder)")
@@ -486,8 +526,7 @@ def main() -> None:
                                               save=lambda part: (results.update(scaling=part), save()))
             save()
         if args.scaling_json and "scaling" not in results:
-            with open(args.scaling_json) as f:
-                results["scaling"] = json.load(f)["scaling"]
+            results["scaling"] = merge_scaling(args.scaling_json.split(","))
         if results.get("scaling", {}).get("runs"):
             results["scaling"]["extrapolated"] = extrapolate(results["scaling"]["runs"], sizes)
             print_scaling(results["scaling"])
