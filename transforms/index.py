@@ -113,6 +113,24 @@ class EncodeImages(beam.DoFn):
             self.timing.update(elapsed_us(start))
 
 
+def descriptor_total(features):
+    """The number of descriptors over all images (one int): ready only when every image is extracted."""
+    return (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
+            | "SumDescriptors" >> beam.CombineGlobally(sum))
+
+
+def encode_images(features, model, rows_per_shard: int, num_shards: int | None, descriptors=None):
+    """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs. ``descriptors``
+    (the total, or an upper bound) becomes a side input only when ``num_shards`` is not given, so a
+    run that knows its shard count lets encoding fuse with extraction."""
+    if not num_shards and descriptors is None:
+        raise ValueError("encode_images needs num_shards or a descriptors count to size the shards")
+    sizes = {} if num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
+    return features | "Encode" >> beam.ParDo(
+        EncodeImages(rows_per_shard, num_shards), model=beam.pvalue.AsSingleton(model),
+        **sizes).with_outputs(IMAGES, main="rows")
+
+
 def write_shard(element, output: str, build: str, index_id: str, m: int, bits: int) -> dict:
     """One posting shard of the version folder ``output/build``; its record's path is relative to it."""
     import time
@@ -224,8 +242,7 @@ class BuildIndex(beam.PTransform):
         features, dead_letters, listed = inputs["features"], inputs["dead_letter"], inputs["listed"]
         pipeline = features.pipeline
         if self.model_files is None:
-            descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
-                           | "SumDescriptors" >> beam.CombineGlobally(sum))
+            descriptors = descriptor_total(features)
             model = (
                 features
                 | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
@@ -237,10 +254,7 @@ class BuildIndex(beam.PTransform):
             model = pipeline | "GivenQuantizer" >> beam.Create([self.model_files])
             descriptors = None if self.num_shards else (
                 listed | "DescriptorBound" >> beam.Map(lambda n, k: n * k, self.max_features))
-        sizes = {} if descriptors is None else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
-        encoded = features | "Encode" >> beam.ParDo(
-            EncodeImages(self.rows_per_shard, self.num_shards), model=beam.pvalue.AsSingleton(model),
-            **sizes).with_outputs(IMAGES, main="rows")
+        encoded = encode_images(features, model, self.rows_per_shard, self.num_shards, descriptors)
         defaults = IndexParams()
         m, bits = self.index_params.get("pq_m", defaults.pq_m), self.index_params.get("pq_bits", defaults.pq_bits)
         shard_records = (

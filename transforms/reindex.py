@@ -14,8 +14,8 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from transforms.extract import DEAD_LETTER, ExtractImages, dead_letter
-from transforms.index import (IMAGES, EncodeImages, ReservoirFn, train_model, training_record, write_shard,
-                              write_version_files)
+from transforms.index import (IMAGES, ReservoirFn, descriptor_total, encode_images, train_model, training_record,
+                              write_shard, write_version_files)
 
 SAME = "same"  # checked images whose content did not change (a touched file, a rewritten object)
 PLAN_FILE = "plan.parquet"
@@ -276,18 +276,15 @@ class Reindex(beam.PTransform):
                                              {k: self.pointer[k] for k in ("files", "training") if k in self.pointer}))
             new_error = new_sample | "Drift" >> beam.Map(drift_error, model=beam.pvalue.AsSingleton(model))
         else:
-            descriptors = (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
-                           | "SumDescriptors" >> beam.CombineGlobally(sum))
+            descriptors = descriptor_total(features)
             model = new_sample | "Train" >> beam.Map(
                 lambda sample, count: train_model(sample, self.index_params, s["pca_dim"], count),
                 count=beam.pvalue.AsSingleton(descriptors))
             new_error = pbegin | "NoDrift" >> beam.Create([None])
         # An incremental run knows its shard count (from the previous version's counts), so encoding
         # does not wait for the descriptor total and streams behind extraction.
-        sizes = {} if s["num_shards"] else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
-        encoded = features | "Encode" >> beam.ParDo(
-            EncodeImages(s["rows_per_shard"], s["num_shards"]), model=beam.pvalue.AsSingleton(model),
-            **sizes).with_outputs(IMAGES, main="rows")
+        encoded = encode_images(features, model, s["rows_per_shard"], s["num_shards"],
+                                None if incremental else descriptors)
         rows = [encoded.rows]
         if incremental:
             params = self.pointer["params"]
