@@ -48,6 +48,17 @@ def good_matches(a, b, ratio=0.85) -> int:
     return len(verify.mutual_nearest_neighbours(a, b, ratio=ratio))
 
 
+def assert_shellcheck_clean(script: str) -> None:
+    """ShellCheck finds nothing in ``script``; skips where shellcheck is not installed."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (.ci/run installs it)")
+    result = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A local Google Cloud Storage emulator (the gcp-storage-emulator package, in this process) with

@@ -3,14 +3,11 @@ and a launcher that builds the right options."""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 
-import pytest
-
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, assert_shellcheck_clean
 
 PACKAGES = ("delf_retrieval", "pipeline", "transforms")
 
@@ -75,7 +72,4 @@ def test_dataflow_launcher_builds_the_options():
 
 
 def test_dataflow_launcher_is_shellcheck_clean():
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (.ci/run installs it)")
-    result = subprocess.run(["shellcheck", os.path.join(REPO_ROOT, "run_dataflow.sh")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert_shellcheck_clean(os.path.join(REPO_ROOT, "run_dataflow.sh"))

@@ -20,7 +20,7 @@ from delf_retrieval.extract import ExtractionConfig, Extractor
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import reindex
-from tests.conftest import REPO_ROOT, SAMPLES
+from tests.conftest import REPO_ROOT, SAMPLES, assert_shellcheck_clean
 from tests.test_pipeline import FAST, encoding_waits_for_extraction
 
 SMALL = FAST + ["--cells", "8"]
@@ -447,7 +447,4 @@ def test_schedule_script_registers_the_template_and_the_nightly_job(tmp_path):
 
 
 def test_schedule_script_is_shellcheck_clean():
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (.ci/run installs it)")
-    result = subprocess.run(["shellcheck", os.path.join(FLEX, "schedule_reindex.sh")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert_shellcheck_clean(os.path.join(FLEX, "schedule_reindex.sh"))
