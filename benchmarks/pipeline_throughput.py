@@ -287,7 +287,7 @@ def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str], sa
             extra = {"multi": MULTI, "fixed": ["--quantizer", quantizer]}.get(mode, [])
             row = measure(f"{n} {mode}", ["--input", listing, "--output", out, "--no-progress"] + SCALING_SETTINGS + extra,
                           workdir)
-            row["corpus_size"], row["mode"] = n, mode
+            row["corpus_size"] = n
             rows.append(row)
             if mode != "fixed" and not os.path.isdir(quantizer):
                 keep_quantizer(out, quantizer)
@@ -309,14 +309,19 @@ def keep_quantizer(index_root: str, folder: str) -> None:
         shutil.copy(os.path.join(index_root, pointer["build"], name), os.path.join(folder, name))
 
 
+def run_mode(run: dict) -> str:
+    """inmemory, multi or fixed: the last word of a scaling run's name ("10000 fixed")."""
+    return run["name"].split()[-1]
+
+
 def extrapolate(runs: list[dict], sizes: list[int]) -> list[dict]:
-    """EXTRAPOLATION, not measurement: least-squares lines a + b*n through the measured runs for CPU
-    seconds, wall seconds and peak RSS of the in-memory runs, evaluated at the sizes that were not measured. (Per-image
+    """EXTRAPOLATION, not measurement: least-squares lines a + b*n through the measured in-memory runs
+    for CPU seconds, wall seconds and peak RSS, evaluated at the sizes that were not measured. (Per-image
     costs are flat in n; the fixed part is model load + training; RSS grows with n because the local
     runner holds every image's features in memory until the trained model reaches the encoder.)"""
     import numpy as np
 
-    runs = [r for r in runs if r.get("mode", r["name"].split()[-1]) == "inmemory"]
+    runs = [r for r in runs if run_mode(r) == "inmemory"]
     measured = {r["corpus_size"] for r in runs}
     n = np.array([r["corpus_size"] for r in runs], float)
     if len(set(n)) < 2:
@@ -357,8 +362,7 @@ def print_scaling(part: dict) -> None:
     print(f"\nscaling curve, synthetic {part['image_size'][0]}x{part['image_size'][1]}, {' '.join(part['settings'])}")
     print(f"{'images':>8}{'':>18}{'wall s':>9}{'img/s':>8}{'CPU s':>8}{'CPU s/img':>10}{'peak RSS MB':>12}{'load':>6}")
     for r in part["runs"]:
-        mode = r.get("mode", r["name"].split()[-1])
-        print(f"{r['corpus_size']:>8}{'measured ' + mode:>18}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
+        print(f"{r['corpus_size']:>8}{'measured ' + run_mode(r):>18}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
               f"{r['cpu_s_per_image']:>10.3f}{r['peak_rss_mb']:>12.0f}{r['load_mean']:>6.1f}")
     for r in part.get("extrapolated", []):
         print(f"{r['corpus_size']:>8}{'EXTRAPOLATED':>18}{r['pipeline_s']:>9.0f}{r['images_per_s']:>8.2f}{r['cpu_s']:>8.0f}"
