@@ -8,15 +8,34 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Decoding never guesses at the rest of a truncated file.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: a decompression bomb beyond this is refused.
 DEFAULT_MIN_SIDE = 16
+DEFAULT_MAX_BYTES = 64 << 20  # encoded bytes read from any source (disk, gs://, http(s))
+# The only decoders that ever see input bytes: nothing reaches PostScript, PDF or other exotic plugins.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # File names taken as images when a folder or glob is listed.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Metadata is bounded: a PNG text or ICC chunk that inflates beyond MAX_METADATA_CHUNK, or text
+# chunks beyond MAX_METADATA_TOTAL together, make the file too large (Pillow checks both).
+MAX_METADATA_CHUNK = 1 << 20
+MAX_METADATA_TOTAL = 8 << 20
+PngImagePlugin.MAX_TEXT_CHUNK = MAX_METADATA_CHUNK
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_METADATA_TOTAL
+
+# Magic numbers of formats that are recognised but not decoded (reason "unsupported").
+_OTHER_FORMATS = (
+    (b"%PDF", "PDF"), (b"%!PS", "PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "Photoshop"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x02\x00", "CUR"), (b"\xffO\xffQ", "JPEG 2000"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"icns", "ICNS"), (b"DDS ", "DDS"), (b"qoif", "QOI"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"), (b"#?RADIANCE", "Radiance HDR"), (b"SIMPLE  =", "FITS"),
+    (b"<svg", "SVG"), (b"<?xml", "XML/SVG"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"FORM", "IFF"),
+    (b"gimp xcf", "GIMP XCF"), (b"BLP", "BLP"), (b"\x01\xda", "SGI"), (b"\x0a\x05\x01", "PCX"),
+)
 
 
 class ImageError(ValueError):
@@ -49,6 +68,10 @@ class ImageTooSmallError(ImageError):
     reason = "too_small"
 
 
+class UnsupportedImageError(ImageError):
+    reason = "unsupported"
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     """Bounds an image must respect before it is decoded or used."""
@@ -62,52 +85,80 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(path: str) -> bytes:
-    """Read a local file, turning I/O failures into :class:`UnreadableImageError`."""
+def read_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a local image file of at most ``max_bytes``: a missing, unreadable or non-regular file
+    (FIFO, device, directory) is :class:`UnreadableImageError`, a larger one :class:`ImageTooLargeError`."""
+    from delf_retrieval import storage
+
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return storage.read_bounded(path, max_bytes)
+    except storage.TooLarge as e:
+        raise ImageTooLargeError(str(e)) from e
     except OSError as e:
         raise UnreadableImageError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
+def other_format(data: bytes) -> str | None:
+    """The name of a recognised image or document format that is not decoded, from its magic number."""
+    head = data[:16]
+    for magic, name in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    return None
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to an upright RGB ``uint8`` array of shape (H, W, 3).
 
-    Applies EXIF orientation, converts grayscale / CMYK / palette / 16-bit / float images to RGB,
-    composites transparency over white, and raises a subclass of :class:`ImageError` for an empty,
-    corrupt, truncated, too large or too small input.
+    Only JPEG, PNG, WebP, GIF (its first frame), BMP and TIFF are decoded. Applies EXIF orientation,
+    converts grayscale / CMYK / palette / 16-bit / float images to RGB, composites transparency over
+    white. Whatever the bytes, the only exception it raises is a subclass of :class:`ImageError`:
+    empty, corrupt, truncated, too large (pixels or metadata), too small, or unsupported.
     """
     if not data:
         raise EmptyImageError(f"{name}: zero-byte file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return _decode(data, limits, name)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: {e}") from e
+    except MemoryError as e:
+        raise ImageTooLargeError(f"{name}: out of memory while decoding") from e
     except UnidentifiedImageError as e:
+        other = other_format(data)
+        if other:
+            raise UnsupportedImageError(f"{name}: {other} is not a decoded format "
+                                        f"(decoded: {', '.join(DECODED_FORMATS)})") from e
         raise CorruptImageError(f"{name}: not a recognised image format") from e
-    except OSError as e:
-        raise CorruptImageError(f"{name}: cannot open image: {e}") from e
+    except (EOFError, OSError) as e:
+        if isinstance(e, EOFError) or "truncated" in str(e).lower():
+            raise TruncatedImageError(f"{name}: truncated file: {e}") from e
+        raise CorruptImageError(f"{name}: cannot decode image: {e}") from e
+    except ValueError as e:
+        if "too large" in str(e).lower() or "too much memory" in str(e).lower():
+            raise ImageTooLargeError(f"{name}: metadata too large: {e}") from e
+        raise CorruptImageError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a decoder's own bug on hostile bytes is still a corrupt file
+        raise CorruptImageError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
 
+
+def _decode(data: bytes, limits: DecodeLimits, name: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        # The pixel limit below is ours; Pillow's own (which warns above ~89 MP) is not the one in force.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ImageTooLargeError(
             f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
         )
-    try:
-        img.load()
-    except OSError as e:
-        if "truncated" in str(e).lower() or isinstance(e, EOFError):
-            raise TruncatedImageError(f"{name}: truncated file: {e}") from e
-        raise CorruptImageError(f"{name}: cannot decode image: {e}") from e
-    except (SyntaxError, ValueError, EOFError) as e:
-        raise TruncatedImageError(f"{name}: cannot decode image: {e}") from e
-
+    img.load()
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception:  # A broken EXIF block must not lose the image: keep it as stored.
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image: keep it as stored
         pass
     rgb = to_rgb_array(img)
     if min(rgb.shape[:2]) < limits.min_side:
@@ -139,5 +190,5 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
 
 
 def load_image(path: str, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Read and decode a local image file (see :func:`decode_image`)."""
+    """Read (see :func:`read_bytes`) and decode (see :func:`decode_image`) a local image file."""
     return decode_image(read_bytes(path), limits, name=path)

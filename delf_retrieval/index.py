@@ -168,3 +168,35 @@ def split_by_shard(image: EncodedImage, n_cells: int, n_shards: int):
         yield int(s), EncodedImage(image.image_id, quantize.Encoded(image.encoded.cells[rows], image.encoded.regions[rows],
                                                                     image.encoded.codes[rows]),
                                    image.locations[rows], image.scales[rows], image.attentions[rows])
+
+
+DEFAULT_MAX_REJECTED_FRACTION = 0.5
+
+
+class PublishRefused(Exception):
+    """A build that must not replace the serving index: inputs unaccounted for, an image id shared
+    by two uris, or more of its inputs rejected than the run allows (a bug that rejects everything
+    must not replace a good index)."""
+
+
+def check_publishable(listed: int, images: list[dict], dead_letters: list[dict],
+                      max_rejected_fraction: float = DEFAULT_MAX_REJECTED_FRACTION) -> None:
+    """Raise :class:`PublishRefused` unless every listed input is indexed or rejected, image ids are
+    unique, and at most ``max_rejected_fraction`` of the listed inputs were rejected."""
+    accounted = len(images) + len(dead_letters)
+    if accounted != listed:
+        raise PublishRefused(f"{listed} inputs listed but {len(images)} indexed + {len(dead_letters)} rejected: "
+                             f"{listed - accounted} unaccounted for")
+    ids: dict[int, str] = {}
+    for record in images:
+        if ids.setdefault(record["image_id"], record["uri"]) != record["uri"]:
+            raise PublishRefused(f"image id collision: {record['uri']} and {ids[record['image_id']]}")
+    if listed and len(dead_letters) / listed > max_rejected_fraction:
+        reasons: dict[str, int] = {}
+        for d in dead_letters:
+            key = f"{d['stage']}/{d['reason']}"
+            reasons[key] = reasons.get(key, 0) + 1
+        common = ", ".join(f"{k} {n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        raise PublishRefused(f"{len(dead_letters)} of {listed} inputs rejected ({len(dead_letters) / listed:.0%}, "
+                             f"above the allowed {max_rejected_fraction:.0%}; {common}): not published, the "
+                             "previous index keeps serving")

@@ -264,6 +264,48 @@ def _read_footer(path: str, size: int) -> tuple[int, bytes]:
     return size - length, storage.read_bytes(path, size - length, length)
 
 
+def check_relative(relative, field: str, where: str = MANIFEST) -> str:
+    """A path from a manifest, as it must be: relative to the index root, '/'-separated, with no
+    empty, '.' or '..' part, no backslash, NUL or scheme; otherwise a ManifestError naming the
+    field. So no manifest can send a reader outside the root it was opened from."""
+    if not isinstance(relative, str) or not relative:
+        raise ManifestError(f"{where}: {field} is not a path: {relative!r}")
+    parts = relative.split("/")
+    if (any(p in ("", ".", "..") for p in parts) or "\\" in relative or "\x00" in relative or "://" in relative
+            or os.path.isabs(relative)):
+        raise ManifestError(f"{where}: {field} {relative!r} does not stay inside the index root")
+    return relative
+
+
+def resolve(directory: str, relative: str, field: str = "path") -> str:
+    """``directory/relative`` for a checked manifest path; locally, symbolic links inside the index may
+    not lead out of it either (its real path must lie under the directory's)."""
+    path = storage.join(directory, check_relative(relative, field))
+    if not storage.is_gcs(directory):
+        real_root = os.path.realpath(directory)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise ManifestError(f"{field} {relative!r} leads outside the index root {directory} (a symbolic link)")
+    return path
+
+
+def check_manifest_paths(manifest: dict, where: str = MANIFEST) -> None:
+    """Every path a manifest names (files, shards, its version folder and the one it replaced)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(manifest.get("shards"), list):
+        raise ManifestError(f"{where}: no files/shards lists")
+    for name, record in files.items():
+        if not isinstance(record, dict):
+            raise ManifestError(f"{where}: files.{name} is not a file record")
+        check_relative(record.get("path"), f"files.{name}.path", where)
+    for i, record in enumerate(manifest["shards"]):
+        if not isinstance(record, dict):
+            raise ManifestError(f"{where}: shards[{i}] is not a file record")
+        check_relative(record.get("path"), f"shards[{i}].path", where)
+    for field in ("build", "previous"):
+        if manifest.get(field) is not None:
+            check_relative(manifest[field], field, where)
+
+
 def read_manifest(directory: str) -> dict:
     path = storage.join(directory, MANIFEST)
     try:
@@ -273,17 +315,18 @@ def read_manifest(directory: str) -> dict:
                             "publishes nothing)") from None
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read {path}: {e}") from e
-    if manifest.get("format") != INDEX_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise ManifestError(f"{path} is not a {INDEX_FORMAT} manifest")
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise ManifestError(f"{path}: index format version {manifest.get('format_version')}, this reader "
                             f"reads version {INDEX_FORMAT_VERSION}")
+    check_manifest_paths(manifest, path)
     return manifest
 
 
 def _check_file(directory: str, record: dict, checksum: bool) -> bytes | None:
     """Check a listed file's size (and SHA-256 when ``checksum``); returns its bytes if it read them."""
-    path = storage.join(directory, record["path"])
+    path = resolve(directory, record["path"])
     try:
         size = storage.size(path) if not checksum else None
         data = storage.read_bytes(path) if checksum else None
@@ -352,7 +395,7 @@ class IndexReader:
         self._shard_paths, self._footers, self._metadata = [], [], []
         for s, shard in enumerate(self.manifest["shards"]):
             _check_file(self.directory, shard, checksum=False)
-            path = storage.join(self.directory, shard["path"])
+            path = resolve(self.directory, shard["path"])
             footer = _read_footer(path, shard["bytes"])
             try:
                 # The footer alone parses as a file: the magic, then the footer (which ends in it).

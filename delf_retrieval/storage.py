@@ -18,6 +18,14 @@ class PreconditionFailed(Exception):
     """A conditional write or delete found the file in another state than the one expected."""
 
 
+class TooLarge(ValueError):
+    """A bounded read found more bytes than it may take."""
+
+
+class NotAFile(OSError):
+    """A path that names something other than a regular file (FIFO, device, directory, socket)."""
+
+
 def is_gcs(path: str) -> bool:
     return path.startswith(GCS_PREFIX)
 
@@ -83,6 +91,53 @@ def read_bytes(path: str, start: int | None = None, length: int | None = None) -
             return f.read()
         f.seek(start)
         return f.read(length)
+
+
+def read_bounded(path: str, max_bytes: int, timeout: float | None = None) -> bytes:
+    """A whole input file of at most ``max_bytes`` (TooLarge otherwise; FileNotFoundError if absent).
+    Locally only a regular file is read (NotAFile for a FIFO, device or directory, checked on the
+    opened descriptor, which a FIFO does not block), and never more than ``max_bytes + 1`` bytes.
+    On gs:// the object's size is looked up first, then exactly that generation is downloaded;
+    ``timeout`` bounds each request."""
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        blob = _blob(path)
+        found = blob.bucket.get_blob(blob.name, timeout=timeout or 60)
+        if found is None:
+            raise FileNotFoundError(path)
+        if found.size is not None and int(found.size) > max_bytes:
+            raise TooLarge(f"{path}: {found.size} bytes exceeds the limit of {max_bytes}")
+        try:
+            data = found.download_as_bytes(if_generation_match=found.generation, timeout=timeout or 60)
+        except exceptions.NotFound as e:
+            raise FileNotFoundError(path) from e
+        except exceptions.PreconditionFailed as e:
+            raise OSError(f"{path} was replaced while it was read") from e
+        if len(data) > max_bytes:
+            raise TooLarge(f"{path}: more than {max_bytes} bytes")
+        return data
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            raise NotAFile(f"{path} is {kind}, not a regular file")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if total > max_bytes:
+        raise TooLarge(f"{path}: more than {max_bytes} bytes")
+    return b"".join(chunks)
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -172,6 +227,18 @@ def stamp(path: str) -> str | None:
     except FileNotFoundError:
         return None
     return f"st:{st.st_size}:{st.st_mtime_ns}"
+
+
+def modified(path: str) -> float | None:
+    """The file's last modification, as a POSIX time (the object's update time on gs://); None if absent."""
+    if is_gcs(path):
+        blob = _blob(path)
+        found = blob.bucket.get_blob(blob.name)
+        return None if found is None or found.updated is None else found.updated.timestamp()
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def stamps_under(prefix: str) -> dict[str, str]:

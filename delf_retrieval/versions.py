@@ -33,11 +33,18 @@ class PublishConflict(shards.IndexStorageError):
 
 
 class LockHeld(Exception):
-    """Another run holds the lock (and it has not expired)."""
+    """Another run holds the lock (and it has not expired); ``path`` is the lock file."""
 
-    def __init__(self, record: dict | None):
+    def __init__(self, record: dict | None, path: str = LOCK_FILE, unreadable_until: float | None = None):
         self.record = record or {}
-        super().__init__(f"another run holds the lock: {json.dumps(self.record, sort_keys=True)}")
+        self.path = path
+        if unreadable_until is not None:
+            until = datetime.datetime.fromtimestamp(unreadable_until, datetime.timezone.utc).isoformat(timespec="seconds")
+            message = (f"the lock {path} is unreadable (not a lock record); it is taken as held until {until} "
+                       "(its modification time + the lock's TTL)")
+        else:
+            message = f"another run holds the lock {path}: {json.dumps(self.record, sort_keys=True)}"
+        super().__init__(message)
 
 
 def build_folder(build: str) -> str:
@@ -167,6 +174,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_record(data: bytes) -> dict | None:
+    """The lock file's record, or None if it is not one (not JSON, not an object, no numeric expiry)."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("expires"), (int, float)):
+        return None
+    pid = record.get("pid")
+    if pid is not None and not isinstance(pid, int):
+        return None
+    return record
+
+
 def lock_is_stale(record: dict | None, now: float | None = None) -> bool:
     """Expired, or taken on this host by a process that no longer exists (a killed local run)."""
     if not record:
@@ -176,6 +197,20 @@ def lock_is_stale(record: dict | None, now: float | None = None) -> bool:
         return True
     pid = record.get("pid")
     return bool(pid) and record.get("host") == socket.gethostname() and not _pid_alive(int(pid))
+
+
+def break_lock(root: str) -> dict | None:
+    """Remove ``ROOT/reindex.lock`` on purpose, whatever holds it (``--break-lock``); returns what it
+    held (``{}`` for an unreadable record), or None if there was no lock."""
+    path = storage.join(root, LOCK_FILE)
+    data, token = storage.read_with_token(path)
+    if data is None:
+        return None
+    try:
+        storage.delete_if(path, token)
+    except storage.PreconditionFailed:
+        return break_lock(root)  # replaced meanwhile: break what is there now
+    return lock_record(data) or {}
 
 
 class RunLock:
@@ -212,18 +247,20 @@ class RunLock:
             data, token = storage.read_with_token(self.path)
             if data is None:
                 continue  # released meanwhile: try again
-            try:
-                held = json.loads(data)
-            except ValueError:
-                held = {}
-            if not lock_is_stale(held):
-                raise LockHeld(held)
+            held = lock_record(data)
+            if held is None:  # unreadable (a torn or foreign write): stale once older than the TTL
+                modified = storage.modified(self.path) or time.time()
+                if modified + self.ttl_seconds >= time.time():
+                    raise LockHeld(None, self.path, unreadable_until=modified + self.ttl_seconds)
+                held = {"unreadable": data[:200].decode("utf-8", "replace")}
+            elif not lock_is_stale(held):
+                raise LockHeld(held, self.path)
             try:
                 storage.delete_if(self.path, token)
                 self.broke = held
             except storage.PreconditionFailed:
                 pass  # someone else broke or renewed it: look again
-        raise LockHeld(None)
+        raise LockHeld(None, self.path)
 
     def release(self) -> bool:
         """Delete the lock if it is still this run's; False if it was not (broken by another run)."""

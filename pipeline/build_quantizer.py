@@ -22,6 +22,8 @@ import numpy as np
 from delf_retrieval import index, quantize
 from delf_retrieval.features import Features
 
+from pipeline import cli
+
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = quantize.IndexParams()
@@ -65,7 +67,7 @@ def main(output: str, params: quantize.IndexParams, features: list[str] | None =
     else:
         paths = feature_files(features or [])
         if not paths:
-            raise SystemExit(f"no feature files found in {features}")
+            raise cli.UsageError(f"no feature files found in {features}")
         raw = index.sample_descriptors((Features.from_npz(p) for p in paths), sample_size, seed=params.seed)
         source = {"feature_files": len(paths)}
     sampled = time.time()
@@ -93,6 +95,7 @@ def run(argv=None) -> int:
     source.add_argument("--sample", help=".npy array (n, D) of raw descriptors")
     parser.add_argument("--output", required=True)
     add_index_arguments(parser)
+    cli.add_debug_argument(parser)
     args = parser.parse_args(argv)
     report = main(args.output, params_from_args(args), args.features, args.sample, args.sample_size,
                   args.pca_dim, args.expected_count)
@@ -102,4 +105,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

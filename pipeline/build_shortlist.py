@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from pipeline import cli
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.build_shortlist", description=__doc__,
@@ -26,6 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--M", type=int, default=16, help="HNSW graph degree")
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -48,4 +51,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

@@ -1,9 +1,17 @@
-"""Command-line options shared by the entry points: choosing the network and extraction settings."""
+"""What the entry points share: the options that choose the network, extraction, input reading and
+the run lock, and ``main``, which turns an expected failure into one line, a hint and an exit status.
+
+Exit statuses: 0 done; 1 failed (an internal error, a build not published); 2 bad usage or input
+(options, a listing, a missing file, an index that does not open); 75 another run holds the lock.
+``--debug`` adds the traceback."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
+import traceback
 
 from delf_retrieval import presets
 from delf_retrieval.model import delf
@@ -47,3 +55,131 @@ def configs_from_args(args: argparse.Namespace):
 
 def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the lock; try at the next slot
+
+
+class UsageError(Exception):
+    """A command line that cannot be carried out as given (exit status 2)."""
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+
+
+def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    """How inputs are read (``inputs.FetchConfig``, whose defaults these are)."""
+    from delf_retrieval.inputs import FetchConfig
+
+    d = FetchConfig()
+    g = parser.add_argument_group("reading inputs")
+    g.add_argument("--fetch-timeout", type=float, default=d.timeout,
+                   help="seconds for a whole http(s) attempt: connect, headers and body (default %(default)s)")
+    g.add_argument("--fetch-retries", type=int, default=d.retries, help="retries of a transient failure (default %(default)s)")
+    g.add_argument("--host-interval", type=float, default=d.host_interval,
+                   help="seconds between requests to one host, per worker (default %(default)s)")
+    g.add_argument("--max-input-bytes", type=int, default=d.max_bytes,
+                   help="largest encoded image taken from any source (default %(default)s)")
+
+
+def fetch_config_from_args(args: argparse.Namespace):
+    from delf_retrieval.inputs import FetchConfig
+
+    return FetchConfig(timeout=args.fetch_timeout, retries=args.fetch_retries, host_interval=args.host_interval,
+                       max_bytes=args.max_input_bytes)
+
+
+def flag(value: str) -> bool:
+    """A boolean option's value as a Flex Template passes it (``--retrain=true``)."""
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {value}")
+
+
+def add_publish_arguments(parser: argparse.ArgumentParser, add=None) -> None:
+    """The run lock and the publish guard, the same for every writer of an index root (``add``: the
+    parser's add_argument, or one that also accepts a Flex Template's underscore spellings)."""
+    from delf_retrieval.index import DEFAULT_MAX_REJECTED_FRACTION
+
+    add = add or parser.add_argument
+    add("--lock-ttl", type=float, default=20 * 3600,
+        help="seconds after which a lock left by a crashed run (or an unreadable lock file, by its modification "
+             "time) is broken (default %(default)s: above the longest run, below the schedule's period)")
+    add("--break-lock", nargs="?", const=True, default=False, type=flag,
+        help="remove the root's lock first, whoever holds it")
+    add("--max-rejected-fraction", type=float, default=DEFAULT_MAX_REJECTED_FRACTION,
+        help="do not publish when more than this fraction of the listed inputs is rejected (default %(default)s)")
+
+
+def take_lock(root: str, args: argparse.Namespace, local: bool, prog: str):
+    """The root's run lock (``versions.RunLock``), after ``--break-lock`` if given; LockHeld if held."""
+    import json
+    import uuid
+
+    from delf_retrieval import versions
+
+    if args.break_lock:
+        broken = versions.break_lock(root)
+        if broken is not None:
+            print(f"{prog}: broke the lock {json.dumps(broken, sort_keys=True)}", file=sys.stderr)
+    lock = versions.RunLock(root, args.lock_ttl, owner=uuid.uuid4().hex, track_pid=local).acquire()
+    if lock.broke:
+        print(f"{prog}: broke a stale lock {json.dumps(lock.broke, sort_keys=True)}", file=sys.stderr)
+    return lock
+
+
+def describe(error: BaseException) -> tuple[int, str, str | None]:
+    """(exit status, one line, a hint) for a failure of an entry point."""
+    from delf_retrieval import images, index, inputs, shards, versions
+
+    message = re.sub(r" \[while running '[^']*'\]", "", str(error)).strip().splitlines()
+    line = message[0] if message else type(error).__name__
+    if isinstance(error, versions.LockHeld):
+        return EXIT_LOCKED, line, "wait for that run to end; if it died, run again with --break-lock"
+    if isinstance(error, versions.PublishConflict):
+        return EXIT_FAILED, line, "another run published meanwhile: run again to build on its version"
+    if isinstance(error, index.PublishRefused):
+        return EXIT_FAILED, line, "the rejected inputs and their reasons are in the table named above"
+    if isinstance(error, shards.IndexStorageError):
+        return EXIT_USAGE, line, ("check the index path; python -m pipeline.reindex --index ROOT --rollback "
+                                  "returns to the previous version")
+    if isinstance(error, inputs.ListingError):
+        return EXIT_USAGE, line, "fix that line of the listing (a uri with a comma or a quote must be quoted)"
+    if isinstance(error, UsageError):
+        return EXIT_USAGE, line, "see --help"
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        where = getattr(error, "filename", None)
+        text = f"{where}: {error.strerror}" if where and error.strerror else line
+        return EXIT_USAGE, text, "check the path"
+    if isinstance(error, images.ImageError):
+        return EXIT_USAGE, line, None
+    return EXIT_FAILED, f"internal error: {type(error).__name__}: {line}", "run again with --debug for the traceback"
+
+
+def main(run, argv: list[str] | None = None) -> int:
+    """Call an entry point's ``run(argv)``: its status, or for an exception one line on stderr (and a
+    hint), the traceback only with ``--debug``, and the status :func:`describe` gives it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    module = run.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else os.path.basename(sys.argv[0])
+    prog = f"python -m {module}"
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - this is where every failure meets the user
+        if "--debug" in argv:
+            traceback.print_exc()
+        status, line, hint = describe(error)
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        if hint:
+            print(f"{prog}: hint: {hint}", file=sys.stderr)
+        return status

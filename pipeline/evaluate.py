@@ -16,6 +16,8 @@ import sys
 
 from delf_retrieval import evaluate, storage
 
+from pipeline import cli
+
 
 def read_json(path: str, what: str):
     try:
@@ -76,6 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--ground-truth", required=True, help="gt.json: queries with positives and junk")
     parser.add_argument("--plot", help="write the precision-vs-true-positives curve here (PNG)")
     parser.add_argument("--json", help="write all metrics here (JSON)")
+    cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -95,4 +98,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

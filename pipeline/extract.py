@@ -88,7 +88,11 @@ def main(model_config, extraction_config, inputs: list[str], output: str, visual
             except image_io.ImageError as e:
                 summary.rejected.append((path, e.reason, str(e)))
                 continue
-            features = extractor.extract(image)
+            try:
+                features = extractor.extract(image)
+            except Exception as e:  # noqa: BLE001 - one image that fails extraction must not stop the others
+                summary.rejected.append((path, "extraction_failed", f"{type(e).__name__}: {e}"))
+                continue
             tmp = target + ".tmp"
             features.save(tmp)
             os.replace(tmp, target)  # a feature file is either complete or absent
@@ -122,6 +126,7 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="re-extract images already done")
     parser.add_argument("--no-progress", action="store_true")
     cli.add_model_arguments(parser)
+    cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -136,4 +141,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

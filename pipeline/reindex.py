@@ -30,21 +30,11 @@ import json
 import os
 import sys
 import time
-import uuid
 
 from pipeline import build_quantizer, cli
 from pipeline import run as run_job
 
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the lock; try at the next slot
-
-
-def flag(value: str) -> bool:
-    """A boolean option's value as a Flex Template passes it (``--retrain=true``)."""
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {value}")
+EXIT_LOCKED = cli.EXIT_LOCKED
 
 
 def parse_args(argv=None):
@@ -60,31 +50,28 @@ def parse_args(argv=None):
 
     both("--input", help="folder, glob or listing CSV, as pipeline.run's --input (not with --rollback)")
     both("--index", required=True, help="index root: local folder or gs:// prefix")
-    both("--label-from-folder", nargs="?", const=True, default=False, type=flag,
+    both("--label-from-folder", nargs="?", const=True, default=False, type=cli.flag,
          help="label each image with its folder's name")
     both("--keep", type=int, default=2, help="old versions kept besides the current one (default %(default)s)")
-    both("--rollback", nargs="?", const=True, default=False, type=flag,
+    both("--rollback", nargs="?", const=True, default=False, type=cli.flag,
          help="re-point ROOT to the previous version, verified first")
-    both("--retrain", nargs="?", const=True, default=False, type=flag,
+    both("--retrain", nargs="?", const=True, default=False, type=cli.flag,
          help="full rebuild: extract everything, train PCA + quantizer")
     both("--drift-threshold", type=float, default=1.5,
          help="retrain (on the next run) when the new descriptors' quantization error exceeds the training "
               "error by this factor (default %(default)s; see README)")
     both("--drift-sample", type=int, default=100_000,
          help="new descriptors sampled to measure drift (default %(default)s)")
-    both("--lock-ttl", type=float, default=20 * 3600,
-         help="seconds after which a lock left by a crashed run is broken (default %(default)s: above the "
-              "longest run, below the schedule's period)")
     both("--report", help="also write the run report JSON here")
     both("--num-shards", type=int, help="posting shards (default: one per ~--rows-per-shard descriptors)")
     both("--rows-per-shard", type=int, default=4_000_000)
     both("--batch-size", type=int, default=8, help="images per extraction call (at most)")
     both("--accelerator", help="Beam resource hint for the extraction step on Dataflow")
-    add("--fetch-timeout", type=float, default=20.0)
-    add("--fetch-retries", type=int, default=3)
-    add("--host-interval", type=float, default=0.1)
     add("--no-progress", action="store_true")
     add("--wait", action="store_true", help="on a remote runner, wait for the job and print the report")
+    cli.add_debug_argument(parser)
+    cli.add_fetch_arguments(parser)
+    cli.add_publish_arguments(parser, add=both)
     cli.add_model_arguments(parser)
     build_quantizer.add_index_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
@@ -93,13 +80,14 @@ def parse_args(argv=None):
     return args, beam_args
 
 
-def list_corpus(source: str, label_from_folder: bool) -> list[tuple[str, str | None, str | None]]:
-    """(uri, label, stamp) of every image of the source; stamps come from one listing on gs://
-    folders and globs, a stat per file locally, and are None for http(s) URLs."""
+def list_corpus(source: str, label_from_folder: bool) -> tuple[list[tuple[str, str | None, str | None]], list[dict]]:
+    """((uri, label, stamp) of every image of the source, dead letters of uris listed again); stamps
+    come from one listing on gs:// folders and globs, a stat per file locally, and are None for
+    http(s) URLs."""
     from delf_retrieval import inputs, storage
-    from transforms.extract import LISTING_EXTENSIONS, list_source
+    from delf_retrieval.inputs import LISTING_EXTENSIONS, list_source
 
-    images = list_source(source, label_from_folder)
+    images, repeats = list_source(source, label_from_folder)
     bulk = {}
     if storage.is_gcs(source) and not source.lower().endswith(LISTING_EXTENSIONS):
         wildcard = min((source.find(c) for c in "*?[" if c in source), default=-1)
@@ -111,7 +99,7 @@ def list_corpus(source: str, label_from_folder: bool) -> list[tuple[str, str | N
         else:
             stamp = bulk.get(image.uri) or storage.stamp(image.uri)
         out.append((image.uri, image.label, stamp))
-    return out
+    return out, repeats
 
 
 PLAN_COLUMNS = ("uri", "label", "stamp", "action", "width", "height", "num_features", "content_hash")
@@ -164,11 +152,11 @@ def plan_table(rows: list[dict]):
 def previous_images(root: str, pointer: dict | None) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from delf_retrieval import storage
+    from delf_retrieval import shards, storage
 
     if pointer is None:
         return []
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, pointer["files"]["images"]["path"]))))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(shards.resolve(root, pointer["files"]["images"]["path"]))))
     return table.to_pylist()
 
 
@@ -194,15 +182,8 @@ def run(argv=None, test_pipeline=None) -> int:
 
     started = time.time()
     pipeline, local = (test_pipeline, True) if test_pipeline is not None else run_job.make_pipeline(beam_args)
-    lock = versions.RunLock(args.index, args.lock_ttl, owner=uuid.uuid4().hex, track_pid=local)
+    lock = cli.take_lock(args.index, args, local, "pipeline.reindex")
     try:
-        lock.acquire()
-    except versions.LockHeld as e:
-        print(f"reindex: {e}; nothing done", file=sys.stderr)
-        return EXIT_LOCKED
-    try:
-        if lock.broke:
-            print(f"reindex: broke a stale lock {json.dumps(lock.broke, sort_keys=True)}", file=sys.stderr)
         if args.rollback:
             before, _ = versions.current(args.index)
             pointer = versions.rollback(args.index)
@@ -214,8 +195,8 @@ def run(argv=None, test_pipeline=None) -> int:
         if due and not args.retrain:
             print("reindex: the previous run found the codebooks drifted: retraining (full rebuild)", file=sys.stderr)
         label_from_folder = args.label_from_folder or os.path.abspath(args.input) == run_job.SAMPLE_CORPUS
-        rows, deleted = make_plan(list_corpus(args.input, label_from_folder), previous_images(args.index, pointer),
-                                  full=mode == "full")
+        listed, repeats = list_corpus(args.input, label_from_folder)
+        rows, deleted = make_plan(listed, previous_images(args.index, pointer), full=mode == "full")
         build = f"{shards.BUILDS_DIR}/{new_build_id()}"
         plan_record = shards.write_table_file(storage.join(args.index, build), PLAN_FILE, plan_table(rows))
         plan_path = storage.join(args.index, build, PLAN_FILE)
@@ -241,12 +222,12 @@ def run(argv=None, test_pipeline=None) -> int:
             "drift_threshold": args.drift_threshold,
             "sample_size": args.sample_size if mode == "full" else args.drift_sample, "pca_dim": args.pca_dim,
             "rows_per_shard": args.rows_per_shard, "num_shards": num_shards,
+            "listing_dead_letters": repeats, "max_rejected_fraction": args.max_rejected_fraction,
         }
         to_extract = sum(r["action"] != KEEP for r in rows)
         extract_options = {
             "max_batch_size": args.batch_size, "accelerator": args.accelerator,
-            "fetch": {"fetch_timeout": args.fetch_timeout, "fetch_retries": args.fetch_retries,
-                      "host_interval": args.host_interval},
+            "fetch": cli.fetch_config_from_args(args),
             "progress_total": 0 if args.no_progress or not local else to_extract,
         }
         _ = pipeline | "Reindex" >> Reindex(settings, model_config, extraction_config, extract_options, index_params,
@@ -275,4 +256,4 @@ def run(argv=None, test_pipeline=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

@@ -43,11 +43,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="images per extraction call (at most)")
     parser.add_argument("--accelerator", help="Beam resource hint for the extraction step on Dataflow, e.g. "
                         "'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
-    parser.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds per http(s) request")
-    parser.add_argument("--fetch-retries", type=int, default=3)
-    parser.add_argument("--host-interval", type=float, default=0.1, help="seconds between requests to one host, per worker")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--wait", action="store_true", help="on a remote runner, wait for the job and print the summary")
+    cli.add_debug_argument(parser)
+    cli.add_fetch_arguments(parser)
+    cli.add_publish_arguments(parser)
     cli.add_model_arguments(parser)
     build_quantizer.add_index_arguments(parser)
     return parser.parse_known_args(argv)
@@ -65,9 +65,14 @@ def read_model_files(folder: str) -> dict:
     return {**files, "sample_size": report.get("sample_size", 0), "train_seconds": 0.0}
 
 
-def build_pipeline(pipeline, args, model_config, extraction_config):
-    """Add the index build to ``pipeline`` (so tests can pass their own); returns the manifest PCollection."""
-    from transforms.extract import DEAD_LETTER, ExtractImages, ListInputs, list_source
+def build_pipeline(pipeline, args, model_config, extraction_config, expected_token: str | None = None,
+                   lock_owner: str | None = None, progress_total: int = 0):
+    """Add the index build to ``pipeline`` (so tests can pass their own); returns the manifest PCollection.
+    ``expected_token`` is the root pointer's token when the run took the lock: publishing replaces
+    only that version (compare-and-swap); ``lock_owner``'s lock is released by the publish step."""
+    import apache_beam as beam
+
+    from transforms.extract import DEAD_LETTER, ExtractImages, ListInputs
     from transforms.index import BuildIndex
 
     label_from_folder = args.label_from_folder
@@ -75,19 +80,18 @@ def build_pipeline(pipeline, args, model_config, extraction_config):
         label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
     listing = pipeline | "ListInputs" >> ListInputs(args.input, label_from_folder)
     listed, count = listing["images"], listing["count"]
-    # Progress needs the total up front: list once more here (cheap next to extraction), locally only.
-    total = 0 if args.no_progress else len(list_source(args.input, label_from_folder))
     extracted = listed | "ExtractImages" >> ExtractImages(
         model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
-        fetch={"fetch_timeout": args.fetch_timeout, "fetch_retries": args.fetch_retries, "host_interval": args.host_interval},
-        progress_total=total)
+        fetch=cli.fetch_config_from_args(args), progress_total=progress_total)
     params = build_quantizer.params_from_args(args)
-    return {"features": extracted["features"], DEAD_LETTER: extracted[DEAD_LETTER], "listed": count} | "BuildIndex" >> BuildIndex(
+    dead_letters = (listing[DEAD_LETTER], extracted[DEAD_LETTER]) | "InputDeadLetters" >> beam.Flatten()
+    return {"features": extracted["features"], DEAD_LETTER: dead_letters, "listed": count} | "BuildIndex" >> BuildIndex(
         args.output, dataclasses.asdict(params), pca_dim=args.pca_dim, sample_size=args.sample_size,
         model_files=read_model_files(args.quantizer) if args.quantizer else None, rows_per_shard=args.rows_per_shard,
         num_shards=args.num_shards, max_features=extraction_config.max_features,
         model_info={"network": model_config.to_json(), "extraction": dataclasses.asdict(extraction_config),
-                    "preset": args.preset})
+                    "preset": args.preset},
+        expected_token=expected_token, lock_owner=lock_owner, max_rejected_fraction=args.max_rejected_fraction)
 
 
 def make_pipeline(beam_args: list[str]):
@@ -122,13 +126,13 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
 
     import pyarrow.parquet as pq
 
-    from delf_retrieval import storage
+    from delf_retrieval import shards, storage
 
     counts = manifest["counts"]
     rows = [("inputs", counts.get("inputs", "")), ("indexed", counts["images"]), ("rejected", counts["rejected"])]
     dead = manifest["files"].get("dead_letters")
     if dead and dead["rows"]:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, dead["path"]))))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(shards.resolve(root, dead["path"]))))
         reasons: dict = {}
         for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             reasons[f"{stage}/{reason}"] = reasons.get(f"{stage}/{reason}", 0) + 1
@@ -147,22 +151,39 @@ def run(argv=None) -> int:
     cli.quiet_tensorflow()
     from delf_retrieval import shards
 
+    from delf_retrieval import versions
+    from delf_retrieval.inputs import list_source
+
     model_config, extraction_config = cli.configs_from_args(args)
     start = time.time()
     pipeline, local = make_pipeline(beam_args)
     if not local:
         args.no_progress = True
-    build_pipeline(pipeline, args, model_config, extraction_config)
-    result = pipeline.run()
-    if not local:
-        print(f"job submitted: {job_url(result, beam_args) or 'see the runner log'}")
-        print(f"the index is published at {args.output} when the job finishes")
-        if not args.wait:
-            return 0
-    state = result.wait_until_finish()
-    if not local and str(state).split(".")[-1] != "DONE":
-        print(f"job ended in state {state}; the previous index (if any) is still the published one", file=sys.stderr)
-        return 1
+    # The same lock as pipeline.reindex: one writer per root at a time; publishing is a
+    # compare-and-swap against the version found here, and old versions are pruned under the lock.
+    lock = cli.take_lock(args.output, args, local, "pipeline.run")
+    try:
+        # Locally the source is listed here first (cheap next to extraction): a listing that cannot
+        # be parsed stops the run before anything starts, and progress knows its total.
+        total = len(list_source(args.input)[0]) if local else 0
+        _, token = versions.current(args.output)
+        build_pipeline(pipeline, args, model_config, extraction_config, expected_token=token, lock_owner=lock.owner,
+                       progress_total=0 if args.no_progress else total)
+        result = pipeline.run()
+        if not local:
+            print(f"job submitted: {job_url(result, beam_args) or 'see the runner log'}")
+            print(f"the index is published at {args.output} when the job finishes")
+            if not args.wait:
+                lock = None  # the job's publish step releases it (or it expires after --lock-ttl)
+                return 0
+        state = result.wait_until_finish()
+        if not local and str(state).split(".")[-1] != "DONE":
+            print(f"job ended in state {state}; the previous index (if any) is still the published one",
+                  file=sys.stderr)
+            return cli.EXIT_FAILED
+    finally:
+        if lock is not None:
+            lock.release()
     manifest = shards.read_manifest(args.output)
     print(summary_table(manifest, args.output, time.time() - start))
     print(f"index written to {args.output}")
@@ -170,4 +191,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

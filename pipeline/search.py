@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--visualize", metavar="DIR", help="write a picture per query: matches with inliers, attention map")
     parser.add_argument("--visualize-top", type=int, default=5, help="matches drawn per query picture")
     parser.add_argument("--runner", help="run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, ...)")
+    cli.add_debug_argument(parser)
+    cli.add_fetch_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
     if args.queries_file:
         with open(args.queries_file) as f:
@@ -89,18 +91,19 @@ def search_locally(args) -> tuple[list, list]:
     from delf_retrieval import retrieval
     from delf_retrieval.extract import Extractor
     from delf_retrieval.images import ImageError
-    from delf_retrieval.inputs import FetchError, read_image
+    from delf_retrieval.inputs import Fetcher, FetchError, read_image
     from delf_retrieval.model import delf
     from delf_retrieval.visualize import write_query_picture
 
     retriever = open_retriever(args)
+    fetcher = Fetcher(cli.fetch_config_from_args(args))
     model_config, extraction_config = retrieval.index_configs(retriever.reader.manifest)
     extractor = Extractor(delf.load(model_config), extraction_config)
     answers, failures = [], []
     timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
         try:
-            image = read_image(query)
+            image = read_image(query, fetcher)
         except (ImageError, FetchError, OSError, ValueError) as e:
             failures.append((query, f"{type(e).__name__}: {e}"))
             answers.append((query, []))
@@ -113,7 +116,12 @@ def search_locally(args) -> tuple[list, list]:
             answers.append((query, []))
             continue
         timings["extract"] += time.perf_counter() - start
-        result = retriever.search(features)
+        try:
+            result = retriever.search(features)
+        except Exception as e:  # noqa: BLE001 - likewise for the search itself
+            failures.append((query, f"search failed: {type(e).__name__}: {e}"))
+            answers.append((query, []))
+            continue
         for stage, seconds in result.timings.items():
             timings[stage] += seconds
         answers.append((query, result.matches))
@@ -135,12 +143,13 @@ def search_with_beam(args, beam_args) -> tuple[list, list]:
     records_path = args.output + ".records.jsonl"
     pipeline, local = make_pipeline(beam_args)
     if not local and not args.output.startswith("gs://"):
-        raise SystemExit("--output must be a gs:// path on a remote runner (the workers write it)")
+        raise cli.UsageError("--output must be a gs:// path on a remote runner (the workers write it)")
     pipeline | "SearchQueries" >> SearchQueries(args.queries, args.index, retrieval_config(args), records_path,
                                                 image_shortlist=args.image_shortlist,
                                                 shortlist_min_images=args.shortlist_min_images,
                                                 shortlist_size=args.shortlist_size,
-                                                visualize=args.visualize, visualize_top=args.visualize_top)
+                                                visualize=args.visualize, visualize_top=args.visualize_top,
+                                                fetch=cli.fetch_config_from_args(args))
     pipeline.run().wait_until_finish()
     records = [json.loads(line) for line in storage.read_bytes(records_path).decode().splitlines() if line]
     storage.delete(records_path)
@@ -176,4 +185,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

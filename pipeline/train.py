@@ -60,6 +60,7 @@ def parse_args(argv=None):
     cal.add_argument("--scales", type=lambda s: tuple(float(v) for v in s.split(",")),
                      help="pyramid scales extraction will use (default: the paper's 7)")
     cal.add_argument("--max-image-size", type=int, default=1024, help="long side cap extraction will use (default: %(default)s)")
+    cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -110,4 +111,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(cli.main(run))

@@ -384,7 +384,7 @@ def test_quantization_error_measures_drift():
 
 FLEX = os.path.join(REPO_ROOT, "flex_template")
 EXAMPLES = {"input": "gs://b/photos", "index": "gs://b/index", "keep": "3", "retrain": "true", "drift_threshold": "1.5",
-            "lock_ttl": "3600", "label_from_folder": "false", "preset": "lite-gpu", "num_shards": "4",
+            "lock_ttl": "3600", "max_rejected_fraction": "0.2", "label_from_folder": "false", "preset": "lite-gpu", "num_shards": "4",
             "rows_per_shard": "1000", "batch_size": "8", "accelerator": "type:nvidia-l4;count:1;install-nvidia-driver"}
 
 

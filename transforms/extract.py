@@ -11,11 +11,9 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from delf_retrieval.images import IMAGE_EXTENSIONS
 from delf_retrieval.inputs import InputImage
 
 DEAD_LETTER = "dead_letter"
-LISTING_EXTENSIONS = (".csv", ".txt")
 METRICS_NAMESPACE = "delf"
 STAGES = ("list", "read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "publish")
 
@@ -69,35 +67,42 @@ def dead_letter(uri: str, stage: str, reason: str, error: str) -> dict:
     return {"uri": uri, "stage": stage, "reason": reason, "error": error}
 
 
-def list_source(source: str, label_from_folder: bool = False) -> list:
-    """The images of a source: a listing CSV/TXT (local or gs://), a folder (searched recursively)
-    or a glob. Runs inside the ``ListInputs`` step, on a worker."""
-    from delf_retrieval import inputs, storage
-
-    if source.lower().endswith(LISTING_EXTENSIONS):
-        return inputs.parse_csv(storage.read_bytes(source).decode("utf-8-sig"))
-    if any(c in source for c in "*?["):
-        paths = storage.glob(source)
-    else:
-        paths = storage.list_files(source)
-    paths = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
-    label = (lambda p: os.path.basename(os.path.dirname(p))) if label_from_folder else (lambda p: None)
-    return [inputs.InputImage(p, label(p)) for p in paths]
+INTERNAL_ERRORS = Metrics.counter(METRICS_NAMESPACE, "internal_errors")
 
 
-def list_records(source: str, label_from_folder: bool = False) -> list:
-    """``list_source`` as plain tuples, timed as the ``list`` stage."""
+def internal_error(uri: str, stage: str, error: BaseException):
+    """An unexpected exception for one element, as its dead letter (reason ``internal_error``, with
+    the exception's type and message), counted; the bundle and the other elements go on."""
+    INTERNAL_ERRORS.inc()
+    return beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, "internal_error",
+                                                             f"{type(error).__name__}: {error}"))
+
+
+def list_records(source: str, label_from_folder: bool = False):
+    """``list_source`` as plain tuples, timed as the ``list`` stage; repeats (and a source that cannot
+    be listed at all) leave as dead letters, so they are counted among the inputs."""
+    from delf_retrieval.inputs import list_source
+
     start = time.perf_counter()
-    records = [tuple(i) for i in list_source(source, label_from_folder)]
+    try:
+        images, repeats = list_source(source, label_from_folder)
+    except Exception as e:  # noqa: BLE001 - the source itself becomes the dead letter
+        reason = "unreadable" if isinstance(e, (OSError, ValueError)) else "internal_error"
+        yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, "list", reason, f"{type(e).__name__}: {e}"))
+        return
     stage_timing("list").update(elapsed_us(start))
-    return records
+    yield from (tuple(i) for i in images)
+    for record in repeats:
+        yield beam.pvalue.TaggedOutput(DEAD_LETTER, record)
 
 
 class ListInputs(beam.PTransform):
-    """Source -> unique ``InputImage`` records, spread over workers (Reshuffle), and their count.
+    """Source -> unique ``InputImage`` records, spread over workers (Reshuffle), their count, and the
+    dead letters of the listing (uris listed again).
 
-    Returns ``{"images": records, "count": one int}``. The count is taken before the Reshuffle, so
-    a step that reads it as a side input can still fuse with extraction behind the Reshuffle (a
+    Returns ``{"images": records, "count": one int, "dead_letter": records}``; the count is of every
+    listed row, repeats included, so indexed + rejected = count. It is taken before the Reshuffle,
+    so a step that reads it as a side input can still fuse with extraction behind the Reshuffle (a
     count taken after it would be computed by the extraction stage itself, which then has to
     finish first)."""
 
@@ -107,23 +112,26 @@ class ListInputs(beam.PTransform):
         self.label_from_folder = label_from_folder
 
     def expand(self, pbegin):
-        unique = (
+        listed = (
             pbegin
             | "Source" >> beam.Create([self.source])
-            | "List" >> beam.FlatMap(list_records, self.label_from_folder)
-            | "Unique" >> beam.Distinct()  # on plain tuples, which Beam encodes deterministically
-            | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
+            | "List" >> beam.FlatMap(list_records, self.label_from_folder).with_outputs(DEAD_LETTER, main="images")
         )
+        unique = listed.images | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
+        every_row = (unique, listed[DEAD_LETTER]) | "EveryRow" >> beam.Flatten()
         return {"images": unique | "SpreadOverWorkers" >> beam.Reshuffle(),
-                "count": unique | "Count" >> beam.combiners.Count.Globally()}
+                "count": every_row | "Count" >> beam.combiners.Count.Globally(),
+                DEAD_LETTER: listed[DEAD_LETTER]}
 
 
 class ReadImage(beam.DoFn):
-    """InputImage -> (InputImage, bytes); an unreadable or unfetchable input -> dead letter."""
+    """InputImage -> (InputImage, bytes), bounded in time and size by a ``FetchConfig``; an
+    unreadable, oversized or unfetchable input -> dead letter."""
 
-    def __init__(self, fetch_timeout: float = 20.0, fetch_retries: int = 3, host_interval: float = 0.1,
-                 progress_total: int = 0):
-        self.settings = dict(timeout=fetch_timeout, retries=fetch_retries, host_interval=host_interval)
+    def __init__(self, fetch=None, progress_total: int = 0):
+        from delf_retrieval.inputs import FetchConfig
+
+        self.fetch = fetch or FetchConfig()
         self.progress_total = progress_total
         self.fetcher = None
         self.failed = Metrics.counter("delf", "images_unreadable")
@@ -132,26 +140,45 @@ class ReadImage(beam.DoFn):
     def setup(self):
         from delf_retrieval.inputs import Fetcher
 
-        self.fetcher = Fetcher(**self.settings)
+        self.fetcher = Fetcher(self.fetch)
         PROGRESS.configure(self.progress_total)
 
     def process(self, image):
-        from delf_retrieval import inputs
-
         start = time.perf_counter()
         try:
-            data = inputs.read_image_bytes(image.uri, self.fetcher)
-        except inputs.FetchError as e:
+            data = read_input(image.uri, self.fetcher)
+        except Rejected as e:
             self.failed.inc()
             PROGRESS.tick()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(image.uri, "fetch", e.reason, str(e)))
-        except (OSError, ValueError) as e:
-            self.failed.inc()
-            PROGRESS.tick()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(image.uri, "read", "unreadable", f"{type(e).__name__}: {e}"))
+            yield e.output
         else:
             self.timing.update(elapsed_us(start))
             yield image, data
+
+
+class Rejected(Exception):
+    """An input that could not be read; ``output`` is its dead letter."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+
+def read_input(uri: str, fetcher) -> bytes:
+    """An input's bytes, or :class:`Rejected` with its dead letter: ``fetch`` for http(s), ``read``
+    otherwise, with the typed reason, or ``internal_error`` for anything unexpected."""
+    from delf_retrieval import images, inputs
+
+    stage = "fetch" if inputs.is_url(uri) else "read"
+    try:
+        return inputs.read_image_bytes(uri, fetcher)
+    except (inputs.FetchError, images.ImageError) as e:
+        raise Rejected(beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, e.reason, str(e)))) from None
+    except OSError as e:
+        raise Rejected(beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, "unreadable",
+                                                                         f"{type(e).__name__}: {e}"))) from None
+    except Exception as e:  # noqa: BLE001 - one input never fails the bundle
+        raise Rejected(internal_error(uri, stage, e)) from None
 
 
 class DecodeImage(beam.DoFn):
@@ -172,11 +199,12 @@ class DecodeImage(beam.DoFn):
         start = time.perf_counter()
         try:
             image = images.decode_image(data, name=uri, limits=images.DecodeLimits(**self.limits))
-        except images.ImageError as e:
+        except Exception as e:  # noqa: BLE001 - typed errors by their reason, anything else as internal
             self.timing.update(elapsed_us(start))
             self.rejected.inc()
             PROGRESS.tick()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, "decode", e.reason, str(e)))
+            yield (beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, "decode", e.reason, str(e)))
+                   if isinstance(e, images.ImageError) else internal_error(uri, "decode", e))
             return
         digest = images.content_hash(data)
         self.timing.update(elapsed_us(start))
@@ -246,19 +274,19 @@ class ExtractImages(beam.PTransform):
     """InputImage records -> {"features": (InputImage, Features, hash), "dead_letter": records}."""
 
     def __init__(self, model_config, extraction_config, max_batch_size: int = 8, decode_limits: dict | None = None,
-                 fetch: dict | None = None, accelerator: str | None = None, progress_total: int = 0):
+                 fetch=None, accelerator: str | None = None, progress_total: int = 0):
         super().__init__()
         self.model_config = model_config.to_json() if hasattr(model_config, "to_json") else dict(model_config)
         self.extraction_config = (dataclasses.asdict(extraction_config) if dataclasses.is_dataclass(extraction_config)
                                   else dict(extraction_config))
         self.max_batch_size = max_batch_size
         self.decode_limits = decode_limits
-        self.fetch = fetch or {}
+        self.fetch = fetch  # a FetchConfig (None: its defaults)
         self.accelerator = accelerator
         self.progress_total = progress_total
 
     def expand(self, images):
-        read = images | "Read" >> beam.ParDo(ReadImage(**self.fetch, progress_total=self.progress_total)).with_outputs(
+        read = images | "Read" >> beam.ParDo(ReadImage(self.fetch, progress_total=self.progress_total)).with_outputs(
             DEAD_LETTER, main="bytes")
         decoded = read.bytes | "Decode" >> beam.ParDo(DecodeImage(self.decode_limits)).with_outputs(DEAD_LETTER, main="images")
         extract = beam.ParDo(ExtractFeatures(self.model_config, self.extraction_config))

@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 
 from delf_retrieval import shards as index_files
 from delf_retrieval.quantize import IndexParams
-from transforms.extract import elapsed_us, stage_timing
+from transforms.extract import DEAD_LETTER, elapsed_us, internal_error, stage_timing
 
 IMAGES = "images"
 
@@ -60,7 +60,7 @@ def train_model(sample, index_params: dict, pca_dim: int, expected_count: int) -
     from delf_retrieval import index, quantize
 
     if sample is None:
-        raise ValueError("no image produced features: nothing to train the index on")
+        raise index.PublishRefused("no image produced features: nothing to train the index on")
     start = time.time()
     projection, quantizer = index.train(sample, quantize.IndexParams(**index_params), pca_dim, expected_count)
     stage_timing("train").update(int(round((time.time() - start) * 1e6)))
@@ -93,24 +93,27 @@ class EncodeImages(beam.DoFn):
             self.projection, self.quantizer = index.load_model_files(model)
             self._model_key = id(model)
         key, features, digest = element
-        image_id = inputs.image_id(key.uri)
         n_cells = self.quantizer.coarse.n_cells
         if self.num_shards is None and descriptors is None:
             raise ValueError("EncodeImages needs num_shards or the descriptors side input to size the shards")
         shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
-        height, width = features.image_size
+        try:
+            image_id = inputs.image_id(key.uri)
+            height, width = features.image_size
+            parts = []
+            if len(features):
+                encoded = index.encode_image(image_id, features, self.projection, self.quantizer)
+                parts = list(index.split_by_shard(encoded, n_cells, shards))
+        except Exception as e:  # noqa: BLE001 - one image's failure is its dead letter, not the bundle's
+            yield internal_error(key.uri, "encode", e)
+            return
         self.images.inc()
         self.rows.inc(len(features))
         yield beam.pvalue.TaggedOutput(IMAGES, {"image_id": image_id, "uri": key.uri, "width": int(width),
                                                 "height": int(height), "num_features": len(features),
                                                 "content_hash": digest, "label": key.label})
-        if len(features):
-            encoded = index.encode_image(image_id, features, self.projection, self.quantizer)
-            parts = list(index.split_by_shard(encoded, n_cells, shards))
-            self.timing.update(elapsed_us(start))
-            yield from parts
-        else:
-            self.timing.update(elapsed_us(start))
+        self.timing.update(elapsed_us(start))
+        yield from parts
 
 
 def descriptor_total(features):
@@ -128,7 +131,7 @@ def encode_images(features, model, rows_per_shard: int, num_shards: int | None, 
     sizes = {} if num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
     return features | "Encode" >> beam.ParDo(
         EncodeImages(rows_per_shard, num_shards), model=beam.pvalue.AsSingleton(model),
-        **sizes).with_outputs(IMAGES, main="rows")
+        **sizes).with_outputs(IMAGES, DEAD_LETTER, main="rows")
 
 
 def write_shard(element, output: str, build: str, index_id: str, m: int, bits: int) -> dict:
@@ -149,41 +152,58 @@ def write_shard(element, output: str, build: str, index_id: str, m: int, bits: i
 
 class PublishIndex(beam.DoFn):
     """The last step, on one worker: model files, image and dead-letter tables and the version's
-    own manifest in its folder, then the root pointer that makes it visible (``versions.publish``);
-    older builds are removed after it, ``keep`` of them kept (so a reader that opened the previous
-    one a moment ago still finds its files, and ``pipeline.reindex --rollback`` can return to it)."""
+    own manifest in its folder, then the root pointer that makes it visible (``versions.publish``,
+    a compare-and-swap against ``expected_token``, the pointer the run found when it took the lock);
+    older builds are removed after it, under the run's lock, ``keep`` of them kept (so a reader
+    that opened the previous one a moment ago still finds its files, and
+    ``pipeline.reindex --rollback`` can return to it). Refuses to publish (``PublishRefused``)
+    a build that lost inputs or rejected more than ``max_rejected_fraction`` of them; its
+    dead-letter table is still written into its folder, to be read. Releases the lock of
+    ``lock_owner`` (a job submitted to a remote runner has no driver left to do it)."""
 
-    def __init__(self, output: str, build: str, index_id: str, model_info: dict, keep: int = 1):
+    def __init__(self, output: str, build: str, index_id: str, model_info: dict, keep: int = 1,
+                 expected_token: str | None = None, lock_owner: str | None = None,
+                 max_rejected_fraction: float = 0.5):
         self.output, self.build, self.index_id, self.model_info = output, build, index_id, model_info
-        self.keep = keep
+        self.keep, self.expected_token, self.lock_owner = keep, expected_token, lock_owner
+        self.max_rejected_fraction = max_rejected_fraction
 
     def process(self, _, model, shard_records, image_records, dead_letters, inputs_listed):
         import time
 
-        from delf_retrieval import index, shards
+        from delf_retrieval import index, shards, storage, versions
 
         start = time.perf_counter()
         images = sorted(image_records, key=lambda r: r["uri"])
-        ids = {}
-        for record in images:
-            if ids.setdefault(record["image_id"], record["uri"]) != record["uri"]:
-                raise RuntimeError(f"image id collision: {record['uri']} and {ids[record['image_id']]}")
-        accounted = len(images) + len(dead_letters)
-        if accounted != inputs_listed:
-            raise RuntimeError(f"{inputs_listed} inputs listed but {len(images)} indexed + {len(dead_letters)} "
-                               f"rejected: {inputs_listed - accounted} unaccounted for")
-        from delf_retrieval import versions
-
+        refuse_unless_publishable(self.output, self.build, inputs_listed, images, dead_letters,
+                                  self.max_rejected_fraction)
         _, quantizer = index.load_model_files(model)
         files = write_version_files(self.output, self.build, model, images, dead_letters)
         records = sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"])
         manifest = shards.build_manifest(self.index_id, quantizer, files, records, self.model_info,
                                          extra={"training": training_record(model)})
         manifest["counts"]["inputs"] = inputs_listed
-        pointer = versions.publish(self.output, self.build, manifest, None, check_token=False)
+        pointer = versions.publish(self.output, self.build, manifest, self.expected_token)
         versions.prune(self.output, keep=self.keep, protect={self.build})
+        if self.lock_owner:
+            versions.release_lock(storage.join(self.output, versions.LOCK_FILE), self.lock_owner)
         stage_timing("publish").update(elapsed_us(start))
         yield pointer
+
+
+def refuse_unless_publishable(output: str, build: str, listed: int, images: list, dead_letters: list,
+                              max_rejected_fraction: float) -> None:
+    """``index.check_publishable``; a refused build keeps its dead-letter table in its folder (no
+    manifest: the next run's pruning removes it), and the error names it."""
+    from delf_retrieval import index, shards, storage
+
+    try:
+        index.check_publishable(listed, images, dead_letters, max_rejected_fraction)
+    except index.PublishRefused as e:
+        folder = storage.join(output, build)
+        shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
+                                shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"])))
+        raise index.PublishRefused(f"{e} (rejected inputs: {storage.join(folder, shards.DEAD_LETTERS_FILE)})") from None
 
 
 def training_record(model: dict) -> dict:
@@ -221,7 +241,8 @@ class BuildIndex(beam.PTransform):
 
     def __init__(self, output: str, index_params: dict, pca_dim: int = 40, sample_size: int = 1_000_000,
                  model_files: dict | None = None, rows_per_shard: int = 4_000_000, num_shards: int | None = None,
-                 model_info: dict | None = None, build: str | None = None, max_features: int | None = None):
+                 model_info: dict | None = None, build: str | None = None, max_features: int | None = None,
+                 expected_token: str | None = None, lock_owner: str | None = None, max_rejected_fraction: float = 0.5):
         super().__init__()
         self.output = output
         self.index_params = index_params
@@ -232,6 +253,8 @@ class BuildIndex(beam.PTransform):
         self.num_shards = num_shards
         self.model_info = model_info or {}
         self.max_features = max_features
+        self.expected_token, self.lock_owner = expected_token, lock_owner
+        self.max_rejected_fraction = max_rejected_fraction
         if model_files is not None and num_shards is None and not max_features:
             raise ValueError("with a fixed quantizer, give num_shards or max_features (the per-image bound) "
                              "to size the shards")
@@ -255,6 +278,7 @@ class BuildIndex(beam.PTransform):
             descriptors = None if self.num_shards else (
                 listed | "DescriptorBound" >> beam.Map(lambda n, k: n * k, self.max_features))
         encoded = encode_images(features, model, self.rows_per_shard, self.num_shards, descriptors)
+        dead_letters = (dead_letters, encoded[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
         defaults = IndexParams()
         m, bits = self.index_params.get("pq_m", defaults.pq_m), self.index_params.get("pq_bits", defaults.pq_bits)
         shard_records = (
@@ -266,7 +290,9 @@ class BuildIndex(beam.PTransform):
             pipeline
             | "Once" >> beam.Create([None])
             | "Publish" >> beam.ParDo(
-                PublishIndex(self.output, self.build, self.index_id, self.model_info),
+                PublishIndex(self.output, self.build, self.index_id, self.model_info,
+                             expected_token=self.expected_token, lock_owner=self.lock_owner,
+                             max_rejected_fraction=self.max_rejected_fraction),
                 model=beam.pvalue.AsSingleton(model), shard_records=beam.pvalue.AsList(shard_records),
                 image_records=beam.pvalue.AsList(encoded[IMAGES]), dead_letters=beam.pvalue.AsList(dead_letters),
                 inputs_listed=beam.pvalue.AsSingleton(listed))

@@ -13,9 +13,9 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms.extract import DEAD_LETTER, ExtractImages, dead_letter
-from transforms.index import (IMAGES, ReservoirFn, descriptor_total, encode_images, train_model, training_record,
-                              write_shard, write_version_files)
+from transforms.extract import DEAD_LETTER, ExtractImages, Rejected, internal_error, read_input
+from transforms.index import (IMAGES, ReservoirFn, descriptor_total, encode_images, refuse_unless_publishable,
+                              train_model, training_record, write_shard, write_version_files)
 
 SAME = "same"  # checked images whose content did not change (a touched file, a rewritten object)
 PLAN_FILE = "plan.parquet"
@@ -44,28 +44,25 @@ class CheckContent(beam.DoFn):
     """Plan rows whose stamp changed -> the image if its content hash changed too, else its uri on
     the ``same`` output (its rows are carried over; only its bytes were read, nothing extracted)."""
 
-    def __init__(self, fetch: dict | None = None):
-        self.fetch = fetch or {}
+    def __init__(self, fetch=None):
+        from delf_retrieval.inputs import FetchConfig
+
+        self.fetch = fetch or FetchConfig()
         self.same = Metrics.counter("delf", "images_checked_unchanged")
         self.changed = Metrics.counter("delf", "images_checked_changed")
 
     def setup(self):
         from delf_retrieval.inputs import Fetcher
 
-        self.fetcher = Fetcher(timeout=self.fetch.get("fetch_timeout", 20.0), retries=self.fetch.get("fetch_retries", 3),
-                               host_interval=self.fetch.get("host_interval", 0.1))
+        self.fetcher = Fetcher(self.fetch)
 
     def process(self, row):
-        from delf_retrieval import images, inputs
+        from delf_retrieval import images
 
         try:
-            data = inputs.read_image_bytes(row["uri"], self.fetcher)
-        except inputs.FetchError as e:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(row["uri"], "fetch", e.reason, str(e)))
-            return
-        except (OSError, ValueError) as e:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(row["uri"], "read", "unreadable",
-                                                                    f"{type(e).__name__}: {e}"))
+            data = read_input(row["uri"], self.fetcher)
+        except Rejected as e:
+            yield e.output
             return
         if images.content_hash(data) == row["content_hash"]:
             self.same.inc()
@@ -95,6 +92,12 @@ class CarryPostings(beam.DoFn):
                                            np.int64))
 
     def process(self, record, same_uris):
+        try:
+            yield from self._carry(record, same_uris)
+        except Exception as e:  # noqa: BLE001 - the shard's failure is recorded; publishing then refuses
+            yield internal_error(record["path"], "carry", e)
+
+    def _carry(self, record, same_uris):
         import hashlib
 
         import numpy as np
@@ -104,7 +107,7 @@ class CarryPostings(beam.DoFn):
         from delf_retrieval.quantize import Encoded
         from delf_retrieval.quantize import pq as pq_lib
 
-        data = storage.read_bytes(storage.join(self.root, record["path"]))
+        data = storage.read_bytes(shards.resolve(self.root, record["path"]))
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise shards.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
         table = pq.read_table(io.BytesIO(data))
@@ -144,7 +147,7 @@ def read_model(root: str, pointer: dict) -> dict:
     files = {}
     for name in ("pca", "quantizer"):
         record = pointer["files"][name]
-        files[name] = storage.read_bytes(storage.join(root, record["path"]))
+        files[name] = storage.read_bytes(shards.resolve(root, record["path"]))
         if hashlib.sha256(files[name]).hexdigest() != record["sha256"]:
             raise shards.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
     training = pointer.get("training", {})
@@ -188,12 +191,14 @@ class PublishVersion(beam.DoFn):
                                "height": row["height"], "num_features": row["num_features"],
                                "content_hash": row["content_hash"], "label": row["label"], "stamp": row["stamp"]})
         images.sort(key=lambda r: r["uri"])
-        if len(images) + len(dead_letters) != len(plan):
-            raise RuntimeError(f"{len(plan)} inputs listed but {len(images)} indexed + {len(dead_letters)} rejected")
-        ids = {}
-        for record in images:
-            if ids.setdefault(record["image_id"], record["uri"]) != record["uri"]:
-                raise RuntimeError(f"image id collision: {record['uri']} and {ids[record['image_id']]}")
+        carry_failed = [d for d in dead_letters if d["stage"] == "carry"]
+        if carry_failed:
+            raise index.PublishRefused(
+                f"{len(carry_failed)} posting shards of the current version could not be carried over (first: "
+                f"{carry_failed[0]['uri']}: {carry_failed[0]['error']}): not published, the current version keeps "
+                "serving; run with --retrain to rebuild the index from its inputs")
+        listed = len(plan) + len(s.get("listing_dead_letters", []))
+        refuse_unless_publishable(s["root"], s["build"], listed, images, dead_letters, s["max_rejected_fraction"])
         _, quantizer = index.load_model_files(model)
         files = write_version_files(s["root"], s["build"], model, images, dead_letters)
         files["plan"] = s["plan_record"]
@@ -202,7 +207,7 @@ class PublishVersion(beam.DoFn):
         manifest = shards.build_manifest(s["index_id"], quantizer, files, records, s["model_info"],
                                          extra={"training": training_record(model), "drift": report["drift"],
                                                 "changes": {k: report[k] for k in CHANGE_COUNTS}})
-        manifest["counts"]["inputs"] = len(plan)
+        manifest["counts"]["inputs"] = listed
         pointer = versions.publish(s["root"], s["build"], manifest, s["expected_token"])
         report["previous"] = pointer.get("previous")
         report["pruned"] = versions.prune(s["root"], keep=s["keep"], protect={s["build"]})
@@ -223,7 +228,7 @@ class PublishVersion(beam.DoFn):
         trained = model.get("quantization_error")
         ratio = new_error / trained if new_error is not None and trained else None
         return {
-            "mode": s["mode"], "build": s["build"], "index": s["root"], "listed": len(plan),
+            "mode": s["mode"], "build": s["build"], "index": s["root"], "listed": len(plan) + len(s.get("listing_dead_letters", [])),
             "added": sum(u not in was_indexed for u in new_uris),
             "changed": sum(u in was_indexed and hash_of[u] != was_indexed[u] for u in new_uris),
             "unchanged": len(carried) + sum(u in was_indexed and hash_of[u] == was_indexed[u] for u in new_uris),
@@ -267,7 +272,7 @@ class Reindex(beam.PTransform):
                      | "ExtractImages" >> ExtractImages(self.model_config, self.extraction_config,
                                                         **self.extract_options))
         features = extracted["features"]
-        dead = (extracted[DEAD_LETTER], checked[DEAD_LETTER]) | "DeadLetters" >> beam.Flatten()
+        repeats = pbegin | "ListedAgain" >> beam.Create(s.get("listing_dead_letters", []))
         new_sample = (features | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
                       | "Sample" >> beam.CombineGlobally(ReservoirFn(s["sample_size"], self.index_params.get("seed", 0))))
         if incremental:
@@ -285,6 +290,8 @@ class Reindex(beam.PTransform):
         # does not wait for the descriptor total and streams behind extraction.
         encoded = encode_images(features, model, s["rows_per_shard"], s["num_shards"],
                                 None if incremental else descriptors)
+        dead = ((extracted[DEAD_LETTER], checked[DEAD_LETTER], encoded[DEAD_LETTER], repeats)
+                | "DeadLetters" >> beam.Flatten())
         rows = [encoded.rows]
         if incremental:
             params = self.pointer["params"]

@@ -39,7 +39,12 @@ class SearchIndex(beam.DoFn):
 
     def process(self, element):
         query, features, _ = element
-        result = self.retriever.search(features)
+        try:
+            result = self.retriever.search(features)
+        except Exception as e:  # noqa: BLE001 - one query's failure is its record; the others are answered
+            yield json.dumps({"rank": query.rank, "query": query.uri, "matches": [],
+                              "error": f"search/internal_error: {type(e).__name__}: {e}"})
+            return
         self.answered.inc()
         if self.visualize:
             self._picture(query, result.matches[: self.visualize_top])
@@ -72,7 +77,7 @@ class SearchQueries(beam.PTransform):
 
     def __init__(self, queries: list[str], index: str, config, output: str, image_shortlist: str = "auto",
                  shortlist_min_images: int = 50_000, shortlist_size: int = 1000, visualize: str | None = None,
-                 visualize_top: int = 5, max_batch_size: int = 8):
+                 visualize_top: int = 5, max_batch_size: int = 8, fetch=None):
         super().__init__()
         self.queries = list(queries)
         self.index = index
@@ -83,6 +88,7 @@ class SearchQueries(beam.PTransform):
         self.visualize = visualize
         self.visualize_top = visualize_top
         self.max_batch_size = max_batch_size
+        self.fetch = fetch  # a FetchConfig: how queries are read
 
     def expand(self, pbegin):
         from delf_retrieval import retrieval, shards
@@ -94,7 +100,8 @@ class SearchQueries(beam.PTransform):
             pbegin
             | "Queries" >> beam.Create([QueryImage(uri, rank) for rank, uri in enumerate(self.queries)])
             | "Spread" >> beam.Reshuffle()
-            | "Extract" >> ExtractImages(model_config, extraction_config, max_batch_size=self.max_batch_size)
+            | "Extract" >> ExtractImages(model_config, extraction_config, max_batch_size=self.max_batch_size,
+                                     fetch=self.fetch)
         )
         answered = extracted["features"] | "Search" >> beam.ParDo(
             SearchIndex(self.index, self.config, self.open_options, self.visualize, self.visualize_top))

@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 TFRECORD_IMAGE_KEY = "image/encoded"  # the keys of the official DELF / Google-Landmarks TFRecords
 TFRECORD_LABEL_KEY = "image/class/label"
-LISTING_EXTENSIONS = (".csv", ".txt")
 
 
 @dataclass(frozen=True)
@@ -74,21 +73,15 @@ def from_pairs(pairs: list[tuple[str, str]]) -> LabelledImages:
     return LabelledImages([u for u, _ in pairs], np.array([index[l] for _, l in pairs], np.int64), names)
 
 
-def _resolve(uri: str, base: str) -> str:
-    if inputs.is_url(uri) or storage.is_gcs(uri) or os.path.isabs(uri):
-        return uri
-    return storage.join(base, uri)
-
-
 def list_csv(path: str) -> LabelledImages:
     """A listing CSV (``path_or_url,label`` or Google-Landmarks ``id,url,landmark_id``); relative
     paths are taken relative to the CSV's folder. Rows without a label are refused."""
-    rows = inputs.parse_csv(storage.read_bytes(path).decode("utf-8-sig"))
+    rows = inputs.parse_csv(storage.read_bytes(path).decode("utf-8-sig", errors="replace"), name=path)
     unlabelled = [r.uri for r in rows if r.label is None]
     if unlabelled:
         raise ValueError(f"{path}: {len(unlabelled)} rows have no label, e.g. {unlabelled[0]}")
-    base = path.rsplit("/", 1)[0] if "/" in path else "."
-    return from_pairs([(_resolve(r.uri, base), r.label) for r in rows])
+    base = inputs.listing_folder(path)
+    return from_pairs([(inputs.resolve_uri(r.uri, base), r.label) for r in rows])
 
 
 def list_class_folders(folder: str) -> LabelledImages:
@@ -133,7 +126,7 @@ def list_source(source: str, num_classes: int | None = None) -> LabelledImages:
         if files and all(_is_tfrecord(f) for f in files):
             return list_tfrecords(sorted(files), num_classes)
         raise ValueError(f"{source}: a glob must match TFRecord files")
-    if source.lower().endswith(LISTING_EXTENSIONS):
+    if source.lower().endswith(inputs.LISTING_EXTENSIONS):
         return list_csv(source)
     if _is_tfrecord(source):
         return list_tfrecords([source], num_classes)
