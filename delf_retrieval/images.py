@@ -35,6 +35,7 @@ _OTHER_FORMATS = (
     (b"\x76\x2f\x31\x01", "OpenEXR"), (b"#?RADIANCE", "Radiance HDR"), (b"SIMPLE  =", "FITS"),
     (b"<svg", "SVG"), (b"<?xml", "XML/SVG"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"FORM", "IFF"),
     (b"gimp xcf", "GIMP XCF"), (b"BLP", "BLP"), (b"\x01\xda", "SGI"), (b"\x0a\x05\x01", "PCX"),
+    (b"Image type", "IM"), (b"#define", "XBM"), (b"DanM", "MSP"), (b"LinS", "MSP"),
 )
 
 
@@ -106,6 +107,8 @@ def other_format(data: bytes) -> str | None:
             return name
     if head[4:8] == b"ftyp":
         return "HEIF/AVIF"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3].isspace():
+        return "Netpbm"
     return None
 
 
@@ -147,9 +150,14 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), name: str =
 
 def _decode(data: bytes, limits: DecodeLimits, name: str) -> np.ndarray:
     with warnings.catch_warnings():
-        # The pixel limit below is ours; Pillow's own (which warns above ~89 MP) is not the one in force.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
+        # Decoders warn about the damage they survive (corrupt EXIF, short reads): the outcome is what
+        # counts. The pixel limit below is ours, not Pillow's (which warns above ~89 MP).
+        warnings.simplefilter("ignore")
+        return _decode_quietly(data, limits, name)
+
+
+def _decode_quietly(data: bytes, limits: DecodeLimits, name: str) -> np.ndarray:
+    img = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ImageTooLargeError(
@@ -177,7 +185,7 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
         arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         top = 1.0 if arr.size and arr.max() <= 1.0 else 255.0
         arr = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)

@@ -55,11 +55,14 @@ def _csv_rows(text: str, name: str) -> list[tuple[int, list[str]]]:
             if any("\n" in cell or "\r" in cell for cell in row):
                 raise ListingError(f"{name} line {line}: a quoted field runs over lines {line}-{reader.line_num} "
                                    "(an unclosed quote?)")
+            if any("\x00" in cell for cell in row):
+                raise ListingError(f"{name} line {line}: a NUL byte (not a text listing?)")
             if row and any(cell.strip() for cell in row):
                 rows.append((line, row))
             line = reader.line_num + 1
-    except csv.Error as e:
-        raise ListingError(f"{name} line {reader.line_num}: {e}") from None
+    except csv.Error as e:  # reported at the line where the record that broke began
+        hint = " (a quote opened there is never closed)" if "end of data" in str(e) else ""
+        raise ListingError(f"{name} line {line}: {e}{hint}") from None
     return rows
 
 

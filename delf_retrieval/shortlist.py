@@ -145,7 +145,7 @@ class ImageShortlist:
         if record.get("index_id") != index_id:
             return None
         if record.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: shortlist format {record.get('format_version')}, this code reads {FORMAT_VERSION}")
+            raise shards.ManifestError(f"{path}: shortlist format {record.get('format_version')}, this code reads {FORMAT_VERSION}")
         payloads = {}
         for name, meta in record["files"].items():
             path = shards.resolve(directory, meta["path"], f"{SHORTLIST_MANIFEST} files.{name}.path")

@@ -8,6 +8,7 @@ Exit statuses: 0 done; 1 failed (an internal error, a build not published); 2 ba
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -152,7 +153,7 @@ def describe(error: BaseException) -> tuple[int, str, str | None]:
         return EXIT_USAGE, line, "fix that line of the listing (a uri with a comma or a quote must be quoted)"
     if isinstance(error, UsageError):
         return EXIT_USAGE, line, "see --help"
-    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+    if isinstance(error, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):
         where = getattr(error, "filename", None)
         text = f"{where}: {error.strerror}" if where and error.strerror else line
         return EXIT_USAGE, text, "check the path"
@@ -170,6 +171,9 @@ def main(run, argv: list[str] | None = None) -> int:
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name if spec else os.path.basename(sys.argv[0])
     prog = f"python -m {module}"
+    if "--debug" not in argv:
+        # A failing step is re-raised here and told in one line; Beam's own log of it is the traceback.
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     try:
         return run(argv)
     except KeyboardInterrupt:

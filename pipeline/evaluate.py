@@ -87,8 +87,8 @@ def run(argv=None) -> int:
     try:
         metrics = main(args.results, args.ground_truth, args.plot, args.json)
     except (evaluate.SchemaError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"python -m pipeline.evaluate: error: {e}", file=sys.stderr)
+        return cli.EXIT_USAGE
     print(table(metrics))
     for query in metrics["ignored_results"][:10]:
         print(f"ignored (not in ground truth): {query}", file=sys.stderr)

@@ -192,7 +192,7 @@ def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_
     with open(vectors, "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    with pytest.raises(ValueError, match="SHA-256"):
+    with pytest.raises(shards.ShardError, match="SHA-256"):
         shortlist.ImageShortlist.load(directory, reader.manifest["index_id"])
 
 
