@@ -15,6 +15,9 @@ SAMPLES = os.path.join(REPO_ROOT, "samples")
 LANDMARKS_DEV = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "landmarks-dev")
 
 
+pytest_plugins = ("tests.ci_skips",)  # under CI=true, a skip other than for ../shared fails the run
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A weight cache private to the test session (the converted ImageNet weights land here)."""
