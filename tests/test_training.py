@@ -152,7 +152,8 @@ def test_resume_continues_the_step_count_and_is_exact(tmp_path):
 
     images = csv_listing(tmp_path)
     identity = {"mean": [0.0] * 3, "std": [255.0] * 3, "bgr": False}
-    make = lambda start: data.make_dataset(images, data.Preprocessing(40, 32), 4, identity, seed=3, start_step=start)  # noqa: E731
+    make = lambda start, position=None: data.make_dataset(  # noqa: E731
+        images, data.Preprocessing(40, 32), 4, identity, seed=3, start_step=start, start_position=position)
 
     def build():
         return keras.Sequential([keras.layers.Conv2D(8, 3, kernel_initializer=keras.initializers.GlorotUniform(1)),
@@ -175,6 +176,39 @@ def test_resume_continues_the_step_count_and_is_exact(tmp_path):
     assert fresh.start_step == 0 and fresh.losses == straight.losses
 
 
+def test_a_resumed_descriptor_run_sees_exactly_the_uninterrupted_stream(tmp_path, cache_dir, monkeypatch):
+    """Through steps.train_descriptor, with unreadable images in the listing, a cosine schedule, a
+    run that dies between checkpoints (after step 5, its last checkpoint at 3) and a stream that
+    crosses epochs: the resumed run trains on the same batches, so its losses and final weights
+    are those of the uninterrupted run, bit for bit."""
+    folder = write_classes(tmp_path / "images", per_class=3, seed=4, size=40, n=16, margin=2)
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(folder.glob("*/*.png"))]
+    (tmp_path / "images" / "class0" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "images" / "class2" / "empty.png").write_bytes(b"")
+    rows[1:1] = ["images/class0/broken.png,class0"]
+    rows[6:6] = ["images/class2/empty.png,class2"]
+    (tmp_path / "train.csv").write_text("path_or_url,label\n" + "\n".join(rows) + "\n")
+    images = data.list_source(str(tmp_path / "train.csv"))
+    assert len(images) == 11  # 9 readable, 2 not: 10 steps of 2 cross the listing twice
+    config = loop.LoopConfig(steps=10, batch_size=2, learning_rate=1e-3, optimizer="adam", schedule="cosine",
+                             checkpoint_every=3, log_every=1, progress=False)
+    start = delf.ModelConfig(backbone="efficientnet_lite0", weights="imagenet")
+    preprocessing = data.Preprocessing(40, 32)
+    straight = steps.train_descriptor(images, start, str(tmp_path / "straight"), config, preprocessing,
+                                      cache_dir=cache_dir).loop
+    real = data.make_dataset
+    monkeypatch.setattr(data, "make_dataset", lambda *a, **k: real(*a, **k).take(5))  # the run dies after step 5
+    died = steps.train_descriptor(images, start, str(tmp_path / "resumed"), config, preprocessing, cache_dir=cache_dir)
+    assert died.loop.step == 5 and len(died.loop.losses) == 5
+    monkeypatch.setattr(data, "make_dataset", real)
+    resumed = steps.train_descriptor(images, start, str(tmp_path / "resumed"), config, preprocessing,
+                                     cache_dir=cache_dir).loop
+    assert (resumed.start_step, resumed.step) == (3, 10)  # from the last checkpoint
+    assert resumed.losses == straight.losses[3:]
+    for a, b in zip(straight.model.weights, resumed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
 def test_preprocessing_crops_inside_the_resized_center_square(tmp_path):
     """Each descriptor-step input is a crop of the central square resized (the paper's recipe), and
     attention-step batches are rescaled by r in [min_rescale, 1], one r per batch."""
@@ -188,14 +222,14 @@ def test_preprocessing_crops_inside_the_resized_center_square(tmp_path):
     square = tf.image.resize(image[:, 20:80].astype(np.float32), [40, 40], antialias=True).numpy()
     batches = data.make_dataset(images, data.Preprocessing(40, 32), 1, identity, seed=7).take(6)
     offsets = set()
-    for patches, labels in batches:
+    for patches, labels, _ in batches:
         patch = patches.numpy()[0]
         match = [(dy, dx) for dy in range(9) for dx in range(9) if np.allclose(square[dy : dy + 32, dx : dx + 32], patch)]
         assert len(match) == 1 and labels.numpy().tolist() == [0]
         offsets.add(match[0])
     assert len(offsets) > 1  # the crop is random
 
-    sides = [p.shape[1] for p, _ in data.make_dataset(images, data.Preprocessing(40, 32, 0.5), 2, identity).take(8)]
+    sides = [p.shape[1] for p, _, _ in data.make_dataset(images, data.Preprocessing(40, 32, 0.5), 2, identity).take(8)]
     assert all(16 <= s <= 32 for s in sides) and len(set(sides)) > 1
 
 
@@ -206,7 +240,7 @@ def test_tfrecords_and_google_landmarks_csv_are_read(tmp_path, pattern_folder):
     records = data.list_source(str(tmp_path))
     assert records.tfrecord_files == [str(tmp_path / "train-0.tfrecord")] and records.num_classes == 3
     identity = {"mean": [0.0] * 3, "std": [1.0] * 3, "bgr": False}
-    seen = [int(l) for _, labels in data.make_dataset(records, data.Preprocessing(IMAGE, IMAGE), 1, identity).take(len(subset))
+    seen = [int(l) for _, labels, _ in data.make_dataset(records, data.Preprocessing(IMAGE, IMAGE), 1, identity).take(len(subset))
             for l in labels.numpy()]
     assert sorted(seen) == sorted(subset.labels.tolist())
     decoded = data.load_images(records, 2)
@@ -323,7 +357,8 @@ def build():
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
 y = (x[..., 0].mean((1, 2)) > 0).astype(np.int64) + (x[..., 1].mean((1, 2)) > 0)
-make = lambda start: tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(8, drop_remainder=True).skip(start)
+make = lambda start, position=None: (tf.data.Dataset.from_tensor_slices((x, y)).repeat().enumerate()
+                                     .map(lambda i, r: (r[0], r[1], i)).batch(8, drop_remainder=True).skip(start))
 out = {{}}
 runs = (("one", tf.distribute.get_strategy(), False), ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), False),
         ("mixed", tf.distribute.get_strategy(), True))

@@ -214,13 +214,16 @@ def normaliser(normalisation: dict):
 
 
 def make_dataset(images: LabelledImages, preprocessing: Preprocessing, batch_size: int, normalisation: dict,
-                 seed: int = 0, start_step: int = 0, shuffle_buffer: int = 10_000):
-    """An endless ``tf.data.Dataset`` of (normalised images (B, s, s, 3) float32, labels (B,) int64).
+                 seed: int = 0, start_step: int = 0, shuffle_buffer: int = 10_000, start_position: int | None = None):
+    """An endless ``tf.data.Dataset`` of (normalised images (B, s, s, 3) float32, labels (B,) int64,
+    positions (B,) int64): each image's position in the stream of listed records.
 
     The sequence is a function of ``seed`` alone: batch ``k`` is the same whether training started
-    at step 0 or resumed at ``start_step`` (it skips the records already used, before decoding),
-    and every random crop and rescale draws from stateless generators keyed by the image's
-    position in the stream. Unreadable images are logged and skipped.
+    at step 0 or resumed at ``start_step``. A resume skips the records already used, before
+    decoding: from ``start_position`` (one past the largest position of the last batch trained on,
+    which the training loop checkpoints), since unreadable images are logged and left out, so the
+    records used are not ``start_step x batch_size`` when the listing holds any. Every random crop
+    and rescale draws from stateless generators keyed by the position or the step.
     """
     import tensorflow as tf
 
@@ -238,7 +241,8 @@ def make_dataset(images: LabelledImages, preprocessing: Preprocessing, batch_siz
         raw = tf.data.Dataset.range(len(images.uris)).shuffle(len(images.uris), seed=seed, reshuffle_each_iteration=True)
         raw = raw.map(lambda i: (tf.gather(uris, i), tf.gather(labels, i)))
         decode = _decode_uri
-    raw = raw.repeat().skip(start_step * batch_size).enumerate(start=start_step * batch_size)
+    first = start_step * batch_size if start_position is None else start_position
+    raw = raw.repeat().skip(first).enumerate(start=first)
     normalise = normaliser(normalisation)
     size = preprocessing.resize
     crop = preprocessing.crop
@@ -253,7 +257,7 @@ def make_dataset(images: LabelledImages, preprocessing: Preprocessing, batch_siz
         square = tf.image.resize(center_square(image), [size, size], antialias=True)
         seed_pair = tf.stack([tf.cast(seed, tf.int64), position])
         patch = tf.image.stateless_random_crop(square, [crop, crop, 3], seed=seed_pair)
-        return normalise(patch), label
+        return normalise(patch), label, position
 
     data = raw.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     data = data.filter(lambda position, image, label: tf.size(image) > 0)
@@ -263,10 +267,10 @@ def make_dataset(images: LabelledImages, preprocessing: Preprocessing, batch_siz
         low = preprocessing.min_rescale
 
         def rescale(step, batch):
-            patches, labels_ = batch
+            patches, labels_, positions = batch
             r = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64) + 1, step]), minval=low, maxval=1.0)
             side = tf.cast(tf.round(r * crop), tf.int32)
-            return tf.image.resize(patches, tf.stack([side, side]), antialias=True), labels_
+            return tf.image.resize(patches, tf.stack([side, side]), antialias=True), labels_, positions
 
         data = data.enumerate(start=start_step).map(rescale, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return data.prefetch(tf.data.AUTOTUNE)

@@ -97,11 +97,12 @@ def _scalar(tag: str, value, step: int) -> None:
 
 def train(build_model, make_dataset, config: LoopConfig, workdir: str, resume: bool = True,
           strategy=None) -> LoopResult:
-    """Train ``build_model()`` (a Keras model: images -> logits) on ``make_dataset(start_step)``
-    (an endless dataset of (images, int labels) global batches) with softmax cross-entropy, up to
-    ``config.steps``.
+    """Train ``build_model()`` (a Keras model: images -> logits) on ``make_dataset(start_step,
+    start_position)`` (an endless dataset of (images, int labels, int64 stream positions) global
+    batches) with softmax cross-entropy, up to ``config.steps``.
 
-    Checkpoints (model, optimizer, step) go to ``workdir/checkpoints`` every
+    Checkpoints (model, optimizer, step, and the stream position after the last batch, so a resume
+    continues exactly where the stream was) go to ``workdir/checkpoints`` every
     ``checkpoint_every`` steps and at the end; with ``resume`` the latest one is restored and the
     run continues from its step. Loss, accuracy and learning rate go to ``workdir/logs``
     (TensorBoard) every ``log_every`` steps. ``strategy`` defaults to :func:`make_strategy`.
@@ -119,7 +120,8 @@ def train(build_model, make_dataset, config: LoopConfig, workdir: str, resume: b
         optimizer = _optimizer(config, mixed)
         optimizer.build(trainable)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+        position = tf.Variable(-1, dtype=tf.int64, trainable=False, name="position")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, position=position)
     manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, CHECKPOINT_DIR),
                                          max_to_keep=config.keep_checkpoints)
     if resume and manager.latest_checkpoint:
@@ -129,10 +131,11 @@ def train(build_model, make_dataset, config: LoopConfig, workdir: str, resume: b
     if start >= config.steps:
         return result
 
-    dataset = strategy.experimental_distribute_dataset(make_dataset(start))
+    resume_at = int(position.numpy())
+    dataset = strategy.experimental_distribute_dataset(make_dataset(start, resume_at if resume_at >= 0 else None))
     global_batch = config.batch_size
 
-    def replica_step(images, labels):
+    def replica_step(images, labels, positions):
         with tf.GradientTape() as tape:
             logits = tf.cast(model(images, training=True), tf.float32)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
@@ -141,12 +144,13 @@ def train(build_model, make_dataset, config: LoopConfig, workdir: str, resume: b
         gradients = tape.gradient(scaled, trainable)
         optimizer.apply_gradients(zip(gradients, trainable))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), labels), tf.float32))
-        return loss, correct
+        return loss, correct, tf.reduce_max(positions)
 
     @tf.function(input_signature=[dataset.element_spec])
     def train_step(batch):
-        loss, correct = strategy.run(replica_step, args=batch)
+        loss, correct, last = strategy.run(replica_step, args=batch)
         step.assign_add(1)
+        position.assign(tf.reduce_max(tf.stack(strategy.experimental_local_results(last))) + 1)
         return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
                 strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None) / global_batch)
 

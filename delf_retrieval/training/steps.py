@@ -63,9 +63,10 @@ def _write_training_info(model_dir: str, step: str, images, preprocessing, loop_
 
 
 def _dataset_factory(images, preprocessing, loop_config, net_holder, seed):
-    def make(start_step):
+    def make(start_step, start_position=None):
         return data.make_dataset(images, preprocessing, loop_config.batch_size,
-                                 net_holder["net"].config.normalisation, seed=seed, start_step=start_step)
+                                 net_holder["net"].config.normalisation, seed=seed, start_step=start_step,
+                                 start_position=start_position)
 
     return make
 
