@@ -121,7 +121,10 @@ def run_build(argv: list[str], metrics_out: str) -> None:
     model_config, extraction_config = cli.configs_from_args(args)
     pipeline, local = job.make_pipeline(beam_args)
     assert local, "the benchmark measures the local runner"
-    job.build_pipeline(pipeline, args, model_config, extraction_config)
+    from delf_retrieval import versions
+
+    job.build_pipeline(pipeline, args, model_config, extraction_config,
+                       expected_token=versions.current(args.output)[1])  # publishing is a compare-and-swap
     graph_built = time.time()
     result = pipeline.run()
     result.wait_until_finish()

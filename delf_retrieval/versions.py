@@ -92,12 +92,11 @@ def version_ids(root: str) -> tuple[list[str], list[str]]:
     return complete, sorted(set(files) - set(complete))
 
 
-def publish(root: str, build: str, manifest: dict, expected_token: str | None, *, check_token: bool = True) -> dict:
+def publish(root: str, build: str, manifest: dict, expected_token: str | None) -> dict:
     """Make ``build`` (its files already written) the current version: write its own manifest,
     verify every file against it, then replace the pointer, only if the pointer is still the one
-    ``expected_token`` names (None: nothing published yet). Returns the pointer manifest.
-
-    With ``check_token=False`` the pointer is replaced whatever it names (``pipeline.run``)."""
+    ``expected_token`` names (None: nothing published yet). Returns the pointer manifest. Every
+    writer (``pipeline.run`` and ``pipeline.reindex``) passes the token it read under the lock."""
     folder = build_folder(build)
     before, token = current(root)
     if before and before.get("build") == folder:
@@ -107,7 +106,7 @@ def publish(root: str, build: str, manifest: dict, expected_token: str | None, *
     shards.write_manifest(storage.join(root, folder), version)
     shards.verify(storage.join(root, folder))
     pointer = pointer_from_version(version, folder)
-    if check_token and token != expected_token:
+    if token != expected_token:
         raise PublishConflict(f"{root}: the current version changed while this run worked (now {previous}); "
                               "not publishing")
     _swap_pointer(root, pointer, token, "while this one was publishing")

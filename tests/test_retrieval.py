@@ -157,7 +157,9 @@ def test_vlad_matches_its_definition():
 
 
 def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_index, tmp_path):
-    directory, features = planted_index
+    source, features = planted_index
+    directory = str(tmp_path / "index")  # its own copy: this test saves a shortlist, then damages it
+    shutil.copytree(source, directory)
     reader = shards.IndexReader(directory)
     built = shortlist.build_from_index(reader, n_words=8, size=5)
     assert len(built) == 30

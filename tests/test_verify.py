@@ -239,3 +239,17 @@ def test_without_refit_the_model_is_the_best_hypothesis():
     np.testing.assert_array_equal(raw.inliers, residuals < 20.0)
     assert refit.num_inliers >= raw.num_inliers
     assert np.sum(refit.inliers & truth) >= np.sum(raw.inliers & truth)
+
+
+def test_the_residual_threshold_decides_which_matches_are_inliers():
+    """With Gaussian noise of 4 px per coordinate a 3 px threshold keeps a minority of the true
+    matches and 20 px nearly all; either way the inliers are exactly the matches whose residual
+    under the returned model is below the threshold."""
+    src, dst, _ = planted_problem(300, 0.0, seed=5, noise=4.0)
+    counts = {}
+    for threshold in (3.0, 20.0):
+        result = ransac_affine(src, dst, residual_threshold=threshold, seed=0)
+        residual = np.linalg.norm(apply(result.model, src) - dst, axis=1)
+        np.testing.assert_array_equal(result.inliers, residual < threshold)
+        counts[threshold] = result.num_inliers
+    assert counts[3.0] < 0.6 * 300 and counts[20.0] > 0.95 * 300

@@ -145,40 +145,31 @@ class ReadImage(beam.DoFn):
 
     def process(self, image):
         start = time.perf_counter()
-        try:
-            data = read_input(image.uri, self.fetcher)
-        except Rejected as e:
+        data, rejected = read_input(image.uri, self.fetcher)
+        if rejected is not None:
             self.failed.inc()
             PROGRESS.tick()
-            yield e.output
+            yield rejected
         else:
             self.timing.update(elapsed_us(start))
             yield image, data
 
 
-class Rejected(Exception):
-    """An input that could not be read; ``output`` is its dead letter."""
-
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
-
-
-def read_input(uri: str, fetcher) -> bytes:
-    """An input's bytes, or :class:`Rejected` with its dead letter: ``fetch`` for http(s), ``read``
+def read_input(uri: str, fetcher):
+    """(an input's bytes, None), or (None, its dead letter): stage ``fetch`` for http(s), ``read``
     otherwise, with the typed reason, or ``internal_error`` for anything unexpected."""
     from delf_retrieval import images, inputs
 
     stage = "fetch" if inputs.is_url(uri) else "read"
     try:
-        return inputs.read_image_bytes(uri, fetcher)
+        return inputs.read_image_bytes(uri, fetcher), None
     except (inputs.FetchError, images.ImageError) as e:
-        raise Rejected(beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, e.reason, str(e)))) from None
+        return None, beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, e.reason, str(e)))
     except OSError as e:
-        raise Rejected(beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, "unreadable",
-                                                                         f"{type(e).__name__}: {e}"))) from None
+        return None, beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, stage, "unreadable",
+                                                                       f"{type(e).__name__}: {e}"))
     except Exception as e:  # noqa: BLE001 - one input never fails the bundle
-        raise Rejected(internal_error(uri, stage, e)) from None
+        return None, internal_error(uri, stage, e)
 
 
 class DecodeImage(beam.DoFn):

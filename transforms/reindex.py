@@ -13,7 +13,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms.extract import DEAD_LETTER, ExtractImages, Rejected, internal_error, read_input
+from transforms.extract import DEAD_LETTER, ExtractImages, internal_error, read_input
 from transforms.index import (IMAGES, ReservoirFn, descriptor_total, encode_images, refuse_unless_publishable,
                               train_model, training_record, write_shard, write_version_files)
 
@@ -59,10 +59,9 @@ class CheckContent(beam.DoFn):
     def process(self, row):
         from delf_retrieval import images
 
-        try:
-            data = read_input(row["uri"], self.fetcher)
-        except Rejected as e:
-            yield e.output
+        data, rejected = read_input(row["uri"], self.fetcher)
+        if rejected is not None:
+            yield rejected
             return
         if images.content_hash(data) == row["content_hash"]:
             self.same.inc()
