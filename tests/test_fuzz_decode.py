@@ -16,15 +16,18 @@ from tests import fuzzing
 PER_FILE_SECONDS = 2.0  # generous for a loaded CI machine: the slowest of 20,000 takes ~0.05 s here
 
 
-def png_with_text_bomb(inflated_bytes: int = 50 << 20) -> bytes:
-    """A valid 64 x 64 PNG with a zTXt chunk that inflates to ``inflated_bytes`` (~50 KB on disk)."""
+def png_with_text_bomb(inflated_bytes: int = 50 << 20, chunks: int = 1) -> bytes:
+    """A valid 64 x 64 PNG with ``chunks`` zTXt chunks that each inflate to ``inflated_bytes``
+    (50 MB from ~50 KB on disk by default)."""
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
     png = buffer.getvalue()
-    body = b"Comment\x00\x00" + zlib.compress(b"\x00" * inflated_bytes, 9)
-    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    text = b""
+    for i in range(chunks):
+        body = f"Comment{i}".encode() + b"\x00\x00" + zlib.compress(b"\x00" * inflated_bytes, 9)
+        text += struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
     ihdr_end = 8 + 25  # signature, then the IHDR chunk (length, type, 13 bytes, crc)
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
+    return png[:ihdr_end] + text + png[ihdr_end:]
 
 
 def test_mutants_of_every_format_decode_or_raise_a_typed_error():
@@ -74,6 +77,26 @@ def test_a_png_text_chunk_that_inflates_to_50_mb_is_too_large():
     assert time.perf_counter() - start < PER_FILE_SECONDS
     # Text chunks within the bound are fine.
     assert images.decode_image(png_with_text_bomb(100_000)).shape == (64, 64, 3)
+
+
+def test_metadata_is_bounded_per_chunk_and_in_all():
+    assert images.decode_image(png_with_text_bomb(900_000)).shape == (64, 64, 3)
+    with pytest.raises(images.ImageTooLargeError, match="metadata"):
+        images.decode_image(png_with_text_bomb(2 << 20))  # one chunk over 1 MB
+    with pytest.raises(images.ImageTooLargeError, match="metadata"):
+        images.decode_image(png_with_text_bomb(900_000, chunks=10))  # 9 MB of text in all, over 8 MB
+
+
+def test_a_decoder_bug_on_hostile_bytes_is_a_corrupt_file(monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG")
+
+    def buggy(img):
+        raise KeyError("a plugin's internal table")
+
+    monkeypatch.setattr(images, "to_rgb_array", buggy)
+    with pytest.raises(images.CorruptImageError, match="KeyError"):
+        images.decode_image(buffer.getvalue(), name="x.png")
 
 
 def test_the_pixel_limit_is_ours_not_pillows():
