@@ -155,6 +155,23 @@ def imagenet_weights(cache_dir: str, torch_path: str | None = None) -> str:
     return target
 
 
+def imagenet_classifier_head(cache_dir: str, torch_path: str | None = None):
+    """The ImageNet classifier after the cut: ``FEATURE_LAYER`` features -> 1000 class logits.
+
+    A Keras model taking the (B, h, w, ``FEATURE_CHANNELS``) output of the cut backbone (the DELF
+    backbone, ``build(include_top=False)``) and running the rest of the converted classifier on it:
+    the remaining blocks, the head convolution, global average pooling and the logits layer, with
+    the ImageNet weights of the torch file. ``head(backbone(x))`` equals the full classifier on
+    ``x``, so features as extraction computes them can be classified. Logits are pre-softmax and
+    indexed by the standard ImageNet-1k class order.
+    """
+    import keras
+
+    classifier = build(include_top=True)
+    classifier.load_weights(imagenet_weights(cache_dir, torch_path))
+    return keras.Model(classifier.get_layer(FEATURE_LAYER).output, classifier.output, name="efficientnet_lite0_head")
+
+
 def load_imagenet(model, cache_dir: str, torch_path: str | None = None) -> None:
     """Set ``model``'s layers (cut or full) from the cached ImageNet conversion, by layer name."""
     classifier = build(include_top=True)
