@@ -200,3 +200,30 @@ def check_publishable(listed: int, images: list[dict], dead_letters: list[dict],
         raise PublishRefused(f"{len(dead_letters)} of {listed} inputs rejected ({len(dead_letters) / listed:.0%}, "
                              f"above the allowed {max_rejected_fraction:.0%}; {common}): not published, the "
                              "previous index keeps serving")
+
+
+TRAINING_OVERSAMPLING = 2.0  # images yield fewer than max_features, small ones far fewer
+
+
+def training_images(sample_size: int, max_features: int, oversampling: float = TRAINING_OVERSAMPLING) -> int:
+    """How many images a training build extracts first, to draw its ``sample_size`` descriptors from:
+    enough at ``max_features`` per image, ``oversampling`` times over (a corpus with fewer images
+    is all sample)."""
+    return max(int(np.ceil(oversampling * sample_size / max(int(max_features), 1))), 1)
+
+
+def training_sample(uris, sample_size: int, max_features: int) -> set[int]:
+    """The image ids of the training sample: the :func:`training_images` smallest image ids (a hash
+    of the uri, so every run and worker agrees, the sample is spread over the whole listing whatever
+    its order, and it has exactly that many images when the corpus has them)."""
+    import heapq
+
+    from delf_retrieval import inputs
+
+    return set(heapq.nsmallest(training_images(sample_size, max_features), map(inputs.image_id, uris)))
+
+
+def expected_descriptors(listed: int, per_image: float) -> int | None:
+    """The index's descriptor count as the training sample predicts it (sizes LOPQ regions); None
+    when the sample measured nothing."""
+    return int(round(listed * per_image)) if np.isfinite(per_image) and per_image > 0 else None

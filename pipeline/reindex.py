@@ -225,6 +225,12 @@ def run(argv=None, test_pipeline=None) -> int:
             "listing_dead_letters": repeats, "max_rejected_fraction": args.max_rejected_fraction,
         }
         to_extract = sum(r["action"] != KEEP for r in rows)
+        # A full run trains on a sample of the images (by hash of the uri) and streams the rest;
+        # shards are sized from the images to extract x the per-image bound.
+        settings.update(to_extract=to_extract, descriptor_bound=to_extract * extraction_config["max_features"],
+                        training_sample=index.training_sample((r["uri"] for r in rows if r["action"] == EXTRACT),
+                                                              settings["sample_size"], extraction_config["max_features"])
+                        if mode == "full" else set())
         extract_options = {
             "max_batch_size": args.batch_size, "accelerator": args.accelerator,
             "fetch": cli.fetch_config_from_args(args),

@@ -78,14 +78,25 @@ def build_pipeline(pipeline, args, model_config, extraction_config, expected_tok
     label_from_folder = args.label_from_folder
     if label_from_folder is None:
         label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
-    listing = pipeline | "ListInputs" >> ListInputs(args.input, label_from_folder)
-    listed, count = listing["images"], listing["count"]
-    extracted = listed | "ExtractImages" >> ExtractImages(
-        model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
-        fetch=cli.fetch_config_from_args(args), progress_total=progress_total)
+    training = None if args.quantizer else (args.sample_size, extraction_config.max_features)
+    listing = pipeline | "ListInputs" >> ListInputs(args.input, label_from_folder, training_sample=training)
+    count = listing["count"]
+
+    def extract(images, label):
+        return images | label >> ExtractImages(
+            model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
+            fetch=cli.fetch_config_from_args(args), progress_total=progress_total)
+
+    extracted = extract(listing["images"], "ExtractImages")
+    inputs = {"features": extracted["features"], "listed": count}
+    dead_letters = [listing[DEAD_LETTER], extracted[DEAD_LETTER]]
+    if training:  # the training sample is extracted first, on its own: the model depends on it alone
+        sample = extract(listing["sample"], "ExtractTrainingSample")
+        inputs["sample_features"] = sample["features"]
+        dead_letters.append(sample[DEAD_LETTER])
     params = build_quantizer.params_from_args(args)
-    dead_letters = (listing[DEAD_LETTER], extracted[DEAD_LETTER]) | "InputDeadLetters" >> beam.Flatten()
-    return {"features": extracted["features"], DEAD_LETTER: dead_letters, "listed": count} | "BuildIndex" >> BuildIndex(
+    inputs[DEAD_LETTER] = dead_letters | "InputDeadLetters" >> beam.Flatten()
+    return inputs | "BuildIndex" >> BuildIndex(
         args.output, dataclasses.asdict(params), pca_dim=args.pca_dim, sample_size=args.sample_size,
         model_files=read_model_files(args.quantizer) if args.quantizer else None, rows_per_shard=args.rows_per_shard,
         num_shards=args.num_shards, max_features=extraction_config.max_features,

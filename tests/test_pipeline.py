@@ -116,9 +116,11 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
 
 
 def encoding_waits_for_extraction(pipeline) -> bool:
-    """Whether a side input of the Encode step is computed from what the extraction stage reads (the
-    records the Read step takes, or anything made from them). Such a side input is finished only when
-    every image is extracted, so encoding cannot fuse with extraction and the raw features are held."""
+    """Whether a side input of an Encode step is computed from what the main extraction reads (the
+    records its Read step takes, or anything made from them). Such a side input is finished only when
+    every image is extracted, so encoding cannot fuse with extraction and the raw features are held.
+    (A training build's sample is extracted by a step of its own, ExtractTrainingSample: the model
+    may depend on that bounded sample.)"""
     from apache_beam.pipeline import PipelineVisitor
 
     class Walk(PipelineVisitor):
@@ -127,12 +129,12 @@ def encoding_waits_for_extraction(pipeline) -> bool:
 
         def visit_transform(self, node):  # topological order
             inputs = list(node.inputs) + [side.pvalue for side in node.side_inputs]
-            if node.full_label.endswith("/Read/ParDo(ReadImage)"):
+            if node.full_label.endswith("ExtractImages/Read/ParDo(ReadImage)"):
                 self.downstream.update(node.inputs)
             if any(i in self.downstream for i in inputs):
                 self.downstream.update(node.outputs.values())
-            if node.full_label.endswith("/Encode/ParDo(EncodeImages)"):
-                self.encode_side_inputs = [side.pvalue for side in node.side_inputs]
+            if node.full_label.endswith("ParDo(EncodeImages)"):
+                self.encode_side_inputs = (self.encode_side_inputs or []) + [side.pvalue for side in node.side_inputs]
 
     walk = Walk()
     pipeline.visit(walk)
@@ -152,15 +154,63 @@ def graph_of(argv):
     return pipeline
 
 
-def test_with_a_fixed_quantizer_encoding_streams_behind_extraction(tmp_path):
+def test_encoding_streams_behind_extraction_in_a_training_build_and_with_a_fixed_quantizer(tmp_path):
     quantizer = tmp_path / "quantizer"
     quantizer.mkdir()
     for name in ("pca.npz", "quantizer.npz"):
         (quantizer / name).write_bytes(b"read by the workers, not here")
     trained = graph_of(["--output", str(tmp_path / "a")] + FAST)
     fixed = graph_of(["--output", str(tmp_path / "b"), "--quantizer", str(quantizer)] + FAST)
-    assert encoding_waits_for_extraction(trained)  # training needs every image's features first
+    assert not encoding_waits_for_extraction(trained)  # the model depends on the training sample alone
     assert not encoding_waits_for_extraction(fixed)
+
+
+def test_a_training_build_trains_on_a_hashed_sample_and_streams_the_rest(tmp_path, cache_dir):
+    from delf_retrieval import index
+
+    corpus = small_corpus(tmp_path / "corpus")  # 9 images
+    output = tmp_path / "index"
+    # 600 descriptors at 300 per image, twice over: 4 of the 9 images are the training sample.
+    assert index.training_images(600, 300) == 4
+    build(["--input", str(corpus), "--output", str(output), "--sample-size", "600"] + FAST)
+    manifest = shards.verify(str(output))
+    reader = shards.IndexReader(str(output))
+    uris = reader.images.column("uri").to_pylist()
+    assert manifest["counts"]["images"] == 9 == len(uris)  # the sample and the rest, in one index
+    assert manifest["training"]["sample_size"] == 600  # a reservoir of the 4 sample images' descriptors
+    chosen = index.training_sample(uris, 600, 300)
+    assert len(chosen) == 4
+    assert manifest["counts"]["descriptors"] == sum(reader.images.column("num_features").to_pylist())
+    votes = votes_for(output, sample_path("berlin_cathedral", "01.jpg"))
+    assert max(votes, key=votes.get).endswith("berlin_cathedral/01.jpg")
+
+
+def test_training_sample_is_chosen_by_hash_of_the_uri():
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from delf_retrieval import index
+    from transforms.extract import split_training_sample
+
+    uris = [f"gs://b/photos/{i}.jpg" for i in range(20_000)]
+    chosen = index.training_sample(uris, 100_000, 1000)  # 200 images of 20,000
+    assert len(chosen) == 200 == index.training_images(100_000, 1000)
+    assert chosen == index.training_sample(reversed(uris), 100_000, 1000)  # whatever the listing's order
+    assert chosen == set(sorted(map(inputs.image_id, uris))[:200])
+    assert len(index.training_sample(uris[:50], 100_000, 1000)) == 50  # a small corpus is all sample
+    assert index.expected_descriptors(1000, 312.5) == 312_500 and index.expected_descriptors(10, float("nan")) is None
+    records = [inputs.InputImage(u) for u in uris[:500]]
+    expected = index.training_sample(uris[:500], 10_000, 1000)  # 20 images
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        listed = p | beam.Create(records)
+        ids = (listed | beam.Map(lambda r: inputs.image_id(r.uri))
+               | beam.combiners.Top.Smallest(index.training_images(10_000, 1000)))
+        sample, rest = split_training_sample(listed, ids)
+        assert_that(sample | "SampleIds" >> beam.Map(lambda r: inputs.image_id(r.uri)), equal_to(sorted(expected)),
+                    label="sample")
+        assert_that(rest | beam.combiners.Count.Globally(), equal_to([480]), label="rest")
 
 
 def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):

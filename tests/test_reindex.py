@@ -250,12 +250,12 @@ def reindex_graph(corpus, root, *extra):
     return pipeline
 
 
-def test_an_incremental_run_encodes_behind_extraction(built, tmp_path):
+def test_incremental_and_full_runs_encode_behind_extraction(built, tmp_path):
     corpus, root = copy_root(built, tmp_path)
     # Incremental: the model and the shard count are known before extraction, so nothing waits for it.
     assert not encoding_waits_for_extraction(reindex_graph(corpus, root))
-    # A full rebuild trains on the new features first.
-    assert encoding_waits_for_extraction(reindex_graph(corpus, root, "--retrain"))
+    # A full rebuild trains on a sample of the images, extracted first, and streams the others.
+    assert not encoding_waits_for_extraction(reindex_graph(corpus, root, "--retrain"))
 
 
 def test_gcs_build_update_and_rollback(tmp_path, cache_dir, gcs_emulator):

@@ -96,6 +96,19 @@ def list_records(source: str, label_from_folder: bool = False):
         yield beam.pvalue.TaggedOutput(DEAD_LETTER, record)
 
 
+def split_training_sample(records, chosen, label: str = "TrainingSample"):
+    """Listed records (anything with a ``uri``) -> (the training sample, the rest): the records whose
+    image id is in ``chosen``, a set of ids, or a one-element PCollection of a list of them (read
+    as a side input)."""
+    from delf_retrieval.inputs import image_id
+
+    if isinstance(chosen, beam.pvalue.PCollection):
+        chosen = beam.pvalue.AsSingleton(chosen | f"{label}AsSet" >> beam.Map(frozenset))
+    sample = records | f"{label}Images" >> beam.Filter(lambda r, ids: image_id(r.uri) in ids, chosen)
+    rest = records | f"{label}Rest" >> beam.Filter(lambda r, ids: image_id(r.uri) not in ids, chosen)
+    return sample, rest
+
+
 class ListInputs(beam.PTransform):
     """Source -> unique ``InputImage`` records, spread over workers (Reshuffle), their count, and the
     dead letters of the listing (uris listed again).
@@ -104,12 +117,15 @@ class ListInputs(beam.PTransform):
     listed row, repeats included, so indexed + rejected = count. It is taken before the Reshuffle,
     so a step that reads it as a side input can still fuse with extraction behind the Reshuffle (a
     count taken after it would be computed by the extraction stage itself, which then has to
-    finish first)."""
+    finish first). With ``training_sample=(sample_size, max_features)`` the images a training build
+    extracts first leave apart, as ``"sample"`` (``index.training_sample``: the smallest image ids),
+    and ``"images"`` holds the others."""
 
-    def __init__(self, source: str, label_from_folder: bool = False):
+    def __init__(self, source: str, label_from_folder: bool = False, training_sample: tuple[int, int] | None = None):
         super().__init__()
         self.source = source
         self.label_from_folder = label_from_folder
+        self.training_sample = training_sample
 
     def expand(self, pbegin):
         listed = (
@@ -119,9 +135,18 @@ class ListInputs(beam.PTransform):
         )
         unique = listed.images | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
         every_row = (unique, listed[DEAD_LETTER]) | "EveryRow" >> beam.Flatten()
-        return {"images": unique | "SpreadOverWorkers" >> beam.Reshuffle(),
-                "count": every_row | "Count" >> beam.combiners.Count.Globally(),
-                DEAD_LETTER: listed[DEAD_LETTER]}
+        out = {"count": every_row | "Count" >> beam.combiners.Count.Globally(), DEAD_LETTER: listed[DEAD_LETTER]}
+        if self.training_sample:
+            from delf_retrieval.index import training_images
+            from delf_retrieval.inputs import image_id
+
+            # index.training_sample as a combine: the smallest image ids, a bounded list.
+            chosen = (unique | "ImageIds" >> beam.Map(lambda r: image_id(r.uri))
+                      | "SmallestIds" >> beam.combiners.Top.Smallest(training_images(*self.training_sample)))
+            sample, unique = split_training_sample(unique, chosen)
+            out["sample"] = sample | "SpreadSampleOverWorkers" >> beam.Reshuffle()
+        out["images"] = unique | "SpreadOverWorkers" >> beam.Reshuffle()
+        return out
 
 
 class ReadImage(beam.DoFn):

@@ -116,20 +116,32 @@ class EncodeImages(beam.DoFn):
         yield from parts
 
 
-def descriptor_total(features):
-    """The number of descriptors over all images (one int): ready only when every image is extracted."""
-    return (features | "CountDescriptors" >> beam.Map(lambda r: len(r[1]))
-            | "SumDescriptors" >> beam.CombineGlobally(sum))
+def train_on_sample(sample_features, listed, index_params: dict, pca_dim: int, sample_size: int):
+    """The model (PCA + quantizer file bytes) trained on a reservoir of the training sample's
+    descriptors, sized for listed x the sample's mean descriptors per image. It depends on the
+    sample's features only, so the other images' extraction fuses with their encoding."""
+    from delf_retrieval.index import expected_descriptors
+
+    per_image = (sample_features | "TrainingPerImage" >> beam.Map(lambda r: len(r[1]))
+                 | "TrainingMeanPerImage" >> beam.combiners.Mean.Globally())
+    return (
+        sample_features
+        | "TrainingDescriptors" >> beam.Map(lambda r: r[1].descriptors)
+        | "TrainingReservoir" >> beam.CombineGlobally(ReservoirFn(sample_size, index_params.get("seed", 0)))
+        | "Train" >> beam.Map(lambda sample, n, per: train_model(sample, index_params, pca_dim,
+                                                                 expected_descriptors(n, per)),
+                              n=beam.pvalue.AsSingleton(listed), per=beam.pvalue.AsSingleton(per_image))
+    )
 
 
-def encode_images(features, model, rows_per_shard: int, num_shards: int | None, descriptors=None):
+def encode_images(features, model, rows_per_shard: int, num_shards: int | None, descriptors=None,
+                  label: str = "Encode"):
     """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs. ``descriptors``
-    (the total, or an upper bound) becomes a side input only when ``num_shards`` is not given, so a
-    run that knows its shard count lets encoding fuse with extraction."""
+    (the total, or an upper bound) becomes a side input only when ``num_shards`` is not given."""
     if not num_shards and descriptors is None:
         raise ValueError("encode_images needs num_shards or a descriptors count to size the shards")
     sizes = {} if num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
-    return features | "Encode" >> beam.ParDo(
+    return features | label >> beam.ParDo(
         EncodeImages(rows_per_shard, num_shards), model=beam.pvalue.AsSingleton(model),
         **sizes).with_outputs(IMAGES, DEAD_LETTER, main="rows")
 
@@ -229,15 +241,17 @@ def write_version_files(output: str, build: str, model: dict, images: list, dead
 
 
 class BuildIndex(beam.PTransform):
-    """(InputImage, Features, hash) + dead letters + the number of listed inputs -> the manifest of
-    the published index at ``output`` (a local folder or gs:// prefix).
+    """(InputImage, Features, hash) of the images + dead letters + the number of listed inputs (and,
+    in a training build, ``sample_features``: those of the training sample) -> the manifest of the
+    published index at ``output`` (a local folder or gs:// prefix).
 
-    Training needs every image's features before the first one is encoded, so they are held (in
-    memory locally, on disk on Dataflow) until the model is trained. With ``model_files`` (a fixed
-    quantizer) encoding waits for nothing that extraction produces: shards are sized from the listed
-    inputs x ``max_features`` (an upper bound of the descriptors), so extraction and encoding fuse
-    and raw features stream through to their codes (provided ``listed`` is counted before the
-    Reshuffle that spreads the images, as ``ListInputs`` does)."""
+    Nothing waits for every image's features. A training build trains PCA + quantizer on the
+    training sample alone (images chosen by hash of the uri, extracted first; their features, a
+    bounded number, are held until the model exists and then encoded); with ``model_files`` (a
+    fixed quantizer) there is no sample. Either way the other images' extraction fuses with their
+    encoding: shards are sized from the listed inputs x ``max_features`` (an upper bound of the
+    descriptors), so raw features stream through to their codes (provided ``listed`` is counted
+    before the Reshuffle that spreads the images, as ``ListInputs`` does)."""
 
     def __init__(self, output: str, index_params: dict, pca_dim: int = 40, sample_size: int = 1_000_000,
                  model_files: dict | None = None, rows_per_shard: int = 4_000_000, num_shards: int | None = None,
@@ -255,34 +269,32 @@ class BuildIndex(beam.PTransform):
         self.max_features = max_features
         self.expected_token, self.lock_owner = expected_token, lock_owner
         self.max_rejected_fraction = max_rejected_fraction
-        if model_files is not None and num_shards is None and not max_features:
-            raise ValueError("with a fixed quantizer, give num_shards or max_features (the per-image bound) "
-                             "to size the shards")
+        if num_shards is None and not max_features:
+            raise ValueError("give num_shards or max_features (the per-image bound) to size the shards")
         self.build = f"{index_files.BUILDS_DIR}/{build or new_build_id()}"
         self.index_id = uuid.uuid4().hex
 
     def expand(self, inputs):
         features, dead_letters, listed = inputs["features"], inputs["dead_letter"], inputs["listed"]
         pipeline = features.pipeline
+        descriptors = None if self.num_shards else (
+            listed | "DescriptorBound" >> beam.Map(lambda n, k: n * k, self.max_features))
+        encoded = []
         if self.model_files is None:
-            descriptors = descriptor_total(features)
-            model = (
-                features
-                | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
-                | "Sample" >> beam.CombineGlobally(ReservoirFn(self.sample_size, self.index_params.get("seed", 0)))
-                | "Train" >> beam.Map(lambda sample, count: train_model(sample, self.index_params, self.pca_dim, count),
-                                      count=beam.pvalue.AsSingleton(descriptors))
-            )
+            sample_features = inputs["sample_features"]
+            model = train_on_sample(sample_features, listed, self.index_params, self.pca_dim, self.sample_size)
+            encoded.append(encode_images(sample_features, model, self.rows_per_shard, self.num_shards, descriptors,
+                                         label="EncodeTrainingSample"))
         else:
             model = pipeline | "GivenQuantizer" >> beam.Create([self.model_files])
-            descriptors = None if self.num_shards else (
-                listed | "DescriptorBound" >> beam.Map(lambda n, k: n * k, self.max_features))
-        encoded = encode_images(features, model, self.rows_per_shard, self.num_shards, descriptors)
-        dead_letters = (dead_letters, encoded[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+        encoded.append(encode_images(features, model, self.rows_per_shard, self.num_shards, descriptors))
+        dead_letters = ((dead_letters, *(e[DEAD_LETTER] for e in encoded))
+                        | "AllDeadLetters" >> beam.Flatten())
+        image_records = [e[IMAGES] for e in encoded] | "AllImages" >> beam.Flatten()
         defaults = IndexParams()
         m, bits = self.index_params.get("pq_m", defaults.pq_m), self.index_params.get("pq_bits", defaults.pq_bits)
         shard_records = (
-            encoded.rows
+            [e.rows for e in encoded] | "AllRows" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShards" >> beam.Map(write_shard, self.output, self.build, self.index_id, m, bits)
         )
@@ -294,6 +306,6 @@ class BuildIndex(beam.PTransform):
                              expected_token=self.expected_token, lock_owner=self.lock_owner,
                              max_rejected_fraction=self.max_rejected_fraction),
                 model=beam.pvalue.AsSingleton(model), shard_records=beam.pvalue.AsList(shard_records),
-                image_records=beam.pvalue.AsList(encoded[IMAGES]), dead_letters=beam.pvalue.AsList(dead_letters),
+                image_records=beam.pvalue.AsList(image_records), dead_letters=beam.pvalue.AsList(dead_letters),
                 inputs_listed=beam.pvalue.AsSingleton(listed))
         )

@@ -13,9 +13,9 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms.extract import DEAD_LETTER, ExtractImages, internal_error, read_input
-from transforms.index import (IMAGES, ReservoirFn, descriptor_total, encode_images, refuse_unless_publishable,
-                              train_model, training_record, write_shard, write_version_files)
+from transforms.extract import DEAD_LETTER, ExtractImages, internal_error, read_input, split_training_sample
+from transforms.index import (IMAGES, ReservoirFn, encode_images, refuse_unless_publishable, train_on_sample,
+                              training_record, write_shard, write_version_files)
 
 SAME = "same"  # checked images whose content did not change (a touched file, a rewritten object)
 PLAN_FILE = "plan.parquet"
@@ -267,31 +267,44 @@ class Reindex(beam.PTransform):
         checked = (todo | "Maybe" >> beam.Filter(lambda r: r["action"] == CHECK)
                    | "CheckContent" >> beam.ParDo(CheckContent(self.extract_options.get("fetch"))).with_outputs(
                        DEAD_LETTER, SAME, main="changed"))
-        extracted = ((fresh, checked.changed) | "ToExtract" >> beam.Flatten()
-                     | "ExtractImages" >> ExtractImages(self.model_config, self.extraction_config,
-                                                        **self.extract_options))
-        features = extracted["features"]
+        to_extract = (fresh, checked.changed) | "ToExtract" >> beam.Flatten()
+
+        def extract(images, label):
+            return images | label >> ExtractImages(self.model_config, self.extraction_config, **self.extract_options)
+
         repeats = pbegin | "ListedAgain" >> beam.Create(s.get("listing_dead_letters", []))
-        new_sample = (features | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
-                      | "Sample" >> beam.CombineGlobally(ReservoirFn(s["sample_size"], self.index_params.get("seed", 0))))
+        dead = [checked[DEAD_LETTER], repeats]
+        encoded = []
+        descriptors = None if s["num_shards"] else pbegin | "DescriptorBound" >> beam.Create([s["descriptor_bound"]])
+        # Either way nothing waits for every image's features: an incremental run reuses the
+        # current model (its shard count comes from the previous version's counts); a full one
+        # trains on a sample of images chosen by hash of the uri, extracted first, as pipeline.run.
         if incremental:
             model = (pbegin | "Current" >> beam.Create([None])
                      | "ReadModel" >> beam.Map(lambda _, root, pointer: read_model(root, pointer), s["root"],
                                              {k: self.pointer[k] for k in ("files", "training") if k in self.pointer}))
+        else:
+            sample, to_extract = split_training_sample(to_extract, frozenset(s["training_sample"]))
+            sample_features = extract(sample, "ExtractTrainingSample")
+            dead.append(sample_features[DEAD_LETTER])
+            listed = pbegin | "Listed" >> beam.Create([s["to_extract"]])
+            model = train_on_sample(sample_features["features"], listed, self.index_params, s["pca_dim"],
+                                    s["sample_size"])
+            encoded.append(encode_images(sample_features["features"], model, s["rows_per_shard"], s["num_shards"],
+                                         descriptors, label="EncodeTrainingSample"))
+        extracted = extract(to_extract, "ExtractImages")
+        features = extracted["features"]
+        if incremental:
+            new_sample = (features | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
+                          | "Sample" >> beam.CombineGlobally(ReservoirFn(s["sample_size"],
+                                                                         self.index_params.get("seed", 0))))
             new_error = new_sample | "Drift" >> beam.Map(drift_error, model=beam.pvalue.AsSingleton(model))
         else:
-            descriptors = descriptor_total(features)
-            model = new_sample | "Train" >> beam.Map(
-                lambda sample, count: train_model(sample, self.index_params, s["pca_dim"], count),
-                count=beam.pvalue.AsSingleton(descriptors))
             new_error = pbegin | "NoDrift" >> beam.Create([None])
-        # An incremental run knows its shard count (from the previous version's counts), so encoding
-        # does not wait for the descriptor total and streams behind extraction.
-        encoded = encode_images(features, model, s["rows_per_shard"], s["num_shards"],
-                                None if incremental else descriptors)
-        dead = ((extracted[DEAD_LETTER], checked[DEAD_LETTER], encoded[DEAD_LETTER], repeats)
-                | "DeadLetters" >> beam.Flatten())
-        rows = [encoded.rows]
+        encoded.append(encode_images(features, model, s["rows_per_shard"], s["num_shards"], descriptors))
+        dead = (dead + [extracted[DEAD_LETTER]] + [e[DEAD_LETTER] for e in encoded]) | "DeadLetters" >> beam.Flatten()
+        new_images = [e[IMAGES] for e in encoded] | "NewImages" >> beam.Flatten()
+        rows = [e.rows for e in encoded]
         if incremental:
             params = self.pointer["params"]
             rows.append(
@@ -308,7 +321,7 @@ class Reindex(beam.PTransform):
             pbegin | "Once" >> beam.Create([None])
             | "Publish" >> beam.ParDo(
                 PublishVersion(s), model=beam.pvalue.AsSingleton(model),
-                shard_records=beam.pvalue.AsList(shard_records), new_images=beam.pvalue.AsList(encoded[IMAGES]),
+                shard_records=beam.pvalue.AsList(shard_records), new_images=beam.pvalue.AsList(new_images),
                 same_uris=beam.pvalue.AsList(checked[SAME]), dead_letters=beam.pvalue.AsList(dead),
                 new_error=beam.pvalue.AsSingleton(new_error))
         )
