@@ -390,7 +390,7 @@ GPU_EFFICIENCY = {"resnet50": 0.40, "efficientnet_lite0": 0.15}
 CHANNELS = {"resnet50": 1024, "efficientnet_lite0": 112}
 ESTIMATE_IMAGE = (768, 1024)  # Google-Landmarks-like: long side 1024, 4:3
 ESTIMATE = {"images": 1_000_000, "features": 1000, "workers": 25, "startup_h": 0.15, "disk_gb": 250,
-            "train_h": 0.25}  # startup: GPU workers pulling a ~6 GB CUDA container (assumed)
+            "train_h": 0.25, "sample_size": 1_000_000}  # startup: GPU workers pulling a ~6 GB CUDA container (assumed)
 
 
 def pyramid_flops(backbone: str) -> dict:
@@ -424,9 +424,12 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
     Per worker the GPU runs the network; its vCPUs do fetch, decode, resize, keypoint selection,
     encode and write at the measured CPU cost per image; the two overlap (several bundles per
     worker), so a worker's rate is set by the slower. Add the workers' start, and the training step
-    (one worker trains while the others wait for its side input). Data moved: the raw features
-    between extraction and encoding (materialised: encoding waits for the trained model) and the
-    PQ rows grouped by shard, both priced as Dataflow Shuffle."""
+    (one worker trains while the others wait for its side input). Data moved: the raw features of
+    the training sample (``index.training_images`` images, extracted first and held until the
+    model is trained; every other image's features go straight to their codes) and the PQ rows
+    grouped by shard, both priced as Dataflow Shuffle."""
+    from delf_retrieval.index import training_images
+
     g = GPUS[gpu]
     backbone = flops["backbone"]
     gpu_s = flops["gflops_per_image"] * 1e9 / (g["peak_tflops_fp32"] * 1e12 * GPU_EFFICIENCY[backbone])
@@ -437,7 +440,8 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
     worker_h = hours * e["workers"]
     usd_h = (PRICES["gpu_h"][gpu] + g["vcpus"] * PRICES["vcpu_h"] + g["memory_gb"] * PRICES["memory_gb_h"]
              + e["disk_gb"] * PRICES["pd_gb_h"])
-    features_gb = e["images"] * e["features"] * (CHANNELS[backbone] * 4 + 16) / 1e9  # descriptors + location/scale/score
+    held = min(e["images"], training_images(e["sample_size"], e["features"]))  # the training sample's images
+    features_gb = held * e["features"] * (CHANNELS[backbone] * 4 + 16) / 1e9  # descriptors + location/scale/score
     rows_gb = e["images"] * e["features"] * 48 / 1e9  # cell, region, 10 code bytes, image id, location, scale, attention
     cost = worker_h * usd_h + (features_gb + rows_gb) * PRICES["shuffle_gb"]
     return {"backbone": backbone, "gpu": gpu, "machine": g["machine"], "workers": e["workers"],
@@ -446,6 +450,7 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
             "bound": "gpu" if gpu_s >= cpu_s else "cpu", "images_per_s_per_worker": round(per_worker, 1),
             "extract_h": round(extract_h, 2), "hours": round(hours, 2), "worker_hours": round(worker_h, 1),
             "usd_per_worker_hour": round(usd_h, 3), "intermediate_gb": round(features_gb + rows_gb),
+            "sample_features_gb": round(features_gb, 1), "rows_gb": round(rows_gb, 1),
             "usd": round(cost)}
 
 

@@ -5,8 +5,10 @@
 SRC is a local or gs:// folder (searched recursively) or glob of images, or a listing CSV
 (``id,url,landmark_id`` as Google-Landmarks ships it, or ``path_or_url,label``); INDEX a local
 folder or gs:// prefix. Stages: list -> spread over workers -> read/fetch -> decode -> batched
-multi-scale extraction -> sample descriptors -> PCA + quantizer (or ``--quantizer DIR`` from
-``pipeline.build_quantizer``) -> encode -> Parquet shards by cell -> tables -> manifest, last.
+multi-scale extraction -> encode -> Parquet shards by cell -> tables -> manifest, last. The encoder's
+PCA + quantizer are trained on a training sample of images (the smallest image ids) extracted first,
+on their own, or come from ``--quantizer DIR`` (``pipeline.build_quantizer``); every other image
+streams from extraction to its codes.
 
 With no arguments it indexes the bundled sample (``samples/``, 42 photographs) offline into
 ``output/sample-index``. Locally it runs on Beam's portable in-process runner (add
