@@ -29,6 +29,20 @@ class ExtractionConfig:
     # GPUs: a level's features then vary with its batch neighbours by float rounding (~1e-5).
     batch_pixels: int = 0
 
+    def to_json(self) -> dict:
+        """Plain data for a manifest or a Beam step (scales as a list of floats)."""
+        return {**dataclasses.asdict(self), "scales": [float(s) for s in self.scales]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExtractionConfig":
+        """The inverse of :meth:`to_json`; keys this version does not know are ignored (an index
+        written by a newer version still says how its queries are extracted)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        settings = {k: v for k, v in dict(data).items() if k in known}
+        if "scales" in settings:
+            settings["scales"] = tuple(float(s) for s in settings["scales"])
+        return cls(**settings)
+
 
 @dataclass(frozen=True)
 class Level:

@@ -63,5 +63,4 @@ def model_config(preset: str = DEFAULT_PRESET, **overrides) -> ModelConfig:
 def extraction_config(preset: str = DEFAULT_PRESET, **overrides) -> ExtractionConfig:
     """How a preset extracts features, with non-None ``overrides`` applied."""
     settings = _settings(preset, overrides, _EXTRACTION_KEYS)
-    settings["scales"] = tuple(float(s) for s in settings.get("scales", PAPER_SCALES))
-    return ExtractionConfig(**settings)
+    return ExtractionConfig.from_json({"scales": PAPER_SCALES, **settings})

@@ -217,18 +217,13 @@ class Retriever:
 
 def index_configs(manifest: dict):
     """(ModelConfig, ExtractionConfig) the index was built with: queries must be extracted the same way."""
-    import dataclasses
-
     from delf_retrieval.extract import ExtractionConfig
     from delf_retrieval.model import delf
 
     model = manifest.get("model") or {}
     if "network" not in model or "extraction" not in model:
         raise ValueError("the index manifest does not say which network built it (no model.network / model.extraction)")
-    known = {f.name for f in dataclasses.fields(ExtractionConfig)}
-    extraction = {k: v for k, v in model["extraction"].items() if k in known}
-    extraction["scales"] = tuple(float(s) for s in extraction.get("scales", ()))
-    return delf.ModelConfig.from_json(dict(model["network"])), ExtractionConfig(**extraction)
+    return delf.ModelConfig.from_json(dict(model["network"])), ExtractionConfig.from_json(model["extraction"])
 
 
 def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_shortlist: str = "auto",

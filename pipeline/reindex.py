@@ -211,7 +211,7 @@ def run(argv=None, test_pipeline=None) -> int:
             num_shards = args.num_shards or index.shard_count(int(estimate), params["n_cells"], args.rows_per_shard)
         else:
             network, extraction = cli.configs_from_args(args)
-            model_config, extraction_config = network.to_json(), dataclasses.asdict(extraction)
+            model_config, extraction_config = network.to_json(), extraction.to_json()
             model_info = {"network": model_config, "extraction": extraction_config, "preset": args.preset}
             index_params = dataclasses.asdict(build_quantizer.params_from_args(args))
             num_shards = args.num_shards

@@ -102,7 +102,7 @@ def build_pipeline(pipeline, args, model_config, extraction_config, expected_tok
         args.output, dataclasses.asdict(params), pca_dim=args.pca_dim, sample_size=args.sample_size,
         model_files=read_model_files(args.quantizer) if args.quantizer else None, rows_per_shard=args.rows_per_shard,
         num_shards=args.num_shards, max_features=extraction_config.max_features,
-        model_info={"network": model_config.to_json(), "extraction": dataclasses.asdict(extraction_config),
+        model_info={"network": model_config.to_json(), "extraction": extraction_config.to_json(),
                     "preset": args.preset},
         expected_token=expected_token, lock_owner=lock_owner, max_rejected_fraction=args.max_rejected_fraction)
 

@@ -147,3 +147,14 @@ def test_feature_file_round_trip(tmp_path, lite_net, photos):
     for field in ("locations", "scales", "scores", "descriptors"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(features, field))
     assert loaded.image_size == features.image_size
+
+
+def test_extraction_config_round_trips_as_json():
+    import json
+
+    config = ExtractionConfig(scales=(0.5, 1.0), max_features=300, max_image_size=640, batch_pixels=4_000_000)
+    data = json.loads(json.dumps(config.to_json()))
+    assert data["scales"] == [0.5, 1.0]
+    assert ExtractionConfig.from_json(data) == config
+    assert ExtractionConfig.from_json({**data, "a_newer_setting": 1}) == config  # an index from a newer version
+    assert ExtractionConfig.from_json({}) == ExtractionConfig()

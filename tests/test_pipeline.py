@@ -42,8 +42,7 @@ def votes_for(index_dir, image_path, k=10):
     net = delf.load(delf.ModelConfig.from_json(model))
     from delf_retrieval.extract import ExtractionConfig
 
-    extraction["scales"] = tuple(extraction["scales"])
-    features = Extractor(net, ExtractionConfig(**extraction)).extract(load_image(image_path))
+    features = Extractor(net, ExtractionConfig.from_json(extraction)).extract(load_image(image_path))
     _, ids = reader.search(reader.pca.transform(features.descriptors), k, nprobe=16)
     image_ids = reader.rows(ids).image_ids.ravel()
     uri_of = dict(zip(reader.images.column("image_id").to_pylist(), reader.images.column("uri").to_pylist()))

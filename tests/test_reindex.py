@@ -64,8 +64,7 @@ def extractor_of(manifest):
     """The extractor the index was built with (its settings are in the manifest)."""
     net = delf.load(delf.ModelConfig.from_json(manifest["model"]["network"]))
     config = dict(manifest["model"]["extraction"])
-    config["scales"] = tuple(config["scales"])
-    return Extractor(net, ExtractionConfig(**config))
+    return Extractor(net, ExtractionConfig.from_json(config))
 
 
 def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir):

@@ -3,7 +3,6 @@ extraction; every input that cannot be used leaves as a dead letter with its sta
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -250,9 +249,7 @@ class ExtractFeatures(beam.DoFn):
 
         start = time.perf_counter()
         net = delf.load(delf.ModelConfig.from_json(dict(self.model_config)))
-        config = dict(self.extraction_config)
-        config["scales"] = tuple(config["scales"])
-        self.extractor = Extractor(net, ExtractionConfig(**config))
+        self.extractor = Extractor(net, ExtractionConfig.from_json(self.extraction_config))
         stage_timing("model_load").update(elapsed_us(start))
 
     def process(self, batch):
@@ -293,7 +290,7 @@ class ExtractImages(beam.PTransform):
                  fetch=None, accelerator: str | None = None, progress_total: int = 0):
         super().__init__()
         self.model_config = model_config.to_json() if hasattr(model_config, "to_json") else dict(model_config)
-        self.extraction_config = (dataclasses.asdict(extraction_config) if dataclasses.is_dataclass(extraction_config)
+        self.extraction_config = (extraction_config.to_json() if hasattr(extraction_config, "to_json")
                                   else dict(extraction_config))
         self.max_batch_size = max_batch_size
         self.decode_limits = decode_limits
