@@ -123,7 +123,11 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), name: str =
     if not data:
         raise EmptyImageError(f"{name}: zero-byte file")
     try:
-        return _decode(data, limits, name)
+        with warnings.catch_warnings():
+            # Decoders warn about the damage they survive (corrupt EXIF, short reads): the outcome is
+            # what counts. The pixel limit is ours, not Pillow's (which warns above ~89 MP).
+            warnings.simplefilter("ignore")
+            return _decode(data, limits, name)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -149,14 +153,6 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), name: str =
 
 
 def _decode(data: bytes, limits: DecodeLimits, name: str) -> np.ndarray:
-    with warnings.catch_warnings():
-        # Decoders warn about the damage they survive (corrupt EXIF, short reads): the outcome is what
-        # counts. The pixel limit below is ours, not Pillow's (which warns above ~89 MP).
-        warnings.simplefilter("ignore")
-        return _decode_quietly(data, limits, name)
-
-
-def _decode_quietly(data: bytes, limits: DecodeLimits, name: str) -> np.ndarray:
     img = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
     width, height = img.size
     if width * height > limits.max_pixels:

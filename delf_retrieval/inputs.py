@@ -192,7 +192,6 @@ class _Deadline:
     blocked on a server that drips returns at once, whatever it was waiting for."""
 
     def __init__(self, seconds: float):
-        self.seconds = seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
