@@ -443,9 +443,8 @@ def storage_bytes_per_descriptor(quantizer, encoded, dataset: Dataset) -> dict[s
 
     meta = dataset.keypoints(len(encoded.codes))
     with tempfile.TemporaryDirectory(prefix="index-") as folder:
-        shards.write_index(folder, quantizer=quantizer, pca=dataset.pca(), encoded=encoded,
-                           image_ids=meta["image_ids"], locations=meta["locations"], scales=meta["scales"],
-                           attentions=meta["scores"], images=shards.image_table(dataset.images(meta["image_ids"])))
+        rows = shards.PostingRows(encoded, meta["image_ids"], meta["locations"], meta["scales"], meta["scores"])
+        shards.write_index(folder, quantizer=quantizer, pca=dataset.pca(), rows=rows, images=shards.image_table(dataset.images(meta["image_ids"])))
         n = len(encoded.codes)
         return {"all_in": directory_bytes(folder) / n,
                 "postings": directory_bytes(os.path.join(folder, shards.POSTINGS_DIR)) / n}

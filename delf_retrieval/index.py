@@ -76,36 +76,61 @@ def train(raw_sample: np.ndarray, params: quantize.IndexParams = quantize.IndexP
     return projection, quantize.train(projection.transform(raw_sample), params, expected_count)
 
 
-@dataclass
-class EncodedImage:
-    """The posting rows of one image, before they are grouped by cell."""
-
-    image_id: int
-    encoded: quantize.Encoded
-    locations: np.ndarray
-    scales: np.ndarray
-    attentions: np.ndarray
+def encode_image(image_id: int, features: Features, projection: pca_lib.PCA,
+                 quantizer: quantize.Quantizer) -> shards.PostingRows:
+    """One image's posting rows."""
+    return shards.PostingRows(quantizer.encode(projection.transform(features.descriptors)),
+                              np.full(len(features), image_id, np.int64), features.locations, features.scales,
+                              features.scores)
 
 
-def encode_image(image_id: int, features: Features, projection: pca_lib.PCA, quantizer: quantize.Quantizer) -> EncodedImage:
-    return EncodedImage(image_id, quantizer.encode(projection.transform(features.descriptors)),
-                        features.locations, features.scales, features.scores)
-
-
-def write(directory: str, images: list[EncodedImage], image_table, projection: pca_lib.PCA,
+def write(directory: str, parts: list[shards.PostingRows], image_table, projection: pca_lib.PCA,
           quantizer: quantize.Quantizer, dead_letters=None, model: dict | None = None, **kwargs) -> dict:
-    """Write an index from encoded images held in memory; returns the manifest."""
+    """Write an index from posting rows held in memory; returns the manifest."""
     return shards.write_index(directory, quantizer=quantizer, pca=projection, images=image_table,
-                              dead_letters=dead_letters, model=model, **concatenate(images, quantizer.params.pq_m), **kwargs)
+                              dead_letters=dead_letters, model=model,
+                              rows=shards.PostingRows.concatenate(parts, quantizer.params.pq_m), **kwargs)
 
 
-def model_files(projection: pca_lib.PCA, quantizer: quantize.Quantizer) -> dict:
-    """The trained model as the bytes of its two files (what travels between pipeline steps)."""
-    return {"pca": projection.to_npz_bytes(), "quantizer": quantizer.to_npz_bytes()}
+@dataclass(frozen=True)
+class TrainedModel:
+    """The PCA + quantizer an index encodes with, as the bytes of their two files (what travels
+    between pipeline steps and lands in the index), and the record of their training: descriptors
+    trained on, seconds, and the quantization error on the training sample (the drift baseline)."""
 
+    pca: bytes
+    quantizer: bytes
+    sample_size: int = 0
+    train_seconds: float = 0.0
+    quantization_error: float | None = None
 
-def load_model_files(files: dict) -> tuple[pca_lib.PCA, quantize.Quantizer]:
-    return pca_lib.PCA.load(files["pca"]), quantize.Quantizer.load(files["quantizer"])
+    @staticmethod
+    def trained(raw_sample: np.ndarray, params: quantize.IndexParams, pca_dim: int,
+                expected_count: int | None = None) -> "TrainedModel":
+        """Train on a sample of raw descriptors (``train``), timed, with its quantization error."""
+        import time
+
+        start = time.time()
+        projection, quantizer = train(raw_sample, params, pca_dim, expected_count)
+        return TrainedModel(projection.to_npz_bytes(), quantizer.to_npz_bytes(), int(len(raw_sample)),
+                            round(time.time() - start, 1), quantization_error(projection, quantizer, raw_sample))
+
+    @staticmethod
+    def from_record(pca: bytes, quantizer: bytes, training: dict | None) -> "TrainedModel":
+        """Model files plus a training record as :meth:`training_record` writes it (a manifest's)."""
+        training = training or {}
+        return TrainedModel(pca, quantizer, int(training.get("sample_size", 0)), float(training.get("seconds", 0.0)),
+                            training.get("quantization_error"))
+
+    def load(self) -> tuple[pca_lib.PCA, quantize.Quantizer]:
+        return pca_lib.PCA.load(self.pca), quantize.Quantizer.load(self.quantizer)
+
+    def training_record(self) -> dict:
+        """What the manifest records of the model's training."""
+        record = {"sample_size": self.sample_size, "seconds": self.train_seconds}
+        if self.quantization_error is not None:
+            record["quantization_error"] = self.quantization_error
+        return record
 
 
 def shard_of_cells(cells: np.ndarray, n_cells: int, n_shards: int) -> np.ndarray:
@@ -118,40 +143,6 @@ def shard_count(descriptors: int, n_cells: int, rows_per_shard: int = 4_000_000)
     return int(max(1, min(n_cells, -(-descriptors // rows_per_shard))))
 
 
-def concatenate(images: list[EncodedImage], m: int) -> dict:
-    """Posting columns of several encoded images, ready for :func:`shards.postings_table`."""
-    if not images:
-        return {"encoded": quantize.Encoded(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, m), np.uint8)),
-                "image_ids": np.zeros(0, np.int64), "locations": np.zeros((0, 2), np.float32),
-                "scales": np.zeros(0, np.float32), "attentions": np.zeros(0, np.float32)}
-    return {
-        "encoded": quantize.Encoded(np.concatenate([i.encoded.cells for i in images]).astype(np.int64),
-                                    np.concatenate([i.encoded.regions for i in images]).astype(np.int64),
-                                    np.concatenate([i.encoded.codes for i in images])),
-        "image_ids": np.concatenate([np.full(len(i.scales), i.image_id, np.int64) for i in images]),
-        "locations": np.concatenate([i.locations for i in images]),
-        "scales": np.concatenate([i.scales for i in images]),
-        "attentions": np.concatenate([i.attentions for i in images]),
-    }
-
-
-def concatenate_parts(parts: list, m: int) -> dict:
-    """Posting columns of parts that are :class:`EncodedImage` or already columns (dicts as
-    :func:`concatenate` returns, e.g. rows carried over from a previous index version)."""
-    images = [p for p in parts if isinstance(p, EncodedImage)]
-    columns = [concatenate(images, m)] if images else []
-    columns += [p for p in parts if isinstance(p, dict)]
-    if len(columns) == 1:
-        return columns[0]
-    if not columns:
-        return concatenate([], m)
-    return {
-        "encoded": quantize.Encoded(*(np.concatenate([getattr(c["encoded"], name) for c in columns])
-                                      for name in ("cells", "regions", "codes"))),
-        **{name: np.concatenate([c[name] for c in columns]) for name in ("image_ids", "locations", "scales", "attentions")},
-    }
-
-
 def quantization_error(projection: pca_lib.PCA, quantizer: quantize.Quantizer, raw: np.ndarray) -> float:
     """Mean squared distance between PCA'd descriptors and their quantized reconstructions: what
     the codebooks lose. Recorded at training; re-measured on new images to detect drift."""
@@ -160,14 +151,11 @@ def quantization_error(projection: pca_lib.PCA, quantizer: quantize.Quantizer, r
     return float(np.mean(np.sum((x - quantizer.decode(encoded.regions, encoded.codes)) ** 2, axis=1)))
 
 
-def split_by_shard(image: EncodedImage, n_cells: int, n_shards: int):
-    """(shard, the part of an image's rows that falls in it) for each shard the image touches."""
-    shard = shard_of_cells(image.encoded.cells, n_cells, n_shards)
+def split_by_shard(rows: shards.PostingRows, n_cells: int, n_shards: int):
+    """(shard, the rows that fall in it) for each shard the rows touch."""
+    shard = shard_of_cells(rows.encoded.cells, n_cells, n_shards)
     for s in np.unique(shard):
-        rows = shard == s
-        yield int(s), EncodedImage(image.image_id, quantize.Encoded(image.encoded.cells[rows], image.encoded.regions[rows],
-                                                                    image.encoded.codes[rows]),
-                                   image.locations[rows], image.scales[rows], image.attentions[rows])
+        yield int(s), rows.take(np.flatnonzero(shard == s))
 
 
 DEFAULT_MAX_REJECTED_FRACTION = 0.5

@@ -125,7 +125,7 @@ def unique_inputs(images: list[InputImage]) -> tuple[list[InputImage], list[dict
 def list_source(source: str, label_from_folder: bool = False) -> tuple[list, list[dict]]:
     """(the unique images of a source, dead letters of the uris listed again): a listing CSV/TXT
     (local or gs://; relative paths resolve against its folder), a folder (searched recursively)
-    or a glob. The index build runs it in its ``ListInputs`` step, on a worker."""
+    or a glob."""
     if source.lower().endswith(LISTING_EXTENSIONS):
         base = listing_folder(source)
         rows = parse_csv(storage.read_bytes(source).decode("utf-8-sig", errors="replace"), name=source)
@@ -139,6 +139,29 @@ def list_source(source: str, label_from_folder: bool = False) -> tuple[list, lis
     paths = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
     label = (lambda p: os.path.basename(os.path.dirname(p))) if label_from_folder else (lambda p: None)
     return [InputImage(p, label(p)) for p in paths], []
+
+
+def list_stamped(source: str, label_from_folder: bool = False, stat_objects: bool = True
+                 ) -> tuple[list[tuple[str, str | None, str | None]], list[dict]]:
+    """What every build lists: ((uri, label, stamp) of each unique image of the source, dead
+    letters of the uris listed again). The stamp is ``storage.stamp``'s change marker: from one
+    bucket listing for gs:// folders and globs, a stat per local file, a request per gs:// object
+    named by a listing CSV (only with ``stat_objects``: a build that extracts everything skips
+    them, and the next incremental run reads those images to check them), and None for http(s)
+    URLs, which are taken as immutable."""
+    images, repeats = list_source(source, label_from_folder)
+    bulk = {}
+    if storage.is_gcs(source) and not source.lower().endswith(LISTING_EXTENSIONS):
+        wildcard = min((source.find(c) for c in "*?[" if c in source), default=-1)
+        bulk = storage.stamps_under(source if wildcard < 0 else source[:wildcard].rsplit("/", 1)[0])
+    out = []
+    for image in images:
+        if is_url(image.uri) or (storage.is_gcs(image.uri) and image.uri not in bulk and not stat_objects):
+            stamp = None
+        else:
+            stamp = bulk.get(image.uri) or storage.stamp(image.uri)
+        out.append((image.uri, image.label, stamp))
+    return out, repeats
 
 
 def is_url(uri: str) -> bool:

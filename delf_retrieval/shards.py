@@ -83,25 +83,79 @@ class ShardError(IndexStorageError):
 # Writing
 
 
-def postings_table(encoded: Encoded, image_ids: np.ndarray, locations: np.ndarray, scales: np.ndarray,
-                   attentions: np.ndarray, bits: int) -> pa.Table:
+@dataclass
+class PostingRows:
+    """Posting rows in one shape, from the encoder to the shard writer, and back from a shard when a
+    re-index carries them over: each row's cell, region and PQ code, its image and its keypoint."""
+
+    encoded: Encoded
+    image_ids: np.ndarray  # (n,) int64
+    locations: np.ndarray  # (n, 2) float32, y, x
+    scales: np.ndarray  # (n,) float32 (float16 once stored)
+    attentions: np.ndarray  # (n,) float32 (float16 once stored)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def take(self, rows: np.ndarray) -> "PostingRows":
+        e = self.encoded
+        return PostingRows(Encoded(e.cells[rows], e.regions[rows], e.codes[rows]), self.image_ids[rows],
+                           self.locations[rows], self.scales[rows], self.attentions[rows])
+
+    @staticmethod
+    def empty(m: int) -> "PostingRows":
+        return PostingRows(Encoded(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, m), np.uint8)),
+                           np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+                           np.zeros(0, np.float32))
+
+    @staticmethod
+    def concatenate(parts: list["PostingRows"], m: int) -> "PostingRows":
+        if not parts:
+            return PostingRows.empty(m)
+        if len(parts) == 1:
+            return parts[0]
+        return PostingRows(
+            Encoded(*(np.concatenate([getattr(p.encoded, n) for p in parts]) for n in ("cells", "regions", "codes"))),
+            *(np.concatenate([getattr(p, n) for p in parts]) for n in ("image_ids", "locations", "scales", "attentions")))
+
+
+def postings_table(rows: PostingRows, bits: int) -> pa.Table:
     """Rows for the posting shards, sorted by (cell, region, image id); codes bit-packed."""
+    encoded = rows.encoded
     m = encoded.codes.shape[1]
     code_bytes = pq_lib.packed_bytes(m, bits)
-    order = np.lexsort((np.asarray(image_ids), encoded.regions, encoded.cells))
+    order = np.lexsort((np.asarray(rows.image_ids), encoded.regions, encoded.cells))
     packed = pq_lib.pack_codes(encoded.codes[order], bits)
-    locations = np.clip(np.rint(np.asarray(locations, np.float64).reshape(-1, 2)[order]), 0, np.iinfo(np.uint16).max)
+    locations = np.clip(np.rint(np.asarray(rows.locations, np.float64).reshape(-1, 2)[order]), 0,
+                        np.iinfo(np.uint16).max)
     columns = [
         pa.array(encoded.cells[order].astype(np.int32)),
         pa.array(encoded.regions[order].astype(np.int32)),
-        pa.array(np.asarray(image_ids, np.int64)[order]),
+        pa.array(np.asarray(rows.image_ids, np.int64)[order]),
         pa.FixedSizeBinaryArray.from_buffers(pa.binary(code_bytes), len(order), [None, pa.py_buffer(packed.tobytes())]),
         pa.array(locations[:, 0].astype(np.uint16)),
         pa.array(locations[:, 1].astype(np.uint16)),
-        pa.array(np.asarray(scales, np.float16)[order]),
-        pa.array(np.asarray(attentions, np.float16)[order]),
+        pa.array(np.asarray(rows.scales, np.float16)[order]),
+        pa.array(np.asarray(rows.attentions, np.float16)[order]),
     ]
     return pa.Table.from_arrays(columns, schema=postings_schema(code_bytes))
+
+
+def unpacked_codes(table: pa.Table, m: int, bits: int) -> np.ndarray:
+    """The (n, m) PQ codes of a posting table's ``code`` column."""
+    code_bytes = pq_lib.packed_bytes(m, bits)
+    packed = np.frombuffer(table.column("code").combine_chunks().buffers()[1], np.uint8,
+                           count=table.num_rows * code_bytes).reshape(-1, code_bytes)
+    return pq_lib.unpack_codes(packed, m, bits)
+
+
+def posting_rows(table: pa.Table, m: int, bits: int) -> PostingRows:
+    """A posting table (a shard, or part of one) back as rows: codes unpacked, values as stored."""
+    column = lambda name: table.column(name).to_numpy()  # noqa: E731
+    return PostingRows(
+        Encoded(column("cell").astype(np.int64), column("region").astype(np.int64), unpacked_codes(table, m, bits)),
+        column("image_id").astype(np.int64), np.stack([column("y"), column("x")], 1).astype(np.float32),
+        column("scale"), column("attention"))
 
 
 def _sha256_of_file(local_path: str) -> str:
@@ -228,14 +282,13 @@ def build_manifest(index_id: str, quantizer: Quantizer, files: dict, shards: lis
     }
 
 
-def write_index(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, encoded: Encoded,
-                image_ids: np.ndarray, locations: np.ndarray, scales: np.ndarray, attentions: np.ndarray,
+def write_index(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, rows: PostingRows,
                 images: pa.Table, dead_letters: pa.Table | None = None, model: dict | None = None,
                 rows_per_shard: int = 4_000_000, rows_per_group: int = ROWS_PER_GROUP) -> dict:
     """Write a whole index held in memory (the Beam pipeline writes the same files in parallel).
     Returns the manifest, which is written last."""
     index_id = new_index_id()
-    table = postings_table(encoded, image_ids, locations, scales, attentions, quantizer.params.pq_bits)
+    table = postings_table(rows, quantizer.params.pq_bits)
     shards = [write_shard(directory, f"{POSTINGS_DIR}/part-{i:05d}.parquet", piece, index_id, rows_per_group)
               for i, piece in enumerate(split_by_cells(table, rows_per_shard))]
     files = {"quantizer": write_array_file(directory, QUANTIZER_FILE, quantizer.to_npz_bytes()),
@@ -441,11 +494,9 @@ class IndexReader:
         view = storage.RangeFile(shard["bytes"], dict([self._footers[s], (record["offset"], data)]))
         table = pq.ParquetFile(view, metadata=self._metadata[s]).read_row_group(g)
         params = self.quantizer.params
-        packed = np.frombuffer(table.column("code").combine_chunks().buffers()[1], np.uint8,
-                               count=table.num_rows * params.code_bytes).reshape(-1, params.code_bytes)
         arrays = {
             "region": table.column("region").to_numpy().astype(np.int64),
-            "codes": pq_lib.unpack_codes(packed, params.pq_m, params.pq_bits),
+            "codes": unpacked_codes(table, params.pq_m, params.pq_bits),
             "image_id": table.column("image_id").to_numpy(),
             "y": table.column("y").to_numpy(), "x": table.column("x").to_numpy(),
             "scale": table.column("scale").to_numpy(), "attention": table.column("attention").to_numpy(),

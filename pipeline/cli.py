@@ -67,6 +67,10 @@ class UsageError(Exception):
     """A command line that cannot be carried out as given (exit status 2)."""
 
 
+class JobFailed(Exception):
+    """A job submitted to a remote runner that did not finish (exit status 1)."""
+
+
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
 
@@ -151,6 +155,8 @@ def describe(error: BaseException) -> tuple[int, str, str | None]:
                                   "returns to the previous version")
     if isinstance(error, inputs.ListingError):
         return EXIT_USAGE, line, "fix that line of the listing (a uri with a comma or a quote must be quoted)"
+    if isinstance(error, JobFailed):
+        return EXIT_FAILED, line, "the runner's log of the job says why"
     if isinstance(error, UsageError):
         return EXIT_USAGE, line, "see --help"
     if isinstance(error, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):

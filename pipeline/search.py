@@ -137,7 +137,7 @@ def search_with_beam(args, beam_args) -> tuple[list, list]:
     """The same search as a Beam pipeline: workers write one JSON line per query beside
     ``--output`` (so on Dataflow it must be a gs:// path), read back here in query order."""
     from delf_retrieval import storage
-    from pipeline.run import make_pipeline
+    from pipeline.build import make_pipeline
     from transforms.search import SearchQueries
 
     records_path = args.output + ".records.jsonl"

@@ -62,5 +62,5 @@ def test_same_building_matches_far_better_than_another_scene(tmp_path, cache_dir
 def test_default_input_is_the_bundled_sample():
     args, beam_args = run.parse_args([])
     assert os.path.samefile(args.input, os.path.join(os.path.dirname(__file__), "..", "samples"))
-    assert args.output == "output/sample-index" and beam_args == [] and args.quantizer is None
+    assert args.index == "output/sample-index" and beam_args == [] and args.quantizer is None
     assert len(extract.expand_inputs([args.input])) == 42

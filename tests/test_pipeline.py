@@ -31,8 +31,8 @@ def small_corpus(folder, per_scene=3):
     return folder
 
 
-def build(argv):
-    assert run_job.run(argv) == 0
+def build(argv, test_pipeline=None):
+    assert run_job.run(argv, test_pipeline=test_pipeline) == 0
 
 
 def votes_for(index_dir, image_path, k=10):
@@ -108,8 +108,9 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
     np.testing.assert_array_equal(a.image_ids, b.image_ids)
     np.testing.assert_array_equal(a.locations, b.locations)
     assert first_rows.images.equals(second_rows.images)
-    # A third run removes the first build and keeps the one before it, for readers still on it.
-    build(["--input", str(corpus), "--output", str(output)] + FAST)
+    # A third run keeping one old version removes the first build and keeps the one before it,
+    # for readers still on it (the default keeps two, as pipeline.reindex).
+    build(["--input", str(corpus), "--output", str(output), "--keep", "1"] + FAST)
     third = shards.read_manifest(str(output))
     assert sorted(os.listdir(output / "builds")) == sorted(b.split("/")[1] for b in (second["build"], third["build"]))
 
@@ -141,15 +142,38 @@ def encoding_waits_for_extraction(pipeline) -> bool:
     return any(p in walk.downstream for p in walk.encode_side_inputs)
 
 
-def graph_of(argv):
-    """The build's Beam graph for these arguments, not run."""
+def step_labels(pipeline) -> set[str]:
+    """The full labels of every step of a Beam graph."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    class Labels(PipelineVisitor):
+        def __init__(self):
+            self.labels = set()
+
+        def visit_transform(self, node):
+            self.labels.add(node.full_label)
+
+    walk = Labels()
+    pipeline.visit(walk)
+    return walk.labels
+
+
+class GraphBuilt(Exception):
+    pass
+
+
+def graph_of(argv, job=None):
+    """The Beam graph a build command (``job``: pipeline.run's or pipeline.reindex's ``run``) makes
+    for these arguments, stopped before it runs (the run fails and publishes nothing)."""
     import apache_beam as beam
 
-    from pipeline import cli
+    class GraphOnly(beam.Pipeline):
+        def run(self, test_runner_api="AUTO"):
+            raise GraphBuilt
 
-    args, _ = run_job.parse_args(argv)
-    pipeline = beam.Pipeline()
-    run_job.build_pipeline(pipeline, args, *cli.configs_from_args(args))
+    pipeline = GraphOnly()
+    with pytest.raises(GraphBuilt):
+        (job or run_job.run)(argv, test_pipeline=pipeline)
     return pipeline
 
 
@@ -203,10 +227,7 @@ def test_training_sample_is_chosen_by_hash_of_the_uri():
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        listed = p | beam.Create(records)
-        ids = (listed | beam.Map(lambda r: inputs.image_id(r.uri))
-               | beam.combiners.Top.Smallest(index.training_images(10_000, 1000)))
-        sample, rest = split_training_sample(listed, ids)
+        sample, rest = split_training_sample(p | beam.Create(records), frozenset(expected))
         assert_that(sample | "SampleIds" >> beam.Map(lambda r: inputs.image_id(r.uri)), equal_to(sorted(expected)),
                     label="sample")
         assert_that(rest | beam.combiners.Count.Globally(), equal_to([480]), label="rest")
@@ -293,17 +314,25 @@ def test_stage_timings_are_beam_metrics(tmp_path, cache_dir):
     corpus = small_corpus(tmp_path / "corpus", per_scene=1)
     (corpus / "junk.jpg").write_bytes(b"not an image" * 100)
     output = tmp_path / "index"
-    args, beam_args = run_job.parse_args(["--input", str(corpus), "--output", str(output)] + FAST)
-    pipeline, local = run_job.make_pipeline(beam_args)
-    run_job.build_pipeline(pipeline, args, *run_job.cli.configs_from_args(args))
-    result = pipeline.run()
-    result.wait_until_finish()
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    results = []
+
+    class Kept(beam.Pipeline):  # keeps the run's result, for its metrics
+        def run(self, test_runner_api="AUTO"):
+            results.append(super().run(test_runner_api))
+            return results[-1]
+
+    pipeline = Kept(runner=FnApiRunner())
+    build(["--input", str(corpus), "--output", str(output)] + FAST, test_pipeline=pipeline)
+    result = results[0]
     distributions = {r.key.metric.name: r.committed for r in result.metrics().query()["distributions"]
                      if r.key.metric.namespace == "delf"}
     assert set(distributions) == {f"{s}_us" for s in STAGES}
     counts = {name[:-3]: d.count for name, d in distributions.items()}
     shards_written = shards.read_manifest(str(output))["counts"]["shards"]
-    assert counts == {"list": 1, "read": 4, "decode": 4, "model_load": 1, "extract": 3, "sample": 3, "train": 1,
+    assert counts == {"read": 4, "decode": 4, "model_load": 1, "extract": 3, "sample": 3, "train": 1,
                       "encode": 3, "write": shards_written, "publish": 1}
     assert all(d.min >= 0 for d in distributions.values())
     assert distributions["extract_us"].sum > distributions["decode_us"].sum > 0  # the network dominates

@@ -21,7 +21,7 @@ from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import reindex
 from tests.conftest import REPO_ROOT, SAMPLES, assert_shellcheck_clean
-from tests.test_pipeline import FAST, encoding_waits_for_extraction
+from tests.test_pipeline import FAST, encoding_waits_for_extraction, graph_of, step_labels
 
 SMALL = FAST + ["--cells", "8"]
 
@@ -231,22 +231,9 @@ def test_drift_past_the_threshold_makes_the_next_run_retrain(built, tmp_path):
     assert not pointer["drift"]["retrain_due"]
 
 
-class GraphBuilt(Exception):
-    pass
-
-
 def reindex_graph(corpus, root, *extra):
     """The Beam graph a re-index run builds, stopped before it runs (the run fails and publishes nothing)."""
-    import apache_beam as beam
-
-    class GraphOnly(beam.Pipeline):
-        def run(self, test_runner_api="AUTO"):
-            raise GraphBuilt
-
-    pipeline = GraphOnly()
-    with pytest.raises(GraphBuilt):
-        reindex.run(["--input", str(corpus), "--index", str(root)] + SMALL + list(extra), test_pipeline=pipeline)
-    return pipeline
+    return graph_of(["--input", str(corpus), "--index", str(root)] + SMALL + list(extra), reindex.run)
 
 
 def test_incremental_and_full_runs_encode_behind_extraction(built, tmp_path):
@@ -255,6 +242,16 @@ def test_incremental_and_full_runs_encode_behind_extraction(built, tmp_path):
     assert not encoding_waits_for_extraction(reindex_graph(corpus, root))
     # A full rebuild trains on a sample of the images, extracted first, and streams the others.
     assert not encoding_waits_for_extraction(reindex_graph(corpus, root, "--retrain"))
+    # With --quantizer the re-index is the fixed-quantizer mode of the same build.
+    fixed = tmp_path / "quantizer"
+    fixed.mkdir()
+    for name in ("pca.npz", "quantizer.npz"):
+        (fixed / name).write_bytes(b"read by the workers, not here")
+    graph = reindex_graph(corpus, root, "--quantizer", str(fixed))
+    assert not encoding_waits_for_extraction(graph)
+    labels = step_labels(graph)
+    assert any(label.startswith("BuildIndex/GivenModel") for label in labels)
+    assert not any(step in label for label in labels for step in ("Train", "Carry", "ReadModel"))
 
 
 def test_gcs_build_update_and_rollback(tmp_path, cache_dir, gcs_emulator):
@@ -297,9 +294,9 @@ def tiny_versions(tmp_path):
         n = 50 + b
         image_ids = np.arange(n, dtype=np.int64)
         shards.write_index(str(tmp_path / build), quantizer=quantizer, pca=projection,
-                           encoded=quantizer.encode(projection.transform(raw[:n])), image_ids=image_ids,
-                           locations=np.zeros((n, 2), np.float32), scales=np.ones(n, np.float32),
-                           attentions=np.ones(n, np.float32),
+                           rows=shards.PostingRows(quantizer.encode(projection.transform(raw[:n])), image_ids,
+                                                   np.zeros((n, 2), np.float32), np.ones(n, np.float32),
+                                                   np.ones(n, np.float32)),
                            images=shards.image_table([{"image_id": i, "uri": f"{b}/{i}", "width": 1, "height": 1,
                                                        "num_features": 1, "content_hash": "x"} for i in range(n)]))
         builds.append(build)

@@ -38,8 +38,9 @@ def corpus():
 
 
 def write(directory, corpus, **kwargs):
-    keys = ("quantizer", "pca", "encoded", "image_ids", "locations", "scales", "attentions", "images", "dead_letters")
-    return shards.write_index(str(directory), **{k: corpus[k] for k in keys}, model={"preset": "lite"}, **kwargs)
+    rows = shards.PostingRows(*(corpus[k] for k in ("encoded", "image_ids", "locations", "scales", "attentions")))
+    return shards.write_index(str(directory), **{k: corpus[k] for k in ("quantizer", "pca", "images", "dead_letters")},
+                              rows=rows, model={"preset": "lite"}, **kwargs)
 
 
 @pytest.fixture()

@@ -13,7 +13,8 @@ from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from tests.conftest import sample_path
 from delf_retrieval.inputs import InputImage
-from transforms.extract import DEAD_LETTER, ExtractFeatures, ExtractImages, ListInputs
+from delf_retrieval.inputs import list_source
+from transforms.extract import DEAD_LETTER, ExtractFeatures, ExtractImages
 
 
 def test_extract_from_files_accounts_for_every_input(tmp_path, cache_dir):
@@ -23,9 +24,9 @@ def test_extract_from_files_accounts_for_every_input(tmp_path, cache_dir):
     model = delf.ModelConfig(backbone="efficientnet_lite0", keypoint_score="l2norm")
     extraction = ExtractionConfig(scales=(0.25, 0.5), max_features=100)
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        listing = p | ListInputs(str(tmp_path / "*.jpg"))
-        assert_that(listing["count"], equal_to([3]), label="listed")
-        out = listing["images"] | ExtractImages(model, extraction)
+        listed, repeats = list_source(str(tmp_path / "*.jpg"))
+        assert len(listed) == 3 and not repeats
+        out = p | beam.Create(listed) | ExtractImages(model, extraction)
         summary = out["features"] | beam.Map(lambda r: (r[0].uri.rsplit("/", 1)[-1], len(r[1]), r[1].descriptors.shape[1]))
         assert_that(summary, equal_to([("good.jpg", 100, 112)]), label="features")
         reasons = out[DEAD_LETTER] | beam.Map(lambda d: (d["uri"].rsplit("/", 1)[-1], d["stage"], d["reason"]))

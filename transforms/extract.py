@@ -1,31 +1,45 @@
-"""Beam stages from listed images to features: list, read (disk, gs://, http), decode, batched
-extraction; every input that cannot be used leaves as a dead letter with its stage and reason."""
+"""Beam stages from listed images to features: read (disk, gs://, http), decode, batched
+extraction; every input that cannot be used leaves as a dead letter with its stage and reason.
+Also what every stage shares: dead-letter records and the per-stage timer."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from delf_retrieval.inputs import InputImage
-
 DEAD_LETTER = "dead_letter"
 METRICS_NAMESPACE = "delf"
-STAGES = ("list", "read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "publish")
+STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "publish")
 
 
-def stage_timing(stage: str):
+class StageTimer:
     """Wall microseconds per element of one stage, as the Beam distribution ``delf/<stage>_us``
     (integers, so microseconds keep sub-millisecond stages; its sum is the stage's total time, and
-    it shows in the Dataflow UI and in a run's metrics)."""
-    return Metrics.distribution(METRICS_NAMESPACE, f"{stage}_us")
+    it shows in the Dataflow UI and in a run's metrics). ``with timer:`` around one element's work
+    (never around a ``yield``: the fused steps downstream would be counted), or ``timer.share``
+    for the elements of a batch."""
 
+    def __init__(self, stage: str):
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        self.distribution = Metrics.distribution(METRICS_NAMESPACE, f"{stage}_us")
+        self._starts: list[float] = []
 
-def elapsed_us(start: float) -> int:
-    return int(round((time.perf_counter() - start) * 1e6))
+    def __enter__(self) -> "StageTimer":
+        self._starts.append(time.perf_counter())
+        return self
+
+    def __exit__(self, *_) -> bool:
+        self.distribution.update(int(round((time.perf_counter() - self._starts.pop()) * 1e6)))
+        return False
+
+    def share(self, seconds: float, elements: int) -> None:
+        """One update per element, each its share of ``seconds`` spent on all of them."""
+        for _ in range(elements):
+            self.distribution.update(int(round(seconds * 1e6 / elements)))
 
 
 class ProgressLine:
@@ -77,75 +91,14 @@ def internal_error(uri: str, stage: str, error: BaseException):
                                                              f"{type(error).__name__}: {error}"))
 
 
-def list_records(source: str, label_from_folder: bool = False):
-    """``list_source`` as plain tuples, timed as the ``list`` stage; repeats (and a source that cannot
-    be listed at all) leave as dead letters, so they are counted among the inputs."""
-    from delf_retrieval.inputs import list_source
-
-    start = time.perf_counter()
-    try:
-        images, repeats = list_source(source, label_from_folder)
-    except Exception as e:  # noqa: BLE001 - the source itself becomes the dead letter
-        reason = "unreadable" if isinstance(e, (OSError, ValueError)) else "internal_error"
-        yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(source, "list", reason, f"{type(e).__name__}: {e}"))
-        return
-    stage_timing("list").update(elapsed_us(start))
-    yield from (tuple(i) for i in images)
-    for record in repeats:
-        yield beam.pvalue.TaggedOutput(DEAD_LETTER, record)
-
-
-def split_training_sample(records, chosen, label: str = "TrainingSample"):
+def split_training_sample(records, chosen: frozenset, label: str = "TrainingSample"):
     """Listed records (anything with a ``uri``) -> (the training sample, the rest): the records whose
-    image id is in ``chosen``, a set of ids, or a one-element PCollection of a list of them (read
-    as a side input)."""
+    image id is in ``chosen`` (``index.training_sample``)."""
     from delf_retrieval.inputs import image_id
 
-    if isinstance(chosen, beam.pvalue.PCollection):
-        chosen = beam.pvalue.AsSingleton(chosen | f"{label}AsSet" >> beam.Map(frozenset))
     sample = records | f"{label}Images" >> beam.Filter(lambda r, ids: image_id(r.uri) in ids, chosen)
     rest = records | f"{label}Rest" >> beam.Filter(lambda r, ids: image_id(r.uri) not in ids, chosen)
     return sample, rest
-
-
-class ListInputs(beam.PTransform):
-    """Source -> unique ``InputImage`` records, spread over workers (Reshuffle), their count, and the
-    dead letters of the listing (uris listed again).
-
-    Returns ``{"images": records, "count": one int, "dead_letter": records}``; the count is of every
-    listed row, repeats included, so indexed + rejected = count. It is taken before the Reshuffle,
-    so a step that reads it as a side input can still fuse with extraction behind the Reshuffle (a
-    count taken after it would be computed by the extraction stage itself, which then has to
-    finish first). With ``training_sample=(sample_size, max_features)`` the images a training build
-    extracts first leave apart, as ``"sample"`` (``index.training_sample``: the smallest image ids),
-    and ``"images"`` holds the others."""
-
-    def __init__(self, source: str, label_from_folder: bool = False, training_sample: tuple[int, int] | None = None):
-        super().__init__()
-        self.source = source
-        self.label_from_folder = label_from_folder
-        self.training_sample = training_sample
-
-    def expand(self, pbegin):
-        listed = (
-            pbegin
-            | "Source" >> beam.Create([self.source])
-            | "List" >> beam.FlatMap(list_records, self.label_from_folder).with_outputs(DEAD_LETTER, main="images")
-        )
-        unique = listed.images | "AsRecords" >> beam.MapTuple(lambda uri, label: InputImage(uri, label))
-        every_row = (unique, listed[DEAD_LETTER]) | "EveryRow" >> beam.Flatten()
-        out = {"count": every_row | "Count" >> beam.combiners.Count.Globally(), DEAD_LETTER: listed[DEAD_LETTER]}
-        if self.training_sample:
-            from delf_retrieval.index import training_images
-            from delf_retrieval.inputs import image_id
-
-            # index.training_sample as a combine: the smallest image ids, a bounded list.
-            chosen = (unique | "ImageIds" >> beam.Map(lambda r: image_id(r.uri))
-                      | "SmallestIds" >> beam.combiners.Top.Smallest(training_images(*self.training_sample)))
-            sample, unique = split_training_sample(unique, chosen)
-            out["sample"] = sample | "SpreadSampleOverWorkers" >> beam.Reshuffle()
-        out["images"] = unique | "SpreadOverWorkers" >> beam.Reshuffle()
-        return out
 
 
 class ReadImage(beam.DoFn):
@@ -159,7 +112,7 @@ class ReadImage(beam.DoFn):
         self.progress_total = progress_total
         self.fetcher = None
         self.failed = Metrics.counter("delf", "images_unreadable")
-        self.timing = stage_timing("read")
+        self.timing = StageTimer("read")
 
     def setup(self):
         from delf_retrieval.inputs import Fetcher
@@ -168,14 +121,13 @@ class ReadImage(beam.DoFn):
         PROGRESS.configure(self.progress_total)
 
     def process(self, image):
-        start = time.perf_counter()
-        data, rejected = read_input(image.uri, self.fetcher)
+        with self.timing:
+            data, rejected = read_input(image.uri, self.fetcher)
         if rejected is not None:
             self.failed.inc()
             PROGRESS.tick()
             yield rejected
         else:
-            self.timing.update(elapsed_us(start))
             yield image, data
 
 
@@ -204,25 +156,25 @@ class DecodeImage(beam.DoFn):
         self.limits = limits or {}
         self.decoded = Metrics.counter("delf", "images_decoded")
         self.rejected = Metrics.counter("delf", "images_rejected")
-        self.timing = stage_timing("decode")
+        self.timing = StageTimer("decode")
 
     def process(self, element):
         from delf_retrieval import images
 
         key, data = element
         uri = getattr(key, "uri", key)
-        start = time.perf_counter()
-        try:
-            image = images.decode_image(data, name=uri, limits=images.DecodeLimits(**self.limits))
-        except Exception as e:  # noqa: BLE001 - typed errors by their reason, anything else as internal
-            self.timing.update(elapsed_us(start))
+        with self.timing:
+            try:
+                image = images.decode_image(data, name=uri, limits=images.DecodeLimits(**self.limits))
+                digest = images.content_hash(data)
+            except Exception as e:  # noqa: BLE001 - typed errors by their reason, anything else as internal
+                image, failure = None, e
+        if image is None:
             self.rejected.inc()
             PROGRESS.tick()
-            yield (beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, "decode", e.reason, str(e)))
-                   if isinstance(e, images.ImageError) else internal_error(uri, "decode", e))
+            yield (beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter(uri, "decode", failure.reason, str(failure)))
+                   if isinstance(failure, images.ImageError) else internal_error(uri, "decode", failure))
             return
-        digest = images.content_hash(data)
-        self.timing.update(elapsed_us(start))
         self.decoded.inc()
         yield key, image, digest
 
@@ -238,7 +190,7 @@ class ExtractFeatures(beam.DoFn):
         self.extractor = None
         self.features = Metrics.counter("delf", "features_extracted")
         self.failed = Metrics.counter("delf", "images_extraction_failed")
-        self.timing = stage_timing("extract")
+        self.timing = StageTimer("extract")
 
     def setup(self):
         self.extractor = None  # built by the first batch: a worker (or a re-index) with none never loads it
@@ -247,10 +199,9 @@ class ExtractFeatures(beam.DoFn):
         from delf_retrieval.extract import ExtractionConfig, Extractor
         from delf_retrieval.model import delf
 
-        start = time.perf_counter()
-        net = delf.load(delf.ModelConfig.from_json(dict(self.model_config)))
-        self.extractor = Extractor(net, ExtractionConfig.from_json(self.extraction_config))
-        stage_timing("model_load").update(elapsed_us(start))
+        with StageTimer("model_load"):
+            net = delf.load(delf.ModelConfig.from_json(dict(self.model_config)))
+            self.extractor = Extractor(net, ExtractionConfig.from_json(self.extraction_config))
 
     def process(self, batch):
         if self.extractor is None:
@@ -261,15 +212,12 @@ class ExtractFeatures(beam.DoFn):
         except Exception:  # noqa: BLE001 - isolate the image that fails, keep the others
             results = None
         if results is not None:
-            per_image = elapsed_us(start) / len(batch)
-            for _ in batch:
-                self.timing.update(int(round(per_image)))
+            self.timing.share(time.perf_counter() - start, len(batch))
         for i, (key, image, digest) in enumerate(batch):
             if results is None:
-                start = time.perf_counter()
                 try:
-                    features = self.extractor.extract(image)
-                    self.timing.update(elapsed_us(start))
+                    with self.timing:
+                        features = self.extractor.extract(image)
                 except Exception as e:  # noqa: BLE001 - one bad image must not fail the job
                     self.failed.inc()
                     PROGRESS.tick()

@@ -1,25 +1,20 @@
-"""Beam stages from features to a published index: sample descriptors, train (or load) PCA and the
-quantizer, encode each image, write one Parquet shard per range of cells, then the tables and the
-manifest, last. Every numerical step is a call into ``delf_retrieval``."""
+"""The one index build as a Beam graph, in each of its modes (``delf_retrieval.build``): read the
+plan, check and extract the inputs, train (or load) PCA + quantizer, encode each image, carry the
+rows of unchanged images over, write one Parquet shard per range of cells, then the tables, the
+manifest and the pointer, last. Every numerical step is a call into ``delf_retrieval``."""
 
 from __future__ import annotations
 
-import datetime
-import uuid
+import json
+import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from delf_retrieval import shards as index_files
-from delf_retrieval.quantize import IndexParams
-from transforms.extract import DEAD_LETTER, elapsed_us, internal_error, stage_timing
+from delf_retrieval import build as plan_lib
+from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample
 
 IMAGES = "images"
-
-
-def new_build_id() -> str:
-    """Sortable and unique: the UTC time of the launch plus a random suffix."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
 class ReservoirFn(beam.CombineFn):
@@ -28,6 +23,7 @@ class ReservoirFn(beam.CombineFn):
     def __init__(self, max_rows: int, seed: int = 0):
         self.max_rows = max_rows
         self.seed = seed
+        self.timing = StageTimer("sample")
 
     def create_accumulator(self):
         from delf_retrieval.index import Reservoir
@@ -35,11 +31,8 @@ class ReservoirFn(beam.CombineFn):
         return Reservoir(self.max_rows, self.seed)
 
     def add_input(self, reservoir, descriptors):
-        import time
-
-        start = time.perf_counter()
-        reservoir.add(descriptors)
-        stage_timing("sample").update(elapsed_us(start))
+        with self.timing:
+            reservoir.add(descriptors)
         return reservoir
 
     def merge_accumulators(self, reservoirs):
@@ -53,27 +46,38 @@ class ReservoirFn(beam.CombineFn):
         return reservoir.result() if reservoir.seen else None
 
 
-def train_model(sample, index_params: dict, pca_dim: int, expected_count: int) -> dict:
-    """The separate builder's work, as one step: PCA + quantizer from the sample, as file bytes."""
-    import time
-
-    from delf_retrieval import index, quantize
+def train_model(sample, config: plan_lib.BuildConfig, expected_count: int | None):
+    """The separate builder's work, as one step: a ``TrainedModel`` from the sample."""
+    from delf_retrieval import index
 
     if sample is None:
         raise index.PublishRefused("no image produced features: nothing to train the index on")
-    start = time.time()
-    projection, quantizer = index.train(sample, quantize.IndexParams(**index_params), pca_dim, expected_count)
-    stage_timing("train").update(int(round((time.time() - start) * 1e6)))
-    return {**index.model_files(projection, quantizer), "sample_size": int(len(sample)),
-            "train_seconds": round(time.time() - start, 1),
-            "quantization_error": index.quantization_error(projection, quantizer, sample)}
+    with StageTimer("train"):
+        return index.TrainedModel.trained(sample, config.index, config.pca_dim, expected_count)
+
+
+def train_on_sample(sample_features, listed: int, config: plan_lib.BuildConfig):
+    """The model trained on a reservoir of the training sample's descriptors, its LOPQ regions sized
+    for ``listed`` x the sample's mean descriptors per image. It depends on the sample's features
+    only, so the other images' extraction fuses with their encoding."""
+    from delf_retrieval.index import expected_descriptors
+
+    per_image = (sample_features | "TrainingPerImage" >> beam.Map(lambda r: len(r[1]))
+                 | "TrainingMeanPerImage" >> beam.combiners.Mean.Globally())
+    return (
+        sample_features
+        | "TrainingDescriptors" >> beam.Map(lambda r: r[1].descriptors)
+        | "TrainingReservoir" >> beam.CombineGlobally(ReservoirFn(config.sample_size, config.index.seed))
+        | "Train" >> beam.Map(lambda sample, per: train_model(sample, config, expected_descriptors(listed, per)),
+                              per=beam.pvalue.AsSingleton(per_image))
+    )
 
 
 class EncodeImages(beam.DoFn):
-    """(InputImage, Features, hash) -> (shard, EncodedImage part) per shard the image touches, and an
-    image-table record on the ``images`` output. The model arrives as a side input (file bytes)
-    and is loaded once per worker. Shards are cut from ``num_shards`` when given, else from the
-    ``descriptors`` side input (the total, or an upper bound of it)."""
+    """(InputImage, Features, hash) -> (shard, PostingRows) per shard the image touches, and an
+    image-table record on the ``images`` output. The model (a ``TrainedModel``) arrives as a side
+    input and is loaded once per worker. Shards are cut from ``num_shards`` when given, else from
+    the ``descriptors`` side input (an upper bound of the total)."""
 
     def __init__(self, rows_per_shard: int, num_shards: int | None):
         self.rows_per_shard = rows_per_shard
@@ -81,29 +85,25 @@ class EncodeImages(beam.DoFn):
         self._model_key = None
         self.images = Metrics.counter("delf", "images_indexed")
         self.rows = Metrics.counter("delf", "descriptors_indexed")
-        self.timing = stage_timing("encode")
+        self.timing = StageTimer("encode")
 
     def process(self, element, model, descriptors=None):
-        import time
-
         from delf_retrieval import index, inputs
 
-        start = time.perf_counter()
-        if self._model_key != id(model):
-            self.projection, self.quantizer = index.load_model_files(model)
-            self._model_key = id(model)
         key, features, digest = element
-        n_cells = self.quantizer.coarse.n_cells
-        if self.num_shards is None and descriptors is None:
-            raise ValueError("EncodeImages needs num_shards or the descriptors side input to size the shards")
-        shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
         try:
-            image_id = inputs.image_id(key.uri)
-            height, width = features.image_size
-            parts = []
-            if len(features):
-                encoded = index.encode_image(image_id, features, self.projection, self.quantizer)
-                parts = list(index.split_by_shard(encoded, n_cells, shards))
+            with self.timing:
+                if self._model_key != id(model):
+                    self.projection, self.quantizer = model.load()
+                    self._model_key = id(model)
+                n_cells = self.quantizer.coarse.n_cells
+                shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
+                image_id = inputs.image_id(key.uri)
+                height, width = features.image_size
+                parts = []
+                if len(features):
+                    rows = index.encode_image(image_id, features, self.projection, self.quantizer)
+                    parts = list(index.split_by_shard(rows, n_cells, shards))
         except Exception as e:  # noqa: BLE001 - one image's failure is its dead letter, not the bundle's
             yield internal_error(key.uri, "encode", e)
             return
@@ -112,200 +112,236 @@ class EncodeImages(beam.DoFn):
         yield beam.pvalue.TaggedOutput(IMAGES, {"image_id": image_id, "uri": key.uri, "width": int(width),
                                                 "height": int(height), "num_features": len(features),
                                                 "content_hash": digest, "label": key.label})
-        self.timing.update(elapsed_us(start))
         yield from parts
 
 
-def train_on_sample(sample_features, listed, index_params: dict, pca_dim: int, sample_size: int):
-    """The model (PCA + quantizer file bytes) trained on a reservoir of the training sample's
-    descriptors, sized for listed x the sample's mean descriptors per image. It depends on the
-    sample's features only, so the other images' extraction fuses with their encoding."""
-    from delf_retrieval.index import expected_descriptors
-
-    per_image = (sample_features | "TrainingPerImage" >> beam.Map(lambda r: len(r[1]))
-                 | "TrainingMeanPerImage" >> beam.combiners.Mean.Globally())
-    return (
-        sample_features
-        | "TrainingDescriptors" >> beam.Map(lambda r: r[1].descriptors)
-        | "TrainingReservoir" >> beam.CombineGlobally(ReservoirFn(sample_size, index_params.get("seed", 0)))
-        | "Train" >> beam.Map(lambda sample, n, per: train_model(sample, index_params, pca_dim,
-                                                                 expected_descriptors(n, per)),
-                              n=beam.pvalue.AsSingleton(listed), per=beam.pvalue.AsSingleton(per_image))
-    )
-
-
-def encode_images(features, model, rows_per_shard: int, num_shards: int | None, descriptors=None,
-                  label: str = "Encode"):
-    """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs. ``descriptors``
-    (the total, or an upper bound) becomes a side input only when ``num_shards`` is not given."""
-    if not num_shards and descriptors is None:
-        raise ValueError("encode_images needs num_shards or a descriptors count to size the shards")
-    sizes = {} if num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
+def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: str = "Encode"):
+    """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs."""
+    sizes = {} if job.num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
     return features | label >> beam.ParDo(
-        EncodeImages(rows_per_shard, num_shards), model=beam.pvalue.AsSingleton(model),
+        EncodeImages(job.config.rows_per_shard, job.num_shards), model=beam.pvalue.AsSingleton(model),
         **sizes).with_outputs(IMAGES, DEAD_LETTER, main="rows")
 
 
-def write_shard(element, output: str, build: str, index_id: str, m: int, bits: int) -> dict:
-    """One posting shard of the version folder ``output/build``; its record's path is relative to it."""
-    import time
+def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
+    """One posting shard of the version folder; its record's path is relative to that folder."""
+    from delf_retrieval import shards, storage
 
-    from delf_retrieval import index, shards, storage
-
-    start = time.perf_counter()
-    shard, parts = element
-    columns = index.concatenate_parts(list(parts), m)
-    table = shards.postings_table(bits=bits, **columns)
-    record = shards.write_shard(storage.join(output, build), f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table,
-                                index_id)
-    stage_timing("write").update(elapsed_us(start))
-    return record
+    with StageTimer("write"):
+        shard, parts = element
+        table = shards.postings_table(shards.PostingRows.concatenate(list(parts), m), bits)
+        return shards.write_shard(storage.join(job.root, job.build), f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet",
+                                  table, job.index_id)
 
 
-class PublishIndex(beam.DoFn):
-    """The last step, on one worker: model files, image and dead-letter tables and the version's
-    own manifest in its folder, then the root pointer that makes it visible (``versions.publish``,
-    a compare-and-swap against ``expected_token``, the pointer the run found when it took the lock);
-    older builds are removed after it, under the run's lock, ``keep`` of them kept (so a reader
-    that opened the previous one a moment ago still finds its files, and
-    ``pipeline.reindex --rollback`` can return to it). Refuses to publish (``PublishRefused``)
-    a build that lost inputs or rejected more than ``max_rejected_fraction`` of them; its
-    dead-letter table is still written into its folder, to be read. Releases the lock of
-    ``lock_owner`` (a job submitted to a remote runner has no driver left to do it)."""
+def input_of(row: dict):
+    from delf_retrieval.inputs import InputImage
 
-    def __init__(self, output: str, build: str, index_id: str, model_info: dict, keep: int = 1,
-                 expected_token: str | None = None, lock_owner: str | None = None,
-                 max_rejected_fraction: float = 0.5):
-        self.output, self.build, self.index_id, self.model_info = output, build, index_id, model_info
-        self.keep, self.expected_token, self.lock_owner = keep, expected_token, lock_owner
-        self.max_rejected_fraction = max_rejected_fraction
-
-    def process(self, _, model, shard_records, image_records, dead_letters, inputs_listed):
-        import time
-
-        from delf_retrieval import index, shards, storage, versions
-
-        start = time.perf_counter()
-        images = sorted(image_records, key=lambda r: r["uri"])
-        refuse_unless_publishable(self.output, self.build, inputs_listed, images, dead_letters,
-                                  self.max_rejected_fraction)
-        _, quantizer = index.load_model_files(model)
-        files = write_version_files(self.output, self.build, model, images, dead_letters)
-        records = sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"])
-        manifest = shards.build_manifest(self.index_id, quantizer, files, records, self.model_info,
-                                         extra={"training": training_record(model)})
-        manifest["counts"]["inputs"] = inputs_listed
-        pointer = versions.publish(self.output, self.build, manifest, self.expected_token)
-        versions.prune(self.output, keep=self.keep, protect={self.build})
-        if self.lock_owner:
-            versions.release_lock(storage.join(self.output, versions.LOCK_FILE), self.lock_owner)
-        stage_timing("publish").update(elapsed_us(start))
-        yield pointer
+    return InputImage(row["uri"], row["label"])
 
 
-def refuse_unless_publishable(output: str, build: str, listed: int, images: list, dead_letters: list,
-                              max_rejected_fraction: float) -> None:
+class BuildIndex(beam.PTransform):
+    """The whole build, from its plan to the published version (``job.mode``):
+
+    - full: every input is extracted; PCA + quantizer are trained on the training sample alone
+      (images chosen by hash of the uri, extracted first: a bounded set of features, held until the
+      model exists and then encoded);
+    - fixed: every input is extracted and encoded with ``model``, a given ``TrainedModel``;
+    - incremental: the current version's model (from ``pointer``, the current manifest) is reused,
+      the inputs whose change marker changed are read and hashed first (``CheckContent``) and
+      extracted only if their bytes changed, and the posting rows of the others are carried over
+      from the current shards (``CarryPostings``); the new descriptors' quantization error under
+      the codebooks is measured (drift).
+
+    In every mode nothing waits for all images' features: the model depends on the training sample
+    or is known up front, and shards are sized up front (``job.num_shards``) or from the inputs to
+    read x ``max_features`` (``job.descriptor_bound``), so raw features stream through to their
+    codes. ``extract(label)`` makes the extraction transform (``ExtractImages``) of the run."""
+
+    def __init__(self, job: plan_lib.BuildJob, extract, model=None, pointer: dict | None = None):
+        super().__init__()
+        if job.mode == plan_lib.FIXED and model is None:
+            raise ValueError("a fixed-quantizer build needs its model")
+        if job.mode == plan_lib.INCREMENTAL and pointer is None:
+            raise ValueError("an incremental build needs the current version's manifest")
+        self.job, self.extract, self.model, self.pointer = job, extract, model, pointer
+
+    def expand(self, pbegin):
+        from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_model
+
+        job = self.job
+        todo = (pbegin | "Plan" >> beam.Create([job.plan_path])
+                | "ReadPlan" >> beam.FlatMap(plan_lib.read_plan, (plan_lib.CHECK, plan_lib.EXTRACT))
+                | "SpreadPlan" >> beam.Reshuffle())
+        fresh = (todo | "New" >> beam.Filter(lambda r: r["action"] == plan_lib.EXTRACT)
+                 | "AsInputs" >> beam.Map(input_of))
+        checked = (todo | "Maybe" >> beam.Filter(lambda r: r["action"] == plan_lib.CHECK)
+                   | "CheckContent" >> beam.ParDo(CheckContent(job.fetch)).with_outputs(DEAD_LETTER, SAME,
+                                                                                       main="changed"))
+        to_extract = (fresh, checked.changed) | "ToExtract" >> beam.Flatten()
+        dead = [pbegin | "ListedAgain" >> beam.Create(list(job.repeats)), checked[DEAD_LETTER]]
+        descriptors = None if job.num_shards else pbegin | "DescriptorBound" >> beam.Create([job.descriptor_bound])
+        encoded = []
+        if job.mode == plan_lib.FULL:
+            sample, to_extract = split_training_sample(to_extract, job.training_sample)
+            sample_features = sample | "ExtractTrainingSample" >> self.extract()
+            dead.append(sample_features[DEAD_LETTER])
+            model = train_on_sample(sample_features["features"], job.listed, job.config)
+            encoded.append(encode_images(sample_features["features"], model, job, descriptors,
+                                         label="EncodeTrainingSample"))
+        elif job.mode == plan_lib.FIXED:
+            model = pbegin | "GivenModel" >> beam.Create([self.model])
+        else:
+            files = {k: self.pointer[k] for k in ("files", "training") if k in self.pointer}
+            model = (pbegin | "Current" >> beam.Create([None])
+                     | "ReadModel" >> beam.Map(lambda _, root, pointer: read_model(root, pointer), job.root, files))
+        extracted = to_extract | "ExtractImages" >> self.extract()
+        features = extracted["features"]
+        if job.mode == plan_lib.FULL:
+            new_error = pbegin | "NoDrift" >> beam.Create([None])
+        else:  # the codebooks were trained on other images: how well do they fit the new ones?
+            new_error = (features | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
+                         | "Sample" >> beam.CombineGlobally(ReservoirFn(job.drift_sample, job.config.index.seed))
+                         | "Drift" >> beam.Map(drift_error, model=beam.pvalue.AsSingleton(model)))
+        encoded.append(encode_images(features, model, job, descriptors))
+        dead = (dead + [extracted[DEAD_LETTER]] + [e[DEAD_LETTER] for e in encoded]) | "DeadLetters" >> beam.Flatten()
+        new_images = [e[IMAGES] for e in encoded] | "NewImages" >> beam.Flatten()
+        rows = [e.rows for e in encoded]
+        if job.mode == plan_lib.INCREMENTAL:
+            rows.append(
+                pbegin | "CurrentShards" >> beam.Create(self.pointer["shards"]) | "SpreadShards" >> beam.Reshuffle()
+                | "Carry" >> beam.ParDo(CarryPostings(job, self.pointer["params"]),
+                                        same_uris=beam.pvalue.AsList(checked[SAME])))
+        index = job.config.index
+        shard_records = (
+            rows | "AllRows" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.Map(write_shard, job, index.pq_m, index.pq_bits)
+        )
+        return (
+            pbegin | "Once" >> beam.Create([None])
+            | "Publish" >> beam.ParDo(
+                PublishVersion(job), model=beam.pvalue.AsSingleton(model),
+                shard_records=beam.pvalue.AsList(shard_records), new_images=beam.pvalue.AsList(new_images),
+                same_uris=beam.pvalue.AsList(checked[SAME]), dead_letters=beam.pvalue.AsList(dead),
+                new_error=beam.pvalue.AsSingleton(new_error))
+        )
+
+
+CHANGE_COUNTS = ("listed", "added", "changed", "unchanged", "deleted", "rejected", "reused", "re_extracted")
+
+
+class PublishVersion(beam.DoFn):
+    """The last step, on one worker: the model files and the image and dead-letter tables into the
+    version folder, its manifest (with the build's settings), verification, then the pointer that
+    makes it visible (``versions.publish``, a compare-and-swap against ``job.expected_token``, the
+    pointer the run found when it took the lock: a run that lost its lock cannot publish over
+    another's). Then older versions are pruned under the run's lock, ``job.keep`` of them kept (a
+    reader that opened the previous one a moment ago still finds its files, and ``--rollback``
+    can return to it), the run report is written and the lock released (a job on a remote runner
+    has no driver left to do it).
+
+    Refuses to publish (``PublishRefused``) a build that lost inputs, failed to carry rows over, or
+    rejected more than ``job.max_rejected_fraction`` of its inputs; its dead-letter table is still
+    written into its folder, to be read."""
+
+    def __init__(self, job: plan_lib.BuildJob):
+        self.job = job
+
+    def process(self, _, model, shard_records, new_images, same_uris, dead_letters, new_error):
+        from delf_retrieval import shards, storage, versions
+
+        job = self.job
+        with StageTimer("publish"):
+            plan = plan_lib.read_plan(job.plan_path)
+            images = self.image_records(plan, new_images, set(same_uris))
+            carry_failed = [d for d in dead_letters if d["stage"] == "carry"]
+            if carry_failed:
+                from delf_retrieval.index import PublishRefused
+
+                raise PublishRefused(
+                    f"{len(carry_failed)} posting shards of the current version could not be carried over (first: "
+                    f"{carry_failed[0]['uri']}: {carry_failed[0]['error']}): not published, the current version "
+                    "keeps serving; run with --retrain to rebuild the index from its inputs")
+            refuse_unless_publishable(job, images, dead_letters)
+            _, quantizer = model.load()
+            files = write_version_files(job, model, images, dead_letters)
+            records = sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"])
+            report = self.report(plan, set(same_uris), images, new_images, dead_letters, records, new_error, model)
+            manifest = shards.build_manifest(job.index_id, quantizer, files, records, job.model_info, extra={
+                "settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
+                "training": model.training_record(),
+                "drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
+            manifest["counts"]["inputs"] = job.listed
+            pointer = versions.publish(job.root, job.build, manifest, job.expected_token)
+            report["previous"] = pointer.get("previous")
+            report["pruned"] = versions.prune(job.root, keep=job.keep, protect={job.build})
+            report["published"] = True
+            report["wall_seconds"] = round(time.time() - job.started, 1)
+            storage.write_bytes(storage.join(job.root, versions.REPORTS_DIR, f"{job.build_id}.json"),
+                                json.dumps(report, indent=1, sort_keys=True).encode())
+            if job.lock_owner:
+                versions.release_lock(storage.join(job.root, versions.LOCK_FILE), job.lock_owner)
+        yield report
+
+    @staticmethod
+    def image_records(plan: list[dict], new_images: list[dict], same: set) -> list[dict]:
+        """The version's image table: the images encoded by this run (with their listed stamp) and
+        those whose rows were carried over, by uri."""
+        stamp = {row["uri"]: row["stamp"] for row in plan}
+        images = [{**record, "stamp": stamp[record["uri"]]} for record in new_images]
+        images += [plan_lib.indexed_record(row) for row in plan
+                   if row["action"] == plan_lib.KEEP or (row["action"] == plan_lib.CHECK and row["uri"] in same)]
+        return sorted(images, key=lambda r: r["uri"])
+
+    def report(self, plan, same, images, new_images, dead_letters, shard_records, new_error, model) -> dict:
+        job = self.job
+        new_uris = {r["uri"] for r in new_images}
+        was_indexed = {row["uri"]: row["content_hash"] for row in plan if row["content_hash"] is not None}
+        hash_of = {r["uri"]: r["content_hash"] for r in new_images}
+        carried = sum(row["action"] == plan_lib.KEEP or (row["action"] == plan_lib.CHECK and row["uri"] in same)
+                      for row in plan)
+        trained = model.quantization_error
+        ratio = new_error / trained if new_error is not None and trained else None
+        return {
+            "mode": job.mode, "build": job.build, "index": job.root, "listed": job.listed,
+            "added": sum(u not in was_indexed for u in new_uris),
+            "changed": sum(u in was_indexed and hash_of[u] != was_indexed[u] for u in new_uris),
+            "unchanged": carried + sum(u in was_indexed and hash_of[u] == was_indexed[u] for u in new_uris),
+            "deleted": job.deleted, "rejected": len(dead_letters),
+            "reused": carried, "re_extracted": len(new_images) + sum(d["stage"] == "extract" for d in dead_letters),
+            "read_to_check": sum(row["action"] == plan_lib.CHECK for row in plan), "touched_unchanged": len(same),
+            "images": len(images), "descriptors": sum(r["rows"] for r in shard_records),
+            "descriptors_new": sum(r["num_features"] for r in new_images),
+            "drift": {"new_error": new_error, "trained_error": trained, "ratio": ratio,
+                      "threshold": job.drift_threshold,
+                      "retrain_due": bool(ratio is not None and ratio > job.drift_threshold)},
+        }
+
+
+def refuse_unless_publishable(job: plan_lib.BuildJob, images: list, dead_letters: list) -> None:
     """``index.check_publishable``; a refused build keeps its dead-letter table in its folder (no
     manifest: the next run's pruning removes it), and the error names it."""
     from delf_retrieval import index, shards, storage
 
     try:
-        index.check_publishable(listed, images, dead_letters, max_rejected_fraction)
+        index.check_publishable(job.listed, images, dead_letters, job.max_rejected_fraction)
     except index.PublishRefused as e:
-        folder = storage.join(output, build)
+        folder = storage.join(job.root, job.build)
         shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
                                 shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"])))
         raise index.PublishRefused(f"{e} (rejected inputs: {storage.join(folder, shards.DEAD_LETTERS_FILE)})") from None
 
 
-def training_record(model: dict) -> dict:
-    """What the manifest records of the model's training (the error is the drift baseline)."""
-    record = {"sample_size": model["sample_size"], "seconds": model["train_seconds"]}
-    if model.get("quantization_error") is not None:
-        record["quantization_error"] = model["quantization_error"]
-    return record
-
-
-def write_version_files(output: str, build: str, model: dict, images: list, dead_letters: list) -> dict:
-    """Model files and the image and dead-letter tables into the version folder; their records."""
+def write_version_files(job: plan_lib.BuildJob, model, images: list, dead_letters: list) -> dict:
+    """Model files, the image and dead-letter tables into the version folder, and the plan's record."""
     from delf_retrieval import shards, storage
 
-    folder = storage.join(output, build)
+    folder = storage.join(job.root, job.build)
     return {
-        "pca": shards.write_array_file(folder, shards.PCA_FILE, model["pca"]),
-        "quantizer": shards.write_array_file(folder, shards.QUANTIZER_FILE, model["quantizer"]),
+        "pca": shards.write_array_file(folder, shards.PCA_FILE, model.pca),
+        "quantizer": shards.write_array_file(folder, shards.QUANTIZER_FILE, model.quantizer),
         "images": shards.write_table_file(folder, shards.IMAGES_FILE, shards.image_table(images)),
         "dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
                                                 shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
+        "plan": job.plan_record,
     }
-
-
-class BuildIndex(beam.PTransform):
-    """(InputImage, Features, hash) of the images + dead letters + the number of listed inputs (and,
-    in a training build, ``sample_features``: those of the training sample) -> the manifest of the
-    published index at ``output`` (a local folder or gs:// prefix).
-
-    Nothing waits for every image's features. A training build trains PCA + quantizer on the
-    training sample alone (images chosen by hash of the uri, extracted first; their features, a
-    bounded number, are held until the model exists and then encoded); with ``model_files`` (a
-    fixed quantizer) there is no sample. Either way the other images' extraction fuses with their
-    encoding: shards are sized from the listed inputs x ``max_features`` (an upper bound of the
-    descriptors), so raw features stream through to their codes (provided ``listed`` is counted
-    before the Reshuffle that spreads the images, as ``ListInputs`` does)."""
-
-    def __init__(self, output: str, index_params: dict, pca_dim: int = 40, sample_size: int = 1_000_000,
-                 model_files: dict | None = None, rows_per_shard: int = 4_000_000, num_shards: int | None = None,
-                 model_info: dict | None = None, build: str | None = None, max_features: int | None = None,
-                 expected_token: str | None = None, lock_owner: str | None = None, max_rejected_fraction: float = 0.5):
-        super().__init__()
-        self.output = output
-        self.index_params = index_params
-        self.pca_dim = pca_dim
-        self.sample_size = sample_size
-        self.model_files = model_files
-        self.rows_per_shard = rows_per_shard
-        self.num_shards = num_shards
-        self.model_info = model_info or {}
-        self.max_features = max_features
-        self.expected_token, self.lock_owner = expected_token, lock_owner
-        self.max_rejected_fraction = max_rejected_fraction
-        if num_shards is None and not max_features:
-            raise ValueError("give num_shards or max_features (the per-image bound) to size the shards")
-        self.build = f"{index_files.BUILDS_DIR}/{build or new_build_id()}"
-        self.index_id = uuid.uuid4().hex
-
-    def expand(self, inputs):
-        features, dead_letters, listed = inputs["features"], inputs["dead_letter"], inputs["listed"]
-        pipeline = features.pipeline
-        descriptors = None if self.num_shards else (
-            listed | "DescriptorBound" >> beam.Map(lambda n, k: n * k, self.max_features))
-        encoded = []
-        if self.model_files is None:
-            sample_features = inputs["sample_features"]
-            model = train_on_sample(sample_features, listed, self.index_params, self.pca_dim, self.sample_size)
-            encoded.append(encode_images(sample_features, model, self.rows_per_shard, self.num_shards, descriptors,
-                                         label="EncodeTrainingSample"))
-        else:
-            model = pipeline | "GivenQuantizer" >> beam.Create([self.model_files])
-        encoded.append(encode_images(features, model, self.rows_per_shard, self.num_shards, descriptors))
-        dead_letters = ((dead_letters, *(e[DEAD_LETTER] for e in encoded))
-                        | "AllDeadLetters" >> beam.Flatten())
-        image_records = [e[IMAGES] for e in encoded] | "AllImages" >> beam.Flatten()
-        defaults = IndexParams()
-        m, bits = self.index_params.get("pq_m", defaults.pq_m), self.index_params.get("pq_bits", defaults.pq_bits)
-        shard_records = (
-            [e.rows for e in encoded] | "AllRows" >> beam.Flatten()
-            | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShards" >> beam.Map(write_shard, self.output, self.build, self.index_id, m, bits)
-        )
-        return (
-            pipeline
-            | "Once" >> beam.Create([None])
-            | "Publish" >> beam.ParDo(
-                PublishIndex(self.output, self.build, self.index_id, self.model_info,
-                             expected_token=self.expected_token, lock_owner=self.lock_owner,
-                             max_rejected_fraction=self.max_rejected_fraction),
-                model=beam.pvalue.AsSingleton(model), shard_records=beam.pvalue.AsList(shard_records),
-                image_records=beam.pvalue.AsList(image_records), dead_letters=beam.pvalue.AsList(dead_letters),
-                inputs_listed=beam.pvalue.AsSingleton(listed))
-        )

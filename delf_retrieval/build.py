@@ -1,0 +1,239 @@
+"""The plan of one index build: its settings (``BuildConfig``), its mode (full, fixed quantizer or
+incremental), what it does with each listed input (keep / check / extract) and how its shards are
+sized. The Beam build carries a plan out; nothing here imports Beam."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass, field
+
+from delf_retrieval import pca as pca_lib
+from delf_retrieval.index import DEFAULT_MAX_REJECTED_FRACTION
+from delf_retrieval.quantize import IndexParams
+
+# The modes of the one build.
+FULL = "full"  # extract every image; train PCA + quantizer on a sample of them first
+FIXED = "fixed"  # extract every image; encode with a given PCA + quantizer (pipeline.build_quantizer's)
+INCREMENTAL = "incremental"  # reuse the current version's model and the rows of unchanged images
+MODES = (FULL, FIXED, INCREMENTAL)
+
+# What a build does with each listed input.
+KEEP = "keep"  # indexed, the same change marker: its posting rows are carried over, nothing is read
+CHECK = "check"  # indexed, its marker changed: read and hashed; extracted again only if the bytes changed
+EXTRACT = "extract"  # new (or every input, in a full or fixed build)
+ACTIONS = (KEEP, CHECK, EXTRACT)
+
+PLAN_FILE = "plan.parquet"
+PLAN_FIELDS = ("uri", "label", "stamp", "action", "width", "height", "num_features", "content_hash")
+INDEXED_FIELDS = ("width", "height", "num_features", "content_hash")  # what a kept row brings from the index
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What a build makes of the features: the index (``IndexParams``), the PCA dimension, the
+    descriptors the model is trained on, and the posting shards' size (``num_shards`` fixes their
+    number; otherwise there is one per ~``rows_per_shard`` descriptors)."""
+
+    index: IndexParams = field(default_factory=IndexParams)
+    pca_dim: int = pca_lib.DEFAULT_DIM
+    sample_size: int = 1_000_000
+    rows_per_shard: int = 4_000_000
+    num_shards: int | None = None
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "index": dataclasses.asdict(self.index)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "BuildConfig":
+        """The inverse of :meth:`to_json`; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        settings = {k: v for k, v in dict(data).items() if k in known}
+        if "index" in settings:
+            settings["index"] = index_params(dict(settings["index"]))
+        return cls(**settings)
+
+
+def index_params(manifest_params: dict) -> IndexParams:
+    """The ``IndexParams`` of a manifest's ``params`` (which also holds what training found: regions,
+    local models, dimension); ``n_cells`` is the trained count."""
+    known = {f.name for f in dataclasses.fields(IndexParams)}
+    return IndexParams(**{k: v for k, v in manifest_params.items() if k in known})
+
+
+def choose_mode(pointer: dict | None, fixed_model: bool, retrain: bool = False) -> str:
+    """A fixed-quantizer build when given one; incremental on top of a current version unless told
+    to retrain or the version found its codebooks drifted; otherwise a full, training build."""
+    if fixed_model:
+        return FIXED
+    return INCREMENTAL if pointer is not None and not retrain and not retrain_due(pointer) else FULL
+
+
+def retrain_due(pointer: dict | None) -> bool:
+    """Whether the version found the new descriptors' quantization error past its threshold."""
+    return bool(pointer and (pointer.get("drift") or {}).get("retrain_due"))
+
+
+def _immutable(uri: str) -> bool:
+    """http(s) URLs have no change marker: an indexed URL is taken as unchanged."""
+    from delf_retrieval import inputs
+
+    return inputs.is_url(uri)
+
+
+def plan_rows(listed: list[tuple[str, str | None, str | None]], previous_images: list[dict],
+              incremental: bool) -> tuple[list[dict], list[str]]:
+    """(a plan row per unique listed (uri, label, stamp), the uris deleted since the previous
+    version). Incremental: keep an indexed image with the same stamp (or an indexed URL), check
+    one whose stamp differs, extract a new one; otherwise extract everything."""
+    before = {r["uri"]: r for r in previous_images}
+    rows, seen = [], set()
+    for uri, label, stamp in listed:
+        if uri in seen:
+            continue
+        seen.add(uri)
+        old = before.get(uri)
+        if old is None or not incremental:
+            action = EXTRACT
+        elif (old.get("stamp") is not None and old.get("stamp") == stamp) or (
+                stamp is None and old.get("stamp") is None and _immutable(uri)):
+            action = KEEP
+        else:
+            action = CHECK
+        if label is None and old:
+            label = old.get("label")  # a listing without labels keeps the ones the index has
+        rows.append({"uri": uri, "label": label, "stamp": stamp, "action": action,
+                     **{k: (old or {}).get(k) for k in INDEXED_FIELDS}})
+    return rows, sorted(set(before) - seen)
+
+
+@dataclass
+class BuildPlan:
+    """What one build does: its mode, a row per unique listed input (``PLAN_FIELDS``), the uris
+    deleted since the version it builds on, the listing's dead letters (uris listed again), the
+    training sample (image ids) of a full build, and how shards are sized: ``num_shards`` when it
+    is known up front, else from ``descriptor_bound`` once the trained model's cell count is."""
+
+    mode: str
+    rows: list[dict]
+    deleted: list[str] = field(default_factory=list)
+    repeats: list[dict] = field(default_factory=list)
+    training_sample: frozenset = frozenset()
+    num_shards: int | None = None
+    descriptor_bound: int = 0
+
+    @property
+    def listed(self) -> int:
+        """Every listed row, repeats included: indexed + rejected must come to this."""
+        return len(self.rows) + len(self.repeats)
+
+    @property
+    def to_read(self) -> int:
+        """Inputs the build reads (checks and extractions): what progress counts."""
+        return sum(r["action"] != KEEP for r in self.rows)
+
+    def count(self, action: str) -> int:
+        return sum(r["action"] == action for r in self.rows)
+
+    def table(self):
+        """The plan as the Parquet table the build's steps read (``PLAN_FILE`` in the version folder)."""
+        import pyarrow as pa
+
+        schema = pa.schema([("uri", pa.string()), ("label", pa.string()), ("stamp", pa.string()),
+                            ("action", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                            ("num_features", pa.int32()), ("content_hash", pa.string())])
+        return pa.Table.from_pylist(self.rows, schema=schema)
+
+
+def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: BuildConfig, max_features: int,
+               previous_images: list[dict] = (), previous_counts: dict | None = None,
+               n_cells: int | None = None) -> BuildPlan:
+    """The plan of a build in ``mode`` over ``listed`` (uri, label, stamp) rows.
+
+    A full build trains on ``index.training_sample`` of the inputs (the smallest image ids, enough
+    for ``config.sample_size`` descriptors at ``max_features`` per image). Shards: ``num_shards``
+    if the config fixes it; an incremental build sizes them from the kept rows' descriptors plus
+    the previous version's mean per image for the rest (``n_cells`` and ``previous_counts`` come
+    from the current version); full and fixed builds from the extracted inputs x ``max_features``,
+    an upper bound, once the model's cell count is known."""
+    from delf_retrieval import index
+
+    if mode not in MODES:
+        raise ValueError(f"unknown build mode {mode!r}; one of {', '.join(MODES)}")
+    incremental = mode == INCREMENTAL
+    rows, deleted = plan_rows(listed, list(previous_images), incremental)
+    plan = BuildPlan(mode, rows, deleted, list(repeats), num_shards=config.num_shards)
+    extracted = [r["uri"] for r in rows if r["action"] == EXTRACT]
+    if mode == FULL:
+        plan.training_sample = frozenset(index.training_sample(extracted, config.sample_size, max_features))
+    if incremental:
+        if previous_counts is None or n_cells is None:
+            raise ValueError("an incremental plan needs the current version's counts and cell count")
+        kept = sum(r["num_features"] or 0 for r in rows if r["action"] != EXTRACT)
+        per_image = previous_counts["descriptors"] / max(previous_counts["images"], 1)
+        estimate = int(kept + per_image * len(extracted))
+        plan.num_shards = config.num_shards or index.shard_count(estimate, n_cells, config.rows_per_shard)
+    plan.descriptor_bound = plan.to_read * int(max_features)
+    return plan
+
+
+def read_plan(path: str, actions: tuple = ACTIONS) -> list[dict]:
+    """The rows of a written plan whose action is one of ``actions``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from delf_retrieval import storage
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    return table.filter(pc.is_in(table.column("action"), value_set=pa.array(list(actions)))).to_pylist()
+
+
+def indexed_record(row: dict) -> dict:
+    """The image-table record of a plan row whose image keeps its posting rows."""
+    from delf_retrieval import inputs
+
+    return {"image_id": inputs.image_id(row["uri"]), "uri": row["uri"], "label": row["label"], "stamp": row["stamp"],
+            **{k: row[k] for k in INDEXED_FIELDS}}
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """One build as its Beam steps see it: where it writes (``root``, its version folder ``build``),
+    the version it may replace (``expected_token``, a compare-and-swap), its settings, its plan in
+    brief (the rows are in the plan file, ``plan_path``) and the lock its publish step releases."""
+
+    root: str
+    build: str  # builds/<build id>, relative to root
+    index_id: str
+    mode: str
+    config: BuildConfig
+    fetch: object  # inputs.FetchConfig
+    model_info: dict  # the network, the extraction and the preset, as the manifest records them
+    plan_path: str
+    plan_record: dict
+    listed: int
+    deleted: int
+    repeats: tuple = ()
+    training_sample: frozenset = frozenset()
+    num_shards: int | None = None
+    descriptor_bound: int = 0
+    expected_token: str | None = None
+    lock_owner: str | None = None
+    keep: int = 2
+    max_rejected_fraction: float = DEFAULT_MAX_REJECTED_FRACTION
+    drift_threshold: float = 1.5
+    drift_sample: int = 100_000
+    started: float = 0.0
+
+    @property
+    def build_id(self) -> str:
+        return self.build.rsplit("/", 1)[-1]
+
+
+def new_build_id() -> str:
+    """Sortable and unique: the UTC time of the launch plus a random suffix."""
+    import datetime
+    import uuid
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]

@@ -1,0 +1,202 @@
+"""The one index build's driver, which ``pipeline.run`` and ``pipeline.reindex`` are thin over: its
+flags, the lock, the listing and the plan (``delf_retrieval.build``), the Beam graph
+(``transforms.index.BuildIndex``), submitting and waiting, and the run's report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from pipeline import build_quantizer, cli
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_CORPUS = os.path.join(REPO_ROOT, "samples")
+LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner")
+
+
+def spellings(parser: argparse.ArgumentParser):
+    """``add_argument`` that also accepts a Flex Template's underscore spelling of each flag (the
+    template launcher passes ``--num_shards=4``)."""
+
+    def add(name, *aliases, **kwargs):
+        names = [name, *aliases]
+        names += ["--" + n[2:].replace("-", "_") for n in names if "-" in n[2:]]
+        kwargs.setdefault("dest", name[2:].replace("-", "_"))
+        return parser.add_argument(*names, **kwargs)
+
+    return add
+
+
+def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, input_default: str | None) -> None:
+    """The flags of every build: source, index root, how the model is made, shards, extraction,
+    reading, the lock and the publish guard, retention and the report."""
+    add = spellings(parser)
+    add("--input", default=input_default,
+        help="folder (searched recursively), glob or listing CSV of the images, local or gs://"
+             + (" (default: the bundled sample)" if input_default else ""))
+    add("--index", "--output", dest="index", default=root_default, required=root_default is None,
+        help="index root: local folder or gs:// prefix" + (" (default: %(default)s)" if root_default else ""))
+    add("--label-from-folder", nargs="?", const=True, default=None, type=cli.flag,
+        help="label each image with its folder's name (default: on for the bundled sample)")
+    add("--quantizer", help="encode with the PCA + quantizer in this folder (pipeline.build_quantizer output) "
+                            "instead of training them: a fixed-quantizer build")
+    add("--num-shards", type=int, help="posting shards (default: one per ~--rows-per-shard descriptors)")
+    add("--rows-per-shard", type=int, default=4_000_000)
+    add("--batch-size", type=int, default=8, help="images per extraction call (at most)")
+    add("--accelerator", help="Beam resource hint for the extraction step on Dataflow, e.g. "
+                              "'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
+    add("--keep", type=int, default=2, help="old versions kept besides the current one (default %(default)s)")
+    add("--report", help="also write the run report JSON here")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--wait", action="store_true", help="on a remote runner, wait for the job and print its result")
+    cli.add_debug_argument(parser)
+    cli.add_fetch_arguments(parser)
+    cli.add_publish_arguments(parser, add=add)
+    cli.add_model_arguments(parser)
+    build_quantizer.add_index_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace, params=None):
+    """The ``BuildConfig`` of the flags (``params``: the index parameters, when they are the current
+    version's rather than the flags')."""
+    from delf_retrieval.build import BuildConfig
+
+    return BuildConfig(index=params or build_quantizer.params_from_args(args), pca_dim=args.pca_dim,
+                       sample_size=args.sample_size, rows_per_shard=args.rows_per_shard, num_shards=args.num_shards)
+
+
+def read_model_folder(folder: str):
+    """The ``TrainedModel`` in a build_quantizer output folder (local or gs://)."""
+    from delf_retrieval import index, storage
+
+    files = {name: storage.read_bytes(storage.join(folder, f"{name}.npz")) for name in ("pca", "quantizer")}
+    report_path = storage.join(folder, "quantizer.json")
+    report = json.loads(storage.read_bytes(report_path)) if storage.exists(report_path) else {}
+    return index.TrainedModel(files["pca"], files["quantizer"], int(report.get("sample_size", 0)))
+
+
+def make_pipeline(beam_args: list[str]):
+    """A Beam pipeline for the given options; local runs use the portable FnApiRunner directly,
+    which works offline (Beam 2.77's DirectRunner first tries to download the Prism runner)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner in LOCAL_RUNNERS:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return beam.Pipeline(runner=FnApiRunner(), options=options), True
+    return beam.Pipeline(options=options), False
+
+
+def job_url(result, beam_args: list[str]) -> str | None:
+    """The Dataflow console page of a submitted job."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+    job_id = getattr(result, "job_id", None)
+    if not callable(job_id):
+        return None
+    cloud = PipelineOptions(beam_args).view_as(GoogleCloudOptions)
+    return f"https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id()}?project={cloud.project}"
+
+
+def previous_images(root: str, pointer: dict | None) -> list[dict]:
+    """The current version's image table, as records (none before the first version)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from delf_retrieval import shards, storage
+
+    if pointer is None:
+        return []
+    table = pq.read_table(io.BytesIO(storage.read_bytes(shards.resolve(root, pointer["files"]["images"]["path"]))))
+    return table.to_pylist()
+
+
+def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | None, token: str | None,
+              lock_owner: str | None, local: bool, started: float):
+    """Plan the build of ``mode`` and add its graph to ``pipeline``; returns the ``BuildJob``. The
+    plan is written into the new version's folder, where the build's steps read it."""
+    import functools
+
+    from delf_retrieval import build as plan_lib
+    from delf_retrieval import inputs, shards, storage
+    from delf_retrieval.extract import ExtractionConfig
+    from delf_retrieval.model import delf
+    from transforms.extract import ExtractImages
+    from transforms.index import BuildIndex
+
+    if mode == plan_lib.INCREMENTAL:  # the current version's network, extraction and index parameters
+        model_info = pointer["model"]
+        model_config = delf.ModelConfig.from_json(dict(model_info["network"]))
+        extraction_config = ExtractionConfig.from_json(model_info["extraction"])
+        config = config_from_args(args, params=plan_lib.index_params(pointer["params"]))
+    else:
+        model_config, extraction_config = cli.configs_from_args(args)
+        model_info = {"network": model_config.to_json(), "extraction": extraction_config.to_json(),
+                      "preset": args.preset}
+        config = config_from_args(args)
+    model = read_model_folder(args.quantizer) if mode == plan_lib.FIXED else None
+    label_from_folder = args.label_from_folder
+    if label_from_folder is None:
+        label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
+    listed, repeats = inputs.list_stamped(args.input, label_from_folder, stat_objects=mode == plan_lib.INCREMENTAL)
+    plan = plan_lib.plan_build(mode, listed, repeats, config, extraction_config.max_features,
+                               previous_images(args.index, pointer), pointer and pointer["counts"],
+                               pointer and pointer["params"]["n_cells"])
+    build = f"{shards.BUILDS_DIR}/{plan_lib.new_build_id()}"
+    plan_record = shards.write_table_file(storage.join(args.index, build), plan_lib.PLAN_FILE, plan.table())
+    fetch = cli.fetch_config_from_args(args)
+    job = plan_lib.BuildJob(
+        root=args.index, build=build, index_id=shards.new_index_id(), mode=mode, config=config, fetch=fetch,
+        model_info=model_info, plan_path=storage.join(args.index, build, plan_lib.PLAN_FILE), plan_record=plan_record,
+        listed=plan.listed, deleted=len(plan.deleted), repeats=tuple(plan.repeats),
+        training_sample=plan.training_sample, num_shards=plan.num_shards, descriptor_bound=plan.descriptor_bound,
+        expected_token=token, lock_owner=lock_owner, keep=args.keep, max_rejected_fraction=args.max_rejected_fraction,
+        drift_threshold=getattr(args, "drift_threshold", 1.5), drift_sample=getattr(args, "drift_sample", 100_000),
+        started=started)
+    extract = functools.partial(
+        ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
+        fetch=fetch, progress_total=plan.to_read if local and not args.no_progress else 0)
+    _ = pipeline | "BuildIndex" >> BuildIndex(job, extract, model=model, pointer=pointer)
+    return job
+
+
+def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mode, test_pipeline=None):
+    """Take the root's lock, plan and run the build, wait for it (locally, or with ``--wait``), and
+    return its report (None when a remote job was submitted and not waited for).
+    ``choose_mode(pointer)`` says the build's mode given the current version's manifest."""
+    from delf_retrieval import storage, versions
+
+    started = time.time()
+    pipeline, local = (test_pipeline, True) if test_pipeline is not None else make_pipeline(beam_args)
+    # One writer per root at a time: publishing is a compare-and-swap against the version found
+    # here, and old versions are pruned under the lock.
+    lock = cli.take_lock(args.index, args, local, prog)
+    try:
+        pointer, token = versions.current(args.index)
+        mode = choose_mode(pointer)
+        job = add_build(pipeline, args, mode, pointer, token, lock.owner, local, started)
+        result = pipeline.run()
+        report_path = storage.join(args.index, versions.REPORTS_DIR, f"{job.build_id}.json")
+        if not local:
+            print(f"job submitted: {job_url(result, beam_args) or 'see the runner log'}")
+            print(f"the new version is published at {args.index} when the job finishes (report: {report_path})")
+            if not args.wait:
+                lock = None  # the job's publish step releases it (or it expires after --lock-ttl)
+                return None
+        state = result.wait_until_finish()
+        if not local and str(state).split(".")[-1] != "DONE":
+            raise cli.JobFailed(f"the job ended in state {state}; the previous version (if any) is still the "
+                                "published one")
+    finally:
+        if lock is not None:
+            lock.release()
+    report = json.loads(storage.read_bytes(report_path))
+    if args.report:
+        storage.write_bytes(args.report, json.dumps(report, indent=1, sort_keys=True).encode())
+    return report

@@ -1,0 +1,140 @@
+"""The build's plan and records without Beam: settings as JSON, the mode, keep / check / extract per
+input, shard sizing, the training sample, the trained model record and the one posting-row shape."""
+
+import json
+
+import numpy as np
+import pytest
+
+from delf_retrieval import build, index, inputs, shards
+from delf_retrieval.quantize import IndexParams
+
+
+def test_build_config_round_trips_through_json_and_ignores_unknown_keys():
+    config = build.BuildConfig(index=IndexParams(n_cells=64, pq_m=8, lopq=False), pca_dim=32, sample_size=5000,
+                               rows_per_shard=1000, num_shards=3)
+    data = json.loads(json.dumps(config.to_json()))
+    assert build.BuildConfig.from_json(data) == config
+    data["from_a_newer_version"] = 1
+    data["index"]["also_newer"] = True
+    assert build.BuildConfig.from_json(data) == config
+    assert build.BuildConfig.from_json({}) == build.BuildConfig()
+    # A manifest's params carry what training found besides the parameters.
+    assert build.index_params({**vars(IndexParams(n_cells=46)), "regions": 50, "dim": 40}) == IndexParams(n_cells=46)
+
+
+def test_the_mode_follows_the_current_version():
+    current = {"drift": {"retrain_due": False}}
+    assert build.choose_mode(None, fixed_model=False) == build.FULL
+    assert build.choose_mode(current, fixed_model=False) == build.INCREMENTAL
+    assert build.choose_mode(current, fixed_model=False, retrain=True) == build.FULL
+    assert build.choose_mode({"drift": {"retrain_due": True}}, fixed_model=False) == build.FULL
+    assert build.choose_mode(current, fixed_model=True) == build.FIXED
+    assert build.choose_mode(None, fixed_model=True) == build.FIXED
+
+
+def indexed(uri, stamp, label="old", n=10):
+    return {"uri": uri, "stamp": stamp, "label": label, "width": 4, "height": 3, "num_features": n,
+            "content_hash": f"h-{uri}"}
+
+
+def test_incremental_plan_keeps_checks_extracts_and_deletes():
+    previous = [indexed("/a.jpg", "st:1"), indexed("/b.jpg", "st:1"), indexed("/gone.jpg", "st:1"),
+                indexed("https://h/x.jpg", None), indexed("/unstamped.jpg", None)]
+    listed = [("/a.jpg", None, "st:1"),  # same stamp: keep, with the index's label
+              ("/b.jpg", "new", "st:2"),  # touched: read and hash
+              ("/c.jpg", "c", "st:1"),  # new
+              ("https://h/x.jpg", None, None),  # an indexed URL is taken as unchanged
+              ("/unstamped.jpg", None, "st:5"),  # no stamp recorded: check
+              ("/a.jpg", None, "st:1")]  # listed again: the first row stands
+    rows, deleted = build.plan_rows(listed, previous, incremental=True)
+    assert [(r["uri"], r["action"], r["label"]) for r in rows] == [
+        ("/a.jpg", build.KEEP, "old"), ("/b.jpg", build.CHECK, "new"), ("/c.jpg", build.EXTRACT, "c"),
+        ("https://h/x.jpg", build.KEEP, "old"), ("/unstamped.jpg", build.CHECK, "old")]
+    assert deleted == ["/gone.jpg"]
+    assert rows[0]["num_features"] == 10 and rows[2]["num_features"] is None
+    # A full plan extracts everything, still keeps labels the listing lacks, still reports deletions.
+    rows, deleted = build.plan_rows(listed, previous, incremental=False)
+    assert {r["action"] for r in rows} == {build.EXTRACT} and rows[0]["label"] == "old"
+    assert deleted == ["/gone.jpg"]
+
+
+def test_a_full_plan_trains_on_the_smallest_image_ids_and_bounds_the_descriptors():
+    listed = [(f"/p/{i}.jpg", None, "st:1") for i in range(1000)]
+    config = build.BuildConfig(sample_size=5000)
+    plan = build.plan_build(build.FULL, listed, [{"uri": "/p/1.jpg", "stage": "list", "reason": "duplicate"}],
+                            config, max_features=100)
+    assert plan.training_sample == frozenset(sorted(inputs.image_id(u) for u, _, _ in listed)[:100])
+    assert plan.listed == 1001 and plan.to_read == 1000 and plan.count(build.EXTRACT) == 1000
+    assert plan.num_shards is None and plan.descriptor_bound == 100_000
+    assert plan.table().num_rows == 1000 and plan.table().column_names == list(build.PLAN_FIELDS)
+    fixed = build.plan_build(build.FIXED, listed, [], config, max_features=100)
+    assert fixed.training_sample == frozenset() and fixed.descriptor_bound == 100_000
+    with pytest.raises(ValueError, match="unknown build mode"):
+        build.plan_build("partial", listed, [], config, 100)
+
+
+def test_an_incremental_plan_sizes_shards_from_kept_rows_and_the_mean_per_image():
+    previous = [indexed(f"/p/{i}.jpg", "st:1", n=300) for i in range(10)]
+    listed = [(f"/p/{i}.jpg", None, "st:1") for i in range(10)] + [(f"/q/{i}.jpg", None, "st:1") for i in range(10)]
+    counts = {"images": 10, "descriptors": 2000}  # 200 per image on average
+    plan = build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(rows_per_shard=1000), 300, previous,
+                            counts, n_cells=64)
+    # 10 kept x 300 + 10 new x 200 = 5000 descriptors: 5 shards of 1000.
+    assert plan.num_shards == 5 == index.shard_count(5000, 64, 1000)
+    assert plan.count(build.KEEP) == 10 and plan.to_read == 10 and plan.training_sample == frozenset()
+    assert build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(num_shards=7), 300, previous, counts,
+                            64).num_shards == 7
+    with pytest.raises(ValueError, match="current version"):
+        build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(), 300, previous)
+
+
+def test_a_written_plan_reads_back_by_action(tmp_path):
+    rows, _ = build.plan_rows([("/a", "x", "s1"), ("/b", None, "s2")], [indexed("/a", "s1")], incremental=True)
+    shards.write_table_file(str(tmp_path), build.PLAN_FILE, build.BuildPlan(build.INCREMENTAL, rows).table())
+    path = str(tmp_path / build.PLAN_FILE)
+    assert [r["uri"] for r in build.read_plan(path)] == ["/a", "/b"]
+    assert [r["uri"] for r in build.read_plan(path, (build.KEEP,))] == ["/a"]
+    record = build.indexed_record(build.read_plan(path, (build.KEEP,))[0])
+    assert record == {"image_id": inputs.image_id("/a"), "uri": "/a", "label": "x", "stamp": "s1", "width": 4,
+                      "height": 3, "num_features": 10, "content_hash": "h-/a"}
+
+
+def test_trained_model_is_index_train_with_its_error_and_round_trips_its_record():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(600, 24)).astype(np.float32)
+    params = IndexParams(n_cells=4, pq_m=2, lopq=False)
+    model = index.TrainedModel.trained(raw, params, 8)
+    projection, quantizer = index.train(raw, params, 8)
+    assert model.pca == projection.to_npz_bytes() and model.quantizer == quantizer.to_npz_bytes()
+    assert model.sample_size == 600
+    assert model.quantization_error == pytest.approx(index.quantization_error(projection, quantizer, raw))
+    again = index.TrainedModel.from_record(model.pca, model.quantizer, json.loads(json.dumps(model.training_record())))
+    assert again == model
+    assert index.TrainedModel.from_record(b"p", b"q", None).quantization_error is None
+
+
+def test_posting_rows_survive_the_shard_format_and_split_by_cell_range():
+    rng = np.random.default_rng(1)
+    n, m, bits, n_cells = 500, 4, 5, 16
+    from delf_retrieval.quantize import Encoded
+
+    rows = shards.PostingRows(
+        Encoded(rng.integers(0, n_cells, n), rng.integers(0, 3, n), rng.integers(0, 1 << bits, (n, m)).astype(np.uint8)),
+        rng.integers(0, 50, n).astype(np.int64), rng.integers(0, 900, (n, 2)).astype(np.float32),
+        rng.uniform(0.25, 2, n).astype(np.float16).astype(np.float32),
+        rng.uniform(0, 5, n).astype(np.float16).astype(np.float32))
+    back = shards.posting_rows(shards.postings_table(rows, bits), m, bits)
+    order = np.lexsort((rows.image_ids, rows.encoded.regions, rows.encoded.cells))  # the table's order
+    expected = rows.take(order)
+    for name in ("cells", "regions", "codes"):
+        np.testing.assert_array_equal(getattr(back.encoded, name), getattr(expected.encoded, name))
+    for name in ("image_ids", "locations", "scales", "attentions"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(expected, name))
+    parts = dict(index.split_by_shard(rows, n_cells, 4))
+    assert sum(len(p) for p in parts.values()) == n
+    for shard, part in parts.items():
+        assert set(part.encoded.cells // 4) == {shard}  # 16 cells in 4 contiguous ranges
+    joined = shards.PostingRows.concatenate(list(parts.values()), m)
+    assert sorted(joined.image_ids.tolist()) == sorted(rows.image_ids.tolist())
+    assert len(shards.PostingRows.concatenate([], m)) == 0
