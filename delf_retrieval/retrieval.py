@@ -27,7 +27,7 @@ class RetrievalConfig:
     max_trials: int = 1000
     min_inliers: int = 4  # fewer inliers than this is no geometric evidence: counted as 0
     # "votes" (ties: more inliers first), "inliers" (the paper), or "combined". On landmarks-dev
-    # votes ranked best on every measure (benchmarks/retrieval_quality.py; README "The score").
+    # votes ranked best on every measure (benchmarks/retrieval_quality.py; docs/search.md).
     rank_by: str = "votes"
     vote_weight: float = 1.0  # combined score = inliers + vote_weight * votes
     seed: int = 0

@@ -33,7 +33,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pq-m", type=int, default=defaults.pq_m, help="PQ sub-vectors (default %(default)s)")
     g.add_argument("--pq-bits", type=int, default=defaults.pq_bits, help="bits per sub-vector (default %(default)s)")
     g.add_argument("--lopq", action=argparse.BooleanOptionalAction, default=defaults.lopq,
-                   help="locally optimised PQ regions (default %(default)s; see README, 'The index')")
+                   help="locally optimised PQ regions (default %(default)s; see docs/index-format.md)")
     g.add_argument("--max-region-features", type=int, default=defaults.max_region_features)
     g.add_argument("--pca-dim", type=int, default=40)
     g.add_argument("--sample-size", type=int, default=1_000_000, help="descriptors to train on (default %(default)s)")

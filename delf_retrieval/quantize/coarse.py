@@ -25,8 +25,7 @@ class CoarseQuantizer:
     """Centroids of the inverted-file cells. ``probe`` is exact: both methods return the same cells.
 
     The KD-tree (scipy cKDTree over the centroids) is built on first use. At 40 dimensions it
-    visits most leaves, so blocked matrix products are faster (measured 5x on 8192 cells, see
-    the README); ``method="matmul"`` is therefore the default and the tree is kept for callers
+    visits most leaves, so blocked matrix products are faster; ``method="matmul"`` is therefore the default and the tree is kept for callers
     that probe few points against very many low-dimensional centroids.
     """
 

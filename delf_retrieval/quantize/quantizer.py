@@ -25,7 +25,7 @@ class IndexParams:
     # LOPQ: split cells into KD-tree regions of at most this many *indexed* descriptors (the paper's
     # 30K) and train a rotation + codebooks for each region with at least min_region_train training
     # rows; other regions keep the global codebooks, so LOPQ acts only where it has the data to win
-    # (measured on landmarks-dev: recall@10 0.880 vs 0.806 with ~3000 rows per cell; README).
+    # (measured on landmarks-dev: recall@10 0.880 vs 0.806 with ~3000 rows per cell; benchmarks/README.md).
     lopq: bool = True
     max_region_features: int = 30000
     min_region_train: int = 1024
