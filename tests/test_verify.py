@@ -1,5 +1,5 @@
 """Affine RANSAC: planted transforms recovered exactly, determinism (threads, processes), degenerate
-input, agreement with skimage.measure.ransac, and the compiled pieces (the
+input, agreement with skimage.measure.ransac and cv2.estimateAffine2D, and the compiled pieces (the
 generator, the sampler, the closed-form solve, the refit, the scoring) against references."""
 
 import itertools
@@ -370,6 +370,37 @@ def test_inlier_counts_agree_with_skimage(seed):
                                                max_trials=1000, rng=seed)
     theirs = int(np.sum(sk_inliers))
     assert abs(ours.num_inliers - theirs) <= max(2, 0.05 * theirs), (ours.num_inliers, theirs)
+
+
+def opencv_inliers(cv2, src, dst, order):
+    """Inliers of cv2.estimateAffine2D (RANSAC, 20 px, 1000 iterations, confidence 0.999) on the matches
+    taken in ``order``. Its RANSAC draws from a generator with a fixed seed of its own (cv2.setRNGSeed
+    does not reach it), so another order of the same matches is what another seed is for us."""
+    _, mask = cv2.estimateAffine2D(src[order].astype(np.float32), dst[order].astype(np.float32), method=cv2.RANSAC,
+                                   ransacReprojThreshold=20.0, maxIters=1000, confidence=0.999, refineIters=0)
+    return 0 if mask is None else int(mask.sum())
+
+
+def test_inlier_counts_agree_with_opencv_over_seeded_problems():
+    """40 seeded problems, 100-1000 matches, 20-50% inliers, adaptive stopping on both sides: the
+    distribution of our inlier counts (best hypothesis, no refit: what OpenCV reports) matches
+    OpenCV's, judged against OpenCV's own run-to-run spread (another order of the same matches)."""
+    cv2 = pytest.importorskip("cv2")
+    ours, theirs, theirs_again = [], [], []
+    for seed in range(40):
+        rng = np.random.default_rng(500 + seed)
+        n, fraction = int(rng.integers(100, 1001)), float(rng.uniform(0.2, 0.5))
+        src, dst, _ = planted_problem(n, 1 - fraction, 500 + seed, noise=float(rng.uniform(1, 3)),
+                                      min_outlier_error=0.0)
+        ours.append(ransac_affine(src, dst, seed=seed, refit=False).num_inliers)
+        theirs.append(opencv_inliers(cv2, src, dst, np.arange(n)))
+        theirs_again.append(opencv_inliers(cv2, src, dst, rng.permutation(n)))
+    ours, theirs, theirs_again = np.array(ours), np.array(theirs), np.array(theirs_again)
+    assert abs(ours.sum() - theirs.sum()) <= 0.01 * theirs.sum(), (ours.sum(), theirs.sum())
+    spread = np.abs(theirs_again - theirs) / theirs  # OpenCV against itself
+    difference = np.abs(ours - theirs) / theirs
+    assert difference.mean() <= 2 * spread.mean() + 0.005, (difference.mean(), spread.mean())
+    assert np.sum(difference > 0.02) <= np.sum(spread > 0.02) + 2
 
 
 def test_without_refit_the_model_is_the_best_hypothesis():
