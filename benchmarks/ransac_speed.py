@@ -1,7 +1,8 @@
-"""Our affine RANSAC (delf_retrieval.verify) against skimage.measure.ransac on the same putative
-matches: time per pair and inlier counts.
+"""Our affine RANSAC (delf_retrieval.verify) against skimage.measure.ransac and OpenCV's
+cv2.estimateAffine2D on the same putative matches: time per pair and inlier counts.
 
-    python benchmarks/ransac_speed.py [--quick] [--images DIR] [--features DIR] [--repeats R] [--json OUT]
+    python benchmarks/ransac_speed.py [--quick] [--images DIR] [--features DIR] [--repeats R]
+                                      [--skimage-repeats R] [--json OUT]
 
 Putative matches:
 - real: DELF features of landmarks-dev photographs (../shared/data/landmarks-dev), extracted once
@@ -14,21 +15,30 @@ Putative matches:
   inlier fractions.
 
 Settings compared, all with the paper's parameters (affine, 3 samples, 20 px, at most 1000 trials):
-- fixed:    both run all 1000 hypotheses, no early exit: ours with confidence=None; skimage with
+- fixed:    ours and skimage run all 1000 hypotheses, no early exit: ours with confidence=None; skimage with
             its stop rule patched out (skimage.measure.fit._dynamic_max_trials -> inf). Its default
             stop_probability=1 is NOT a fixed budget: it clips 1 - p to machine epsilon, i.e. stops
             at confidence 1 - 2e-16, after ~90 trials at a 70% inlier ratio. Same work on both
-            sides: the fair speed comparison, and the inlier comparison at equal effort.
-- adaptive: both stop early on confidence 0.999 with the same formula (ours checks it per block
-            of hypotheses, skimage after each improvement): ours with its default confidence,
-            skimage with stop_probability=0.999.
-Inliers: ours are re-scored after the least-squares refit; skimage reports the best hypothesis'
-set (its refit does not re-score), so "ours no-refit" (refit=False, the best hypothesis' set) is
-the like-for-like count. skimage is also run with a second seed: its own seed-to-seed
-spread is the yardstick for "the same inlier counts".
-Times: per pair the median of --repeats runs (ours) / of max(1, --repeats // 3) runs (skimage,
-which is slower), on one process; wall-clock, and CPU time of the process (time.process_time, all
-its threads), which a loaded machine inflates less. Summary speedups are ratios of total times.
+            sides: the fair speed comparison with skimage, and the inlier comparison at equal effort.
+            OpenCV cannot run a fixed budget (it requires confidence < 1): it runs with the largest
+            confidence below 1 (1 - 2**-53), so like skimage's default it stops early where the
+            inlier ratio is high (after ~280 trials at 50%, ~1000 below 35%).
+- adaptive: all stop early on confidence 0.999 with the same formula, re-computed after each
+            improvement: ours with its default confidence, skimage with stop_probability=0.999,
+            OpenCV with confidence=0.999.
+OpenCV: method=cv2.RANSAC, ransacReprojThreshold=20, maxIters=1000, its default refinement of the
+model (refineIters=10, Levenberg-Marquardt on the inliers, which does not re-score the mask), float32
+points as it converts them, one thread (cv2.setNumThreads(1); ours is single-threaded too). Skipped,
+with a note, when cv2 is not installed.
+Inliers: ours are re-scored after the least-squares refit; skimage and OpenCV report the best
+hypothesis' set, so "ours no-refit" (refit=False, the best hypothesis' set) is the like-for-like
+count. skimage is also run with a second seed, OpenCV on the matches in another (seeded random)
+order, since its RANSAC always starts its generator from the same internal seed (cv2.setRNGSeed does
+not reach it): their own run-to-run spread is the yardstick for "the same inlier counts".
+Times: per pair the median of --repeats runs (ours, OpenCV) / of --skimage-repeats runs (default
+max(1, --repeats // 3); skimage is slower), on one process, after one untimed call of ours (which
+loads the compiled loop); wall-clock, and CPU time of the process (time.process_time, all its
+threads), which a loaded machine inflates less. Summary speedups are ratios of total times.
 """
 
 from __future__ import annotations
@@ -54,6 +64,19 @@ FULL = {"photos_per_scene": 3, "scenes": None, "distractors": 13,
         "synthetic": [(100, 0.5), (300, 0.1), (300, 0.3), (300, 0.6), (1000, 0.1), (1000, 0.3), (1000, 0.6)],
         "repeats": 7}
 PARAMS = {"residual_threshold": 20.0, "max_trials": 1000, "min_samples": 3}
+OPENCV_FIXED_CONFIDENCE = float(np.nextafter(1.0, 0.0))  # OpenCV asserts confidence < 1
+
+
+def load_opencv():
+    """cv2 on one thread, or None (with a note) when it is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        print("cv2 not installed (pip install opencv-python-headless): the OpenCV columns are skipped",
+              file=sys.stderr)
+        return None
+    cv2.setNumThreads(1)
+    return cv2
 
 
 def choose_photos(images_dir: str, photos_per_scene: int, scenes: int | None, distractors: int):
@@ -125,7 +148,7 @@ def timed(fn, repeats: int):
     return float(np.median(wall)), float(np.median(cpu)), result
 
 
-def run_problem(problem: dict, repeats: int, seed: int = 0) -> dict:
+def run_problem(problem: dict, repeats: int, skimage_repeats: int, cv2=None, seed: int = 0) -> dict:
     from skimage.measure import fit as skimage_fit
     from skimage.measure import ransac
     from skimage.transform import AffineTransform
@@ -152,16 +175,30 @@ def run_problem(problem: dict, repeats: int, seed: int = 0) -> dict:
         return ransac_affine(src, dst, residual_threshold=PARAMS["residual_threshold"],
                              max_trials=PARAMS["max_trials"], confidence=confidence, seed=seed, refit=refit)
 
-    sk_repeats = max(1, repeats // 3)
-    for setting, confidence, stop_probability in (("fixed", None, None), ("adaptive", 0.999, 0.999)):
+    src32, dst32 = src.astype(np.float32), dst.astype(np.float32)
+    other_order = np.random.default_rng(seed + 1).permutation(len(src))
+
+    def opencv_run(confidence, order=None):
+        a, b = (src32, dst32) if order is None else (src32[order], dst32[order])
+        _, mask = cv2.estimateAffine2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=PARAMS["residual_threshold"],
+                                       maxIters=PARAMS["max_trials"], confidence=confidence)
+        return 0 if mask is None else int(mask.sum())
+
+    for setting, confidence, stop_probability, cv_confidence in (("fixed", None, None, OPENCV_FIXED_CONFIDENCE),
+                                                                 ("adaptive", 0.999, 0.999, 0.999)):
         seconds, cpu, result = timed(lambda: ours_run(confidence), repeats)
-        sk_seconds, sk_cpu, sk_inliers = timed(lambda: skimage_run(stop_probability, seed), sk_repeats)
+        sk_seconds, sk_cpu, sk_inliers = timed(lambda: skimage_run(stop_probability, seed), skimage_repeats)
         row[setting] = {"ours_s": seconds, "ours_cpu_s": cpu, "skimage_cpu_s": sk_cpu,
                         "ours_inliers": result.num_inliers, "ours_trials": result.trials,
                         "ours_inliers_no_refit": ours_run(confidence, refit=False).num_inliers,
                         "skimage_s": sk_seconds, "skimage_inliers": sk_inliers,
                         "skimage_inliers_other_seed": skimage_run(stop_probability, seed + 1),
                         "speedup": sk_seconds / seconds}
+        if cv2 is not None:
+            cv_seconds, cv_cpu, cv_inliers = timed(lambda: opencv_run(cv_confidence), repeats)
+            row[setting].update({"opencv_s": cv_seconds, "opencv_cpu_s": cv_cpu, "opencv_inliers": cv_inliers,
+                                 "opencv_inliers_other_order": opencv_run(cv_confidence, other_order),
+                                 "speedup_vs_opencv": cv_seconds / seconds})
     return row
 
 
@@ -198,6 +235,22 @@ def summarise(rows: list[dict], kinds) -> dict:
             "skimage_seed_spread_median": float(np.median(
                 [relative_difference(r["skimage_inliers_other_seed"], r["skimage_inliers"]) for r in rs])),
         }
+        if all("opencv_s" in r for r in rs):
+            cv_total = sum(r["opencv_inliers"] for r in rs)
+            out[setting].update({
+                "opencv_ms_median": 1e3 * float(np.median([r["opencv_s"] for r in rs])),
+                "opencv_cpu_ms_median": 1e3 * float(np.median([r["opencv_cpu_s"] for r in rs])),
+                "speedup_vs_opencv_total": sum(r["opencv_s"] for r in rs) / sum(r["ours_s"] for r in rs),
+                "speedup_vs_opencv_cpu_total":
+                    sum(r["opencv_cpu_s"] for r in rs) / max(sum(r["ours_cpu_s"] for r in rs), 1e-9),
+                "inliers_opencv_total": cv_total,
+                "inliers_no_refit_vs_opencv_relative_difference_total":
+                    (sum(r["ours_inliers_no_refit"] for r in rs) - cv_total) / max(cv_total, 1),
+                "inliers_no_refit_vs_opencv_relative_difference_mean": float(np.mean(
+                    [relative_difference(r["ours_inliers_no_refit"], r["opencv_inliers"]) for r in rs])),
+                "opencv_order_spread_mean": float(np.mean(
+                    [relative_difference(r["opencv_inliers_other_order"], r["opencv_inliers"]) for r in rs])),
+            })
     return out
 
 
@@ -206,12 +259,19 @@ def print_row(r: dict) -> None:
         print(f"{r['kind']:<9} {r['matches']:>5}  (fewer than 3 matches) {r['name']}")
         return
     f, a = r["fixed"], r["adaptive"]
+
+    def opencv(s):  # time and inliers (this order, another order), or blanks without cv2
+        if "opencv_s" not in s:
+            return f" {'-':>7} {'-':>5} {'-':>5}"
+        return f" {1e3 * s['opencv_s']:>7.2f} {s['opencv_inliers']:>5} {s['opencv_inliers_other_order']:>5}"
+
     print(f"{r['kind']:<9} {r['matches']:>5} | {1e3 * f['ours_s']:>7.2f} {1e3 * f['skimage_s']:>8.1f}"
           f" {f['speedup']:>6.1f}x"
           f" {f['ours_inliers']:>5} {f['ours_inliers_no_refit']:>5} {f['skimage_inliers']:>5}"
-          f" {f['skimage_inliers_other_seed']:>5} |"
+          f" {f['skimage_inliers_other_seed']:>5}{opencv(f)} |"
           f" {1e3 * a['ours_s']:>7.2f} {a['ours_trials']:>5} {1e3 * a['skimage_s']:>8.1f} {a['speedup']:>6.1f}x"
-          f" {a['ours_inliers']:>5} {a['skimage_inliers']:>5} | {r['name']}", flush=True)
+          f" {a['ours_inliers']:>5} {a['ours_inliers_no_refit']:>5} {a['skimage_inliers']:>5}{opencv(a)}"
+          f" | {r['name']}", flush=True)
 
 
 def main(argv=None):
@@ -220,13 +280,16 @@ def main(argv=None):
     parser.add_argument("--images", default=LANDMARKS_DEV, help="landmarks-dev layout: images/<scene>/, distractors/")
     parser.add_argument("--features", default=os.path.join(ROOT, "bench_results", "ransac_speed_features"),
                         help="cache of extracted features (lite preset)")
-    parser.add_argument("--repeats", type=int, help="timed runs of ours per pair (median)")
+    parser.add_argument("--repeats", type=int, help="timed runs of ours and of OpenCV per pair (median)")
+    parser.add_argument("--skimage-repeats", type=int, help="timed runs of skimage per pair (default repeats // 3)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench_results", "ransac_speed.json"))
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.repeats:
         settings["repeats"] = args.repeats
+    settings["skimage_repeats"] = args.skimage_repeats or max(1, settings["repeats"] // 3)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cv2 = load_opencv()
 
     problems = []
     if os.path.isdir(args.images):
@@ -234,14 +297,20 @@ def main(argv=None):
     else:
         print(f"{args.images} not found: synthetic pairs only", file=sys.stderr)
     problems += synthetic_pairs(settings)
+    from delf_retrieval.verify import ransac_affine
 
-    print(f"{'':<9} {'':>5} | fixed 1000 trials, no early exit{'':<29} | adaptive, confidence 0.999")
+    warm_up = synthetic_pairs({"synthetic": [(50, 0.5)]})[0]
+    ransac_affine(warm_up["src"], warm_up["dst"])  # untimed: loads (or compiles) the compiled loop
+
+    print(f"{'':<9} {'':>5} | fixed 1000 trials, no early exit (OpenCV: confidence 1 - 2**-53){'':<19}"
+          f" | adaptive, confidence 0.999")
     print(f"{'kind':<9} {'match':>5} | {'ours ms':>7} {'skim ms':>8} {'speed':>7} {'ours':>5} {'norf':>5} {'skim':>5}"
-          f" {'skim2':>5} |"
-          f" {'ours ms':>7} {'tri':>5} {'skim ms':>8} {'speed':>7} {'ours':>5} {'skim':>5} | pair")
+          f" {'skim2':>5} {'cv ms':>7} {'cv':>5} {'cv2':>5} |"
+          f" {'ours ms':>7} {'tri':>5} {'skim ms':>8} {'speed':>7} {'ours':>5} {'norf':>5} {'skim':>5}"
+          f" {'cv ms':>7} {'cv':>5} {'cv2':>5} | pair")
     rows = []
     for problem in problems:
-        rows.append(run_problem(problem, settings["repeats"]))
+        rows.append(run_problem(problem, settings["repeats"], settings["skimage_repeats"], cv2))
         print_row(rows[-1])
     summary = {name: summarise(rows, kinds) for name, kinds in
                (("real same-scene", {"same"}), ("real different-scene", {"different"}),
@@ -266,6 +335,24 @@ def main(argv=None):
                   f" {100 * s['inliers_no_refit_relative_difference_total']:>+7.1f}%"
                   f" {100 * s['inliers_no_refit_relative_difference_median']:>7.1f}%"
                   f" {100 * s['skimage_seed_spread_median']:>8.1f}%")
+    if cv2 is not None:
+        print()
+        print("ours vs OpenCV (cv2.estimateAffine2D): inliers of ours no-refit vs OpenCV's (both the best"
+              " hypothesis' set); rel diff = over all pairs, then the mean per-pair |ours - OpenCV| / OpenCV;"
+              " OpenCV order spread = mean per-pair change of OpenCV's count with the matches in another order")
+        print(f"{'pairs':<21} {'setting':<9} {'n':>3} {'ours ms':>8} {'cv ms':>8} {'speedup':>8}"
+              f" {'ours cpu':>8} {'cv cpu':>8} {'cpu spd':>8} {'no-refit':>8} {'inl cv':>8} {'rel diff':>8}"
+              f" {'(mean)':>8} {'cv order':>8}")
+        for name, by_setting in summary.items():
+            for setting, s in by_setting.items():
+                print(f"{name:<21} {setting:<9} {s['pairs']:>3} {s['ours_ms_median']:>8.2f}"
+                      f" {s['opencv_ms_median']:>8.2f} {s['speedup_vs_opencv_total']:>7.1f}x"
+                      f" {s['ours_cpu_ms_median']:>8.2f} {s['opencv_cpu_ms_median']:>8.2f}"
+                      f" {s['speedup_vs_opencv_cpu_total']:>7.1f}x {s['inliers_no_refit_total']:>8}"
+                      f" {s['inliers_opencv_total']:>8}"
+                      f" {100 * s['inliers_no_refit_vs_opencv_relative_difference_total']:>+7.1f}%"
+                      f" {100 * s['inliers_no_refit_vs_opencv_relative_difference_mean']:>7.1f}%"
+                      f" {100 * s['opencv_order_spread_mean']:>7.1f}%")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"quick": args.quick, "params": PARAMS, "settings": {k: v for k, v in settings.items()},
