@@ -1,5 +1,6 @@
-"""Per-query latency split into extraction, ANN, voting and RANSAC, at database sizes of 1e3 to 1e5
-images (1e6 extrapolated), on this machine.
+"""Per-query latency split into extraction, ANN, voting, RANSAC and verified query expansion, at
+database sizes of 1e3 to 1e5 images (1e6 extrapolated), on this machine; and the index-time
+neighbour stage's cost per image (one search with an image's own stored rows) at each size.
 
     python benchmarks/query_latency.py [--quick] [--sizes 1000,10000,100000] [--per-image 1000]
 
@@ -17,6 +18,11 @@ Queries are real scene photographs. Extraction is timed apart (it does not depen
 database). At the largest size the image shortlist (VLAD + HNSW, 1000 candidates) is measured too.
 1e6 images (1e9 rows, ~35 GB in memory here) does not fit this machine: its ANN time is
 extrapolated from the measured cost per scanned code, and labelled so.
+
+Expansion (``--expand 3 --expand-min-inliers 10``) reads a neighbour table of 20 edges per image
+(random neighbours with 10-60 inliers: the merge's cost depends on the table's size, not on which
+images the edges join). The neighbour stage is timed on real database images: their stored rows
+(decoded PQ codes and keypoints) search the index with themselves left out, as the build does.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class MemoryIndex:
         self.images = pa.table({"image_id": image_ids, "uri": [f"img{i}" for i in image_ids]})
         self.manifest = {"counts": {"images": len(image_ids)}}
         self.searcher = Searcher(quantizer, lists)
+        self.directory = "memory"
+        self._neighbours = None
         # Each row's image in list order; rows of a region are in image order, as in an index.
         self.list_images = row_images[lists.ids]
         self.num_rows = len(lists)
@@ -66,6 +74,17 @@ class MemoryIndex:
         lists = self.lists.restrict_to_images(regions_of_cells(self.searcher.cell_regions, probe), self.list_images,
                                               image_ids)
         return Searcher(self.quantizer, lists).search_cells(queries, probe, k)
+
+    def neighbours(self, per_image: int = 20, seed: int = 0):
+        """A neighbour table of ``per_image`` random edges per image (see the module's note)."""
+        from delf_retrieval.expansion import NeighbourTable
+
+        if self._neighbours is None:
+            ids = self.images.column("image_id").to_numpy()
+            rng = np.random.default_rng(seed)
+            self._neighbours = NeighbourTable(np.repeat(ids, per_image), rng.choice(ids, len(ids) * per_image),
+                                              rng.integers(10, 60, len(ids) * per_image))
+        return self._neighbours
 
     def rows(self, ids):
         from delf_retrieval.shards import Rows
@@ -91,8 +110,6 @@ class MemoryIndex:
 def real_features(quick: bool):
     """Lite-preset features of the dev set (cached by retrieval_quality.py), and the query subset."""
     import retrieval_quality as rq
-
-    from delf_retrieval.features import Features  # noqa: F401
 
     rows = rq.dataset(rq.LANDMARKS_DEV, quick)
     features, extract_seconds = rq.extract_all(rq.LANDMARKS_DEV, rows, "lite", os.path.join(RESULTS, "cache"))
@@ -159,39 +176,56 @@ def main(argv=None) -> int:
     report = {"config": config.__dict__, "per_image": args.per_image, "extract_seconds": extract_seconds,
               "index": quantizer.params.spec, "sizes": []}
     print(f"queries: {len(queries)} real photographs; extraction {extract_seconds:.2f} s/query (lite, 7 scales, 1024 px)")
-    print(f"{'images':>8} {'rows':>11} {'shortlist':>9} {'ann':>7} {'voting':>7} {'ransac':>7} {'search':>7} "
-          f"{'codes/q':>10} {'peak MB':>8}")
+    print(f"{'images':>8} {'rows':>11} {'shortlist':>9} {'expand':>6} {'ann':>7} {'voting':>7} {'ransac':>7} "
+          f"{'expand':>7} {'search':>7} {'codes/q':>10} {'peak MB':>8}")
+    expanded = retrieval.RetrievalConfig(expand=3, expand_min_inliers=10)
+    first_rows = np.r_[0, np.cumsum([len(features[u]) for u in uris])]
     for size in sizes:
         lists, images, locations, n_images = database(size, args.per_image, real, real_images, quantizer)
         memory = MemoryIndex(quantizer, projection, lists, images, locations, np.arange(n_images))
-        variants = [("none", None)]
+        variants = [("none", None, config), ("none", None, expanded)]
         if size == max(sizes) and not args.no_shortlist:
             start = time.perf_counter()
             built = shortlist.build_from_index(memory, size=1000)
-            variants.append((f"1000 of {n_images}", built))
+            variants.append((f"1000 of {n_images}", built, config))
             report.setdefault("shortlist_build_seconds", time.perf_counter() - start)
-        for name, image_shortlist in variants:
-            retriever = retrieval.Retriever(memory, config, image_shortlist)
+        for name, image_shortlist, variant in variants:
+            retriever = retrieval.Retriever(memory, variant, image_shortlist)
             retriever.search(features[queries[0]])  # compile the kernel outside the timing
-            stages = {"shortlist": [], "ann": [], "voting": [], "ransac": []}
+            stages = {"shortlist": [], "ann": [], "voting": [], "ransac": [], "expansion": []}
             scanned = []
             for q in queries:
                 result = retriever.search(features[q])
-                for stage, seconds in result.timings.items():
-                    stages[stage].append(seconds)
+                for stage in stages:
+                    stages[stage].append(result.timings.get(stage, 0.0))
                 probe, _ = quantizer.coarse.probe(projection.transform(features[q].descriptors), config.nprobe)
                 cells = probe[probe >= 0]
                 cell_regions = memory.searcher.cell_regions
                 scanned.append(int(np.sum(lists.offsets[cell_regions[cells + 1]] - lists.offsets[cell_regions[cells]])))
             mean = {k: float(np.mean(v)) for k, v in stages.items()}
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            entry = {"images": n_images, "rows": len(lists), "image_shortlist": name, "seconds": mean,
-                     "search_seconds": sum(mean.values()), "codes_scanned_per_query": float(np.mean(scanned)),
-                     "peak_rss_mb": peak}
+            entry = {"images": n_images, "rows": len(lists), "image_shortlist": name, "expand": variant.expand,
+                     "seconds": mean, "search_seconds": sum(mean.values()),
+                     "codes_scanned_per_query": float(np.mean(scanned)), "peak_rss_mb": peak}
             report["sizes"].append(entry)
-            print(f"{n_images:>8} {len(lists):>11} {name[:9]:>9} {mean['ann']:7.3f} {mean['voting']:7.3f} "
-                  f"{mean['ransac']:7.3f} {entry['search_seconds']:7.3f} {entry['codes_scanned_per_query']:10.0f} "
-                  f"{peak:8.0f}")
+            print(f"{n_images:>8} {len(lists):>11} {name[:9]:>9} {variant.expand:>6} {mean['ann']:7.3f} "
+                  f"{mean['voting']:7.3f} {mean['ransac']:7.3f} {mean['expansion']:7.3f} {entry['search_seconds']:7.3f} "
+                  f"{entry['codes_scanned_per_query']:10.0f} {peak:8.0f}")
+        # The build's neighbour stage: real database images search with their own stored rows.
+        from delf_retrieval import expansion
+
+        retriever = retrieval.Retriever(memory, config)
+        neighbour_config = expansion.NeighbourConfig()
+        timed = []
+        for i in range(0, len(uris), max(1, len(uris) // 10))[:10]:
+            rows = slice(first_rows[i], first_rows[i + 1])
+            projected = quantizer.decode(real["regions"][rows], real["codes"][rows])
+            start = time.perf_counter()
+            expansion.search_neighbours(retriever, i, projected, real["locations"][rows], neighbour_config)
+            timed.append(time.perf_counter() - start)
+        report.setdefault("neighbour_stage", []).append({"images": n_images,
+                                                         "seconds_per_image": float(np.mean(timed))})
+        print(f"{n_images:>8} neighbour stage: {np.mean(timed):.3f} s per image (one search with its stored rows)")
         del memory, lists, images, locations
     full = [e for e in report["sizes"] if e["image_shortlist"] == "none"]
     largest = full[-1]

@@ -1,7 +1,13 @@
-"""Retrieval quality on the real dev photographs: every scene image queries an index of all the
-other images plus the distractors (relevant = the other images of its scene).
+"""Retrieval quality on two sets of real photographs, side by side, for every ranking rule:
 
-    python benchmarks/retrieval_quality.py [--quick] [--presets lite,resnet50] [--no-sift]
+- dev (../shared/data/landmarks-dev): every scene image queries an index of all the other images
+  plus the distractors (relevant = the other images of its scene);
+- train (../shared/data/landmarks-train, web photos of 36 landmarks, noisy labels): a split by
+  image within each landmark, the same for every run: per landmark the ``--train-queries`` images
+  with the smallest hash of their path query, and the next ``--train-database`` (by the same hash)
+  form the database with the queries left out (relevant = the database images of its landmark).
+
+    python benchmarks/retrieval_quality.py [--quick] [--sets dev,train] [--presets lite,resnet50] [--no-sift]
 
 Per preset: features of all images (cached under bench_results/cache/), one index of everything
 (default IndexParams, as the pipeline builds it), then each query searches with itself excluded
@@ -41,6 +47,9 @@ RESULTS = os.path.join(ROOT, "bench_results")
 VOTE_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
+LANDMARKS_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "data", "landmarks-train")
+
+
 def dataset(root: str, quick: bool) -> list[tuple[str, str | None]]:
     """(relative path, scene or None) of every image; quick: three scenes and ten distractors."""
     with open(os.path.join(root, "labels.csv")) as f:
@@ -51,7 +60,42 @@ def dataset(root: str, quick: bool) -> list[tuple[str, str | None]]:
     return rows
 
 
-def extract_all(root, rows, preset, cache, timed: int = 5) -> tuple[dict, float]:
+def train_split(root: str, queries: int, database: int, landmarks: int | None = None):
+    """(database rows, query paths) of landmarks-train: per landmark, by a hash of the path, the
+    first ``queries`` images query and the next ``database`` are indexed (queries left out)."""
+    import hashlib
+
+    with open(os.path.join(root, "labels.csv")) as f:
+        rows = [(r["path"], r["landmark"]) for r in csv.DictReader(f)]
+    by_landmark: dict = {}
+    for path, landmark in rows:
+        by_landmark.setdefault(landmark, []).append(path)
+    db, query_paths = [], []
+    for landmark in sorted(by_landmark)[:landmarks]:
+        paths = sorted(by_landmark[landmark], key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+        query_paths += paths[:queries]
+        db += [(p, landmark) for p in paths[queries:queries + database]]
+    return db, query_paths
+
+
+def evaluation_set(name: str, args):
+    """(root, every row (path, label), database rows, queries): the queries search the database;
+    on dev they are its scene images, each with itself excluded."""
+    if name == "dev":
+        rows = dataset(args.data, args.quick)
+        return args.data, rows, rows, [p for p, s in rows if s]
+    queries, database = (2, 10) if args.quick else (args.train_queries, args.train_database)
+    db, query_paths = train_split(args.train_data, queries, database, 6 if args.quick else None)
+    label = dict(db) | {p: l for p, l in _labels(args.train_data).items() if p in set(query_paths)}
+    return args.train_data, db + [(p, label[p]) for p in query_paths], db, query_paths
+
+
+def _labels(root: str) -> dict:
+    with open(os.path.join(root, "labels.csv")) as f:
+        return {r["path"]: r["landmark"] for r in csv.DictReader(f)}
+
+
+def extract_all(root, rows, preset, cache, timed: int = 5, set_name: str = "dev") -> tuple[dict, float]:
     """Features of every image (cached, one .npz per image), and the seconds per image of
     extraction, timed afresh on ``timed`` images (spread over the set)."""
     from delf_retrieval import presets
@@ -61,7 +105,7 @@ def extract_all(root, rows, preset, cache, timed: int = 5) -> tuple[dict, float]
     from delf_retrieval.model import delf
     from pipeline.extract import main as extract_main, output_names
 
-    folder = os.path.join(cache, f"features-{preset}")
+    folder = os.path.join(cache, f"features-{preset}" if set_name == "dev" else f"features-{set_name}-{preset}")
     paths = [os.path.join(root, p) for p, _ in rows]
     names = output_names(paths)
     model_config, extraction_config = presets.model_config(preset), presets.extraction_config(preset)
@@ -90,20 +134,52 @@ def build_index(features: dict, directory: str):
     return shards.IndexReader(directory), ids
 
 
-def rank(matches, rule: str, weight: float, min_inliers: int) -> list[dict]:
-    """Re-rank one search's matches (verified first) by a rule, as results.json matches."""
+def rank(matches, rule: str, weight: float, min_inliers: int, expansion=None, query: str | None = None) -> list[dict]:
+    """Re-rank one search's matches (verified first) by a rule, as results.json matches; with
+    ``expansion`` = (table, K, T, uri_of) the re-ranked matches are then expanded as
+    ``Retriever.search`` does (``delf_retrieval.expansion.expand``), the query itself left out
+    (a dev query is a database image, which its neighbours' edges lead back to)."""
+    from delf_retrieval import expansion as expansion_lib
+    from delf_retrieval.retrieval import Match
+
     def score(m):
         inliers = m.inliers if m.inliers >= min_inliers else 0
         return {"votes": m.votes, "inliers": inliers, "combined": inliers + weight * m.votes}[rule]
     ordered = sorted(matches, key=lambda m: (not m.verified, -score(m), -m.votes, m.image_id))
-    return [{"uri": m.uri, "score": float(score(m)), "inliers": m.inliers, "votes": m.votes} for m in ordered]
+    ordered = [Match(m.image_id, m.uri, float(score(m)), m.inliers, m.votes, m.verified) for m in ordered]
+    if expansion is not None:
+        table, k, t, uri_of = expansion
+        ordered = [m for m in expansion_lib.expand(ordered, table, k, t, uri_of, len(ordered)) if m.uri != query]
+    return [{"uri": m.uri, "score": float(m.score), "inliers": m.inliers, "votes": m.votes} for m in ordered]
 
 
-def ground_truth(rows, distractor_queries: bool = False) -> dict:
-    """Scene images query with the other images of their scene as positives; with
-    ``distractor_queries`` the distractors query too, with none (as most Google-Landmarks queries)."""
-    return {"queries": [{"query": p, "positives": [q for q, t in rows if t == s and q != p] if s else [], "junk": []}
-                        for p, s in rows if s or distractor_queries]}
+EXPANSIONS = ((3, 10), (3, 15), (5, 10), (5, 20), (1, 10))  # (K, T) at query time
+TABLE = (20, 10)  # the neighbour table: k per image, min inliers
+
+
+def neighbour_table(reader, retriever, database_ids) -> tuple:
+    """Every database image's verified neighbours (``delf_retrieval.expansion``), as the build's
+    neighbour stage finds them, and the seconds per image it took."""
+    from delf_retrieval import expansion
+
+    config = expansion.NeighbourConfig(*TABLE)
+    stored = expansion.rows_by_image(reader)
+    found, start = [], time.perf_counter()
+    for image_id in database_ids:
+        projected, locations = stored[image_id]
+        neighbours, inliers = expansion.search_neighbours(retriever, image_id, projected, locations, config)
+        found += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
+    seconds = (time.perf_counter() - start) / max(len(database_ids), 1)
+    edges = np.asarray(found, np.int64).reshape(-1, 3)
+    table = expansion.cut(expansion.symmetric(edges[:, 0], edges[:, 1], edges[:, 2]), config.k)
+    return table, seconds
+
+
+def ground_truth(label_of: dict, database: list, queries: list, distractor_queries: list = ()) -> dict:
+    """Each query's positives: the database images of its label but itself; ``distractor_queries``
+    query too, with none (as most Google-Landmarks queries)."""
+    return {"queries": [{"query": q, "positives": [p for p, t in database if t == label_of[q] and p != q], "junk": []}
+                        for q in queries] + [{"query": q, "positives": [], "junk": []} for q in distractor_queries]}
 
 
 def measure(doc: dict, truth: dict) -> dict:
@@ -114,33 +190,43 @@ def measure(doc: dict, truth: dict) -> dict:
             "ap_per_query": [q["ap"] for q in scores["per_query"]]}
 
 
-def run_ours(root, rows, preset, cache, config) -> dict:
+def run_ours(set_name, root, rows, database, queries, preset, cache, config) -> dict:
     from delf_retrieval import retrieval, shortlist
 
-    features, extract_seconds = extract_all(root, rows, preset, cache)
-    reader, ids = build_index(features, os.path.join(cache, f"index-{preset}-{len(rows)}"))
+    features, extract_seconds = extract_all(root, rows, preset, cache, set_name=set_name)
+    reader, ids = build_index({p: features[p] for p, _ in database},
+                              os.path.join(cache, f"index-{set_name}-{preset}-{len(database)}"))
     retriever = retrieval.Retriever(reader, config)
     everything = np.array(sorted(ids.values()), np.int64)
-    queries = [p for p, s in rows if s]
+    label_of = dict(rows)
+    distractors = [p for p, s in database if s is None]  # dev's: they query too, for GLD+dq
     searches, timings = {}, {"shortlist": [], "ann": [], "voting": [], "ransac": []}
-    for p in [p for p, _ in rows]:  # distractors query too, for the GLD measure with distractor queries
-        result = retriever.search(features[p], among=everything[everything != ids[p]])
+    for p in queries + distractors:
+        among = everything[everything != ids[p]] if p in ids else everything
+        result = retriever.search(features[p], among=among)
         searches[p] = result.matches
         for stage, seconds in result.timings.items():
             timings[stage].append(seconds)
-    truth = ground_truth(rows)
-    rules = [("votes (no verification)", "votes", 0.0), ("inliers (paper)", "inliers", 0.0)]
-    rules += [(f"inliers + {w} x votes", "combined", w) for w in VOTE_WEIGHTS]
+    truth = ground_truth(label_of, database, queries)
+    neighbours, neighbour_seconds = neighbour_table(reader, retriever, sorted(ids.values()))
+    uri_of = retriever.uri_of
+    rules = [("votes (no verification)", "votes", 0.0, None), ("inliers (paper)", "inliers", 0.0, None)]
+    rules += [(f"inliers + {w} x votes", "combined", w, None) for w in VOTE_WEIGHTS]
+    rules += [(f"{base}, expand K {k} T {t}", rule, 0.0, (neighbours, k, t, uri_of))
+              for base, rule in (("votes", "votes"), ("inliers", "inliers")) for k, t in EXPANSIONS]
     table = {}
-    for name, rule, weight in rules:
-        doc = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers)}
+    for name, rule, weight, expand in rules:
+        doc = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers, expand, p)}
                            for p in queries]}
         table[name] = measure(doc, truth)
-        # The Google-Landmarks measure when the distractors query too: a score must then also be
-        # comparable across queries, since a distractor query's best matches are all false.
-        everyone = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers)}
-                                for p, _ in rows]}
-        table[name]["gld_with_distractor_queries"] = measure(everyone, ground_truth(rows, True))["gld_micro_ap"]
+        if distractors:
+            # The Google-Landmarks measure when the distractors query too: a score must then also be
+            # comparable across queries, since a distractor query's best matches are all false.
+            everyone = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers,
+                                                                  expand, p)}
+                                    for p in queries + distractors]}
+            table[name]["gld_with_distractor_queries"] = measure(
+                everyone, ground_truth(label_of, database, queries, distractors))["gld_micro_ap"]
     # Each rule against votes alone, paired over the same queries: mean AP difference and its s.e.
     base = np.asarray(table["votes (no verification)"]["ap_per_query"])
     for name in table:
@@ -153,14 +239,16 @@ def run_ours(root, rows, preset, cache, config) -> dict:
         kept = total = 0
         for p in queries:
             candidates = [c for c in built.candidates(reader.pca.transform(features[p].descriptors), size + 1)
-                          if c != ids[p]][:size]
+                          if c != ids.get(p)][:size]
             positives = {ids[q] for q in truth_positives(truth, p)}
             kept += len(positives & set(candidates))
             total += len(positives)
         survival[size] = kept / max(total, 1)
-    return {"preset": preset, "images": len(rows), "queries": len(queries), "descriptors": reader.num_rows,
-            "index": reader.manifest["spec"], "rules": table,
+    return {"set": set_name, "preset": preset, "images": len(database), "queries": len(queries),
+            "descriptors": reader.num_rows, "index": reader.manifest["spec"], "rules": table,
             "seconds_per_query": {k: float(np.mean(v)) for k, v in timings.items()},
+            "neighbour_table": {"k": TABLE[0], "min_inliers": TABLE[1], "edges": len(neighbours),
+                                "seconds_per_image": neighbour_seconds},
             "extract_seconds_per_image": extract_seconds, "shortlist_survival": survival}
 
 
@@ -168,7 +256,7 @@ def truth_positives(truth: dict, query: str) -> list[str]:
     return next(q["positives"] for q in truth["queries"] if q["query"] == query)
 
 
-def run_sift(root, rows, max_features: int) -> dict:
+def run_sift(root, rows, database, queries, max_features: int) -> dict:
     """OpenCV SIFT + ratio test + affine RANSAC, brute force over all pairs."""
     import cv2
 
@@ -189,13 +277,12 @@ def run_sift(root, rows, max_features: int) -> dict:
         points = np.array([k.pt for k in kp], np.float32) / factor if kp else np.zeros((0, 2), np.float32)
         keypoints[p] = (points, desc if desc is not None else np.zeros((0, 128), np.float32))
     matcher = cv2.BFMatcher(cv2.NORM_L2)
-    queries = [p for p, s in rows if s]
     results, match_seconds = [], []
     for p in queries:
         start = time.perf_counter()
         qp, qd = keypoints[p]
         scored = []
-        for other, _ in rows:
+        for other, _ in database:
             if other == p:
                 continue
             dp, dd = keypoints[other]
@@ -214,11 +301,11 @@ def run_sift(root, rows, max_features: int) -> dict:
         results.append({"query": p, "matches": [{"uri": o, "score": float(n), "inliers": n, "votes": 0}
                                                 for n, o in scored if n > 0]})
     return {"method": f"OpenCV SIFT ({max_features}) + ratio 0.8 + affine RANSAC, all pairs",
-            "scores": measure({"results": results}, ground_truth(rows)),
+            "scores": measure({"results": results}, ground_truth(dict(rows), database, queries)),
             "seconds_per_query": {"extract": float(np.mean(extract_seconds)), "match+ransac": float(np.mean(match_seconds))}}
 
 
-HEADER = (f"{'method':<46} {'mAP':>6} {'mP@1':>6} {'mP@5':>6} {'mP@10':>6} {'GLD':>6} {'GLD+dq':>6}  "
+HEADER = (f"{'set: method':<52} {'mAP':>6} {'mP@1':>6} {'mP@5':>6} {'mP@10':>6} {'GLD':>6} {'GLD+dq':>6}  "
           "s/query (search; extraction)")
 
 
@@ -226,56 +313,70 @@ def print_ours(ours: dict) -> None:
     if "rules" not in ours:
         return
     search = sum(ours["seconds_per_query"].values())
+    name_of = lambda n: f"{ours['set']}: {ours['preset']}: {n}"  # noqa: E731
     for name, s in ours["rules"].items():
-        print(f"{ours['preset'] + ': ' + name:<46} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} "
-              f"{s['mp@10']:6.3f} {s['gld_micro_ap']:6.3f} {s['gld_with_distractor_queries']:6.3f}  {search:.3f}; "
+        dq = s.get("gld_with_distractor_queries")
+        print(f"{name_of(name):<52} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} "
+              f"{s['mp@10']:6.3f} {s['gld_micro_ap']:6.3f} {'' if dq is None else f'{dq:6.3f}':>6}  {search:.3f}; "
               f"{ours['extract_seconds_per_image']:.2f}"
               f"  (AP vs votes {s['vs_votes'][0]:+.4f} +- {s['vs_votes'][1]:.4f})")
-    print(f"  {ours['preset']}: {ours['index']}, {ours['descriptors']} descriptors; per query "
+    print(f"  {ours['set']}: {ours['preset']}: {ours['images']} images, {ours['queries']} queries, {ours['index']}, "
+          f"{ours['descriptors']} descriptors; per query "
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in ours["seconds_per_query"].items()))
-    print(f"  {ours['preset']}: true matches surviving the image shortlist: "
+    t = ours["neighbour_table"]
+    print(f"  {ours['set']}: {ours['preset']}: neighbour table (k {t['k']}, >= {t['min_inliers']} inliers): "
+          f"{t['edges']} edges, {t['seconds_per_image']:.3f} s per image to find")
+    print(f"  {ours['set']}: {ours['preset']}: true matches surviving the image shortlist: "
           + ", ".join(f"top {n}: {v:.3f}" for n, v in ours["shortlist_survival"].items()), flush=True)
 
 
-def print_sift(sift: dict) -> None:
+def print_sift(set_name: str, sift: dict) -> None:
     s, t = sift["scores"], sift["seconds_per_query"]
-    print(f"{'SIFT baseline':<46} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} {s['mp@10']:6.3f} "
+    print(f"{set_name + ': SIFT baseline':<52} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} {s['mp@10']:6.3f} "
           f"{s['gld_micro_ap']:6.3f} {'':>6}  {t['match+ransac']:.3f}; {t['extract']:.2f}", flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=LANDMARKS_DEV)
+    parser.add_argument("--sets", default="dev,train", help="dev (landmarks-dev), train (landmarks-train)")
+    parser.add_argument("--data", default=LANDMARKS_DEV, help="landmarks-dev")
+    parser.add_argument("--train-data", default=LANDMARKS_TRAIN, help="landmarks-train")
+    parser.add_argument("--train-queries", type=int, default=5, help="queries per landmark of landmarks-train")
+    parser.add_argument("--train-database", type=int, default=40, help="database images per landmark (at most)")
     parser.add_argument("--presets", default="lite,resnet50")
-    parser.add_argument("--quick", action="store_true", help="three scenes and ten distractors")
+    parser.add_argument("--quick", action="store_true", help="dev: three scenes and ten distractors; train: six "
+                        "landmarks, 2 queries and 10 database images each")
     parser.add_argument("--no-sift", action="store_true")
     parser.add_argument("--sift-features", type=int, default=1000, help="SIFT keypoints per image (ours: 1000 features)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "retrieval_quality.json"))
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.data):
-        print(f"no dev set at {args.data}: nothing to measure")
-        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from delf_retrieval.retrieval import RetrievalConfig
 
-    rows = dataset(args.data, args.quick)
     cache = os.path.join(RESULTS, "cache")
     os.makedirs(cache, exist_ok=True)
-    config = RetrievalConfig(top=len(rows), shortlist=100)
-    report = {"images": len(rows), "config": config.__dict__, "ours": [], "sift": None}
-    print(f"{len(rows)} images, {sum(1 for _, s in rows if s)} scene queries, each against all the others")
+    report = {"sets": {}}
     print(HEADER, flush=True)
-    for preset in args.presets.split(","):
-        try:
-            report["ours"].append(run_ours(args.data, rows, preset, cache, config))
-            print_ours(report["ours"][-1])
-        except (OSError, ValueError) as e:  # the ResNet50 ImageNet file needs a download
-            print(f"{preset}: unavailable ({type(e).__name__}: {e})", flush=True)
-            report["ours"].append({"preset": preset, "unavailable": f"{type(e).__name__}: {e}"})
-    if not args.no_sift:
-        report["sift"] = run_sift(args.data, rows, args.sift_features)
-        print_sift(report["sift"])
-
+    for set_name in args.sets.split(","):
+        folder = args.data if set_name == "dev" else args.train_data
+        if not os.path.isdir(folder):
+            print(f"{set_name}: no data at {folder}: skipped")
+            continue
+        root, rows, database, queries = evaluation_set(set_name, args)
+        config = RetrievalConfig(top=len(database), shortlist=100)
+        entry = report["sets"][set_name] = {"images": len(database), "queries": len(queries),
+                                            "config": config.__dict__, "ours": [], "sift": None}
+        print(f"{set_name}: {len(database)} database images, {len(queries)} queries", flush=True)
+        for preset in args.presets.split(","):
+            try:
+                entry["ours"].append(run_ours(set_name, root, rows, database, queries, preset, cache, config))
+                print_ours(entry["ours"][-1])
+            except (OSError, ValueError) as e:  # the ResNet50 ImageNet file needs a download
+                print(f"{set_name}: {preset}: unavailable ({type(e).__name__}: {e})", flush=True)
+                entry["ours"].append({"preset": preset, "unavailable": f"{type(e).__name__}: {e}"})
+        if not args.no_sift:
+            entry["sift"] = run_sift(root, rows, database, queries, args.sift_features)
+            print_sift(set_name, entry["sift"])
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1, default=float)

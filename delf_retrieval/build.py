@@ -225,6 +225,8 @@ class BuildJob:
     drift_threshold: float = 1.5
     drift_sample: int = 100_000
     started: float = 0.0
+    neighbours: object = None  # expansion.NeighbourConfig: keep a verified-neighbour table; None: none
+    previous_neighbours: dict | None = None  # the current version's neighbour table (file record)
 
     @property
     def build_id(self) -> str:

@@ -20,24 +20,34 @@ class Reservoir:
     def __init__(self, max_rows: int, seed: int = 0):
         self.max_rows = max_rows
         self.rng = np.random.default_rng(seed)
-        self.rows: np.ndarray | None = None  # (min(seen, max_rows), d)
+        self._buffer: np.ndarray | None = None  # rows[:filled] hold the sample; grows by doubling
         self.seen = 0
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The sample so far, (min(seen, max_rows), d)."""
+        return None if self._buffer is None else self._buffer[:min(self.seen, self.max_rows)]
 
     def add(self, block: np.ndarray) -> None:
         block = np.asarray(block, np.float32)
         if len(block) == 0:
             return
-        if self.rows is None:
-            self.rows = np.empty((0, block.shape[1]), np.float32)
+        if self._buffer is None:
+            self._buffer = np.empty((0, block.shape[1]), np.float32)
         fill = min(max(self.max_rows - self.seen, 0), len(block))
         if fill:
-            self.rows = np.concatenate([self.rows, block[:fill]])
+            need = self.seen + fill
+            if need > len(self._buffer):  # amortised growth: no copy of the whole sample per block
+                grown = np.empty((min(self.max_rows, max(need, 2 * len(self._buffer))), block.shape[1]), np.float32)
+                grown[:self.seen] = self._buffer[:self.seen]
+                self._buffer = grown
+            self._buffer[self.seen:need] = block[:fill]
         # Algorithm R: the i-th row overall (0-based) takes a random slot with probability max_rows/(i+1);
         # within a block, later rows overwrite earlier ones exactly as a row-by-row loop would.
         later = np.arange(self.seen + fill, self.seen + len(block))
         slots = (self.rng.random(len(later)) * (later + 1)).astype(np.int64)
         keep = slots < self.max_rows
-        self.rows[slots[keep]] = block[fill:][keep]
+        self._buffer[slots[keep]] = block[fill:][keep]
         self.seen += len(block)
 
     def merge(self, other: "Reservoir") -> None:
@@ -46,13 +56,13 @@ class Reservoir:
         if other.rows is None or other.seen == 0:
             return
         if self.rows is None or self.seen == 0:
-            self.rows, self.seen = other.rows.copy(), other.seen
+            self._buffer, self.seen = other.rows.copy(), other.seen
             return
         total = min(self.max_rows, self.seen + other.seen)
         from_self = int(self.rng.hypergeometric(self.seen, other.seen, total))
         mine = self.rows[self.rng.choice(len(self.rows), from_self, replace=False)]
         theirs = other.rows[self.rng.choice(len(other.rows), total - from_self, replace=False)]
-        self.rows = np.concatenate([mine, theirs])
+        self._buffer = np.concatenate([mine, theirs])
         self.seen += other.seen
 
     def result(self) -> np.ndarray:

@@ -31,12 +31,18 @@ class RetrievalConfig:
     rank_by: str = "votes"
     vote_weight: float = 1.0  # combined score = inliers + vote_weight * votes
     seed: int = 0
+    # Verified query expansion (the index's neighbour table): the top ``expand`` verified matches
+    # with at least ``expand_min_inliers`` inliers bring their stored neighbours in; 0 is off.
+    expand: int = 0
+    expand_min_inliers: int = 10
 
     def __post_init__(self):
         if self.rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, not {self.rank_by!r}")
         if self.neighbours < 1 or self.shortlist < 0 or self.top < 1:
             raise ValueError("neighbours and top must be >= 1 and shortlist >= 0")
+        if self.expand < 0 or self.expand_min_inliers < 1:
+            raise ValueError("expand must be >= 0 and expand_min_inliers >= 1")
 
 
 @dataclass
@@ -145,6 +151,11 @@ class Retriever:
         order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[order]
         self._sorted_uris = np.asarray(images.column("uri").to_pylist(), dtype=object)[order]
+        self.image_ids = self._sorted_ids  # every indexed image, ascending
+        self.neighbour_table = reader.neighbours() if config.expand else None
+        if config.expand and self.neighbour_table is None:
+            raise ValueError(f"{reader.directory} has no neighbour table for query expansion: build the index "
+                             "with --neighbours K (pipeline.run or pipeline.reindex --retrain)")
 
     def uri_of(self, image_ids: np.ndarray) -> list[str]:
         pos = np.searchsorted(self._sorted_ids, image_ids)
@@ -158,10 +169,17 @@ class Retriever:
     def search(self, features: Features, among: np.ndarray | None = None) -> QueryResult:
         """The ranked answer for a query's features (locations in the query image's pixels);
         ``among`` limits the answer to those image ids (e.g. all but the query, in evaluations)."""
-        config = self.config
-        timings = {}
         start = time.perf_counter()
         projected = self.project(features)
+        return self.search_projected(projected, features.locations, among, time.perf_counter() - start)
+
+    def search_projected(self, projected: np.ndarray, locations: np.ndarray, among: np.ndarray | None = None,
+                         projection_seconds: float = 0.0) -> QueryResult:
+        """:meth:`search` for descriptors already in the index's space, with their (y, x) keypoints:
+        a query's, or a database image's own stored rows (decoded codes), as query expansion uses."""
+        config = self.config
+        timings = {}
+        start = time.perf_counter() - projection_seconds
         candidates = None if among is None else np.asarray(among, np.int64)
         if self.image_shortlist is not None and len(projected):
             shortlisted = self.image_shortlist.candidates(projected)
@@ -185,14 +203,14 @@ class Retriever:
         inliers = np.zeros(len(images), np.int64)
         points: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if verified:
-            locations = stored.locations.reshape(-1, 2)
+            stored_locations = stored.locations.reshape(-1, 2)
             order = np.argsort(putative.images, kind="stable")
             lo = np.searchsorted(putative.images[order], images[:verified], side="left")
             hi = np.searchsorted(putative.images[order], images[:verified], side="right")
             for i in range(verified):
                 members = order[lo[i]:hi[i]]
-                src = features.locations[putative.query[members]].astype(np.float64)
-                dst = locations[putative.positions[members]].astype(np.float64)
+                src = locations[putative.query[members]].astype(np.float64)
+                dst = stored_locations[putative.positions[members]].astype(np.float64)
                 result = verify.ransac_affine(src, dst, residual_threshold=config.residual_threshold,
                                               max_trials=config.max_trials, min_inliers=max(config.min_inliers, 3),
                                               seed=config.seed)
@@ -212,6 +230,13 @@ class Retriever:
             query_points, database_points = points.get(pos, (empty, empty))
             matches.append(Match(int(images[pos]), uri, float(scores[pos]), int(inliers[pos]), int(votes[pos]),
                                  pos < verified, query_points, database_points))
+        if config.expand:
+            from delf_retrieval.expansion import expand
+
+            start = time.perf_counter()
+            matches = expand(matches, self.neighbour_table, config.expand, config.expand_min_inliers, self.uri_of,
+                             config.top)
+            timings["expansion"] = time.perf_counter() - start
         return QueryResult(matches, timings, len(projected), len(putative))
 
 

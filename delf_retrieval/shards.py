@@ -426,14 +426,21 @@ class IndexReader:
     :meth:`rows` gives their image ids and keypoints.
     """
 
-    def __init__(self, directory: str, cache_bytes: int = 2 << 30):
+    def __init__(self, directory: str, cache_bytes: int = 2 << 30, manifest: dict | None = None):
+        """``manifest``: read the version folder ``directory`` by this manifest (its paths checked
+        as on disk) rather than its manifest file: a build reading its own version before publishing."""
         self.directory = directory
-        self.manifest = read_manifest(directory)
+        if manifest is None:
+            self.manifest = read_manifest(directory)
+        else:
+            check_manifest_paths(manifest, storage.join(directory, MANIFEST))
+            self.manifest = manifest
         files = self.manifest["files"]
         self.quantizer = Quantizer.load(_check_file(directory, files["quantizer"], checksum=True))
         self.pca = pca_lib.PCA.load(_check_file(directory, files["pca"], checksum=True)) if "pca" in files else None
         self._images_bytes = _check_file(directory, files["images"], checksum=True)
         self._images: pa.Table | None = None
+        self._neighbours = None
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._cached_bytes = 0
@@ -571,6 +578,18 @@ class IndexReader:
         else:
             lists = self._lists(self._groups_for_cells(probe_cells.ravel()))
         return Searcher(self.quantizer, lists).search_cells(queries, probe_cells, k)
+
+    def neighbours(self):
+        """The version's verified-neighbour table (``expansion.NeighbourTable``), checked by
+        SHA-256 and read once; None if the index was built without one."""
+        from delf_retrieval.expansion import NeighbourTable
+
+        record = self.manifest["files"].get("neighbours")
+        if record is None:
+            return None
+        if self._neighbours is None:
+            self._neighbours = NeighbourTable.from_bytes(_check_file(self.directory, record, checksum=True))
+        return self._neighbours
 
     @property
     def num_row_groups(self) -> int:

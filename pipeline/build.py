@@ -47,6 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
     add("--batch-size", type=int, default=8, help="images per extraction call (at most)")
     add("--accelerator", help="Beam resource hint for the extraction step on Dataflow, e.g. "
                               "'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
+    from delf_retrieval.expansion import NeighbourConfig
+
+    neighbours = NeighbourConfig()
+    add("--verified-neighbours", type=int, default=0,
+        help="keep each image's verified neighbours (at most this many) for query expansion "
+             "(pipeline.search --expand); 0: no neighbour table (default %(default)s). Incremental runs keep the "
+             f"index's own setting (suggested: {neighbours.k})")
+    add("--verified-min-inliers", type=int, default=neighbours.min_inliers,
+        help="RANSAC inliers a verified neighbour needs (default %(default)s)")
     add("--keep", type=int, default=2, help="old versions kept besides the current one (default %(default)s)")
     add("--report", help="also write the run report JSON here")
     parser.add_argument("--no-progress", action="store_true")
@@ -117,6 +126,26 @@ def previous_images(root: str, pointer: dict | None) -> list[dict]:
     return table.to_pylist()
 
 
+def neighbour_settings(args: argparse.Namespace, mode: str, pointer: dict | None):
+    """(NeighbourConfig or None, the current version's neighbour table record or None): an
+    incremental build keeps the index's own table up to date; other builds follow the flags."""
+    from delf_retrieval import build as plan_lib
+    from delf_retrieval.expansion import NeighbourConfig
+
+    if mode == plan_lib.INCREMENTAL:
+        if "neighbours" not in pointer:
+            if args.verified_neighbours:
+                raise cli.UsageError(f"{args.index} has no neighbour table to keep up to date: rebuild it with "
+                                     "--retrain --verified-neighbours K")
+            return None, None
+        return NeighbourConfig.from_json(pointer["neighbours"]), pointer["files"]["neighbours"]
+    if args.verified_neighbours < 0:
+        raise cli.UsageError("--verified-neighbours must be 0 (none) or more")
+    if not args.verified_neighbours:
+        return None, None
+    return NeighbourConfig(args.verified_neighbours, args.verified_min_inliers), None
+
+
 def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | None, token: str | None,
               lock_owner: str | None, local: bool, started: float):
     """Plan the build of ``mode`` and add its graph to ``pipeline``; returns the ``BuildJob``. The
@@ -141,6 +170,7 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
                       "preset": args.preset}
         config = config_from_args(args)
     model = read_model_folder(args.quantizer) if mode == plan_lib.FIXED else None
+    neighbours, previous_neighbours = neighbour_settings(args, mode, pointer)
     label_from_folder = args.label_from_folder
     if label_from_folder is None:
         label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
@@ -158,7 +188,7 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         training_sample=plan.training_sample, num_shards=plan.num_shards, descriptor_bound=plan.descriptor_bound,
         expected_token=token, lock_owner=lock_owner, keep=args.keep, max_rejected_fraction=args.max_rejected_fraction,
         drift_threshold=getattr(args, "drift_threshold", 1.5), drift_sample=getattr(args, "drift_sample", 100_000),
-        started=started)
+        started=started, neighbours=neighbours, previous_neighbours=previous_neighbours)
     extract = functools.partial(
         ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
         fetch=fetch, progress_total=plan.to_read if local and not args.no_progress else 0)

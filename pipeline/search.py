@@ -41,6 +41,12 @@ def parse_args(argv=None):
                         help="votes (default, best on the dev set; ties broken by inliers), inliers (the paper), "
                              "or combined (inliers + vote weight x votes)")
     parser.add_argument("--vote-weight", type=float, default=defaults.vote_weight)
+    parser.add_argument("--expand", type=int, default=defaults.expand,
+                        help="verified query expansion: the top K verified matches bring in their stored "
+                             "neighbours (the index needs a neighbour table: --verified-neighbours at build "
+                             "time); 0 is off (default %(default)s)")
+    parser.add_argument("--expand-min-inliers", type=int, default=defaults.expand_min_inliers,
+                        help="inliers a match needs to expand the query (default %(default)s)")
     parser.add_argument("--min-inliers", type=int, default=defaults.min_inliers)
     parser.add_argument("--residual-threshold", type=float, default=defaults.residual_threshold, help="RANSAC, pixels")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="RANSAC seed: same seed, same answer")
@@ -76,7 +82,7 @@ def retrieval_config(args):
     return RetrievalConfig(neighbours=args.neighbours, nprobe=args.nprobe, max_distance=args.max_distance,
                            shortlist=args.shortlist, top=args.top, residual_threshold=args.residual_threshold,
                            min_inliers=args.min_inliers, rank_by=args.rank_by, vote_weight=args.vote_weight,
-                           seed=args.seed)
+                           seed=args.seed, expand=args.expand, expand_min_inliers=args.expand_min_inliers)
 
 
 def open_retriever(args):
@@ -123,7 +129,7 @@ def search_locally(args) -> tuple[list, list]:
             answers.append((query, []))
             continue
         for stage, seconds in result.timings.items():
-            timings[stage] += seconds
+            timings[stage] = timings.get(stage, 0.0) + seconds
         answers.append((query, result.matches))
         if args.visualize:
             write_query_picture(args.visualize, rank, query, image, extractor.score_map(image),

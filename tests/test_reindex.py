@@ -19,7 +19,7 @@ from delf_retrieval import index, inputs, shards, storage, versions
 from delf_retrieval.extract import ExtractionConfig, Extractor
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
-from pipeline import reindex
+from pipeline import cli, reindex
 from tests.conftest import REPO_ROOT, SAMPLES, assert_shellcheck_clean
 from tests.test_pipeline import FAST, encoding_waits_for_extraction, graph_of, step_labels
 
@@ -444,3 +444,49 @@ def test_schedule_script_registers_the_template_and_the_nightly_job(tmp_path):
 
 def test_schedule_script_is_shellcheck_clean():
     assert_shellcheck_clean(os.path.join(FLEX, "schedule_reindex.sh"))
+
+
+def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path, cache_dir):
+    from pipeline import search as search_cli
+
+    picks = {**BASE, "berlin/copy.jpg": BASE["berlin/a.jpg"]}  # another uri, the same photograph
+    corpus, root = corpus_of(tmp_path / "corpus", picks), tmp_path / "index"
+    assert reindex_run(corpus, root, "--verified-neighbours", "3", "--verified-min-inliers", "8") == 0
+    reader = shards.IndexReader(str(root))
+    assert reader.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
+    ids = {name: inputs.image_id(str(corpus / name)) for name in picks}
+    table = reader.neighbours()
+    assert set(table.image_ids) | set(table.neighbours) <= set(ids.values())
+    assert all(len(table.of(i)[0]) <= 3 for i in ids.values()) and table.inliers.min() >= 8
+    twins = dict(zip(*table.of(ids["berlin/a.jpg"])))
+    assert twins[ids["berlin/copy.jpg"]] >= 100  # the same photograph verifies with most of its features
+    assert dict(zip(*table.of(ids["berlin/copy.jpg"])))[ids["berlin/a.jpg"]] == twins[ids["berlin/copy.jpg"]]
+
+    # Nightly: the copy is deleted, a copy of lund/a arrives. The existing lund/a gains an edge to it;
+    # the deleted image leaves every list; the other edges stay.
+    os.remove(corpus / "berlin/copy.jpg")
+    shutil.copy(corpus / "lund/a.jpg", corpus / "lund/copy.jpg")
+    ids["lund/copy.jpg"] = inputs.image_id(str(corpus / "lund/copy.jpg"))
+    assert reindex_run(corpus, root) == 0  # the index's own setting, kept without the flags
+    assert last_report(root)["mode"] == "incremental" and last_report(root)["re_extracted"] == 1
+    after = shards.IndexReader(str(root))
+    assert after.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
+    table = after.neighbours()
+    assert ids["berlin/copy.jpg"] not in set(table.image_ids) | set(table.neighbours)
+    assert dict(zip(*table.of(ids["lund/a.jpg"])))[ids["lund/copy.jpg"]] >= 100
+    assert ids["lund/a.jpg"] in table.of(ids["lund/copy.jpg"])[0]
+    for name in ("berlin/a.jpg", "berlin/b.jpg", "lund/a.jpg", "lund/b.jpg", "sacre/a.jpg"):
+        before = dict(zip(*reader.neighbours().of(ids[name])))
+        now = dict(zip(*table.of(ids[name])))
+        for other, inliers in before.items():  # kept, unless a new image took its place in a full list
+            if other != ids["berlin/copy.jpg"]:
+                assert now.get(other) == inliers or (len(now) == 3 and min(now.values()) >= inliers)
+
+    # Expansion at query time: the query's best verified match brings its stored neighbours in, pinned first.
+    output = tmp_path / "results.json"
+    assert search_cli.run([str(corpus / "lund/a.jpg"), "--index", str(root), "--output", str(output),
+                           "--expand", "1", "--expand-min-inliers", "8"]) == 0
+    matches = json.loads(output.read_text())["results"][0]["matches"]
+    assert {matches[0]["uri"], matches[1]["uri"]} == {str(corpus / "lund/a.jpg"), str(corpus / "lund/copy.jpg")}
+    with pytest.raises(cli.UsageError, match="verified-neighbours"):
+        reindex_run(corpus, root, "--verified-neighbours", "-1", "--retrain")

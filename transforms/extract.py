@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 
 DEAD_LETTER = "dead_letter"
 METRICS_NAMESPACE = "delf"
-STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "publish")
+STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "neighbours", "publish")
 
 
 class StageTimer:
@@ -91,13 +91,13 @@ def internal_error(uri: str, stage: str, error: BaseException):
                                                              f"{type(error).__name__}: {error}"))
 
 
-def split_training_sample(records, chosen: frozenset, label: str = "TrainingSample"):
-    """Listed records (anything with a ``uri``) -> (the training sample, the rest): the records whose
-    image id is in ``chosen`` (``index.training_sample``)."""
+def split_training_sample(rows, chosen: frozenset, label: str = "TrainingSample"):
+    """Plan rows (dicts with a ``uri``) -> (the training sample, the rest): the rows whose image id
+    is in ``chosen`` (``index.training_sample``)."""
     from delf_retrieval.inputs import image_id
 
-    sample = records | f"{label}Images" >> beam.Filter(lambda r, ids: image_id(r.uri) in ids, chosen)
-    rest = records | f"{label}Rest" >> beam.Filter(lambda r, ids: image_id(r.uri) not in ids, chosen)
+    sample = rows | f"{label}Images" >> beam.Filter(lambda r, ids: image_id(r["uri"]) in ids, chosen)
+    rest = rows | f"{label}Rest" >> beam.Filter(lambda r, ids: image_id(r["uri"]) not in ids, chosen)
     return sample, rest
 
 

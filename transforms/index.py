@@ -12,9 +12,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from delf_retrieval import build as plan_lib
+from delf_retrieval.expansion import NEIGHBOURS_FILE
 from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample
 
 IMAGES = "images"
+IMAGE_ROWS = "image_rows"  # (image id, PostingRows) of each encoded image, for the neighbour stage
 
 
 class ReservoirFn(beam.CombineFn):
@@ -79,9 +81,10 @@ class EncodeImages(beam.DoFn):
     input and is loaded once per worker. Shards are cut from ``num_shards`` when given, else from
     the ``descriptors`` side input (an upper bound of the total)."""
 
-    def __init__(self, rows_per_shard: int, num_shards: int | None):
+    def __init__(self, rows_per_shard: int, num_shards: int | None, keep_rows: bool = False):
         self.rows_per_shard = rows_per_shard
         self.num_shards = num_shards
+        self.keep_rows = keep_rows  # also each image's rows whole, on ``image_rows``
         self._model_key = None
         self.images = Metrics.counter("delf", "images_indexed")
         self.rows = Metrics.counter("delf", "descriptors_indexed")
@@ -100,7 +103,7 @@ class EncodeImages(beam.DoFn):
                 shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
                 image_id = inputs.image_id(key.uri)
                 height, width = features.image_size
-                parts = []
+                parts, rows = [], None
                 if len(features):
                     rows = index.encode_image(image_id, features, self.projection, self.quantizer)
                     parts = list(index.split_by_shard(rows, n_cells, shards))
@@ -112,6 +115,8 @@ class EncodeImages(beam.DoFn):
         yield beam.pvalue.TaggedOutput(IMAGES, {"image_id": image_id, "uri": key.uri, "width": int(width),
                                                 "height": int(height), "num_features": len(features),
                                                 "content_hash": digest, "label": key.label})
+        if self.keep_rows and rows is not None:
+            yield beam.pvalue.TaggedOutput(IMAGE_ROWS, (image_id, rows))
         yield from parts
 
 
@@ -119,8 +124,8 @@ def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: s
     """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs."""
     sizes = {} if job.num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
     return features | label >> beam.ParDo(
-        EncodeImages(job.config.rows_per_shard, job.num_shards), model=beam.pvalue.AsSingleton(model),
-        **sizes).with_outputs(IMAGES, DEAD_LETTER, main="rows")
+        EncodeImages(job.config.rows_per_shard, job.num_shards, keep_rows=job.neighbours is not None),
+        model=beam.pvalue.AsSingleton(model), **sizes).with_outputs(IMAGES, IMAGE_ROWS, DEAD_LETTER, main="rows")
 
 
 def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
@@ -170,9 +175,17 @@ class BuildIndex(beam.PTransform):
         from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_model
 
         job = self.job
-        todo = (pbegin | "Plan" >> beam.Create([job.plan_path])
-                | "ReadPlan" >> beam.FlatMap(plan_lib.read_plan, (plan_lib.CHECK, plan_lib.EXTRACT))
-                | "SpreadPlan" >> beam.Reshuffle())
+        planned = (pbegin | "Plan" >> beam.Create([job.plan_path])
+                   | "ReadPlan" >> beam.FlatMap(plan_lib.read_plan, (plan_lib.CHECK, plan_lib.EXTRACT)))
+        if job.mode == plan_lib.FULL:
+            # The training sample leaves before the spreading, through a Reshuffle of its own: its
+            # extraction is then a stage of its own, done before the model, and the other images'
+            # extraction fuses with their encoding (one shared Reshuffle would put both extractions
+            # in one stage, which would have to finish, holding every image's features, before
+            # the model exists).
+            sample, planned = split_training_sample(planned, job.training_sample)
+            sample = sample | "SpreadTrainingSample" >> beam.Reshuffle() | "SampleInputs" >> beam.Map(input_of)
+        todo = planned | "SpreadPlan" >> beam.Reshuffle()
         fresh = (todo | "New" >> beam.Filter(lambda r: r["action"] == plan_lib.EXTRACT)
                  | "AsInputs" >> beam.Map(input_of))
         checked = (todo | "Maybe" >> beam.Filter(lambda r: r["action"] == plan_lib.CHECK)
@@ -183,7 +196,6 @@ class BuildIndex(beam.PTransform):
         descriptors = None if job.num_shards else pbegin | "DescriptorBound" >> beam.Create([job.descriptor_bound])
         encoded = []
         if job.mode == plan_lib.FULL:
-            sample, to_extract = split_training_sample(to_extract, job.training_sample)
             sample_features = sample | "ExtractTrainingSample" >> self.extract()
             dead.append(sample_features[DEAD_LETTER])
             model = train_on_sample(sample_features["features"], job.listed, job.config)
@@ -217,38 +229,41 @@ class BuildIndex(beam.PTransform):
             rows | "AllRows" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
             | "WriteShards" >> beam.Map(write_shard, job, index.pq_m, index.pq_bits)
         )
-        return (
+        version = (
             pbegin | "Once" >> beam.Create([None])
-            | "Publish" >> beam.ParDo(
-                PublishVersion(job), model=beam.pvalue.AsSingleton(model),
+            | "WriteVersion" >> beam.ParDo(
+                WriteVersion(job), model=beam.pvalue.AsSingleton(model),
                 shard_records=beam.pvalue.AsList(shard_records), new_images=beam.pvalue.AsList(new_images),
                 same_uris=beam.pvalue.AsList(checked[SAME]), dead_letters=beam.pvalue.AsList(dead),
                 new_error=beam.pvalue.AsSingleton(new_error))
         )
+        if job.neighbours is not None:  # each new image searches the written version with its own rows
+            from transforms.neighbours import FindNeighbours
+
+            edges = ([e[IMAGE_ROWS] for e in encoded] | "AllImageRows" >> beam.Flatten()
+                     | "SpreadImageRows" >> beam.Reshuffle()
+                     | "FindNeighbours" >> beam.ParDo(FindNeighbours(job), version=beam.pvalue.AsSingleton(version)))
+        else:
+            edges = pbegin | "NoNeighbours" >> beam.Create([])
+        return version | "Publish" >> beam.ParDo(PublishVersion(job), edges=beam.pvalue.AsList(edges))
 
 
 CHANGE_COUNTS = ("listed", "added", "changed", "unchanged", "deleted", "rejected", "reused", "re_extracted")
 
 
-class PublishVersion(beam.DoFn):
-    """The last step, on one worker: the model files and the image and dead-letter tables into the
-    version folder, its manifest (with the build's settings), verification, then the pointer that
-    makes it visible (``versions.publish``, a compare-and-swap against ``job.expected_token``, the
-    pointer the run found when it took the lock: a run that lost its lock cannot publish over
-    another's). Then older versions are pruned under the run's lock, ``job.keep`` of them kept (a
-    reader that opened the previous one a moment ago still finds its files, and ``--rollback``
-    can return to it), the run report is written and the lock released (a job on a remote runner
-    has no driver left to do it).
-
-    Refuses to publish (``PublishRefused``) a build that lost inputs, failed to carry rows over, or
-    rejected more than ``job.max_rejected_fraction`` of its inputs; its dead-letter table is still
-    written into its folder, to be read."""
+class WriteVersion(beam.DoFn):
+    """On one worker, once every shard is written: the model files and the image and dead-letter
+    tables into the version folder, and the version's manifest (with the build's settings) and run
+    report, handed on, not yet written (``PublishVersion`` does that). Refuses (``PublishRefused``)
+    a build that lost inputs, failed to carry rows over, or rejected more than
+    ``job.max_rejected_fraction`` of its inputs; its dead-letter table is still written into its
+    folder, to be read."""
 
     def __init__(self, job: plan_lib.BuildJob):
         self.job = job
 
     def process(self, _, model, shard_records, new_images, same_uris, dead_letters, new_error):
-        from delf_retrieval import shards, storage, versions
+        from delf_retrieval import shards
 
         job = self.job
         with StageTimer("publish"):
@@ -272,16 +287,8 @@ class PublishVersion(beam.DoFn):
                 "training": model.training_record(),
                 "drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
             manifest["counts"]["inputs"] = job.listed
-            pointer = versions.publish(job.root, job.build, manifest, job.expected_token)
-            report["previous"] = pointer.get("previous")
-            report["pruned"] = versions.prune(job.root, keep=job.keep, protect={job.build})
-            report["published"] = True
-            report["wall_seconds"] = round(time.time() - job.started, 1)
-            storage.write_bytes(storage.join(job.root, versions.REPORTS_DIR, f"{job.build_id}.json"),
-                                json.dumps(report, indent=1, sort_keys=True).encode())
-            if job.lock_owner:
-                versions.release_lock(storage.join(job.root, versions.LOCK_FILE), job.lock_owner)
-        yield report
+        yield {"manifest": manifest, "report": report, "searched": [r["image_id"] for r in new_images],
+               "indexed": [r["image_id"] for r in images]}
 
     @staticmethod
     def image_records(plan: list[dict], new_images: list[dict], same: set) -> list[dict]:
@@ -316,6 +323,45 @@ class PublishVersion(beam.DoFn):
                       "threshold": job.drift_threshold,
                       "retrain_due": bool(ratio is not None and ratio > job.drift_threshold)},
         }
+
+
+class PublishVersion(beam.DoFn):
+    """The last step, on one worker: the neighbour table (when the build keeps one: the current
+    version's, updated with the ``edges`` found this run), then the version's manifest,
+    verification and the pointer that makes it visible (``versions.publish``, a compare-and-swap
+    against ``job.expected_token``, the pointer the run found when it took the lock: a run that lost
+    its lock cannot publish over another's). Then older versions are pruned under the run's lock,
+    ``job.keep`` of them kept (a reader that opened the previous one a moment ago still finds its
+    files, and ``--rollback`` can return to it), the run report is written and the lock released
+    (a job on a remote runner has no driver left to do it)."""
+
+    def __init__(self, job: plan_lib.BuildJob):
+        self.job = job
+
+    def process(self, version, edges):
+        from delf_retrieval import shards, storage, versions
+
+        job = self.job
+        manifest, report = version["manifest"], version["report"]
+        with StageTimer("publish"):
+            if job.neighbours is not None:
+                from transforms.neighbours import neighbour_table
+
+                table = neighbour_table(job, version, edges)
+                manifest["files"]["neighbours"] = shards.write_table_file(
+                    storage.join(job.root, job.build), NEIGHBOURS_FILE, table.to_table())
+                manifest["neighbours"] = job.neighbours.to_json()
+                report["neighbour_edges"] = len(table)
+            pointer = versions.publish(job.root, job.build, manifest, job.expected_token)
+            report["previous"] = pointer.get("previous")
+            report["pruned"] = versions.prune(job.root, keep=job.keep, protect={job.build})
+            report["published"] = True
+            report["wall_seconds"] = round(time.time() - job.started, 1)
+            storage.write_bytes(storage.join(job.root, versions.REPORTS_DIR, f"{job.build_id}.json"),
+                                json.dumps(report, indent=1, sort_keys=True).encode())
+            if job.lock_owner:
+                versions.release_lock(storage.join(job.root, versions.LOCK_FILE), job.lock_owner)
+        yield report
 
 
 def refuse_unless_publishable(job: plan_lib.BuildJob, images: list, dead_letters: list) -> None:

@@ -1,0 +1,67 @@
+"""The index-time neighbour stage of the build: each image encoded by the run searches the written
+(not yet published) version with its own stored rows, and the verified pairs it finds update the
+version's neighbour table (``delf_retrieval.expansion``), which queries use for expansion."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.extract import StageTimer
+
+
+class FindNeighbours(beam.DoFn):
+    """(image id, PostingRows) -> (image id, neighbour id, inliers) of each verified neighbour,
+    searched in the version the ``version`` side input describes (``WriteVersion``'s output),
+    opened once per worker. A search that fails loses that image's edges only (counted)."""
+
+    def __init__(self, job):
+        self.job = job
+        self._index_id = None
+        self.failed = Metrics.counter("delf", "neighbour_searches_failed")
+        self.timing = StageTimer("neighbours")
+
+    def process(self, element, version):
+        from delf_retrieval import expansion, shards, storage
+        from delf_retrieval.retrieval import Retriever, RetrievalConfig
+
+        image_id, rows = element
+        try:
+            with self.timing:
+                manifest = version["manifest"]
+                if self._index_id != manifest["index_id"]:
+                    reader = shards.IndexReader(storage.join(self.job.root, self.job.build), manifest=manifest)
+                    self.retriever = Retriever(reader, RetrievalConfig())
+                    self._index_id = manifest["index_id"]
+                quantizer = self.retriever.reader.quantizer
+                projected = quantizer.decode(rows.encoded.regions, rows.encoded.codes)
+                neighbours, inliers = expansion.search_neighbours(self.retriever, image_id, projected,
+                                                                  rows.locations, self.job.neighbours)
+        except Exception:  # noqa: BLE001 - the image stays indexed; only its edges are missing
+            self.failed.inc()
+            return
+        for n, c in zip(neighbours.tolist(), inliers.tolist()):
+            yield image_id, n, c
+
+
+def neighbour_table(job, version: dict, edges: list[tuple]):
+    """The new version's table: the current version's (in an incremental build) without the edges
+    of images searched again (``version["searched"]``) or no longer indexed (not in
+    ``version["indexed"]``), plus this run's edges both ways, cut to ``k`` per image."""
+    import hashlib
+
+    import numpy as np
+
+    from delf_retrieval import expansion, shards, storage
+
+    previous = expansion.NeighbourTable.empty()
+    if job.previous_neighbours is not None:
+        data = storage.read_bytes(shards.resolve(job.root, job.previous_neighbours["path"]))
+        if hashlib.sha256(data).hexdigest() != job.previous_neighbours["sha256"]:
+            raise shards.ShardError(f"{job.previous_neighbours['path']} does not match its SHA-256 in the manifest")
+        previous = expansion.NeighbourTable.from_bytes(data)
+    found = np.asarray(edges, np.int64).reshape(-1, 3)
+    indexed = np.asarray(version["indexed"], np.int64)
+    gone = np.setdiff1d(np.union1d(previous.image_ids, previous.neighbours), indexed)
+    return expansion.update(previous, expansion.NeighbourTable(found[:, 0], found[:, 1], found[:, 2]),
+                            np.asarray(version["searched"], np.int64), gone, job.neighbours.k)
