@@ -147,6 +147,24 @@ def database(size, per_image, real_encoded, real_images, quantizer, seed=0):
     return lists, images, locations, n_real + synthetic
 
 
+def neighbour_estimate(report: dict, ann_1e6: float, images: int = 1_000_000) -> dict:
+    """The build's neighbour stage for ``images`` images: one search per image, whose ANN part grows
+    with the rows scanned (extrapolated as for queries) and whose voting and RANSAC part does not
+    (measured at the largest size); one search per vCPU at a time, on n1-standard-8 CPU workers at
+    the ASSUMED prices of pipeline_throughput.py."""
+    from pipeline_throughput import PRICES
+
+    largest = max(report["neighbour_stage"], key=lambda e: e["images"])
+    full = [e for e in report["sizes"] if e["image_shortlist"] == "none" and not e["expand"]]
+    at_largest = next(e for e in full if e["images"] == largest["images"])
+    per_image = largest["seconds_per_image"] - at_largest["seconds"]["ann"] + ann_1e6
+    vcpu_h = images * per_image / 3600
+    worker_usd_h = 8 * PRICES["vcpu_h"] + 30 * PRICES["memory_gb_h"]
+    return {"images": images, "seconds_per_image": per_image, "measured_at_images": largest["images"],
+            "vcpu_hours": vcpu_h, "worker_hours": vcpu_h / 8, "usd": vcpu_h / 8 * worker_usd_h,
+            "assumes": "n1-standard-8 CPU workers, 8 searches at a time each, ASSUMED list prices"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,100000")
@@ -234,6 +252,11 @@ def main(argv=None) -> int:
     report["extrapolated_1e6"] = {"ann_seconds": ann_1e6, "ns_per_scanned_code": ns_per_code,
                                   "assumes": "same cells (scan grows with rows), same per-code cost"}
     print(f"1e6 images (extrapolated, same cells): ANN ~{ann_1e6:.1f} s/query at {ns_per_code:.1f} ns per scanned code")
+    report["neighbour_stage_1e6"] = neighbour_estimate(report, ann_1e6)
+    n = report["neighbour_stage_1e6"]
+    print(f"neighbour stage for 1e6 images on Dataflow (extrapolated): {n['seconds_per_image']:.2f} s per image, "
+          f"{n['vcpu_hours']:.0f} vCPU-hours = {n['worker_hours']:.0f} n1-standard-8 worker-hours, "
+          f"~${n['usd']:.0f} at ASSUMED list prices")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)

@@ -144,8 +144,9 @@ def expand(matches: list, table: NeighbourTable, k: int, min_inliers: int, uri_o
     """A query's matches with verified expansion merged in: the top ``k`` verified matches with at
     least ``min_inliers`` inliers (the expansion images) stay on top in their order; every other
     image is ranked by its own inliers plus the inliers its stored neighbour edges from the
-    expansion images carry (images reached only through those edges join the answer). ``uri_of``
-    maps image ids to uris. Returns at most ``top`` matches."""
+    expansion images carry (images reached only through those edges join the answer). Scores are
+    non-increasing down the answer. ``uri_of`` maps image ids to uris. Returns at most ``top``
+    matches."""
     from delf_retrieval.retrieval import Match
 
     pinned = [m for m in matches if m.verified and m.inliers >= min_inliers][:k]
@@ -169,7 +170,7 @@ def expand(matches: list, table: NeighbourTable, k: int, min_inliers: int, uri_o
     rest.sort(key=lambda r: (-r[0], -r[1], r[2]))
     missing = [r[2] for r in rest[:max(top - len(pinned), 0)] if r[3] is None]
     uris = dict(zip(missing, uri_of(np.asarray(missing, np.int64)))) if missing else {}
-    out = list(pinned)
+    out = []
     for score, votes, image_id, m in rest[:max(top - len(pinned), 0)]:
         if m is None:
             m = Match(image_id, uris[image_id], float(score), 0, 0, False)
@@ -177,4 +178,11 @@ def expand(matches: list, table: NeighbourTable, k: int, min_inliers: int, uri_o
             m = Match(m.image_id, m.uri, float(score), m.inliers, m.votes, m.verified, m.query_points,
                       m.database_points)
         out.append(m)
+    # An expansion image scores its own inliers, raised where needed to stay above the images after
+    # it: scores decrease strictly down the pinned ones, so their order survives any consumer.
+    floor = out[0].score if out else 0.0
+    for m in reversed(pinned):
+        floor = max(float(m.inliers), floor + 1.0)
+        out.insert(0, Match(m.image_id, m.uri, floor, m.inliers, m.votes, m.verified, m.query_points,
+                            m.database_points))
     return out[:top]

@@ -96,6 +96,8 @@ def test_expansion_pins_the_expanding_images_and_ranks_the_rest_by_gained_inlier
     # 1 and 2 expand and stay on top; 6 gains 10 + 25, 5 gains 40 (a new image), 7 gains 12, 3 keeps its own 4.
     assert [m.image_id for m in out] == [1, 2, 5, 6, 7, 3]
     assert [m.score for m in out[2:]] == [40, 35, 12, 4]
+    # The expansion images keep their own inliers as scores when those stay above what follows.
+    assert [m.score for m in out[:2]] == [50, 41]
     assert out[2].uri == "new/5" and not out[2].verified and out[3].uri == "db/6"
     assert [m.image_id for m in expansion.expand(matches, table, 1, 10, lambda ids: ids, top=3)] == [1, 5, 2]
     # Nothing verified well enough: the matches are returned as they were.
