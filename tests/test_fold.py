@@ -9,8 +9,9 @@ from tests.test_models import randomise
 
 
 @pytest.mark.parametrize("build", [lambda: resnet50.build("keras"), lambda: resnet50.build("slim"),
-                                   lambda: efficientnet_lite.build("efficientnet_lite0")],
-                         ids=["resnet50-keras", "resnet50-slim", "efficientnet_lite0"])
+                                   lambda: efficientnet_lite.build("efficientnet_lite0"),
+                                   lambda: efficientnet_lite.build("efficientnet_lite2")],
+                         ids=["resnet50-keras", "resnet50-slim", "efficientnet_lite0", "efficientnet_lite2"])
 def test_folded_model_equals_original(build):
     model = build()
     randomise(model, seed=7)

@@ -29,6 +29,7 @@ def randomise(model, seed=0):
 
 @pytest.mark.parametrize("backbone,layout,channels,stride", [
     ("resnet50", "keras", 1024, 16), ("resnet50", "slim", 1024, 32), ("efficientnet_lite0", "keras", 112, 16),
+    ("efficientnet_lite2", "keras", 120, 16),
 ])
 def test_backbone_shapes(backbone, layout, channels, stride):
     config = delf.ModelConfig(backbone=backbone, layout=layout, weights="random")
@@ -222,6 +223,8 @@ LITE_VARIANTS = tuple(efficientnet_lite.VARIANTS)
 
 @pytest.mark.parametrize("variant,repeats,channels,feature_layer,feature_channels", [
     ("efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320), "block10_out", 112),
+    # EfficientNet-Lite2: width 1.1, depth 1.2, first and last stages' repeats kept (as in its torch file).
+    ("efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352), "block14_out", 120),
 ])
 def test_lite_variants_scale_the_base_network(variant, repeats, channels, feature_layer, feature_channels):
     v = efficientnet_lite.get(variant)
@@ -290,6 +293,21 @@ def test_lite_conversion_consumes_every_tensor_of_the_file(variant):
     assert sum(int(np.prod(w.shape)) for w in classifier.weights) == parameters
     cut = efficientnet_lite.build(variant)
     assert efficientnet_lite.convert_torch_state_dict(state, cut, variant) == sum(1 for la in cut.layers if la.weights)
+
+
+def test_lite_conversion_refuses_another_variant_and_wrong_shapes():
+    convert, build = efficientnet_lite.convert_torch_state_dict, efficientnet_lite.build
+    lite0 = load_torch_state_dict(efficientnet_lite.packaged_weights_path("efficientnet_lite0"))
+    lite2 = load_torch_state_dict(efficientnet_lite.packaged_weights_path("efficientnet_lite2"))
+    with pytest.raises(KeyError, match="lacks .* tensors of efficientnet_lite2"):
+        convert(lite0, build("efficientnet_lite2"), "efficientnet_lite2")
+    with pytest.raises(ValueError, match="tensors that efficientnet_lite0 does not"):
+        convert(lite2, build("efficientnet_lite0"), "efficientnet_lite0")
+    damaged = dict(lite2, **{"_blocks.12._project_conv.weight": lite2["_blocks.12._project_conv.weight"][:112]})
+    with pytest.raises(ValueError, match="block12_project_conv: torch shapes"):
+        convert(damaged, build("efficientnet_lite2"), "efficientnet_lite2")
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        efficientnet_lite.build("efficientnet_lite1")
 
 
 # ImageNet classes a photograph of a building or a street scene may fairly be given.

