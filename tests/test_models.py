@@ -310,6 +310,22 @@ def test_lite_conversion_refuses_another_variant_and_wrong_shapes():
         efficientnet_lite.build("efficientnet_lite1")
 
 
+def test_lite2_preset_is_the_imagenet_lite2_cut_at_stride_16(cache_dir):
+    """The preset's backbone followed by the rest of the converted classifier is the whole classifier
+    (the same check for ``lite`` is in tests/test_reference_values.py)."""
+    from delf_retrieval import presets
+
+    config = presets.model_config("lite2")
+    assert (config.backbone, config.keypoint_score) == ("efficientnet_lite2", "l2norm")
+    assert config.normalisation == delf.NORMALISATION["tf-lite"]
+    net = delf.load(config, cache_dir=cache_dir)
+    assert (net.feature_channels, net.stride) == (120, 16)
+    head = efficientnet_lite.imagenet_classifier_head("efficientnet_lite2", cache_dir)
+    classifier = efficientnet_lite.imagenet_classifier("efficientnet_lite2", cache_dir)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 96, 128, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(head(net.backbone(x))), np.asarray(classifier(x)), rtol=1e-4, atol=1e-4)
+
+
 # ImageNet classes a photograph of a building or a street scene may fairly be given.
 BUILDING_CLASSES = {406: "altar", 410: "apiary", 425: "barn", 442: "bell cote", 449: "boathouse", 483: "castle",
                     497: "church", 538: "dome", 562: "fountain", 580: "greenhouse", 600: "hook", 624: "library",
