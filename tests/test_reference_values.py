@@ -10,7 +10,7 @@ Two stored references, both written by ``tests/data/make_reference_values.py``:
   within 1e-3 per component (they are stored that way, as float16).
 * ``tests/data/reference_lite0_imagenet_logits.npz``: the ImageNet logits of the three Berlin
   cathedral and ten Sacre-Coeur photographs, classified by the extraction backbone plus the rest of
-  the converted classifier (:func:`delf_retrieval.model.efficientnet_lite0.imagenet_classifier_head`)
+  the converted classifier (:func:`delf_retrieval.model.efficientnet_lite.imagenet_classifier_head`)
   on exactly the input the extractor feeds its network (its resize and ``DelfNet.normalise``).
   Their top-5 classes must name churches and similar buildings, and the logits match the stored
   ones within 5e-3.
@@ -168,9 +168,9 @@ def _load(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def lite0_head(cache_dir):
-    from delf_retrieval.model import efficientnet_lite0
+    from delf_retrieval.model import efficientnet_lite
 
-    return efficientnet_lite0.imagenet_classifier_head(cache_dir)
+    return efficientnet_lite.imagenet_classifier_head("efficientnet_lite0", cache_dir)
 
 
 def test_session_network_is_the_lite_preset(lite_net):
@@ -206,12 +206,11 @@ def test_features_match_the_reference(lite_net):
 
 def test_classifier_head_completes_the_extraction_backbone(lite_net, lite0_head, cache_dir):
     """``head(backbone(x))`` of the DELF network is the whole converted ImageNet classifier."""
-    from delf_retrieval.model import efficientnet_lite0
+    from delf_retrieval.model import efficientnet_lite
 
-    assert tuple(lite0_head.inputs[0].shape)[-1] == efficientnet_lite0.FEATURE_CHANNELS
-    assert tuple(lite0_head.outputs[0].shape) == (None, efficientnet_lite0.NUM_CLASSES)
-    classifier = efficientnet_lite0.build(include_top=True)
-    classifier.load_weights(efficientnet_lite0.imagenet_weights(cache_dir))
+    assert tuple(lite0_head.inputs[0].shape)[-1] == efficientnet_lite.get("efficientnet_lite0").feature_channels
+    assert tuple(lite0_head.outputs[0].shape) == (None, efficientnet_lite.NUM_CLASSES)
+    classifier = efficientnet_lite.imagenet_classifier("efficientnet_lite0", cache_dir)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 96, 128, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(lite0_head(lite_net.backbone(x))), np.asarray(classifier(x)),
                                rtol=1e-4, atol=1e-4)

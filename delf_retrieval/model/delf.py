@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from delf_retrieval.model import attention as attention_head
-from delf_retrieval.model import efficientnet_lite0, resnet50, weights as weight_files
+from delf_retrieval.model import efficientnet_lite, resnet50, weights as weight_files
 from delf_retrieval.receptive_field import ReceptiveField, compute as compute_receptive_field
 
 MODEL_CONFIG_FILE = "model.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
 MODEL_FORMAT_VERSION = 1
-BACKBONES = ("resnet50", "efficientnet_lite0")
+BACKBONES = ("resnet50", *efficientnet_lite.VARIANTS)
 KEYPOINT_SCORES = ("attention", "l2norm")
 
 # Pixel normalisation each weight source was trained with: (x[channels] - mean) / std.
@@ -56,7 +56,7 @@ class ModelConfig:
 
 def default_config(backbone: str, weights: str = "imagenet") -> ModelConfig:
     """The configuration matching a backbone and weight source, with the right normalisation."""
-    if backbone == "efficientnet_lite0":
+    if backbone in efficientnet_lite.VARIANTS:
         return ModelConfig(backbone, "keras", weights, normalisation=dict(NORMALISATION["tf-lite"]))
     if backbone == "resnet50":
         if weights not in ("imagenet", "random") and weight_files.is_tf_checkpoint(weights):
@@ -128,8 +128,8 @@ def read_model_config(directory: str) -> ModelConfig:
 def _build_backbone(config: ModelConfig):
     if config.backbone == "resnet50":
         return resnet50.build(config.layout)
-    if config.backbone == "efficientnet_lite0":
-        return efficientnet_lite0.build(include_top=False)
+    if config.backbone in efficientnet_lite.VARIANTS:
+        return efficientnet_lite.build(config.backbone)
     raise ValueError(f"unknown backbone {config.backbone!r}; choose from {BACKBONES}")
 
 
@@ -137,11 +137,11 @@ def _load_backbone_weights(config: ModelConfig, backbone, attention, cache_dir: 
     source = config.weights
     if source == "random":
         return
-    if config.backbone == "efficientnet_lite0":
+    if config.backbone in efficientnet_lite.VARIANTS:
         if source == "imagenet":
-            efficientnet_lite0.load_imagenet(backbone, cache_dir)
+            efficientnet_lite.load_imagenet(config.backbone, backbone, cache_dir)
         elif source.endswith(".pth"):
-            efficientnet_lite0.load_imagenet(backbone, cache_dir, torch_path=source)
+            efficientnet_lite.load_imagenet(config.backbone, backbone, cache_dir, torch_path=source)
         else:
             backbone.load_weights(source)
         return

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 def main(argv=None) -> int:
     from delf_retrieval.images import load_image
-    from delf_retrieval.model import delf, efficientnet_lite0, weights
+    from delf_retrieval.model import delf, efficientnet_lite, weights
     from tests import test_reference_values as ref
     from tests.conftest import sample_path
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
           f"cut {kth:.4f} > {next_score:.4f} ({os.path.getsize(features_file)} bytes)")
 
     # ImageNet logits through the extraction preprocessing.
-    head = efficientnet_lite0.imagenet_classifier_head(cache_dir)
+    head = efficientnet_lite.imagenet_classifier_head(ref.model_config().backbone, cache_dir)
     photos = ref.CATHEDRAL_PHOTOS + ref.SACRE_COEUR_PHOTOS
     logits = ref.classify(net, head, photos)
     logits_file = os.path.join(args.out, ref.LOGITS_FILE)
