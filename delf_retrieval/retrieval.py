@@ -26,10 +26,11 @@ class RetrievalConfig:
     residual_threshold: float = 20.0  # RANSAC inlier threshold, pixels
     max_trials: int = 1000
     min_inliers: int = 4  # fewer inliers than this is no geometric evidence: counted as 0
-    # "votes" (ties: more inliers first), "inliers" (the paper), or "combined". On landmarks-dev
-    # votes ranked best on every measure (benchmarks/retrieval_quality.py; docs/search.md).
-    rank_by: str = "votes"
-    vote_weight: float = 1.0  # combined score = inliers + vote_weight * votes
+    # "combined" (inliers + vote_weight x votes), "votes" (ties: more inliers first) or "inliers"
+    # (the paper). Combined with weight 2 gains on landmarks-train and does not lose on
+    # landmarks-dev, where votes alone is best (benchmarks/retrieval_quality.py; docs/search.md).
+    rank_by: str = "combined"
+    vote_weight: float = 2.0  # combined score = inliers + vote_weight * votes
     seed: int = 0
     # Verified query expansion (the index's neighbour table): the top ``expand`` verified matches
     # with at least ``expand_min_inliers`` inliers bring their stored neighbours in; 0 is off.

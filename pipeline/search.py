@@ -5,7 +5,7 @@
 
 Per query: extract features with the network the index was built with -> PCA -> per-descriptor
 ANN -> votes per database image -> RANSAC verification of the shortlist -> ranked by the score
-(``--rank-by``: votes by default, inliers, or both). Writes results.json ({"results": [{"query", "matches": [{"uri", "score", "inliers",
+(``--rank-by``: inliers + 2 x votes by default, votes, or inliers). Writes results.json ({"results": [{"query", "matches": [{"uri", "score", "inliers",
 "votes"}]}]}, best first) and prints a table. With ``--runner`` the same search runs as a Beam
 pipeline (for many queries: extraction spreads over workers, each opens the index once).
 """
@@ -38,8 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-distance", type=float, default=defaults.max_distance,
                         help="L2 distance (unit descriptors) beyond which a neighbour is not a match")
     parser.add_argument("--rank-by", choices=RANK_BY, default=defaults.rank_by,
-                        help="votes (default, best on the dev set; ties broken by inliers), inliers (the paper), "
-                             "or combined (inliers + vote weight x votes)")
+                        help="combined (default: inliers + --vote-weight x votes), votes (ties broken by "
+                             "inliers), or inliers (the paper)")
     parser.add_argument("--vote-weight", type=float, default=defaults.vote_weight)
     parser.add_argument("--expand", type=int, default=defaults.expand,
                         help="verified query expansion: the top K verified matches bring in their stored "
