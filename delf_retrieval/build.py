@@ -25,6 +25,8 @@ EXTRACT = "extract"  # new (or every input, in a full or fixed build)
 ACTIONS = (KEEP, CHECK, EXTRACT)
 
 PLAN_FILE = "plan.parquet"
+DRIFT_THRESHOLD = 1.5  # retrain when new descriptors' quantization error exceeds the training error x this
+DRIFT_SAMPLE = 100_000  # new descriptors an incremental build samples to measure it
 PLAN_FIELDS = ("uri", "label", "stamp", "action", "width", "height", "num_features", "content_hash")
 INDEXED_FIELDS = ("width", "height", "num_features", "content_hash")  # what a kept row brings from the index
 
@@ -222,8 +224,8 @@ class BuildJob:
     lock_owner: str | None = None
     keep: int = 2
     max_rejected_fraction: float = DEFAULT_MAX_REJECTED_FRACTION
-    drift_threshold: float = 1.5
-    drift_sample: int = 100_000
+    drift_threshold: float = DRIFT_THRESHOLD
+    drift_sample: int = DRIFT_SAMPLE
     started: float = 0.0
     neighbours: object = None  # expansion.NeighbourConfig: keep a verified-neighbour table; None: none
     previous_neighbours: dict | None = None  # the current version's neighbour table (file record)

@@ -5,6 +5,7 @@ flags, the lock, the listing and the plan (``delf_retrieval.build``), the Beam g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -163,7 +164,10 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         model_info = pointer["model"]
         model_config = delf.ModelConfig.from_json(dict(model_info["network"]))
         extraction_config = ExtractionConfig.from_json(model_info["extraction"])
-        config = config_from_args(args, params=plan_lib.index_params(pointer["params"]))
+        stored = (pointer.get("settings") or {}).get("build")  # the settings it was built with
+        config = (plan_lib.BuildConfig.from_json(stored) if stored
+                  else config_from_args(args, params=plan_lib.index_params(pointer["params"])))
+        config = dataclasses.replace(config, rows_per_shard=args.rows_per_shard, num_shards=args.num_shards)
     else:
         model_config, extraction_config = cli.configs_from_args(args)
         model_info = {"network": model_config.to_json(), "extraction": extraction_config.to_json(),
@@ -187,8 +191,8 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         listed=plan.listed, deleted=len(plan.deleted), repeats=tuple(plan.repeats),
         training_sample=plan.training_sample, num_shards=plan.num_shards, descriptor_bound=plan.descriptor_bound,
         expected_token=token, lock_owner=lock_owner, keep=args.keep, max_rejected_fraction=args.max_rejected_fraction,
-        drift_threshold=getattr(args, "drift_threshold", 1.5), drift_sample=getattr(args, "drift_sample", 100_000),
-        started=started, neighbours=neighbours, previous_neighbours=previous_neighbours)
+        drift_threshold=getattr(args, "drift_threshold", plan_lib.DRIFT_THRESHOLD),
+        drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours, previous_neighbours=previous_neighbours)
     extract = functools.partial(
         ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
         fetch=fetch, progress_total=plan.to_read if local and not args.no_progress else 0)

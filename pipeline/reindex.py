@@ -38,6 +38,8 @@ EXIT_LOCKED = cli.EXIT_LOCKED
 def parse_args(argv=None):
     """The job's own options and the rest (Beam's). Options a Flex Template sets have underscore
     spellings too (flex_template/metadata.json names them so) and booleans take an optional value."""
+    from delf_retrieval import build as plan_lib
+
     parser = argparse.ArgumentParser(prog="python -m pipeline.reindex", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_arguments(parser, root_default=None, input_default=None)
@@ -46,10 +48,10 @@ def parse_args(argv=None):
         help="re-point ROOT to the previous version, verified first")
     add("--retrain", nargs="?", const=True, default=False, type=cli.flag,
         help="full rebuild: extract everything, train PCA + quantizer")
-    add("--drift-threshold", type=float, default=1.5,
+    add("--drift-threshold", type=float, default=plan_lib.DRIFT_THRESHOLD,
         help="retrain (on the next run) when the new descriptors' quantization error exceeds the training "
              "error by this factor (default %(default)s)")
-    add("--drift-sample", type=int, default=100_000, help="new descriptors sampled to measure drift (default %(default)s)")
+    add("--drift-sample", type=int, default=plan_lib.DRIFT_SAMPLE, help="new descriptors sampled to measure drift (default %(default)s)")
     args, beam_args = parser.parse_known_args(argv)
     if not args.rollback and not args.input:
         parser.error("--input is required (except with --rollback)")

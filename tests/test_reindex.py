@@ -471,6 +471,7 @@ def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path,
     assert last_report(root)["mode"] == "incremental" and last_report(root)["re_extracted"] == 1
     after = shards.IndexReader(str(root))
     assert after.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
+    assert after.manifest["settings"] == reader.manifest["settings"]  # the settings the index was built with
     table = after.neighbours()
     assert ids["berlin/copy.jpg"] not in set(table.image_ids) | set(table.neighbours)
     assert dict(zip(*table.of(ids["lund/a.jpg"])))[ids["lund/copy.jpg"]] >= 100
