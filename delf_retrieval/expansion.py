@@ -109,13 +109,13 @@ def update(previous: NeighbourTable, found: NeighbourTable, searched: np.ndarray
 
 
 def search_neighbours(retriever, image_id: int, projected: np.ndarray, locations: np.ndarray,
-                      config: NeighbourConfig, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      config: NeighbourConfig) -> tuple[np.ndarray, np.ndarray]:
     """(neighbour ids, inliers) of one database image: the index searched with its own rows
     (``projected``: decoded codes; ``locations``: their keypoints), the verified images with at
     least ``min_inliers`` inliers but itself, the ``k`` with most. The search is not restricted
-    (``among``: only those image ids): the image finds itself first, which costs one of the
-    shortlist's verifications and is cheaper than filtering every probed list."""
-    result = retriever.search_projected(projected, locations, among=among)
+    to the other images: the image finds itself first, which costs one of the shortlist's
+    verifications and is cheaper than filtering every probed list."""
+    result = retriever.search_projected(projected, locations)
     found = [(m.image_id, m.inliers) for m in result.matches
              if m.verified and m.inliers >= config.min_inliers and m.image_id != image_id]
     found.sort(key=lambda f: (-f[1], f[0]))

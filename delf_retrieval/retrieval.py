@@ -152,7 +152,6 @@ class Retriever:
         order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[order]
         self._sorted_uris = np.asarray(images.column("uri").to_pylist(), dtype=object)[order]
-        self.image_ids = self._sorted_ids  # every indexed image, ascending
         self.neighbour_table = reader.neighbours() if config.expand else None
         if config.expand and self.neighbour_table is None:
             raise ValueError(f"{reader.directory} has no neighbour table for query expansion: build the index "
