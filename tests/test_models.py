@@ -1,5 +1,6 @@
 """The networks and their weight loaders, each checked against an independent reference."""
 
+import json
 import os
 
 import numpy as np
@@ -380,3 +381,42 @@ def test_own_model_directory_round_trip(tmp_path, lite_net):
     x = np.random.default_rng(0).uniform(-1, 1, (1, 64, 96, 3)).astype(np.float32)
     for a, b in zip(lite_net.keras_model(x), loaded.keras_model(x)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.fixture
+def trained_head_net(lite_net):
+    """The session's lite network with head weights unlike the seeded initialisation (as after
+    training), restored afterwards."""
+    before = lite_net.attention.get_weights()
+    randomise(lite_net.attention, seed=3)
+    yield lite_net
+    lite_net.attention.set_weights(before)
+
+
+def test_head_only_folder_round_trip(tmp_path, trained_head_net):
+    """A trained head ships alone (its weights and a model.json naming the ImageNet backbone) and
+    loads back into the same network."""
+    net = trained_head_net
+    config = delf.save_head(net, str(tmp_path / "head"), backbone_weights="imagenet")
+    loaded = delf.load(str(tmp_path / "head"))
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 64, 96, 3)).astype(np.float32)
+    for a, b in zip(net.keras_model(x), loaded.keras_model(x)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert config.weights == loaded.config.weights == "imagenet"
+    assert sorted(os.listdir(tmp_path / "head")) == [delf.HEAD_WEIGHTS_FILE, delf.MODEL_CONFIG_FILE]
+    assert sum(os.path.getsize(tmp_path / "head" / f) for f in os.listdir(tmp_path / "head")) < 1_000_000
+
+
+def test_shipped_model_is_named_not_located(tmp_path, trained_head_net, monkeypatch):
+    """A preset's shipped model travels in configs (manifests, Dataflow workers) by its name."""
+    net = trained_head_net
+    monkeypatch.setattr(delf, "SHIPPED_MODELS_DIR", str(tmp_path))
+    delf.save_head(net, str(tmp_path / "my-head"))
+    config = delf.shipped_model("my-head")
+    assert config.attention_weights == "my-head" and str(tmp_path) not in json.dumps(config.to_json())
+    assert delf.head_weights_path("my-head") == str(tmp_path / "my-head" / delf.HEAD_WEIGHTS_FILE)
+    assert delf.head_weights_path("/elsewhere/h.weights.h5") == "/elsewhere/h.weights.h5"
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(delf.load(config).keras_model(x)[1].numpy(), net.keras_model(x)[1].numpy())
+    with pytest.raises(ValueError, match="no shipped model"):
+        delf.shipped_model("absent")

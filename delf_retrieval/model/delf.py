@@ -16,6 +16,10 @@ from delf_retrieval.receptive_field import ReceptiveField, compute as compute_re
 
 MODEL_CONFIG_FILE = "model.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
+HEAD_WEIGHTS_FILE = "attention.weights.h5"  # a head-only model folder: the trained attention head alone
+# Model folders shipped with the project (models/ beside the packages, in a checkout and installed).
+SHIPPED_MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                  "models")
 MODEL_FORMAT_VERSION = 1
 BACKBONES = ("resnet50", *efficientnet_lite.VARIANTS)
 KEYPOINT_SCORES = ("attention", "l2norm")
@@ -36,7 +40,8 @@ class ModelConfig:
     layout: str = "keras"  # resnet50 only: "keras" (Keras ImageNet file) or "slim" (official DELF v1)
     # "imagenet", "random", or a path/URL: Keras .h5, torch .pth, TF1 checkpoint prefix, model dir.
     weights: str = "imagenet"
-    attention_weights: str | None = None  # Keras weights of a trained attention head
+    # Keras weights of a trained attention head: a path, or the name of a shipped model folder.
+    attention_weights: str | None = None
     keypoint_score: str = "attention"  # rank features by "attention" or by descriptor "l2norm"
     score_threshold: float = 0.0  # features need score >= this (official DELF model: 100.0)
     normalisation: dict = field(default_factory=lambda: dict(NORMALISATION["tf-lite"]))
@@ -102,6 +107,40 @@ class DelfNet:
         write_model_config(directory, self.config)
 
 
+def save_head(net: "DelfNet", directory: str, backbone_weights: str = "imagenet") -> ModelConfig:
+    """Write a head-only model folder: the attention head's weights and a ``model.json`` naming
+    ``backbone_weights``, the source the backbone's weights equal (e.g. "imagenet" after the
+    attention step, which freezes the descriptor). A few hundred kB instead of the whole network;
+    :func:`load` reads it back. Returns the config written."""
+    os.makedirs(directory, exist_ok=True)
+    net.attention.save_weights(os.path.join(directory, HEAD_WEIGHTS_FILE))
+    config = dataclasses.replace(net.config, weights=backbone_weights, attention_weights=HEAD_WEIGHTS_FILE)
+    tmp = os.path.join(directory, MODEL_CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format_version": MODEL_FORMAT_VERSION, **config.to_json()}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(directory, MODEL_CONFIG_FILE))
+    return config
+
+
+def shipped_model(name: str) -> ModelConfig:
+    """The config of the model shipped in ``models/NAME``, with the head named by ``NAME`` rather
+    than by a path, so that it resolves wherever the project is installed (launcher and workers)."""
+    directory = os.path.join(SHIPPED_MODELS_DIR, name)
+    if not is_model_dir(directory):
+        raise ValueError(f"no shipped model {name!r} in {SHIPPED_MODELS_DIR}")
+    return dataclasses.replace(read_model_config(directory), attention_weights=name)
+
+
+def head_weights_path(attention_weights: str) -> str:
+    """The file of a config's ``attention_weights``: a shipped model's name, or a path."""
+    if "/" not in attention_weights and os.sep not in attention_weights:
+        shipped = os.path.join(SHIPPED_MODELS_DIR, attention_weights)
+        if os.path.isdir(shipped):
+            return os.path.join(shipped, HEAD_WEIGHTS_FILE)
+    return attention_weights
+
+
 def write_model_config(directory: str, config: ModelConfig) -> None:
     """Write (or replace) a model directory's ``model.json``, e.g. with a calibrated threshold."""
     config = dataclasses.replace(config, weights=directory, attention_weights=None)
@@ -121,7 +160,11 @@ def read_model_config(directory: str) -> ModelConfig:
     version = data.pop("format_version", None)
     if version != MODEL_FORMAT_VERSION:
         raise ValueError(f"{directory}: model format version {version}, expected {MODEL_FORMAT_VERSION}")
-    data["weights"] = directory
+    if data.get("attention_weights"):
+        # A head-only folder: the backbone's named weights (e.g. "imagenet") and the head's file here.
+        data["attention_weights"] = os.path.join(directory, data["attention_weights"])
+    else:
+        data["weights"] = directory
     return ModelConfig.from_json(data)
 
 
@@ -175,5 +218,5 @@ def load(config: ModelConfig | str, cache_dir: str | None = None) -> DelfNet:
         return net
     _load_backbone_weights(config, backbone, attention, cache_dir)
     if config.attention_weights:
-        attention.load_weights(config.attention_weights)
+        attention.load_weights(head_weights_path(config.attention_weights))
     return DelfNet(config, backbone, attention)
