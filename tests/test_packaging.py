@@ -35,6 +35,14 @@ def test_sdist_carries_every_module_and_installs(tmp_path):
     installed = {os.path.relpath(os.path.join(root, f), target) for root, _, files in os.walk(target)
                  for f in files if f.endswith(".py")}
     assert expected - installed == set()
+    # The shipped models install beside the packages, where SHIPPED_MODELS_DIR finds them.
+    shipped = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+               for root, _, files in os.walk(os.path.join(REPO_ROOT, "models")) for f in files}
+    assert shipped and shipped - names == set() and all((target / path).is_file() for path in shipped)
+    found = subprocess.run([sys.executable, "-c", "from delf_retrieval.model import delf; print(delf.head_weights_path("
+                            "'lite0-attention'))"], cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(target)},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert found == str(target / "models" / "lite0-attention" / "attention.weights.h5")
 
 
 def test_worker_container_matches_the_pins():
@@ -45,7 +53,7 @@ def test_worker_container_matches_the_pins():
     # CUDA TensorFlow of exactly the pinned version: the image derives it from requirements.txt.
     assert "sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' requirements.txt" in dockerfile
     assert pinned("tensorflow-cpu")
-    for package in PACKAGES:
+    for package in (*PACKAGES, "models"):
         assert f"COPY {package} ./{package}" in dockerfile
 
 
