@@ -1,5 +1,5 @@
-"""What Dataflow workers receive: an sdist with every module, a container that matches the pins,
-and a launcher that builds the right options."""
+"""What Dataflow workers receive: an sdist with every module, a container that matches the pins and
+holds what its setup.py reads, and a launcher that builds the right options."""
 
 import os
 import re
@@ -43,6 +43,43 @@ def test_sdist_carries_every_module_and_installs(tmp_path):
                             "'lite0-attention'))"], cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(target)},
                            capture_output=True, text=True, check=True).stdout.strip()
     assert found == str(target / "models" / "lite0-attention" / "attention.weights.h5")
+
+
+def image_files(dockerfile: str, context: str, into) -> None:
+    """Copy what the Dockerfile's COPY lines take from the build ``context`` into the folder ``into``
+    (its WORKDIR), as the image holds it."""
+    import shutil
+
+    for line in open(dockerfile).read().splitlines():
+        if not line.startswith("COPY ") or "--from" in line:
+            continue
+        *sources, dest = line.split()[1:]
+        for source in sources:
+            target = into / dest / os.path.basename(source) if dest.endswith("/") else into / dest
+            if os.path.isdir(os.path.join(context, source)):
+                shutil.copytree(os.path.join(context, source), target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(os.path.join(context, source), target)
+
+
+def test_the_worker_image_holds_what_its_setup_py_reads(tmp_path):
+    """The image installs the package from its own copy of the tree (``pip install .``), and the Flex
+    Template launcher builds the workers' sdist from that same copy (``--setup_file /opt/delf/setup.py``):
+    setup.py must find every file it reads there, and the sdist every module."""
+    image = tmp_path / "opt-delf"
+    image_files(os.path.join(REPO_ROOT, "Dockerfile"), REPO_ROOT, image)
+    dist = tmp_path / "dist"
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist)], cwd=image,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (archive,) = dist.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    expected = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+                for package in PACKAGES for root, _, files in os.walk(os.path.join(REPO_ROOT, package))
+                for f in files if f.endswith(".py")}
+    assert expected - names == set()
 
 
 def test_worker_container_matches_the_pins():
