@@ -21,7 +21,8 @@ from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import cli, reindex
 from tests.conftest import REPO_ROOT, SAMPLES, assert_shellcheck_clean
-from tests.test_pipeline import FAST, encoding_waits_for_extraction, graph_of, step_labels
+from tests.job_graph import encoding_waits_for_extraction, step_labels
+from tests.test_pipeline import FAST, graph_of
 
 SMALL = FAST + ["--cells", "8"]
 
