@@ -108,12 +108,15 @@ def test_dataflow_launcher_builds_the_options():
     command = result.stdout
     for expected in ("--runner DataflowRunner", "--project p1", "--region europe-west4", "--temp_location gs://b1/tmp",
                      "--sdk_container_image gcr.io/p1/delf:1", "--max_num_workers 7", "--num-shards 64",
-                     "worker_accelerator=type:nvidia-l4\\;count:2\\;install-nvidia-driver",
-                     "--accelerator type:nvidia-l4\\;count:2\\;install-nvidia-driver",
+                     "--machine_type n1-standard-8",
+                     "--accelerator type:nvidia-l4\\;count:2\\;machine_type:n1-standard-8\\;install-nvidia-driver",
                      f"--setup_file {REPO_ROOT}/setup.py", "--input gs://b1/train.csv", "--output gs://b1/index"):
         assert expected in command, expected
+    # The GPU reaches workers by the hint alone: right fitting and worker_accelerator do not mix.
+    assert "worker_accelerator" not in command and "dataflow_service_options" not in command
     missing = launcher("--dry-run", "--project", "p1")
     assert missing.returncode == 2 and "--bucket --image --input --output" in missing.stderr
+    assert "--gpu-type" in missing.stderr  # the usage shows the Dataflow settings, from pipeline/dataflow.py
 
 
 def test_dataflow_launcher_is_shellcheck_clean():
