@@ -8,10 +8,10 @@ tests that translate each job offline (``tests/test_dataflow_jobs.py``) all take
 
 ``options`` prints the Beam and job options of a job, one a line; ``flex-launch`` prints three lines:
 the region, the URL of the ``flexTemplates:launch`` call and the body of the request (JSON), which
-carries the same options. The GPU reaches workers only as a Beam
-resource hint (Dataflow's right fitting, ``--accelerator``) on the steps from reading an image to its
-codes; Dataflow's documentation says not to combine right fitting with the ``worker_accelerator``
-service option, so neither launcher passes it (docs/dataflow.md).
+carries the same options. The GPU reaches workers only as a Beam resource hint (Dataflow's right
+fitting, ``--accelerator``) on the steps from reading an image to its codes; Dataflow's
+documentation says not to combine right fitting with the ``worker_accelerator`` service option, so
+neither launcher passes it (docs/dataflow.md).
 """
 
 from __future__ import annotations
