@@ -200,8 +200,9 @@ def test_nothing_in_the_job_refers_to_a_path_of_the_launching_machine(jobs, name
 
 def test_the_staged_sdist_installs_in_a_fresh_venv_and_every_pickled_object_loads_there(jobs, tmp_path):
     """What a worker does: install the sdist the job staged, then unpickle the job's DoFns, CombineFns,
-    their arguments and coders. The venv sees the project venv's packages (the image's pinned
-    requirements) but not the source tree, so each module of ours must come from the sdist."""
+    their arguments and coders, and find the trained head its extraction names. The venv sees the
+    project venv's packages (the image's pinned requirements) but not the source tree, so each
+    module of ours, and the head, must come from the sdist."""
     from delf_retrieval import storage
 
     sdist = tmp_path / "workflow.tar.gz"
@@ -237,6 +238,14 @@ def test_the_staged_sdist_installs_in_a_fresh_venv_and_every_pickled_object_load
             "transforms.search", "delf_retrieval.build", "delf_retrieval.inputs"} <= set(ours)
     assert all(path.startswith(site + "/") for path in ours.values()), ours
     assert {os.path.relpath(path, site) for path in ours.values()} <= members
+    # The trained head an extraction names (the lite-gpu preset's) is found in the installed package.
+    heads = {load(p.stream)[0][0].model_config.get("attention_weights") for name in JOBS
+             for p in jobs[name].graph.pickled() if p.where.endswith("ParDo(ExtractFeatures): do_fn")} - {None}
+    assert heads
+    probe = "import sys\nfrom delf_retrieval.model import delf\nprint(*map(delf.head_weights_path, sys.argv[1:]))"
+    found = subprocess.run([str(python), "-I", "-c", probe, *sorted(heads)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(found) == len(heads) and all(p.startswith(site + "/") and os.path.isfile(p) for p in found), found
 
 
 def test_run_dataflow_the_flex_template_and_the_search_pass_the_same_options(settings, tmp_path):

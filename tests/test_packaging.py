@@ -79,7 +79,9 @@ def test_the_worker_image_holds_what_its_setup_py_reads(tmp_path):
     expected = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
                 for package in PACKAGES for root, _, files in os.walk(os.path.join(REPO_ROOT, package))
                 for f in files if f.endswith(".py")}
-    assert expected - names == set()
+    shipped = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+               for root, _, files in os.walk(os.path.join(REPO_ROOT, "models")) for f in files}
+    assert expected - names == set() and shipped and shipped - names == set()
 
 
 def test_worker_container_matches_the_pins():
