@@ -12,6 +12,8 @@ COPY requirements.txt setup.py MANIFEST.in README.md ./
 # tensorflow-cpu in requirements.txt is swapped for the CUDA build of the same version.
 RUN sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' requirements.txt > requirements-gpu.txt \
  && pip install --no-cache-dir -r requirements-gpu.txt
+# setup.py also reads the test requirements (its dev extra): copied after the heavy layer above.
+COPY requirements-dev.txt ./
 COPY delf_retrieval ./delf_retrieval
 COPY pipeline ./pipeline
 COPY transforms ./transforms

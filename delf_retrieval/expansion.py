@@ -90,7 +90,7 @@ def symmetric(image_ids, neighbours, inliers) -> NeighbourTable:
     a, b, n = a[keep], b[keep], n[keep]
     order = np.lexsort((-n, b, a))
     a, b, n = a[order], b[order], n[order]
-    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
+    first = np.r_[len(a) > 0, (a[1:] != a[:-1]) | (b[1:] != b[:-1])][:len(a)]  # no pairs at all: no edges
     return NeighbourTable(a[first], b[first], n[first])
 
 

@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
     add("--num-shards", type=int, help="posting shards (default: one per ~--rows-per-shard descriptors)")
     add("--rows-per-shard", type=int, default=4_000_000)
     add("--batch-size", type=int, default=8, help="images per extraction call (at most)")
-    add("--accelerator", help="Beam resource hint for the extraction step on Dataflow, e.g. "
-                              "'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
+    add("--accelerator", help="Beam accelerator hint (Dataflow's right fitting) of the steps from reading an image to "
+                              "its codes, e.g. 'type:nvidia-tesla-t4;count:1;machine_type:n1-standard-8;"
+                              "install-nvidia-driver' (run_dataflow.sh passes it)")
     from delf_retrieval.expansion import NeighbourConfig
 
     neighbours = NeighbourConfig()
@@ -194,9 +195,9 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         drift_threshold=getattr(args, "drift_threshold", plan_lib.DRIFT_THRESHOLD),
         drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours, previous_neighbours=previous_neighbours)
     extract = functools.partial(
-        ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, accelerator=args.accelerator,
-        fetch=fetch, progress_total=plan.to_read if local and not args.no_progress else 0)
-    _ = pipeline | "BuildIndex" >> BuildIndex(job, extract, model=model, pointer=pointer)
+        ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, fetch=fetch,
+        progress_total=plan.to_read if local and not args.no_progress else 0)
+    _ = pipeline | "BuildIndex" >> BuildIndex(job, extract, model=model, pointer=pointer, accelerator=args.accelerator)
     return job
 
 

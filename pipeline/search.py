@@ -58,6 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--visualize", metavar="DIR", help="write a picture per query: matches with inliers, attention map")
     parser.add_argument("--visualize-top", type=int, default=5, help="matches drawn per query picture")
     parser.add_argument("--runner", help="run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, ...)")
+    parser.add_argument("--accelerator", help="with --runner: Beam accelerator hint (Dataflow's right fitting) of the "
+                                              "extraction and the search after it (run_dataflow.sh's form)")
     cli.add_debug_argument(parser)
     cli.add_fetch_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
@@ -155,7 +157,7 @@ def search_with_beam(args, beam_args) -> tuple[list, list]:
                                                 shortlist_min_images=args.shortlist_min_images,
                                                 shortlist_size=args.shortlist_size,
                                                 visualize=args.visualize, visualize_top=args.visualize_top,
-                                                fetch=cli.fetch_config_from_args(args))
+                                                fetch=cli.fetch_config_from_args(args), accelerator=args.accelerator)
     pipeline.run().wait_until_finish()
     records = [json.loads(line) for line in storage.read_bytes(records_path).decode().splitlines() if line]
     storage.delete(records_path)

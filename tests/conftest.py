@@ -62,13 +62,13 @@ def assert_shellcheck_clean(script: str) -> None:
     assert result.returncode == 0, result.stdout
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator():
-    """A local Google Cloud Storage emulator (the gcp-storage-emulator package, in this process) with
-    a bucket ``test-bucket``; google-cloud-storage and Beam's gs:// reach it via STORAGE_EMULATOR_HOST."""
+@contextlib.contextmanager
+def emulated_gcs(emulator):
+    """While open, a local Google Cloud Storage emulator (``emulator``: the gcp_storage_emulator.server
+    module, run in this process) with a bucket ``test-bucket``, which google-cloud-storage and Beam's
+    gs:// reach via STORAGE_EMULATOR_HOST; yields the bucket's gs:// root."""
     import socket
 
-    emulator = pytest.importorskip("gcp_storage_emulator.server")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -79,13 +79,22 @@ def gcs_emulator():
     from delf_retrieval import storage
 
     storage._client.cache_clear()
-    yield "gs://test-bucket"
-    server.stop()
-    storage._client.cache_clear()
-    if previous is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = previous
+    try:
+        yield "gs://test-bucket"
+    finally:
+        server.stop()
+        storage._client.cache_clear()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """The GCS emulator of ``emulated_gcs`` for the test session."""
+    with emulated_gcs(pytest.importorskip("gcp_storage_emulator.server")) as root:
+        yield root
 
 
 @contextlib.contextmanager

@@ -24,6 +24,15 @@ def test_pairs_become_edges_both_ways_and_each_list_is_cut_to_k():
     assert edges(again) == edges(table)
 
 
+def test_no_verified_pair_at_all_is_an_empty_table():
+    """A build where no image verifies against another (distinct scenes, a first small corpus)."""
+    none = np.zeros(0, np.int64)
+    assert edges(expansion.symmetric(none, none, none)) == []
+    assert edges(expansion.symmetric([4], [4], [30])) == []  # a self-pair only
+    empty = expansion.NeighbourTable.empty()
+    assert edges(expansion.update(empty, empty, searched=np.array([1, 2]), removed=none, k=3)) == []
+
+
 def test_an_update_drops_edges_of_changed_and_gone_images_and_adds_new_ones_both_ways():
     previous = expansion.symmetric([1, 1, 2, 4], [2, 3, 3, 5], [20, 15, 11, 40])
     # Image 3 changed (searched again, finding 1 now), 5 was deleted, 6 is new and verifies with 1 and 2.

@@ -1,5 +1,5 @@
-"""What Dataflow workers receive: an sdist with every module, a container that matches the pins,
-and a launcher that builds the right options."""
+"""What Dataflow workers receive: an sdist with every module, a container that matches the pins and
+holds what its setup.py reads, and a launcher that builds the right options."""
 
 import os
 import re
@@ -45,6 +45,45 @@ def test_sdist_carries_every_module_and_installs(tmp_path):
     assert found == str(target / "models" / "lite0-attention" / "attention.weights.h5")
 
 
+def image_files(dockerfile: str, context: str, into) -> None:
+    """Copy what the Dockerfile's COPY lines take from the build ``context`` into the folder ``into``
+    (its WORKDIR), as the image holds it."""
+    import shutil
+
+    for line in open(dockerfile).read().splitlines():
+        if not line.startswith("COPY ") or "--from" in line:
+            continue
+        *sources, dest = line.split()[1:]
+        for source in sources:
+            target = into / dest / os.path.basename(source) if dest.endswith("/") else into / dest
+            if os.path.isdir(os.path.join(context, source)):
+                shutil.copytree(os.path.join(context, source), target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(os.path.join(context, source), target)
+
+
+def test_the_worker_image_holds_what_its_setup_py_reads(tmp_path):
+    """The image installs the package from its own copy of the tree (``pip install .``), and the Flex
+    Template launcher builds the workers' sdist from that same copy (``--setup_file /opt/delf/setup.py``):
+    setup.py must find every file it reads there, and the sdist every module."""
+    image = tmp_path / "opt-delf"
+    image_files(os.path.join(REPO_ROOT, "Dockerfile"), REPO_ROOT, image)
+    dist = tmp_path / "dist"
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist)], cwd=image,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (archive,) = dist.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    expected = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+                for package in PACKAGES for root, _, files in os.walk(os.path.join(REPO_ROOT, package))
+                for f in files if f.endswith(".py")}
+    shipped = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+               for root, _, files in os.walk(os.path.join(REPO_ROOT, "models")) for f in files}
+    assert expected - names == set() and shipped and shipped - names == set()
+
+
 def test_worker_container_matches_the_pins():
     dockerfile = open(os.path.join(REPO_ROOT, "Dockerfile")).read()
     base = re.search(r"^FROM apache/beam_python(\d)\.(\d+)_sdk:(\S+)$", dockerfile, re.M)
@@ -71,12 +110,15 @@ def test_dataflow_launcher_builds_the_options():
     command = result.stdout
     for expected in ("--runner DataflowRunner", "--project p1", "--region europe-west4", "--temp_location gs://b1/tmp",
                      "--sdk_container_image gcr.io/p1/delf:1", "--max_num_workers 7", "--num-shards 64",
-                     "worker_accelerator=type:nvidia-l4\\;count:2\\;install-nvidia-driver",
-                     "--accelerator type:nvidia-l4\\;count:2\\;install-nvidia-driver",
+                     "--machine_type n1-standard-8",
+                     "--accelerator type:nvidia-l4\\;count:2\\;machine_type:n1-standard-8\\;install-nvidia-driver",
                      f"--setup_file {REPO_ROOT}/setup.py", "--input gs://b1/train.csv", "--output gs://b1/index"):
         assert expected in command, expected
+    # The GPU reaches workers by the hint alone: right fitting and worker_accelerator do not mix.
+    assert "worker_accelerator" not in command and "dataflow_service_options" not in command
     missing = launcher("--dry-run", "--project", "p1")
     assert missing.returncode == 2 and "--bucket --image --input --output" in missing.stderr
+    assert "--gpu-type" in missing.stderr  # the usage shows the Dataflow settings, from pipeline/dataflow.py
 
 
 def test_dataflow_launcher_is_shellcheck_clean():

@@ -17,6 +17,7 @@ from delf_retrieval.model import delf
 from pipeline import build_quantizer
 from pipeline import run as run_job
 from tests.conftest import SAMPLES, sample_path, serving
+from tests.job_graph import encoding_waits_for_extraction
 
 FAST = ["--scales", "0.5,1.0", "--max-features", "300", "--max-image-size", "640", "--no-progress"]
 SCENES = tuple(sorted(s for s in os.listdir(SAMPLES) if os.path.isdir(os.path.join(SAMPLES, s))))[:3]
@@ -113,73 +114,6 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
     build(["--input", str(corpus), "--output", str(output), "--keep", "1"] + FAST)
     third = shards.read_manifest(str(output))
     assert sorted(os.listdir(output / "builds")) == sorted(b.split("/")[1] for b in (second["build"], third["build"]))
-
-
-def encoding_waits_for_extraction(pipeline) -> bool:
-    """Whether encoding must wait for every image's extraction: true when a side input of an Encode
-    step (the model, the shard sizing) depends on anything computed in the fused stage the main
-    extraction runs in. Such a side input exists only once that whole stage has run, so encoding
-    cannot fuse with extraction and every image's raw features are held. A fused stage is bounded
-    by GroupByKeys (a Reshuffle, a combine): the main extraction's stage is what can be reached,
-    without crossing a GroupByKey or a side input, from the GroupByKey outputs (or the graph's
-    roots) its input comes from. (A training build extracts its sample behind a Reshuffle of its
-    own, ExtractTrainingSample: the model may depend on that bounded sample.)"""
-    import apache_beam as beam
-    from apache_beam.pipeline import PipelineVisitor
-
-    class Walk(PipelineVisitor):
-        def __init__(self):
-            self.nodes = []
-
-        def visit_transform(self, node):  # leaves, in topological order
-            self.nodes.append(node)
-
-    walk = Walk()
-    pipeline.visit(walk)
-    boundary = lambda node: isinstance(node.transform, beam.GroupByKey) or not node.inputs  # noqa: E731
-    producer = {out: node for node in walk.nodes for out in node.outputs.values()}
-    reads = [n for n in walk.nodes if n.full_label.endswith("/ExtractImages/Read/ParDo(ReadImage)")]
-    assert len(reads) == 1, "no (or more than one) main extraction in the graph"
-    sources, todo = set(), list(reads[0].inputs)
-    while todo:  # back from the extraction's input to where its stage starts
-        pcoll = todo.pop()
-        node = producer.get(pcoll)
-        if node is None or boundary(node):
-            sources.add(pcoll)
-        else:
-            todo += list(node.inputs)
-    stage = set(sources)
-    for node in walk.nodes:  # forward through the stage
-        if not boundary(node) and any(i in stage for i in node.inputs):
-            stage.update(node.outputs.values())
-    encodes = [n for n in walk.nodes if n.full_label.endswith("ParDo(EncodeImages)")]
-    assert encodes, "no Encode step in the graph"
-    depends, todo = set(), [side.pvalue for n in encodes for side in n.side_inputs]
-    while todo:  # back from the side inputs, through everything
-        pcoll = todo.pop()
-        if pcoll in depends:
-            continue
-        depends.add(pcoll)
-        node = producer.get(pcoll)  # None: the graph's root
-        if node is not None:
-            todo += list(node.inputs) + [side.pvalue for side in node.side_inputs]
-    return bool(depends & stage)
-
-
-def step_labels(pipeline) -> set[str]:
-    """The full labels of every step of a Beam graph."""
-    from apache_beam.pipeline import PipelineVisitor
-
-    class Labels(PipelineVisitor):
-        def __init__(self):
-            self.labels = set()
-
-        def visit_transform(self, node):
-            self.labels.add(node.full_label)
-
-    walk = Labels()
-    pipeline.visit(walk)
-    return walk.labels
 
 
 class GraphBuilt(Exception):

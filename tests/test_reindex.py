@@ -21,7 +21,8 @@ from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import cli, reindex
 from tests.conftest import REPO_ROOT, SAMPLES, assert_shellcheck_clean
-from tests.test_pipeline import FAST, encoding_waits_for_extraction, graph_of, step_labels
+from tests.job_graph import encoding_waits_for_extraction, step_labels
+from tests.test_pipeline import FAST, graph_of
 
 SMALL = FAST + ["--cells", "8"]
 
@@ -381,7 +382,7 @@ def test_quantization_error_measures_drift():
 FLEX = os.path.join(REPO_ROOT, "flex_template")
 EXAMPLES = {"input": "gs://b/photos", "index": "gs://b/index", "keep": "3", "retrain": "true", "drift_threshold": "1.5",
             "lock_ttl": "3600", "max_rejected_fraction": "0.2", "label_from_folder": "false", "preset": "lite-gpu", "num_shards": "4",
-            "rows_per_shard": "1000", "batch_size": "8", "accelerator": "type:nvidia-l4;count:1;install-nvidia-driver"}
+            "rows_per_shard": "1000", "batch_size": "8", "accelerator": "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"}
 
 
 def test_flex_template_parameters_are_the_jobs_flags():

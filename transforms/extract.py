@@ -91,13 +91,20 @@ def internal_error(uri: str, stage: str, error: BaseException):
                                                              f"{type(error).__name__}: {error}"))
 
 
+def in_sample(row: dict, ids: frozenset, inside: bool = True) -> bool:
+    """Whether the plan row's image id is (``inside``) or is not in ``ids``. Steps call module-level
+    functions such as this one, never lambdas: they pickle by reference, so workers run the code of
+    the package they installed, and no file name of the launching machine travels with the job."""
+    from delf_retrieval.inputs import image_id
+
+    return (image_id(row["uri"]) in ids) == inside
+
+
 def split_training_sample(rows, chosen: frozenset, label: str = "TrainingSample"):
     """Plan rows (dicts with a ``uri``) -> (the training sample, the rest): the rows whose image id
     is in ``chosen`` (``index.training_sample``)."""
-    from delf_retrieval.inputs import image_id
-
-    sample = rows | f"{label}Images" >> beam.Filter(lambda r, ids: image_id(r["uri"]) in ids, chosen)
-    rest = rows | f"{label}Rest" >> beam.Filter(lambda r, ids: image_id(r["uri"]) not in ids, chosen)
+    sample = rows | f"{label}Images" >> beam.Filter(in_sample, chosen)
+    rest = rows | f"{label}Rest" >> beam.Filter(in_sample, chosen, inside=False)
     return sample, rest
 
 
@@ -231,11 +238,21 @@ class ExtractFeatures(beam.DoFn):
             yield key, features, digest
 
 
+def with_accelerator(transform, accelerator: str | None):
+    """``transform`` with the Beam accelerator hint ``accelerator`` (None: as it is), which Dataflow
+    meets with GPU workers (right fitting). The hint goes on every step from reading an image to what
+    is made of its features (``ExtractImages`` and the step after it): Beam runs hinted steps in an
+    environment of their own, which no other step fuses with, so a hint on the network's step alone
+    would cut that stage in three and materialise the decoded images and the raw features
+    (docs/dataflow.md, "What is checked offline")."""
+    return transform.with_resource_hints(accelerator=accelerator) if accelerator else transform
+
+
 class ExtractImages(beam.PTransform):
     """InputImage records -> {"features": (InputImage, Features, hash), "dead_letter": records}."""
 
     def __init__(self, model_config, extraction_config, max_batch_size: int = 8, decode_limits: dict | None = None,
-                 fetch=None, accelerator: str | None = None, progress_total: int = 0):
+                 fetch=None, progress_total: int = 0):
         super().__init__()
         self.model_config = model_config.to_json() if hasattr(model_config, "to_json") else dict(model_config)
         self.extraction_config = (extraction_config.to_json() if hasattr(extraction_config, "to_json")
@@ -243,20 +260,17 @@ class ExtractImages(beam.PTransform):
         self.max_batch_size = max_batch_size
         self.decode_limits = decode_limits
         self.fetch = fetch  # a FetchConfig (None: its defaults)
-        self.accelerator = accelerator
         self.progress_total = progress_total
 
     def expand(self, images):
         read = images | "Read" >> beam.ParDo(ReadImage(self.fetch, progress_total=self.progress_total)).with_outputs(
             DEAD_LETTER, main="bytes")
         decoded = read.bytes | "Decode" >> beam.ParDo(DecodeImage(self.decode_limits)).with_outputs(DEAD_LETTER, main="images")
-        extract = beam.ParDo(ExtractFeatures(self.model_config, self.extraction_config))
-        if self.accelerator:  # on Dataflow only this step asks for a GPU
-            extract = extract.with_resource_hints(accelerator=self.accelerator)
         extracted = (
             decoded.images
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
-            | "Extract" >> extract.with_outputs(DEAD_LETTER, main="features")
+            | "Extract" >> beam.ParDo(ExtractFeatures(self.model_config, self.extraction_config)).with_outputs(
+                DEAD_LETTER, main="features")
         )
         dead = (read[DEAD_LETTER], decoded[DEAD_LETTER], extracted[DEAD_LETTER]) | "DeadLetters" >> beam.Flatten()
         return {"features": extracted.features, DEAD_LETTER: dead}

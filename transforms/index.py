@@ -13,7 +13,7 @@ from apache_beam.metrics import Metrics
 
 from delf_retrieval import build as plan_lib
 from delf_retrieval.expansion import NEIGHBOURS_FILE
-from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample
+from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample, with_accelerator
 
 IMAGES = "images"
 IMAGE_ROWS = "image_rows"  # (image id, PostingRows) of each encoded image, for the neighbour stage
@@ -58,20 +58,38 @@ def train_model(sample, config: plan_lib.BuildConfig, expected_count: int | None
         return index.TrainedModel.trained(sample, config.index, config.pca_dim, expected_count)
 
 
+def train_for(sample, config: plan_lib.BuildConfig, listed: int, per_image: float):
+    """``train_model`` with the count expected of ``listed`` images at ``per_image`` descriptors each."""
+    from delf_retrieval.index import expected_descriptors
+
+    return train_model(sample, config, expected_descriptors(listed, per_image))
+
+
+def feature_count(record) -> int:
+    """(key, Features, hash) -> its number of features."""
+    return len(record[1])
+
+
+def descriptors_of(record):
+    """(key, Features, hash) -> its descriptors."""
+    return record[1].descriptors
+
+
+def has_action(row: dict, action: str) -> bool:
+    return row["action"] == action
+
+
 def train_on_sample(sample_features, listed: int, config: plan_lib.BuildConfig):
     """The model trained on a reservoir of the training sample's descriptors, its LOPQ regions sized
     for ``listed`` x the sample's mean descriptors per image. It depends on the sample's features
     only, so the other images' extraction fuses with their encoding."""
-    from delf_retrieval.index import expected_descriptors
-
-    per_image = (sample_features | "TrainingPerImage" >> beam.Map(lambda r: len(r[1]))
+    per_image = (sample_features | "TrainingPerImage" >> beam.Map(feature_count)
                  | "TrainingMeanPerImage" >> beam.combiners.Mean.Globally())
     return (
         sample_features
-        | "TrainingDescriptors" >> beam.Map(lambda r: r[1].descriptors)
+        | "TrainingDescriptors" >> beam.Map(descriptors_of)
         | "TrainingReservoir" >> beam.CombineGlobally(ReservoirFn(config.sample_size, config.index.seed))
-        | "Train" >> beam.Map(lambda sample, per: train_model(sample, config, expected_descriptors(listed, per)),
-                              per=beam.pvalue.AsSingleton(per_image))
+        | "Train" >> beam.Map(train_for, config, listed, per_image=beam.pvalue.AsSingleton(per_image))
     )
 
 
@@ -120,12 +138,15 @@ class EncodeImages(beam.DoFn):
         yield from parts
 
 
-def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: str = "Encode"):
-    """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs."""
+def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: str = "Encode",
+                  accelerator: str | None = None):
+    """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs; with the
+    extraction's ``accelerator`` hint, so that it fuses with the extraction (``with_accelerator``)."""
     sizes = {} if job.num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
-    return features | label >> beam.ParDo(
-        EncodeImages(job.config.rows_per_shard, job.num_shards, keep_rows=job.neighbours is not None),
-        model=beam.pvalue.AsSingleton(model), **sizes).with_outputs(IMAGES, IMAGE_ROWS, DEAD_LETTER, main="rows")
+    encode = beam.ParDo(EncodeImages(job.config.rows_per_shard, job.num_shards, keep_rows=job.neighbours is not None),
+                        model=beam.pvalue.AsSingleton(model), **sizes)
+    return features | label >> with_accelerator(encode, accelerator).with_outputs(IMAGES, IMAGE_ROWS, DEAD_LETTER,
+                                                                                 main="rows")
 
 
 def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
@@ -161,18 +182,21 @@ class BuildIndex(beam.PTransform):
     In every mode nothing waits for all images' features: the model depends on the training sample
     or is known up front, and shards are sized up front (``job.num_shards``) or from the inputs to
     read x ``max_features`` (``job.descriptor_bound``), so raw features stream through to their
-    codes. ``extract(label)`` makes the extraction transform (``ExtractImages``) of the run."""
+    codes. ``extract()`` makes the extraction transform (``ExtractImages``) of the run; ``accelerator``
+    is the Beam accelerator hint of each extraction and its encoding (None: none)."""
 
-    def __init__(self, job: plan_lib.BuildJob, extract, model=None, pointer: dict | None = None):
+    def __init__(self, job: plan_lib.BuildJob, extract, model=None, pointer: dict | None = None,
+                 accelerator: str | None = None):
         super().__init__()
         if job.mode == plan_lib.FIXED and model is None:
             raise ValueError("a fixed-quantizer build needs its model")
         if job.mode == plan_lib.INCREMENTAL and pointer is None:
             raise ValueError("an incremental build needs the current version's manifest")
         self.job, self.extract, self.model, self.pointer = job, extract, model, pointer
+        self.accelerator = accelerator
 
     def expand(self, pbegin):
-        from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_model
+        from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_current_model
 
         job = self.job
         planned = (pbegin | "Plan" >> beam.Create([job.plan_path])
@@ -186,9 +210,9 @@ class BuildIndex(beam.PTransform):
             sample, planned = split_training_sample(planned, job.training_sample)
             sample = sample | "SpreadTrainingSample" >> beam.Reshuffle() | "SampleInputs" >> beam.Map(input_of)
         todo = planned | "SpreadPlan" >> beam.Reshuffle()
-        fresh = (todo | "New" >> beam.Filter(lambda r: r["action"] == plan_lib.EXTRACT)
+        fresh = (todo | "New" >> beam.Filter(has_action, plan_lib.EXTRACT)
                  | "AsInputs" >> beam.Map(input_of))
-        checked = (todo | "Maybe" >> beam.Filter(lambda r: r["action"] == plan_lib.CHECK)
+        checked = (todo | "Maybe" >> beam.Filter(has_action, plan_lib.CHECK)
                    | "CheckContent" >> beam.ParDo(CheckContent(job.fetch)).with_outputs(DEAD_LETTER, SAME,
                                                                                        main="changed"))
         to_extract = (fresh, checked.changed) | "ToExtract" >> beam.Flatten()
@@ -196,26 +220,26 @@ class BuildIndex(beam.PTransform):
         descriptors = None if job.num_shards else pbegin | "DescriptorBound" >> beam.Create([job.descriptor_bound])
         encoded = []
         if job.mode == plan_lib.FULL:
-            sample_features = sample | "ExtractTrainingSample" >> self.extract()
+            sample_features = sample | "ExtractTrainingSample" >> with_accelerator(self.extract(), self.accelerator)
             dead.append(sample_features[DEAD_LETTER])
             model = train_on_sample(sample_features["features"], job.listed, job.config)
             encoded.append(encode_images(sample_features["features"], model, job, descriptors,
-                                         label="EncodeTrainingSample"))
+                                         label="EncodeTrainingSample", accelerator=self.accelerator))
         elif job.mode == plan_lib.FIXED:
             model = pbegin | "GivenModel" >> beam.Create([self.model])
         else:
             files = {k: self.pointer[k] for k in ("files", "training") if k in self.pointer}
             model = (pbegin | "Current" >> beam.Create([None])
-                     | "ReadModel" >> beam.Map(lambda _, root, pointer: read_model(root, pointer), job.root, files))
-        extracted = to_extract | "ExtractImages" >> self.extract()
+                     | "ReadModel" >> beam.Map(read_current_model, job.root, files))
+        extracted = to_extract | "ExtractImages" >> with_accelerator(self.extract(), self.accelerator)
         features = extracted["features"]
         if job.mode == plan_lib.FULL:
             new_error = pbegin | "NoDrift" >> beam.Create([None])
         else:  # the codebooks were trained on other images: how well do they fit the new ones?
-            new_error = (features | "Descriptors" >> beam.Map(lambda r: r[1].descriptors)
+            new_error = (features | "Descriptors" >> beam.Map(descriptors_of)
                          | "Sample" >> beam.CombineGlobally(ReservoirFn(job.drift_sample, job.config.index.seed))
                          | "Drift" >> beam.Map(drift_error, model=beam.pvalue.AsSingleton(model)))
-        encoded.append(encode_images(features, model, job, descriptors))
+        encoded.append(encode_images(features, model, job, descriptors, accelerator=self.accelerator))
         dead = (dead + [extracted[DEAD_LETTER]] + [e[DEAD_LETTER] for e in encoded]) | "DeadLetters" >> beam.Flatten()
         new_images = [e[IMAGES] for e in encoded] | "NewImages" >> beam.Flatten()
         rows = [e.rows for e in encoded]

@@ -107,6 +107,11 @@ def read_model(root: str, pointer: dict):
     return index.TrainedModel.from_record(files["pca"], files["quantizer"], pointer.get("training"))
 
 
+def read_current_model(_, root: str, pointer: dict):
+    """``read_model`` as a step over one dummy element."""
+    return read_model(root, pointer)
+
+
 def drift_error(sample, model):
     """Quantization error of the new images' descriptors under the current codebooks (None if none)."""
     from delf_retrieval import index

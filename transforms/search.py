@@ -9,7 +9,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.extract import DEAD_LETTER, ExtractImages
+from transforms.extract import DEAD_LETTER, ExtractImages, with_accelerator
 
 
 class QueryImage(NamedTuple):
@@ -73,11 +73,12 @@ def failed_query(record: dict, ranks: dict) -> str:
 
 class SearchQueries(beam.PTransform):
     """Queries (a list of paths/URLs) -> ``output``, a JSON-lines file with one record per query
-    (failed queries carry their error and no matches)."""
+    (failed queries carry their error and no matches). ``accelerator``: the Beam accelerator hint of
+    the extraction and the search after it (``with_accelerator``)."""
 
     def __init__(self, queries: list[str], index: str, config, output: str, image_shortlist: str = "auto",
                  shortlist_min_images: int = 50_000, shortlist_size: int = 1000, visualize: str | None = None,
-                 visualize_top: int = 5, max_batch_size: int = 8, fetch=None):
+                 visualize_top: int = 5, max_batch_size: int = 8, fetch=None, accelerator: str | None = None):
         super().__init__()
         self.queries = list(queries)
         self.index = index
@@ -89,6 +90,7 @@ class SearchQueries(beam.PTransform):
         self.visualize_top = visualize_top
         self.max_batch_size = max_batch_size
         self.fetch = fetch  # a FetchConfig: how queries are read
+        self.accelerator = accelerator
 
     def expand(self, pbegin):
         from delf_retrieval import retrieval, shards
@@ -100,11 +102,13 @@ class SearchQueries(beam.PTransform):
             pbegin
             | "Queries" >> beam.Create([QueryImage(uri, rank) for rank, uri in enumerate(self.queries)])
             | "Spread" >> beam.Reshuffle()
-            | "Extract" >> ExtractImages(model_config, extraction_config, max_batch_size=self.max_batch_size,
-                                     fetch=self.fetch)
+            | "Extract" >> with_accelerator(ExtractImages(model_config, extraction_config,
+                                                          max_batch_size=self.max_batch_size, fetch=self.fetch),
+                                            self.accelerator)
         )
-        answered = extracted["features"] | "Search" >> beam.ParDo(
-            SearchIndex(self.index, self.config, self.open_options, self.visualize, self.visualize_top))
+        answered = extracted["features"] | "Search" >> with_accelerator(beam.ParDo(
+            SearchIndex(self.index, self.config, self.open_options, self.visualize, self.visualize_top)),
+            self.accelerator)
         failed = extracted[DEAD_LETTER] | "Failed" >> beam.Map(failed_query, ranks)
         return ((answered, failed) | "Records" >> beam.Flatten()
                 | "Write" >> beam.io.WriteToText(self.output, num_shards=1, shard_name_template=""))
