@@ -17,16 +17,28 @@ def pinned(name):
     return re.search(rf"^{re.escape(name)}(?:\[[^\]]*\])?==(\S+)$", text, re.M).group(1)
 
 
-def test_sdist_carries_every_module_and_installs(tmp_path):
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=REPO_ROOT,
-                   check=True, capture_output=True)
-    (archive,) = tmp_path.glob("*.tar.gz")
+def tree_files(folder: str, suffix: str = "") -> set:
+    """Paths (relative to the repository) of the files under ``folder`` ending in ``suffix``."""
+    return {os.path.relpath(os.path.join(root, f), REPO_ROOT)
+            for root, _, files in os.walk(os.path.join(REPO_ROOT, folder)) for f in files if f.endswith(suffix)}
+
+
+def sdist(source_dir, dist_dir):
+    """(archive, the paths it holds) of ``python setup.py sdist`` run in ``source_dir``."""
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist_dir)], cwd=source_dir,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (archive,) = dist_dir.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
-        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    expected = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
-                for package in PACKAGES for root, _, files in os.walk(os.path.join(REPO_ROOT, package))
-                for f in files if f.endswith(".py")}
-    assert expected - names == set()
+        return archive, {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+
+
+MODULES = set().union(*(tree_files(package, ".py") for package in PACKAGES))
+
+
+def test_sdist_carries_every_module_and_installs(tmp_path):
+    archive, names = sdist(REPO_ROOT, tmp_path)
+    assert MODULES - names == set()
     assert {"requirements.txt", "setup.py"} <= names
     # Installs from the archive (what a worker does), without touching the network.
     target = tmp_path / "site"
@@ -34,10 +46,9 @@ def test_sdist_carries_every_module_and_installs(tmp_path):
                     "--target", str(target), str(archive)], check=True, capture_output=True)
     installed = {os.path.relpath(os.path.join(root, f), target) for root, _, files in os.walk(target)
                  for f in files if f.endswith(".py")}
-    assert expected - installed == set()
+    assert MODULES - installed == set()
     # The shipped models install beside the packages, where SHIPPED_MODELS_DIR finds them.
-    shipped = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
-               for root, _, files in os.walk(os.path.join(REPO_ROOT, "models")) for f in files}
+    shipped = tree_files("models")
     assert shipped and shipped - names == set() and all((target / path).is_file() for path in shipped)
     found = subprocess.run([sys.executable, "-c", "from delf_retrieval.model import delf; print(delf.head_weights_path("
                             "'lite0-attention'))"], cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(target)},
@@ -69,19 +80,10 @@ def test_the_worker_image_holds_what_its_setup_py_reads(tmp_path):
     setup.py must find every file it reads there, and the sdist every module."""
     image = tmp_path / "opt-delf"
     image_files(os.path.join(REPO_ROOT, "Dockerfile"), REPO_ROOT, image)
-    dist = tmp_path / "dist"
-    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist)], cwd=image,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (archive,) = dist.glob("*.tar.gz")
-    with tarfile.open(archive) as tar:
-        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    expected = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
-                for package in PACKAGES for root, _, files in os.walk(os.path.join(REPO_ROOT, package))
-                for f in files if f.endswith(".py")}
-    shipped = {os.path.relpath(os.path.join(root, f), REPO_ROOT)
-               for root, _, files in os.walk(os.path.join(REPO_ROOT, "models")) for f in files}
-    assert expected - names == set() and shipped and shipped - names == set()
+    (tmp_path / "dist").mkdir()
+    _, names = sdist(image, tmp_path / "dist")
+    shipped = tree_files("models")
+    assert MODULES - names == set() and shipped and shipped - names == set()
 
 
 def test_worker_container_matches_the_pins():
