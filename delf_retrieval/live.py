@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import collections
 from collections import OrderedDict
 
 import numpy as np
@@ -28,15 +29,15 @@ class LiveIndex:
     A version that is damaged or does not answer as an index (``shards.IndexStorageError``,
     ``ValueError``: a file that does not match its checksum, a failed probe) is remembered and not
     opened again: versions never change once published. Any other failure (storage unreachable)
-    is tried again at the next poll. ``listener(event, version, detail)`` hears of each "switched"
-    and "failed" (a server counts them)."""
+    is tried again at the next poll. :attr:`outcomes` counts the versions opened ("switched"),
+    refused ("failed") and put off ("retry")."""
 
     def __init__(self, root: str, config: engine_lib.EngineConfig = engine_lib.EngineConfig(),
-                 interval: float = 60.0, listener=None):
+                 interval: float = 60.0):
         self.root = root
         self.config = config
         self.interval = interval
-        self.listener = listener
+        self.outcomes: collections.Counter = collections.Counter()
         self._engine: engine_lib.Engine | None = None
         self._failed: OrderedDict[str, str] = OrderedDict()
         self.last_error: str | None = None
@@ -52,10 +53,6 @@ class LiveIndex:
 
     def failed(self) -> dict[str, str]:
         return dict(self._failed)
-
-    def _notify(self, event: str, version, detail: str = "") -> None:
-        if self.listener is not None:
-            self.listener(event, version, detail)
 
     def _extractor_for(self, version: engine_lib.Version):
         """The serving network when the new version was built with the same one; else None (load it)."""
@@ -97,12 +94,12 @@ class LiveIndex:
                 self.last_error = f"version {version.name} not served: {reason}"
                 log.error("%s: version %s fails to open and is not served (%s); still serving %s", self.root,
                           version.name, reason, serving.version.name if serving else "nothing")
-                self._notify("failed", version, reason)
+                self.outcomes["failed"] += 1
                 return "failed"
             except Exception as e:  # noqa: BLE001 - storage or memory trouble: try again at the next poll
                 self.last_error = f"version {version.name} could not be opened now: {type(e).__name__}: {e}"
                 log.warning("%s; still serving %s", self.last_error, serving.version.name if serving else "nothing")
-                self._notify("failed", version, self.last_error)
+                self.outcomes["retry"] += 1
                 return "retry"
             self._engine = opened
             self.last_error = None
@@ -110,7 +107,7 @@ class LiveIndex:
                      self.root, version.name, opened.manifest["counts"]["images"],
                      "postings held" if opened.resident else "postings read per query",
                      time.perf_counter() - start, serving.version.name if serving else "nothing")
-            self._notify("switched", version)
+            self.outcomes["switched"] += 1
             return "switched"
 
     def start(self) -> None:
