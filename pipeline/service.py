@@ -45,6 +45,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index
 REQUEST_OPTIONS = ("top", "rank_by", "vote_weight", "shortlist", "neighbours", "nprobe", "max_distance",
                    "min_inliers", "residual_threshold", "expand", "expand_min_inliers", "seed")
 OPEN_PATHS = ("/", "/healthz")  # never behind the token: the page holds no data, liveness is for probes
+DRAINING_PATHS = ("/healthz", "/readyz", "/metrics")  # still answered while draining (readyz: 503, not ready)
 URL_SCHEMES = ("http://", "https://", "gs://")
 PICTURE_SIDE = 1024  # the long side a recent query is kept at, for its pictures
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -336,7 +337,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path, headers = scope["path"], dict(scope["headers"])
         response = None
-        if self.service.draining and path not in ("/healthz", "/metrics"):
+        if self.service.draining and path not in DRAINING_PATHS:
             response = error_response(503, "shutting_down", "the server is shutting down",
                                       {"Retry-After": "5", "Connection": "close"})
         elif self.token is not None and path not in OPEN_PATHS and not self._authorised(headers):
@@ -399,7 +400,8 @@ class Service:
     # -- draining ---------------------------------------------------------------------------
 
     def begin_drain(self) -> None:
-        """From now on every request but /healthz and /metrics is answered 503; those in flight finish."""
+        """From now on every request but DRAINING_PATHS is answered 503 (and /readyz: not ready);
+        those in flight finish."""
         self.draining = True
         log.info("draining: %d requests in flight, new ones get 503", self.in_flight)
 
