@@ -133,7 +133,10 @@ def run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.service import Service
 
-    config = serve_config(args)
+    try:
+        config = serve_config(args)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     service = Service(config)
     log.info("serving %s on http://%s:%d/ (%d workers, queue %d%s)", config.index, config.host, config.port,
              config.workers, config.max_queue, ", bearer token required" if config.token else "")

@@ -468,7 +468,11 @@ class Service:
         timings = {"queue": queued}
         start = time.perf_counter()
         if url is not None:
-            data = inputs.read_image_bytes(url, self.fetcher)
+            try:
+                data = inputs.read_image_bytes(url, self.fetcher, until=deadline.end)
+            except inputs.FetchError:
+                deadline.check("fetching")  # cut off by the request's own deadline: 504, not the URL's fault
+                raise
             timings["fetch"] = time.perf_counter() - start
             deadline.check("fetched")
             start = time.perf_counter()

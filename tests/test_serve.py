@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -183,6 +184,30 @@ def test_a_full_queue_is_503_with_retry_after_and_a_late_answer_504(following, m
             time.sleep(0.01)
         assert service.queries.running == service.queries.waiting == 0
         assert upload_bytes(http, b"not an image").status_code == 400  # the worker is free again
+
+
+def test_a_url_that_never_answers_is_504_and_frees_its_worker(following):
+    service, http = service_client(following, workers=1, request_timeout=2.0)
+    with socket.socket() as silent, http:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # accepts connections, never answers
+        start = time.monotonic()
+        response = http.post("/v1/search", json={"url": f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg"})
+        assert (response.status_code, response.json()["error"]) == (504, "deadline")
+        assert time.monotonic() - start < 4
+        deadline = time.monotonic() + 3  # the fetch itself is held to the request's deadline
+        while service.queries.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.queries.running == 0
+
+
+def test_a_gs_url_is_read_as_the_build_reads_it(client, gcs_emulator):
+    _, http = client
+    storage.write_bytes(f"{gcs_emulator}/queries/berlin.jpg", open(QUERY, "rb").read())
+    answer = http.post("/v1/search", json={"url": f"{gcs_emulator}/queries/berlin.jpg", "top": 1})
+    assert answer.status_code == 200 and answer.json()["matches"][0]["uri"].endswith("berlin/a.jpg")
+    missing = http.post("/v1/search", json={"url": f"{gcs_emulator}/queries/absent.jpg"})
+    assert (missing.status_code, missing.json()["error"]) == (400, "unreadable")
 
 
 def test_the_token_guards_everything_but_the_page_and_healthz(following):
