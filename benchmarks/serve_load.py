@@ -2,7 +2,7 @@
 larger synthetic index (query_latency.py's database, written as a real index), with 1, 4 and 16
 concurrent clients on loopback for a fixed time each.
 
-    python benchmarks/serve_load.py [--quick] [--duration 15] [--clients 1,4,16] [--synthetic-images 10000]
+    python benchmarks/serve_load.py [--quick] [--duration 12] [--clients 1,4,16] [--synthetic-images 10000]
 
 Per phase (the phases run twice): requests/s; p50/p95/p99 of the latency a client sees, and of
 the server's extraction and search (its answer's timings); errors (anything but 200 and 503: none
@@ -284,7 +284,7 @@ def show(p: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds per phase (default %(default)s)")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--synthetic-images", type=int, default=10_000)
     parser.add_argument("--per-image", type=int, default=1000)

@@ -373,7 +373,7 @@ class Service:
     def __init__(self, config: ServeConfig, live: LiveIndex | None = None):
         self.config = config
         self.queries = Pool("query", config.workers, config.max_queue)
-        # Thumbnails and records: light work, kept apart so a page's grid never waits behind queries.
+        # Thumbnails: light work, on a pool of their own so a page's grid never waits behind queries.
         self.light = Pool("thumbnail", 2, 32)
         self.recent = Recent(config.recent_queries)
         self.thumbnails = Recent(config.thumbnails_kept)

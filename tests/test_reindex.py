@@ -20,7 +20,7 @@ from delf_retrieval.extract import ExtractionConfig, Extractor
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import cli, reindex
-from tests.conftest import REPO_ROOT, SAMPLES, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
+from tests.conftest import REPO_ROOT, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
 from tests.job_graph import encoding_waits_for_extraction, step_labels
 from tests.test_pipeline import graph_of
 

@@ -275,7 +275,8 @@ def test_a_reindexed_version_is_served_while_a_query_in_flight_finishes_on_its_o
     # the old version.
     monkeypatch.undo()
     gone = weakref.ref(old)
-    del old, answer, held, in_flight
+    old = answer = held = None
+    in_flight.clear()
     deadline = time.time() + 10
     while gone() is not None and time.time() < deadline:
         gc.collect()
