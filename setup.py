@@ -20,8 +20,8 @@ setup(
     packages=find_packages(include=["delf_retrieval", "delf_retrieval.*", "pipeline", "pipeline.*",
                                     "transforms", "transforms.*"]) + ["models"],
     # The trained models a preset names (delf_retrieval.model.delf.SHIPPED_MODELS_DIR): data installed
-    # beside the packages, so workers find them where a checkout has them.
-    package_data={"models": ["*/*.json", "*/*.h5", "*/*.md"]},
+    # beside the packages, so workers find them where a checkout has them; and the page pipeline.serve serves.
+    package_data={"models": ["*/*.json", "*/*.h5", "*/*.md"], "pipeline": ["static/*.html"]},
     install_requires=requirements("requirements.txt"),
     extras_require={
         "dev": requirements("requirements-dev.txt"),

@@ -323,9 +323,9 @@ class Fetcher:
         if slot > now:
             time.sleep(slot - now)
 
-    def _attempt(self, url: str) -> bytes:
+    def _attempt(self, url: str, timeout: float) -> bytes:
         c = self.config
-        with _Deadline(c.timeout) as deadline:
+        with _Deadline(timeout) as deadline:
             opener = urllib.request.OpenerDirector()
             for handler in (urllib.request.ProxyHandler(), _HTTPHandler(deadline), _HTTPSHandler(deadline),
                             _RedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
@@ -333,31 +333,41 @@ class Fetcher:
                 opener.add_handler(handler)
             request = urllib.request.Request(url, headers={"User-Agent": c.user_agent})
             try:
-                with opener.open(request, timeout=c.timeout) as response:
+                with opener.open(request, timeout=timeout) as response:
                     length = response.headers.get("Content-Length")
                     if length and length.isdigit() and int(length) > c.max_bytes:
                         raise FetchRefused(f"{url}: {length} bytes exceeds the limit of {c.max_bytes}")
                     data = response.read(c.max_bytes + 1)
             except (OSError, http.client.HTTPException) as e:
                 if deadline.expired and not isinstance(e, urllib.error.HTTPError):
-                    raise TimeoutError(f"no complete answer within {c.timeout:g} s") from e
+                    raise TimeoutError(f"no complete answer within {timeout:g} s") from e
                 raise
             if deadline.expired:  # the body may end early without an error once its socket is shut
-                raise TimeoutError(f"no complete answer within {c.timeout:g} s")
+                raise TimeoutError(f"no complete answer within {timeout:g} s")
         if len(data) > c.max_bytes:
             raise FetchRefused(f"{url}: larger than {c.max_bytes} bytes")
         return data
 
-    def fetch(self, url: str) -> bytes:
+    def fetch(self, url: str, until: float | None = None) -> bytes:
+        """The body at ``url``; ``until`` (a time.monotonic() instant, a caller's own deadline) also
+        bounds every attempt and ends the retries."""
         check_url(url)
         host = urllib.parse.urlsplit(url).netloc
         last_error = "no attempt"
         for attempt in range(self.config.retries + 1):
             if attempt:
-                time.sleep(self.config.backoff * 2 ** (attempt - 1))
+                pause = self.config.backoff * 2 ** (attempt - 1)
+                if until is not None and time.monotonic() + pause >= until:
+                    last_error += "; no time left for another attempt"
+                    break
+                time.sleep(pause)
             self._wait_for_host(host)
+            timeout = self.config.timeout if until is None else min(self.config.timeout, until - time.monotonic())
+            if timeout <= 0:
+                last_error += "; no time left for another attempt"
+                break
             try:
-                return self._attempt(url)
+                return self._attempt(url, timeout)
             except FetchRefused:
                 raise
             except urllib.error.HTTPError as e:
@@ -369,19 +379,22 @@ class Fetcher:
         raise FetchError(f"{url}: {last_error} (after {attempt + 1} attempts)")
 
 
-def read_image_bytes(uri: str, fetcher: Fetcher | None = None) -> bytes:
+def read_image_bytes(uri: str, fetcher: Fetcher | None = None, until: float | None = None) -> bytes:
     """The encoded bytes of an image at a local path, gs:// uri or http(s) URL, bounded in time and
     size by the fetcher's :class:`FetchConfig` (an oversized input is ``ImageTooLargeError``, a
-    missing or non-regular file ``UnreadableImageError``)."""
+    missing or non-regular file ``UnreadableImageError``); ``until`` (time.monotonic()) is a
+    caller's deadline, which bounds the reading too."""
     from delf_retrieval import images
 
     fetcher = fetcher or Fetcher()
     if is_url(uri):
-        return fetcher.fetch(uri)
+        return fetcher.fetch(uri, until)
     if "://" in uri and not storage.is_gcs(uri):
         raise images.UnreadableImageError(f"{uri}: not a local path, gs:// uri or http(s) URL")
+    timeout = fetcher.config.timeout if until is None else max(0.1, min(fetcher.config.timeout,
+                                                                           until - time.monotonic()))
     try:
-        return storage.read_bounded(uri, fetcher.config.max_bytes, fetcher.config.timeout)
+        return storage.read_bounded(uri, fetcher.config.max_bytes, timeout)
     except storage.TooLarge as e:
         raise images.ImageTooLargeError(str(e)) from e
     except OSError as e:

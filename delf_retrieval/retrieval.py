@@ -3,6 +3,7 @@ database image, RANSAC verification of the shortlist, and the score that ranks t
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -136,6 +137,14 @@ class QueryResult:
     num_putative: int
 
 
+def _neighbour_table(reader):
+    table = reader.neighbours()
+    if table is None:
+        raise ValueError(f"{reader.directory} has no neighbour table for query expansion: build the index with "
+                         "--verified-neighbours K (pipeline.run or pipeline.reindex --retrain)")
+    return table
+
+
 class Retriever:
     """Answers queries against an opened index (:class:`~delf_retrieval.shards.IndexReader`).
 
@@ -152,10 +161,18 @@ class Retriever:
         order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[order]
         self._sorted_uris = np.asarray(images.column("uri").to_pylist(), dtype=object)[order]
-        self.neighbour_table = reader.neighbours() if config.expand else None
-        if config.expand and self.neighbour_table is None:
-            raise ValueError(f"{reader.directory} has no neighbour table for query expansion: build the index "
-                             "with --neighbours K (pipeline.run or pipeline.reindex --retrain)")
+        self.neighbour_table = _neighbour_table(reader) if config.expand else None
+
+    def with_config(self, config: RetrievalConfig) -> "Retriever":
+        """The same opened index answering with other settings (a request's own ``top``, ``rank_by``...):
+        the reader, the image shortlist and the id tables are shared, nothing is read again."""
+        if config == self.config:
+            return self
+        other = copy.copy(self)
+        other.config = config
+        if config.expand and other.neighbour_table is None:
+            other.neighbour_table = _neighbour_table(self.reader)
+        return other
 
     def uri_of(self, image_ids: np.ndarray) -> list[str]:
         pos = np.searchsorted(self._sorted_ids, image_ids)
@@ -253,16 +270,17 @@ def index_configs(manifest: dict):
 
 def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_shortlist: str = "auto",
                shortlist_min_images: int = 50_000, shortlist_size: int = 1000,
-               cache_bytes: int = 2 << 30) -> Retriever:
-    """A Retriever over the index at ``index`` (local or gs://; its current version). The image
-    shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at least
-    ``shortlist_min_images`` images and a shortlist was built for it."""
+               cache_bytes: int = 2 << 30, manifest: dict | None = None) -> Retriever:
+    """A Retriever over the index at ``index`` (local or gs://; its current version, or the one
+    whose pointer ``manifest`` was read from it: a server that must know which version it opened).
+    The image shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at
+    least ``shortlist_min_images`` images and a shortlist was built for it."""
     from delf_retrieval import shards
     from delf_retrieval.shortlist import ImageShortlist
 
     if image_shortlist not in ("auto", "on", "off"):
         raise ValueError("image_shortlist must be auto, on or off")
-    reader = shards.IndexReader(index, cache_bytes=cache_bytes)
+    reader = shards.IndexReader(index, cache_bytes=cache_bytes, manifest=manifest)
     shortlist = None
     if image_shortlist == "on" or (image_shortlist == "auto" and reader.manifest["counts"]["images"] >= shortlist_min_images):
         shortlist = ImageShortlist.load(index, reader.manifest["index_id"], size=shortlist_size)

@@ -48,19 +48,25 @@ def _fit_height(image: np.ndarray, height: int) -> tuple[Image.Image, float]:
     return Image.fromarray(image).convert("RGB").resize((width, height), Image.BILINEAR), factor
 
 
-def matches_figure(query: np.ndarray, score_map: np.ndarray, matches: list, database_images: list,
-                   height: int = 320, max_lines: int = 200) -> Image.Image:
-    """A query's answer as one picture: the query beside its attention (score) map on the first
-    row, then per match the query beside the database image with the RANSAC inliers drawn as
-    lines, captioned with rank, score, inliers and votes. ``matches`` carry ``query_points`` and
-    ``database_points`` as (y, x); ``database_images`` align with them (None: not readable)."""
-    gap, caption_height = 8, 16
-    query_picture, query_factor = _fit_height(query, height)
+def attention_overlay(picture: Image.Image, score_map: np.ndarray) -> Image.Image:
+    """The score map (normalised to its range) blended over a picture of the image it was computed on."""
     span = float(score_map.max() - score_map.min()) if score_map.size else 0.0
     norm = (score_map - score_map.min()) / span if span > 0 else np.zeros((1, 1))
-    heat = Image.fromarray(colormap(norm)).resize(query_picture.size, Image.BILINEAR)
-    rows = [(Image.blend(query_picture, heat, 0.55), 1.0, None, "query | attention map")]
-    for rank, (match, image) in enumerate(zip(matches, database_images), 1):
+    heat = Image.fromarray(colormap(norm)).resize(picture.size, Image.BILINEAR)
+    return Image.blend(picture.convert("RGB"), heat, 0.55)
+
+
+def matches_figure(query: np.ndarray, score_map: np.ndarray, matches: list, database_images: list,
+                   height: int = 320, max_lines: int = 200, first_rank: int = 1) -> Image.Image:
+    """A query's answer as one picture: the query beside its attention (score) map on the first
+    row, then per match the query beside the database image with the RANSAC inliers drawn as
+    lines, captioned with rank (from ``first_rank``), score, inliers and votes. ``matches`` carry
+    ``query_points`` and ``database_points`` as (y, x); ``database_images`` align with them (None:
+    not readable)."""
+    gap, caption_height = 8, 16
+    query_picture, query_factor = _fit_height(query, height)
+    rows = [(attention_overlay(query_picture, score_map), 1.0, None, "query | attention map")]
+    for rank, (match, image) in enumerate(zip(matches, database_images), first_rank):
         picture, factor = _fit_height(image, height) if image is not None else (None, 1.0)
         rows.append((picture, factor, match, f"#{rank} score {match.score:.1f} inliers {match.inliers} "
                                              f"votes {match.votes}  {match.uri}"))
@@ -92,19 +98,24 @@ def picture_name(rank: int, query: str) -> str:
     return f"{rank:04d}_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}.png"
 
 
-def write_query_picture(folder: str, rank: int, query: str, image: np.ndarray, score_map: np.ndarray,
-                        matches: list) -> str:
-    """Write :func:`matches_figure` of one query into ``folder``, reading each match's database image
-    from its uri (shown as unreadable if it cannot be read); returns the file's path."""
+def query_picture(image: np.ndarray, score_map: np.ndarray, matches: list, first_rank: int = 1) -> Image.Image:
+    """:func:`matches_figure` of one query, reading each match's database image from its uri (shown
+    as unreadable if it cannot be read)."""
     from delf_retrieval.inputs import read_image
 
-    os.makedirs(folder, exist_ok=True)
     database_images = []
     for match in matches:
         try:
             database_images.append(read_image(match.uri))
         except Exception:  # noqa: BLE001 - a picture shows the database image as unreadable
             database_images.append(None)
+    return matches_figure(image, score_map, matches, database_images, first_rank=first_rank)
+
+
+def write_query_picture(folder: str, rank: int, query: str, image: np.ndarray, score_map: np.ndarray,
+                        matches: list) -> str:
+    """Write :func:`query_picture` of one query into ``folder``; returns the file's path."""
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, picture_name(rank, query))
-    matches_figure(image, score_map, matches, database_images).save(path)
+    query_picture(image, score_map, matches).save(path)
     return path

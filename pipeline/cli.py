@@ -97,6 +97,72 @@ def fetch_config_from_args(args: argparse.Namespace):
                        max_bytes=args.max_input_bytes)
 
 
+def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a query is answered (``retrieval.RetrievalConfig``) and how the index is opened for it
+    (``engine.EngineConfig``), whose defaults these are: pipeline.search's, and pipeline.serve's
+    defaults for every request."""
+    from delf_retrieval.engine import IMAGE_SHORTLIST_MODES, EngineConfig
+    from delf_retrieval.retrieval import RANK_BY
+
+    opened = EngineConfig()
+    d = opened.retrieval
+    g = parser.add_argument_group("answering a query")
+    g.add_argument("--top", type=int, default=d.top, help="matches per query (default: %(default)s)")
+    g.add_argument("--shortlist", type=int, default=d.shortlist,
+                   help="images verified by RANSAC per query, the most voted (default: %(default)s)")
+    g.add_argument("--neighbours", type=int, default=d.neighbours, help="ANN neighbours per query descriptor")
+    g.add_argument("--nprobe", type=int, default=d.nprobe, help="coarse cells scanned per query descriptor")
+    g.add_argument("--max-distance", type=float, default=d.max_distance,
+                   help="L2 distance (unit descriptors) beyond which a neighbour is not a match")
+    g.add_argument("--rank-by", choices=RANK_BY, default=d.rank_by,
+                   help="combined (default: inliers + --vote-weight x votes), votes (ties broken by "
+                        "inliers), or inliers (the paper)")
+    g.add_argument("--vote-weight", type=float, default=d.vote_weight)
+    g.add_argument("--expand", type=int, default=d.expand,
+                   help="verified query expansion: the top K verified matches bring in their stored "
+                        "neighbours (the index needs a neighbour table: --verified-neighbours at build "
+                        "time); 0 is off (default %(default)s)")
+    g.add_argument("--expand-min-inliers", type=int, default=d.expand_min_inliers,
+                   help="inliers a match needs to expand the query (default %(default)s)")
+    g.add_argument("--min-inliers", type=int, default=d.min_inliers)
+    g.add_argument("--residual-threshold", type=float, default=d.residual_threshold, help="RANSAC, pixels")
+    g.add_argument("--seed", type=int, default=d.seed, help="RANSAC seed: same seed, same answer")
+    g.add_argument("--image-shortlist", choices=IMAGE_SHORTLIST_MODES, default=opened.image_shortlist,
+                   help="restrict the search to the images nearest the query's aggregated descriptor "
+                        "(auto: when the index has one and at least --shortlist-min-images images)")
+    g.add_argument("--shortlist-size", type=int, default=opened.shortlist_size, help="images kept by the image shortlist")
+    g.add_argument("--shortlist-min-images", type=int, default=opened.shortlist_min_images)
+
+
+def check_retrieval_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("top", "neighbours", "nprobe", "shortlist_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        retrieval_config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def retrieval_config_from_args(args: argparse.Namespace):
+    from delf_retrieval.retrieval import RetrievalConfig
+
+    return RetrievalConfig(neighbours=args.neighbours, nprobe=args.nprobe, max_distance=args.max_distance,
+                           shortlist=args.shortlist, top=args.top, residual_threshold=args.residual_threshold,
+                           min_inliers=args.min_inliers, rank_by=args.rank_by, vote_weight=args.vote_weight,
+                           seed=args.seed, expand=args.expand, expand_min_inliers=args.expand_min_inliers)
+
+
+def engine_config_from_args(args: argparse.Namespace, resident: bool, max_memory: int | None = None):
+    """The ``engine.EngineConfig`` of the retrieval flags; ``max_memory`` None keeps its default."""
+    from delf_retrieval.engine import EngineConfig
+
+    memory = {} if max_memory is None else {"max_memory": max_memory}
+    return EngineConfig(retrieval=retrieval_config_from_args(args), image_shortlist=args.image_shortlist,
+                        shortlist_size=args.shortlist_size, shortlist_min_images=args.shortlist_min_images,
+                        resident=resident, **memory)
+
+
 def flag(value: str) -> bool:
     """A boolean option's value as a Flex Template passes it (``--retrain=true``)."""
     if value.lower() in ("1", "true", "yes", "on"):

@@ -21,40 +21,13 @@ from pipeline import cli
 
 
 def parse_args(argv=None):
-    from delf_retrieval.retrieval import RANK_BY, RetrievalConfig
-
-    defaults = RetrievalConfig()
     parser = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("queries", nargs="*", help="query images: paths, gs:// uris or http(s) URLs")
     parser.add_argument("--queries", dest="queries_file", help="a file with one query path or URL per line")
     parser.add_argument("--index", required=True, help="index folder or gs:// prefix (its current version is read)")
     parser.add_argument("--output", default="results.json", help="results file (default: %(default)s)")
-    parser.add_argument("--top", type=int, default=defaults.top, help="matches per query (default: %(default)s)")
-    parser.add_argument("--shortlist", type=int, default=defaults.shortlist,
-                        help="images verified by RANSAC per query, the most voted (default: %(default)s)")
-    parser.add_argument("--neighbours", type=int, default=defaults.neighbours, help="ANN neighbours per query descriptor")
-    parser.add_argument("--nprobe", type=int, default=defaults.nprobe, help="coarse cells scanned per query descriptor")
-    parser.add_argument("--max-distance", type=float, default=defaults.max_distance,
-                        help="L2 distance (unit descriptors) beyond which a neighbour is not a match")
-    parser.add_argument("--rank-by", choices=RANK_BY, default=defaults.rank_by,
-                        help="combined (default: inliers + --vote-weight x votes), votes (ties broken by "
-                             "inliers), or inliers (the paper)")
-    parser.add_argument("--vote-weight", type=float, default=defaults.vote_weight)
-    parser.add_argument("--expand", type=int, default=defaults.expand,
-                        help="verified query expansion: the top K verified matches bring in their stored "
-                             "neighbours (the index needs a neighbour table: --verified-neighbours at build "
-                             "time); 0 is off (default %(default)s)")
-    parser.add_argument("--expand-min-inliers", type=int, default=defaults.expand_min_inliers,
-                        help="inliers a match needs to expand the query (default %(default)s)")
-    parser.add_argument("--min-inliers", type=int, default=defaults.min_inliers)
-    parser.add_argument("--residual-threshold", type=float, default=defaults.residual_threshold, help="RANSAC, pixels")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="RANSAC seed: same seed, same answer")
-    parser.add_argument("--image-shortlist", choices=("auto", "on", "off"), default="auto",
-                        help="restrict the search to the images nearest the query's aggregated descriptor "
-                             "(auto: when the index has one and at least --shortlist-min-images images)")
-    parser.add_argument("--shortlist-size", type=int, default=1000, help="images kept by the image shortlist")
-    parser.add_argument("--shortlist-min-images", type=int, default=50_000)
+    cli.add_retrieval_arguments(parser)
     parser.add_argument("--visualize", metavar="DIR", help="write a picture per query: matches with inliers, attention map")
     parser.add_argument("--visualize-top", type=int, default=5, help="matches drawn per query picture")
     parser.add_argument("--runner", help="run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, ...)")
@@ -68,9 +41,7 @@ def parse_args(argv=None):
             args.queries += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not args.queries:
         parser.error("no queries: give image paths/URLs or --queries FILE")
-    for name in ("top", "neighbours", "nprobe", "shortlist_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    cli.check_retrieval_arguments(parser, args)
     if args.runner:
         beam_args = [f"--runner={args.runner}", *beam_args]
     elif beam_args:
@@ -78,35 +49,16 @@ def parse_args(argv=None):
     return args, beam_args
 
 
-def retrieval_config(args):
-    from delf_retrieval.retrieval import RetrievalConfig
-
-    return RetrievalConfig(neighbours=args.neighbours, nprobe=args.nprobe, max_distance=args.max_distance,
-                           shortlist=args.shortlist, top=args.top, residual_threshold=args.residual_threshold,
-                           min_inliers=args.min_inliers, rank_by=args.rank_by, vote_weight=args.vote_weight,
-                           seed=args.seed, expand=args.expand, expand_min_inliers=args.expand_min_inliers)
-
-
-def open_retriever(args):
-    from delf_retrieval import retrieval
-
-    return retrieval.open_index(args.index, retrieval_config(args), image_shortlist=args.image_shortlist,
-                                shortlist_min_images=args.shortlist_min_images, shortlist_size=args.shortlist_size)
-
-
 def search_locally(args) -> tuple[list, list]:
-    """Answer each query in this process: (answers, failures)."""
-    from delf_retrieval import retrieval
-    from delf_retrieval.extract import Extractor
+    """Answer each query in this process, through the engine pipeline.serve answers with: (answers, failures)."""
+    from delf_retrieval import engine
     from delf_retrieval.images import ImageError
     from delf_retrieval.inputs import Fetcher, FetchError, read_image
-    from delf_retrieval.model import delf
     from delf_retrieval.visualize import write_query_picture
 
-    retriever = open_retriever(args)
+    # One-off queries read only the row groups they probe; a server holds the postings instead.
+    opened = engine.open_engine(engine.published(args.index), cli.engine_config_from_args(args, resident=False))
     fetcher = Fetcher(cli.fetch_config_from_args(args))
-    model_config, extraction_config = retrieval.index_configs(retriever.reader.manifest)
-    extractor = Extractor(delf.load(model_config), extraction_config)
     answers, failures = [], []
     timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
@@ -116,26 +68,18 @@ def search_locally(args) -> tuple[list, list]:
             failures.append((query, f"{type(e).__name__}: {e}"))
             answers.append((query, []))
             continue
-        start = time.perf_counter()
         try:
-            features = extractor.extract(image)
-        except Exception as e:  # noqa: BLE001 - one query that fails extraction must not lose the others
-            failures.append((query, f"extraction failed: {type(e).__name__}: {e}"))
-            answers.append((query, []))
-            continue
-        timings["extract"] += time.perf_counter() - start
-        try:
-            result = retriever.search(features)
-        except Exception as e:  # noqa: BLE001 - likewise for the search itself
+            answer = opened.answer(image)
+        except Exception as e:  # noqa: BLE001 - one query that fails must not lose the others
             failures.append((query, f"search failed: {type(e).__name__}: {e}"))
             answers.append((query, []))
             continue
-        for stage, seconds in result.timings.items():
+        for stage, seconds in answer.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-        answers.append((query, result.matches))
+        answers.append((query, answer.matches))
         if args.visualize:
-            write_query_picture(args.visualize, rank, query, image, extractor.score_map(image),
-                                result.matches[: args.visualize_top])
+            write_query_picture(args.visualize, rank, query, image, opened.extractor.score_map(image),
+                                answer.matches[: args.visualize_top])
     n = max(len(answers) - len(failures), 1)
     print("seconds per query: " + ", ".join(f"{k} {v / n:.3f}" for k, v in timings.items()), file=sys.stderr)
     return answers, failures
@@ -152,7 +96,7 @@ def search_with_beam(args, beam_args) -> tuple[list, list]:
     pipeline, local = make_pipeline(beam_args)
     if not local and not args.output.startswith("gs://"):
         raise cli.UsageError("--output must be a gs:// path on a remote runner (the workers write it)")
-    pipeline | "SearchQueries" >> SearchQueries(args.queries, args.index, retrieval_config(args), records_path,
+    pipeline | "SearchQueries" >> SearchQueries(args.queries, args.index, cli.retrieval_config_from_args(args), records_path,
                                                 image_shortlist=args.image_shortlist,
                                                 shortlist_min_images=args.shortlist_min_images,
                                                 shortlist_size=args.shortlist_size,

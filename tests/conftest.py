@@ -44,6 +44,40 @@ def sample_path(*parts):
     return os.path.join(SAMPLES, *parts)
 
 
+# Cheap extraction for the index builds of tests (pipeline.run and pipeline.reindex flags).
+FAST = ["--scales", "0.5,1.0", "--max-features", "300", "--max-image-size", "640", "--no-progress"]
+SMALL = FAST + ["--cells", "8"]
+
+
+def corpus_of(folder, picks):
+    """Copies of sample photographs: {relative name in the corpus: (scene, index in the scene)}."""
+    import shutil
+
+    for name, (scene, i) in picks.items():
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        shutil.copy(os.path.join(SAMPLES, scene, sorted(os.listdir(os.path.join(SAMPLES, scene)))[i]), folder / name)
+    return folder
+
+
+def reindex_run(corpus, root, *extra):
+    """pipeline.reindex of ``corpus`` into ``root`` with the cheap settings; its exit status."""
+    from pipeline import reindex
+
+    argv = ["--input", str(corpus), "--index", str(root), "--keep", "2"] + SMALL + list(extra)
+    return reindex.run(argv)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, cache_dir):
+    """A small corpus (one photograph of Berlin cathedral, two of a Lund street, one of Sacre-Coeur)
+    and its versioned index, built once per session and never changed (tests copy the root)."""
+    base = tmp_path_factory.mktemp("reindex-base")
+    corpus = corpus_of(base / "corpus", {"berlin/a.jpg": ("berlin_cathedral", 0), "lund/a.jpg": ("lund_street", 0),
+                                         "lund/b.jpg": ("lund_street", 1), "sacre/a.jpg": ("sacre_coeur", 0)})
+    assert reindex_run(corpus, base / "index") == 0
+    return corpus, base / "index"
+
+
 def good_matches(a, b, ratio=0.85) -> int:
     """Mutual nearest neighbours between two descriptor sets that pass Lowe's ratio test."""
     from delf_retrieval import verify

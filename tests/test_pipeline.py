@@ -16,10 +16,9 @@ from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import build_quantizer
 from pipeline import run as run_job
-from tests.conftest import SAMPLES, sample_path, serving
+from tests.conftest import FAST, SAMPLES, sample_path, serving
 from tests.job_graph import encoding_waits_for_extraction
 
-FAST = ["--scales", "0.5,1.0", "--max-features", "300", "--max-image-size", "640", "--no-progress"]
 SCENES = tuple(sorted(s for s in os.listdir(SAMPLES) if os.path.isdir(os.path.join(SAMPLES, s))))[:3]
 
 

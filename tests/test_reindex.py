@@ -20,28 +20,13 @@ from delf_retrieval.extract import ExtractionConfig, Extractor
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
 from pipeline import cli, reindex
-from tests.conftest import REPO_ROOT, SAMPLES, assert_shellcheck_clean
+from tests.conftest import REPO_ROOT, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
 from tests.job_graph import encoding_waits_for_extraction, step_labels
-from tests.test_pipeline import FAST, graph_of
-
-SMALL = FAST + ["--cells", "8"]
-
-
-def corpus_of(folder, picks):
-    """Copies of sample photographs: {relative name in the corpus: (scene, index in the scene)}."""
-    for name, (scene, i) in picks.items():
-        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
-        shutil.copy(os.path.join(SAMPLES, scene, sorted(os.listdir(os.path.join(SAMPLES, scene)))[i]), folder / name)
-    return folder
+from tests.test_pipeline import graph_of
 
 
 BASE = {"berlin/a.jpg": ("berlin_cathedral", 0), "berlin/b.jpg": ("berlin_cathedral", 1),
         "lund/a.jpg": ("lund_street", 0), "lund/b.jpg": ("lund_street", 1), "sacre/a.jpg": ("sacre_coeur", 0)}
-
-
-def reindex_run(corpus, root, *extra):
-    argv = ["--input", str(corpus), "--index", str(root), "--keep", "2"] + SMALL + list(extra)
-    return reindex.run(argv)
 
 
 def last_report(root):
@@ -135,16 +120,6 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
     with pytest.raises(shards.ManifestError, match="no previous"):
         reindex.run(["--index", str(root), "--rollback"])
     assert shards.read_manifest(str(root))["build"] == first["build"]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, cache_dir):
-    """A small corpus and its index, never changed by the tests (they copy the index root)."""
-    base = tmp_path_factory.mktemp("reindex-base")
-    corpus = corpus_of(base / "corpus", {"berlin/a.jpg": ("berlin_cathedral", 0), "lund/a.jpg": ("lund_street", 0),
-                                         "lund/b.jpg": ("lund_street", 1), "sacre/a.jpg": ("sacre_coeur", 0)})
-    assert reindex_run(corpus, base / "index") == 0
-    return corpus, base / "index"
 
 
 def copy_root(built, tmp_path):
