@@ -52,6 +52,7 @@ class SegmentRef:
     sha256: str
     images: int
     descriptors: int
+    size_bytes: int  # its image table and posting shards together, for the merge policy
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -61,7 +62,7 @@ class SegmentRef:
         try:
             return SegmentRef(str(record["segment_id"]), shards.check_relative(record["path"], "segments[].path"),
                               int(record["bytes"]), str(record["sha256"]), int(record["images"]),
-                              int(record["descriptors"]))
+                              int(record["descriptors"]), int(record["size_bytes"]))
         except (KeyError, TypeError, ValueError) as e:
             raise shards.ManifestError(f"a segment record is malformed ({e!r}): {record!r}") from None
 
@@ -213,7 +214,8 @@ def write_segment(root: str, rows: shards.PostingRows, images: pa.Table, pq_bits
     payload = json.dumps(segment.to_json(), indent=1, sort_keys=True).encode()
     record = shards.write_array_file(folder, SEGMENT_MANIFEST, payload)
     return SegmentRef(segment_id, f"{SEGMENTS_DIR}/{segment_id}/{SEGMENT_MANIFEST}", record["bytes"],
-                      record["sha256"], images.num_rows, segment.descriptors)
+                      record["sha256"], images.num_rows, segment.descriptors,
+                      segment.images["bytes"] + sum(r["bytes"] for r in shard_records))
 
 
 def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, segments: list[SegmentRef],
@@ -228,7 +230,8 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
     if len(listed) != len(segments):
         raise ValueError("a segment is listed twice")
     if set(tombstones.deleted) - listed:
-        raise ValueError(f"tombstones name segments the version does not list: {sorted(set(tombstones.deleted) - listed)}")
+        unlisted = sorted(set(tombstones.deleted) - listed)
+        raise ValueError(f"tombstones name segments the version does not list: {unlisted}")
     files = {"quantizer": shards.write_array_file(directory, shards.QUANTIZER_FILE, quantizer.to_npz_bytes()),
              "tombstones": shards.write_table_file(directory, TOMBSTONES_FILE, tombstones.to_table())}
     if pca is not None:
@@ -435,3 +438,101 @@ class SegmentedReader:
         shape = ids.shape
         return shards.Rows(out.image_ids.reshape(shape), out.locations.reshape(shape + (2,)),
                            out.scales.reshape(shape), out.attentions.reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    """What the merge policy weighs of a segment: its bytes, its images and how many are tombstoned."""
+
+    segment_id: str
+    size_bytes: int
+    images: int
+    deleted: int = 0
+
+    @property
+    def deleted_fraction(self) -> float:
+        return self.deleted / self.images if self.images else 0.0
+
+    @property
+    def live_bytes(self) -> float:
+        return self.size_bytes * (1.0 - self.deleted_fraction)
+
+
+def segment_stats(manifest: dict, tombstones: Tombstones) -> list[SegmentStats]:
+    """The stats of a format-2 version's segments, in its order."""
+    return [SegmentStats(r.segment_id, r.size_bytes, r.images, len(tombstones.of(r.segment_id)))
+            for r in segment_refs(manifest)]
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """Tiered merging, as Lucene's TieredMergePolicy: segments of about the same size form a tier of
+    at most ``segments_per_tier``; each tier is ``max_merge_at_once`` times the size of the one below,
+    from ``floor_segment_bytes`` (smaller segments count as that big). When a version has more
+    segments than its tiers allow, the policy merges up to ``max_merge_at_once`` of similar size (the
+    least skewed, smallest, most-deleted first), never into more than ``max_merged_segment_bytes``.
+    A segment too big to merge is rewritten alone once over ``max_deleted_fraction`` of it is
+    tombstoned."""
+
+    segments_per_tier: int = 10
+    max_merge_at_once: int = 10
+    floor_segment_bytes: int = 2 << 20
+    max_merged_segment_bytes: int = 5 << 30
+    max_deleted_fraction: float = 0.33
+
+    def allowed_segments(self, live_bytes: list[float]) -> int:
+        """How many segments the tiers allow for segments of these (live) sizes."""
+        if not live_bytes:
+            return 0
+        level = max(min(live_bytes), self.floor_segment_bytes)
+        left, allowed = float(sum(live_bytes)), 0
+        while True:
+            at_level = left / level
+            if at_level < self.segments_per_tier:
+                return allowed + int(np.ceil(at_level))
+            allowed += self.segments_per_tier
+            left -= self.segments_per_tier * level
+            level *= self.max_merge_at_once
+
+    def score(self, candidate: list[SegmentStats], hit_too_large: bool) -> float:
+        """Lower is better: skew (the largest segment's share, sizes floored), a mild preference for
+        small merges, and a strong one for merges that drop many tombstoned rows."""
+        after = sum(c.live_bytes for c in candidate)
+        before = sum(c.size_bytes for c in candidate)
+        floored = lambda b: max(b, self.floor_segment_bytes)  # noqa: E731
+        skew = (1.0 / self.max_merge_at_once if hit_too_large
+                else floored(max(c.live_bytes for c in candidate)) / sum(floored(c.live_bytes) for c in candidate))
+        return skew * max(after, 1.0) ** 0.05 * (after / before if before else 1.0) ** 2
+
+    def find_merges(self, segments: list[SegmentStats]) -> list[tuple[str, ...]]:
+        """The merges to run now, each a tuple of segment ids (one id: rewrite it without its
+        tombstoned rows); an empty list when the version's segments fit their tiers."""
+        too_large = [s for s in segments if s.live_bytes > self.max_merged_segment_bytes / 2]
+        merges = [(s.segment_id,) for s in too_large if s.deleted_fraction > self.max_deleted_fraction]
+        eligible = sorted((s for s in segments if s not in too_large), key=lambda s: (-s.live_bytes, s.segment_id))
+        while len(eligible) > self.allowed_segments([s.live_bytes for s in eligible]):
+            best, best_score = None, None
+            for start in range(len(eligible)):
+                candidate, total, hit_too_large = [], 0.0, False
+                for s in eligible[start:]:
+                    if len(candidate) == self.max_merge_at_once:
+                        break
+                    if total + s.live_bytes > self.max_merged_segment_bytes:
+                        hit_too_large = True
+                        continue  # a smaller one further on may still fit
+                    candidate.append(s)
+                    total += s.live_bytes
+                if len(candidate) < 2:
+                    continue
+                score = self.score(candidate, hit_too_large)
+                if best_score is None or score < best_score:
+                    best, best_score = candidate, score
+            if best is None:
+                break
+            merges.append(tuple(s.segment_id for s in best))
+            eligible = [s for s in eligible if s not in best]
+        return merges

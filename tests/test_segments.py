@@ -224,7 +224,8 @@ def test_damaged_or_inconsistent_segments_are_refused(both, model, tmp_path):
     segments.write_version(str(tmp_path), quantizer=model[1], pca=model[0], segments=[refs["a"], refs["b"]],
                            tombstones=segments.Tombstones().adding("a", [3]))
     segments.open_reader(str(tmp_path))
-    shard = tmp_path / "segments" / "b" / json.loads((tmp_path / "segments/b/segment.json").read_text())["shards"][0]["path"]
+    listed = json.loads((tmp_path / "segments/b/segment.json").read_text())
+    shard = tmp_path / "segments" / "b" / listed["shards"][0]["path"]
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -270,9 +271,10 @@ def test_prune_keeps_referenced_segments_and_rollback_reaches_every_kept_version
     versions.rollback(root, to="builds/20260104T000000Z-m")
     pruned = versions.prune(root, keep=0)  # serving m; its previous (c) stays, b goes: a, b, c still c's
     assert pruned == ["builds/20260102T000000Z-b"] and all(os.path.isdir(folder(n)) for n in "abcm")
-    manifest = segments.version_manifest(os.path.join(root, "builds/20260105T000000Z-n"), quantizer=quantizer,
-                                         pca=projection, segments=[refs["m"]], version_folder="builds/20260105T000000Z-n")
-    versions.publish(root, "builds/20260105T000000Z-n", manifest, versions.current(root)[1])
+    newest = "builds/20260105T000000Z-n"
+    manifest = segments.version_manifest(os.path.join(root, newest), quantizer=quantizer, pca=projection,
+                                         segments=[refs["m"]], version_folder=newest)
+    versions.publish(root, newest, manifest, versions.current(root)[1])
     pruned = versions.prune(root, keep=0)  # serving n, previous m: c goes and with it a, b, c's segments
     assert pruned == ["builds/20260103T000000Z-c", "segments/a", "segments/b", "segments/c"]
     assert os.path.isdir(folder("m")) and not os.path.exists(folder("a"))
@@ -298,3 +300,57 @@ def tiny_versions_root(tmp_path, model, both):
     versions.publish(str(tmp_path), build, versions.read_version(str(tmp_path), build), None)
     segments.write_segment(str(tmp_path), rows, images, quantizer.params.pq_bits, segment_id="orphan")
     return str(tmp_path), build
+
+
+MB = 1 << 20
+
+
+def stats(sizes_mb, prefix="s", deleted=None):
+    return [segments.SegmentStats(f"{prefix}{i:02d}", int(size * MB), 1000, (deleted or {}).get(i, 0))
+            for i, size in enumerate(sizes_mb)]
+
+
+def test_merge_policy_tiers_allow_segments_by_size():
+    policy = segments.MergePolicy()
+    assert policy.allowed_segments([]) == 0
+    # 1 GB + 9 nightly 10 MB (1114 MB): a tier of 10 x 10 MB, one of 10 x 100 MB, 14 MB left for a
+    # third: 21 allowed, nothing to merge.
+    nightly = stats([1024] + [10] * 9)
+    assert policy.allowed_segments([s.live_bytes for s in nightly]) == 21 and policy.find_merges(nightly) == []
+    # Below the floor every segment counts as 2 MB: three tiny ones are allowed one segment.
+    assert policy.find_merges(stats([0.1, 0.2, 0.1])) == [("s01", "s00", "s02")]
+
+
+def test_merge_policy_merges_the_small_tier_and_leaves_the_large_segment():
+    policy = segments.MergePolicy()
+    segs = stats([1024] + [10] * 25)
+    merges = policy.find_merges(segs)
+    assert len(merges) == 1 and len(merges[0]) == policy.max_merge_at_once and "s00" not in merges[0]
+    # Eleven equal small segments: one merge of ten (max_merge_at_once), the eleventh left alone.
+    merges = policy.find_merges(stats([1] * 11))
+    assert [len(m) for m in merges] == [10]
+
+
+def test_merge_policy_respects_the_size_cap_and_expunges_deletes_of_too_large_segments():
+    policy = segments.MergePolicy(max_merged_segment_bytes=100 * MB, floor_segment_bytes=1 * MB, segments_per_tier=2,
+                                  max_merge_at_once=4)
+    segs = stats([60, 30, 30, 30, 30, 20, 5], deleted={0: 500})  # s00: 60 MB, half deleted -> 30 MB live
+    merges = policy.find_merges(segs)
+    by_id = {s.segment_id: s for s in segs}
+    assert merges, "seven segments exceed two tiers of two"
+    for merge in merges:
+        assert sum(by_id[i].live_bytes for i in merge) <= policy.max_merged_segment_bytes
+        assert len(merge) <= policy.max_merge_at_once
+    assert len({i for m in merges for i in m}) == sum(len(m) for m in merges)  # no segment in two merges
+    big = segments.SegmentStats("big", 120 * MB, 1000, 400)  # too large to merge (72 MB live > 50), 40% deleted
+    assert policy.find_merges([big]) == [("big",)]
+    assert policy.find_merges([segments.SegmentStats("big", 120 * MB, 1000, 100)]) == []  # 10% deleted
+
+
+def test_merge_policy_prefers_segments_with_tombstones():
+    policy = segments.MergePolicy(segments_per_tier=2, max_merge_at_once=2, floor_segment_bytes=1)
+    # Six equal segments, two 30% tombstoned: five allowed; of equal skew, the pair that drops the
+    # tombstoned rows scores best.
+    merges = policy.find_merges(stats([10] * 6, deleted={4: 300, 5: 300}))
+    assert merges[0] == ("s04", "s05")
+    assert sorted(merges[1:]) == [("s00", "s01")]  # four of 10 MB left, three allowed
