@@ -242,12 +242,12 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
         from delf_retrieval.expansion import NEIGHBOURS_FILE
 
         files["neighbours"] = shards.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
-    # Counts are of what a reader sees: images and descriptors of tombstoned images are not subtracted
-    # from descriptors (that needs the rows), only from images.
-    manifest = shards.build_manifest(shards.new_index_id(), quantizer,
-                                     {**files, "images": {"rows": sum(r.images for r in segments) - len(tombstones)}},
-                                     [], model)
-    del manifest["files"]["images"]
+    # The format-1 record (spec, parameters, model, counts), then what format 2 lists instead of shards.
+    # counts.images are the live images; counts.descriptors include the rows of tombstoned images
+    # (subtracting them needs the rows), until a merge drops them.
+    live_images = {"rows": sum(r.images for r in segments) - len(tombstones)}
+    manifest = shards.build_manifest(shards.new_index_id(), quantizer, {**files, "images": live_images}, [], model)
+    del manifest["shards"], manifest["counts"]["shards"]
     manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files,
                      "segments": [r.to_json() for r in segments]})
     manifest["counts"].update({"descriptors": sum(r.descriptors for r in segments), "segments": len(segments),
