@@ -9,6 +9,8 @@ Layout of a versioned root::
     builds/<id>/manifest.json       each version's own manifest (paths relative to its folder), so
                                     builds/<id> is itself a complete index
     builds/<id>/...                 its files; never modified after its manifest is written
+    segments/<id>/...               immutable segments that format-2 versions list (segments.py);
+                                    deleted once no kept version lists them
     reindex.lock                    while a run holds the lock: owner, host, pid, start, expiry
     reports/<id>.json               one report per re-index run
 """
@@ -22,7 +24,7 @@ import socket
 import time
 import uuid
 
-from delf_retrieval import shards, storage
+from delf_retrieval import segments, shards, storage
 
 LOCK_FILE = "reindex.lock"
 REPORTS_DIR = "reports"
@@ -162,8 +164,6 @@ def prune(root: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
 
 def segment_folders(root: str) -> list[str]:
     """``segments/<id>`` folders under root (each an immutable segment, or one a run left unfinished)."""
-    from delf_retrieval import segments
-
     found = set()
     for path in storage.list_files(storage.join(root, segments.SEGMENTS_DIR)):
         parts = storage.relative(path, root).replace(os.sep, "/").split("/")
@@ -176,8 +176,6 @@ def prune_segments(root: str) -> list[str]:
     """Delete the segments no kept version (nor the pointer) references; returns their folders. A
     kept version whose manifest cannot be read might reference any, so then none is deleted. The
     same caution as :func:`prune`: a live run's segment is referenced only once it publishes."""
-    from delf_retrieval import segments
-
     folders = segment_folders(root)
     if not folders:
         return []
