@@ -334,6 +334,12 @@ class SegmentedReader:
                                        f"one): {ids[counts > 1][:5].tolist()}")
         self._live_mask = [s._allowed_images(ids) if len(d) else None
                            for s, ids, d in zip(self.segments, live, self._deleted)]
+        # Each segment's image index -> the rank of its image id among every segment's ids: the sort
+        # key (region, rank) of a row then fits one int64, and rows of the segments, each already
+        # in that order, merge by one stable sort that finds those runs.
+        every_id = np.unique(np.concatenate([s._sorted_image_ids for s in self.segments]))
+        self._image_rank = [np.searchsorted(every_id, s._sorted_image_ids) for s in self.segments]
+        self._rank_count = max(len(every_id), 1)
         self._images: pa.Table | None = None
         self._neighbours = None
 
@@ -388,7 +394,7 @@ class SegmentedReader:
             rows = np.concatenate([np.arange(reader._group_first_row[g], reader._group_first_row[g + 1])
                                    for g in groups]) + self._offsets[s]
             parts = (np.concatenate([a["region"] for a in loaded]), np.concatenate([a["codes"] for a in loaded]),
-                     rows, np.concatenate([a["image_id"] for a in loaded]))
+                     rows, self._image_rank[s][image_index])
             if keep is not None:
                 parts = tuple(p[keep] for p in parts)
             for out, p in zip((regions, codes, ids, images), parts):
@@ -396,11 +402,11 @@ class SegmentedReader:
         if not regions:
             return InvertedLists(np.zeros(n_regions + 1, np.int64), np.zeros((0, self.quantizer.params.pq_m), np.uint8),
                                  np.zeros(0, np.int64))
-        regions, codes, ids, images = (np.concatenate(p) for p in (regions, codes, ids, images))
+        regions, codes, ids, ranks = (np.concatenate(p) for p in (regions, codes, ids, images))
         if len(self.segments) > 1:
             # The order one segment stores: by region, then image id (an image's rows, all in one
             # segment, keep their stored order), so ties in distance break as they would there.
-            order = np.lexsort((images, regions))
+            order = np.argsort(regions * self._rank_count + ranks, kind="stable")
             regions, codes, ids = regions[order], codes[order], ids[order]
         return InvertedLists(np.searchsorted(regions, np.arange(n_regions + 1)).astype(np.int64), codes, ids)
 
