@@ -278,27 +278,6 @@ def open_reader(directory: str, cache_bytes: int = 2 << 30, manifest: dict | Non
     return shards.IndexReader(directory, cache_bytes, manifest)
 
 
-def merge_runs(keys: list[np.ndarray]) -> np.ndarray:
-    """The stable sorting order of the concatenation of sorted int64 runs, no key in two runs:
-    the smaller runs are sorted together, then placed in the largest by binary search (the
-    largest, a version's big segment, is never re-sorted)."""
-    sizes = np.asarray([len(k) for k in keys])
-    big = int(np.argmax(sizes))
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    rest = [i for i in range(len(keys)) if i != big]
-    if not rest:
-        return np.arange(sizes[big])
-    rest_keys = np.concatenate([keys[i] for i in rest])
-    rest_index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in rest])
-    by_key = np.argsort(rest_keys, kind="stable")
-    positions = np.searchsorted(keys[big], rest_keys[by_key]) + np.arange(len(by_key))
-    order = np.empty(starts[-1], np.int64)
-    placed = np.zeros(starts[-1], bool)
-    order[positions], placed[positions] = rest_index[by_key], True
-    order[~placed] = np.arange(starts[big], starts[big + 1])
-    return order
-
-
 class SegmentedReader:
     """Searches every segment of a format-2 version as one index: one
     :class:`~delf_retrieval.shards.IndexReader` per segment (its own lazy row groups and cache),
@@ -423,13 +402,12 @@ class SegmentedReader:
         if not regions:
             return InvertedLists(np.zeros(n_regions + 1, np.int64), np.zeros((0, self.quantizer.params.pq_m), np.uint8),
                                  np.zeros(0, np.int64))
-        if len(regions) > 1:
+        regions, codes, ids, ranks = (np.concatenate(p) for p in (regions, codes, ids, images))
+        if len(self.segments) > 1:
             # The order one segment stores: by region, then image id (an image's rows, all in one
             # segment, keep their stored order), so ties in distance break as they would there.
-            order = merge_runs([r * self._rank_count + k for r, k in zip(regions, images)])
-            regions, codes, ids = (np.concatenate(p)[order] for p in (regions, codes, ids))
-        else:
-            regions, codes, ids = regions[0], codes[0], ids[0]
+            order = np.argsort(regions * self._rank_count + ranks, kind="stable")
+            regions, codes, ids = regions[order], codes[order], ids[order]
         return InvertedLists(np.searchsorted(regions, np.arange(n_regions + 1)).astype(np.int64), codes, ids)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int = 8,

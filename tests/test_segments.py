@@ -354,12 +354,3 @@ def test_merge_policy_prefers_segments_with_tombstones():
     merges = policy.find_merges(stats([10] * 6, deleted={4: 300, 5: 300}))
     assert merges[0] == ("s04", "s05")
     assert sorted(merges[1:]) == [("s00", "s01")]  # four of 10 MB left, three allowed
-
-
-def test_merge_runs_is_the_stable_sort_of_the_runs():
-    rng = np.random.default_rng(0)
-    keys = rng.choice(10_000, 3000, replace=False).astype(np.int64)
-    cuts = [0, 2000, 2100, 2100, 2600, 3000]  # a big run, small ones and an empty one
-    runs = [np.sort(keys[a:b]) for a, b in zip(cuts, cuts[1:])]
-    order = segments.merge_runs(runs)
-    np.testing.assert_array_equal(order, np.argsort(np.concatenate(runs), kind="stable"))
