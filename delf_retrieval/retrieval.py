@@ -275,12 +275,12 @@ def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_sh
     whose pointer ``manifest`` was read from it: a server that must know which version it opened).
     The image shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at
     least ``shortlist_min_images`` images and a shortlist was built for it."""
-    from delf_retrieval import shards
+    from delf_retrieval import segments
     from delf_retrieval.shortlist import ImageShortlist
 
     if image_shortlist not in ("auto", "on", "off"):
         raise ValueError("image_shortlist must be auto, on or off")
-    reader = shards.IndexReader(index, cache_bytes=cache_bytes, manifest=manifest)
+    reader = segments.open_reader(index, cache_bytes=cache_bytes, manifest=manifest)
     shortlist = None
     if image_shortlist == "on" or (image_shortlist == "auto" and reader.manifest["counts"]["images"] >= shortlist_min_images):
         shortlist = ImageShortlist.load(index, reader.manifest["index_id"], size=shortlist_size)

@@ -41,7 +41,8 @@ from delf_retrieval.quantize import pq as pq_lib
 from delf_retrieval.search import InvertedLists, Searcher, expand_ranges
 
 INDEX_FORMAT = "delf-retrieval-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 1  # one set of shards; version 2 lists segments (delf_retrieval.segments)
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PCA_FILE = "pca.npz"
 QUANTIZER_FILE = "quantizer.npz"
@@ -346,17 +347,18 @@ def resolve(directory: str, relative: str, field: str = "path") -> str:
 def check_manifest_paths(manifest: dict, where: str = MANIFEST) -> None:
     """Every path a manifest names (files, shards, its version folder and the one it replaced)."""
     files = manifest.get("files")
-    if not isinstance(files, dict) or not isinstance(manifest.get("shards"), list):
-        raise ManifestError(f"{where}: no files/shards lists")
+    listing = "segments" if manifest.get("format_version") == 2 else "shards"
+    if not isinstance(files, dict) or not isinstance(manifest.get(listing), list):
+        raise ManifestError(f"{where}: no files/{listing} lists")
     for name, record in files.items():
         if not isinstance(record, dict):
             raise ManifestError(f"{where}: files.{name} is not a file record")
         check_relative(record.get("path"), f"files.{name}.path", where)
-    for i, record in enumerate(manifest["shards"]):
+    for i, record in enumerate(manifest[listing]):
         if not isinstance(record, dict):
-            raise ManifestError(f"{where}: shards[{i}] is not a file record")
-        check_relative(record.get("path"), f"shards[{i}].path", where)
-    for field in ("build", "previous"):
+            raise ManifestError(f"{where}: {listing}[{i}] is not a file record")
+        check_relative(record.get("path"), f"{listing}[{i}].path", where)
+    for field in ("build", "previous", "version_folder"):
         if manifest.get(field) is not None:
             check_relative(manifest[field], field, where)
 
@@ -372,9 +374,9 @@ def read_manifest(directory: str) -> dict:
         raise ManifestError(f"cannot read {path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise ManifestError(f"{path} is not a {INDEX_FORMAT} manifest")
-    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ManifestError(f"{path}: index format version {manifest.get('format_version')}, this reader "
-                            f"reads version {INDEX_FORMAT_VERSION}")
+                            f"reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
     check_manifest_paths(manifest, path)
     return manifest
 
@@ -399,6 +401,11 @@ def _check_file(directory: str, record: dict, checksum: bool) -> bytes | None:
 def verify(directory: str) -> dict:
     """Check every file of an index byte for byte against the manifest; return the manifest."""
     manifest = read_manifest(directory)
+    if manifest["format_version"] == 2:
+        from delf_retrieval import segments
+
+        segments.verify(directory, manifest)
+        return manifest
     for record in list(manifest["files"].values()) + manifest["shards"]:
         _check_file(directory, record, checksum=True)
     return manifest
@@ -438,6 +445,8 @@ class IndexReader:
         else:
             check_manifest_paths(manifest, storage.join(directory, MANIFEST))
             self.manifest = manifest
+        if self.manifest.get("format_version") == 2:
+            raise ManifestError(f"{directory} lists segments: open it with segments.open_reader")
         files = self.manifest["files"]
         self.quantizer = Quantizer.load(_check_file(directory, files["quantizer"], checksum=True))
         self.pca = pca_lib.PCA.load(_check_file(directory, files["pca"], checksum=True)) if "pca" in files else None

@@ -9,6 +9,8 @@ Layout of a versioned root::
     builds/<id>/manifest.json       each version's own manifest (paths relative to its folder), so
                                     builds/<id> is itself a complete index
     builds/<id>/...                 its files; never modified after its manifest is written
+    segments/<id>/...               immutable segments that format-2 versions list (segments.py);
+                                    deleted once no kept version lists them
     reindex.lock                    while a run holds the lock: owner, host, pid, start, expiry
     reports/<id>.json               one report per re-index run
 """
@@ -22,7 +24,7 @@ import socket
 import time
 import uuid
 
-from delf_retrieval import shards, storage
+from delf_retrieval import segments, shards, storage
 
 LOCK_FILE = "reindex.lock"
 REPORTS_DIR = "reports"
@@ -54,7 +56,8 @@ def build_folder(build: str) -> str:
 
 def _with_paths(manifest: dict, change) -> dict:
     out = json.loads(json.dumps(manifest))
-    for record in list(out["files"].values()) + out["shards"]:
+    # A segmented version's segments are named from the root already: they are shared, not its own.
+    for record in list(out["files"].values()) + out.get("shards", []):
         record["path"] = change(record["path"])
     return out
 
@@ -154,6 +157,37 @@ def prune(root: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
     others = [b for b in complete if b != serving and b not in protect]
     doomed = [b for b in others[:max(len(others) - keep, 0)] if b not in kept]
     doomed += [b for b in incomplete if b not in kept]
+    for folder in doomed:
+        storage.delete_tree(storage.join(root, folder))
+    return doomed + prune_segments(root)
+
+
+def segment_folders(root: str) -> list[str]:
+    """``segments/<id>`` folders under root (each an immutable segment, or one a run left unfinished)."""
+    found = set()
+    for path in storage.list_files(storage.join(root, segments.SEGMENTS_DIR)):
+        parts = storage.relative(path, root).replace(os.sep, "/").split("/")
+        if len(parts) >= 3:
+            found.add(f"{parts[0]}/{parts[1]}")
+    return sorted(found)
+
+
+def prune_segments(root: str) -> list[str]:
+    """Delete the segments no kept version (nor the pointer) references; returns their folders. A
+    kept version whose manifest cannot be read might reference any, so then none is deleted. The
+    same caution as :func:`prune`: a live run's segment is referenced only once it publishes."""
+    folders = segment_folders(root)
+    if not folders:
+        return []
+    pointer, _ = current(root)
+    referenced = {ref.folder for ref in segments.segment_refs(pointer or {})}
+    for build in version_ids(root)[0]:
+        try:
+            manifest = read_version(root, build)
+        except shards.ManifestError:
+            return []
+        referenced |= {ref.folder for ref in segments.segment_refs(manifest)}
+    doomed = [f for f in folders if f not in referenced]
     for folder in doomed:
         storage.delete_tree(storage.join(root, folder))
     return doomed

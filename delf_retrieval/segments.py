@@ -1,0 +1,544 @@
+"""An index version as a list of immutable segments plus tombstones: the segment files and their
+manifests, the version manifest (format version 2) that lists them, and the reader that searches
+them all as one index.
+
+Layout (``ROOT`` is an index directory, or the root of a versioned index)::
+
+    ROOT/segments/<segment id>/segment.json          the segment's own manifest: its image table and
+                                                     posting shards, each with size and SHA-256
+    ROOT/segments/<segment id>/images.parquet
+    ROOT/segments/<segment id>/postings/part-*.parquet   sorted by (cell, region, image id), as today
+    VERSION/manifest.json      format_version 2: the model files, ``segments`` (each segment.json by
+                               path from ROOT, bytes and SHA-256) and ``files.tombstones``
+    VERSION/tombstones.parquet (segment, image id): rows of that image dropped from that segment
+
+``VERSION`` is ROOT itself, or ``ROOT/builds/<id>`` (its manifest then names that folder as
+``version_folder``). Segments are written once and never modified; a version references them, so
+a later version shares them without copying. A manifest of format version 1 (one set of shards) is
+read as it always was, by :class:`~delf_retrieval.shards.IndexReader`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from delf_retrieval import pca as pca_lib
+from delf_retrieval import shards, storage
+from delf_retrieval.quantize import Quantizer
+from delf_retrieval.search import InvertedLists, Searcher
+
+SEGMENTS_FORMAT_VERSION = 2
+SEGMENT_FORMAT = "delf-retrieval-segment"
+SEGMENTS_DIR = "segments"
+SEGMENT_MANIFEST = "segment.json"
+TOMBSTONES_FILE = "tombstones.parquet"
+TOMBSTONE_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64())])
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """A segment as a version manifest lists it: its manifest's path (from the index root), size and
+    SHA-256, and its counts (so policies need not open it)."""
+
+    segment_id: str
+    path: str
+    bytes: int
+    sha256: str
+    images: int
+    descriptors: int
+    size_bytes: int  # its image table and posting shards together, for the merge policy
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(record: dict) -> "SegmentRef":
+        try:
+            return SegmentRef(str(record["segment_id"]), shards.check_relative(record["path"], "segments[].path"),
+                              int(record["bytes"]), str(record["sha256"]), int(record["images"]),
+                              int(record["descriptors"]), int(record["size_bytes"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise shards.ManifestError(f"a segment record is malformed ({e!r}): {record!r}") from None
+
+    @property
+    def folder(self) -> str:
+        return self.path.rsplit("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment's own manifest (``segment.json``): the id its shards carry, its image table and
+    posting shards as file records, paths relative to the segment's folder."""
+
+    segment_id: str
+    index_id: str
+    images: dict  # file record of images.parquet (path, bytes, sha256, rows)
+    shards: tuple  # shard records as shards.write_shard returns them
+
+    @property
+    def descriptors(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {"format": SEGMENT_FORMAT, "segment_id": self.segment_id, "index_id": self.index_id,
+                "images": self.images, "shards": list(self.shards)}
+
+    @staticmethod
+    def from_bytes(data: bytes, where: str) -> "Segment":
+        try:
+            record = json.loads(data)
+            if record.get("format") != SEGMENT_FORMAT:
+                raise ValueError(f"not a {SEGMENT_FORMAT} manifest")
+            segment = Segment(str(record["segment_id"]), str(record["index_id"]), dict(record["images"]),
+                              tuple(dict(s) for s in record["shards"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise shards.ManifestError(f"{where}: unreadable segment manifest ({e})") from None
+        for name, r in [("images", segment.images)] + [(f"shards[{i}]", s) for i, s in enumerate(segment.shards)]:
+            shards.check_relative(r.get("path"), f"{name}.path", where)
+        return segment
+
+
+@dataclass(frozen=True)
+class Tombstones:
+    """Image ids deleted from each segment (an image replaced by a newer segment is deleted from the
+    older one only): segment id -> sorted unique int64 ids."""
+
+    deleted: dict = field(default_factory=dict)
+
+    def of(self, segment_id: str) -> np.ndarray:
+        return self.deleted.get(segment_id, np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.deleted.values())
+
+    def adding(self, segment_id: str, image_ids) -> "Tombstones":
+        """These tombstones plus ``image_ids`` deleted from ``segment_id``."""
+        merged = np.union1d(self.of(segment_id), np.asarray(image_ids, np.int64)).astype(np.int64)
+        return Tombstones({**self.deleted, segment_id: merged})
+
+    def only(self, segment_ids) -> "Tombstones":
+        """Those of the listed segments (a merge drops the rest with the segments they named)."""
+        return Tombstones({s: v for s, v in self.deleted.items() if s in set(segment_ids)})
+
+    def to_table(self) -> pa.Table:
+        names = sorted(self.deleted)
+        return pa.Table.from_arrays(
+            [pa.array([s for s in names for _ in range(len(self.deleted[s]))], pa.string()),
+             pa.array(np.concatenate([self.deleted[s] for s in names] or [np.zeros(0, np.int64)]), pa.int64())],
+            schema=TOMBSTONE_SCHEMA)
+
+    @staticmethod
+    def from_table(table: pa.Table) -> "Tombstones":
+        segment = np.asarray(table.column("segment").to_pylist(), dtype=object)
+        ids = table.column("image_id").to_numpy().astype(np.int64)
+        return Tombstones({str(s): np.unique(ids[segment == s]) for s in np.unique(segment)})
+
+
+def is_segmented(manifest: dict) -> bool:
+    return manifest.get("format_version") == SEGMENTS_FORMAT_VERSION
+
+
+def segment_refs(manifest: dict) -> list[SegmentRef]:
+    """The segments a manifest uses; a format-1 manifest uses none (its shards are its own)."""
+    return [SegmentRef.from_json(r) for r in manifest.get("segments", [])] if is_segmented(manifest) else []
+
+
+def index_root(directory: str, manifest: dict) -> str:
+    """The folder segment paths are relative to: the version folder itself, or, for a version
+    manifest read from ``ROOT/builds/<id>`` (it names that folder as ``version_folder``), ROOT."""
+    folder = manifest.get("version_folder")
+    if folder is None or manifest.get("build") is not None:  # the root pointer: paths are from ROOT
+        return directory
+    stripped = directory.rstrip("/")
+    if not stripped.replace("\\", "/").endswith("/" + folder):
+        raise shards.ManifestError(f"{directory}: the manifest belongs in {folder}, not here")
+    return stripped[:-len(folder) - 1] or "/"
+
+
+def read_segment(root: str, ref: SegmentRef) -> Segment:
+    """A segment's manifest, checked against the size and SHA-256 the version recorded for it."""
+    data = shards._check_file(root, {"path": ref.path, "bytes": ref.bytes, "sha256": ref.sha256}, checksum=True)
+    segment = Segment.from_bytes(data, ref.path)
+    if segment.segment_id != ref.segment_id:
+        raise shards.ShardError(f"{ref.path} is segment {segment.segment_id}, the manifest says {ref.segment_id}")
+    return segment
+
+
+def _in_segment(ref: SegmentRef, record: dict) -> dict:
+    return {**record, "path": f"{ref.folder}/{record['path']}"}
+
+
+def read_tombstones(directory: str, manifest: dict) -> Tombstones:
+    record = manifest["files"].get("tombstones")
+    if record is None:
+        return Tombstones()
+    return Tombstones.from_table(pq.read_table(io.BytesIO(shards._check_file(directory, record, checksum=True))))
+
+
+def verify(directory: str, manifest: dict, deep: set[str] | None = None) -> None:
+    """Check a format-2 version: its own files byte for byte, every segment's manifest against its
+    recorded SHA-256, and the files of the segments in ``deep`` (None: all) byte for byte; the
+    files of the others only by size (a segment is verified once, by the run that wrote it)."""
+    for record in manifest["files"].values():
+        shards._check_file(directory, record, checksum=True)
+    root = index_root(directory, manifest)
+    for ref in segment_refs(manifest):
+        segment = read_segment(root, ref)
+        for record in (segment.images,) + segment.shards:
+            shards._check_file(root, _in_segment(ref, record), checksum=deep is None or ref.segment_id in deep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_segment(root: str, rows: shards.PostingRows, images: pa.Table, pq_bits: int,
+                  segment_id: str | None = None, rows_per_shard: int = 4_000_000,
+                  rows_per_group: int = shards.ROWS_PER_GROUP) -> SegmentRef:
+    """Write one immutable segment under ``root/segments/<id>/`` (its manifest last) and return
+    the record a version lists it by."""
+    segment_id = segment_id or shards.new_index_id()
+    folder = storage.join(root, f"{SEGMENTS_DIR}/{segment_id}")
+    index_id = shards.new_index_id()
+    table = shards.postings_table(rows, pq_bits)
+    shard_records = tuple(
+        shards.write_shard(folder, f"{shards.POSTINGS_DIR}/part-{i:05d}.parquet", piece, index_id, rows_per_group)
+        for i, piece in enumerate(shards.split_by_cells(table, rows_per_shard)))
+    segment = Segment(segment_id, index_id, shards.write_table_file(folder, shards.IMAGES_FILE, images), shard_records)
+    payload = json.dumps(segment.to_json(), indent=1, sort_keys=True).encode()
+    record = shards.write_array_file(folder, SEGMENT_MANIFEST, payload)
+    return SegmentRef(segment_id, f"{SEGMENTS_DIR}/{segment_id}/{SEGMENT_MANIFEST}", record["bytes"],
+                      record["sha256"], images.num_rows, segment.descriptors,
+                      segment.images["bytes"] + sum(r["bytes"] for r in shard_records))
+
+
+def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, segments: list[SegmentRef],
+                     tombstones: Tombstones = Tombstones(), version_folder: str | None = None,
+                     dead_letters: pa.Table | None = None, neighbours=None, model: dict | None = None) -> dict:
+    """Write a version's own files into ``directory`` (the model, its tombstones) and return its
+    format-2 manifest, not yet written: ``shards.write_manifest`` or ``versions.publish`` does that.
+    ``version_folder``: ``builds/<id>`` when ``directory`` is that folder of a versioned root;
+    ``neighbours``: the version's ``expansion.NeighbourTable`` (readers drop its edges to images
+    that are not live)."""
+    listed = {ref.segment_id for ref in segments}
+    if len(listed) != len(segments):
+        raise ValueError("a segment is listed twice")
+    if set(tombstones.deleted) - listed:
+        unlisted = sorted(set(tombstones.deleted) - listed)
+        raise ValueError(f"tombstones name segments the version does not list: {unlisted}")
+    files = {"quantizer": shards.write_array_file(directory, shards.QUANTIZER_FILE, quantizer.to_npz_bytes()),
+             "tombstones": shards.write_table_file(directory, TOMBSTONES_FILE, tombstones.to_table())}
+    if pca is not None:
+        files["pca"] = shards.write_array_file(directory, shards.PCA_FILE, pca.to_npz_bytes())
+    if dead_letters is not None:
+        files["dead_letters"] = shards.write_table_file(directory, shards.DEAD_LETTERS_FILE, dead_letters)
+    if neighbours is not None:
+        from delf_retrieval.expansion import NEIGHBOURS_FILE
+
+        files["neighbours"] = shards.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
+    # The format-1 record (spec, parameters, model, counts), then what format 2 lists instead of shards.
+    # counts.images are the live images; counts.descriptors include the rows of tombstoned images
+    # (subtracting them needs the rows), until a merge drops them.
+    live_images = {"rows": sum(r.images for r in segments) - len(tombstones)}
+    manifest = shards.build_manifest(shards.new_index_id(), quantizer, {**files, "images": live_images}, [], model)
+    del manifest["shards"], manifest["counts"]["shards"]
+    manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files,
+                     "segments": [r.to_json() for r in segments]})
+    manifest["counts"].update({"descriptors": sum(r.descriptors for r in segments), "segments": len(segments),
+                               "tombstones": len(tombstones)})
+    if version_folder is not None:
+        manifest["version_folder"] = version_folder
+    return manifest
+
+
+def write_version(directory: str, **kwargs) -> dict:
+    """:func:`version_manifest`, then the manifest written (the version published in ``directory``)."""
+    manifest = version_manifest(directory, **kwargs)
+    shards.write_manifest(directory, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def open_reader(directory: str, cache_bytes: int = 2 << 30, manifest: dict | None = None):
+    """A reader for the index at ``directory``: :class:`~delf_retrieval.shards.IndexReader` for a
+    format-1 manifest, :class:`SegmentedReader` for a list of segments."""
+    if manifest is None:
+        manifest = shards.read_manifest(directory)
+    if is_segmented(manifest):
+        return SegmentedReader(directory, cache_bytes, manifest)
+    return shards.IndexReader(directory, cache_bytes, manifest)
+
+
+class SegmentedReader:
+    """Searches every segment of a format-2 version as one index: one
+    :class:`~delf_retrieval.shards.IndexReader` per segment (its own lazy row groups and cache),
+    tombstoned images dropped from each, rows of all segments merged per probed cell before the
+    distance scan. Results equal those of the same live images written as one segment.
+
+    Global row ids are the segments' row ids, segment after segment, in the version's order.
+    """
+
+    def __init__(self, directory: str, cache_bytes: int = 2 << 30, manifest: dict | None = None):
+        self.directory = directory
+        if manifest is None:
+            manifest = shards.read_manifest(directory)
+        else:
+            shards.check_manifest_paths(manifest, storage.join(directory, shards.MANIFEST))
+        if not is_segmented(manifest):
+            raise shards.ManifestError(f"{directory}: not a segmented (format version 2) manifest")
+        self.manifest = manifest
+        files = manifest["files"]
+        self.refs = segment_refs(manifest)
+        self.tombstones = read_tombstones(directory, manifest)
+        root = index_root(directory, manifest)
+        per_segment = max(cache_bytes // max(len(self.refs), 1), 1)
+        self.segments: list[shards.IndexReader] = []
+        for ref in self.refs:
+            segment = read_segment(root, ref)
+            own = {"index_id": segment.index_id,
+                   "files": {"quantizer": files["quantizer"], "images": _in_segment(ref, segment.images),
+                             **({"pca": files["pca"]} if "pca" in files else {})},
+                   "shards": [_in_segment(ref, s) for s in segment.shards]}
+            if directory != root:  # the model files are the version's: paths from ROOT
+                prefix = manifest["version_folder"]
+                own["files"]["quantizer"] = {**files["quantizer"], "path": f"{prefix}/{files['quantizer']['path']}"}
+                if "pca" in files:
+                    own["files"]["pca"] = {**files["pca"], "path": f"{prefix}/{files['pca']['path']}"}
+            self.segments.append(shards.IndexReader(root, per_segment, manifest=own))
+        first = self.segments[0] if self.segments else None
+        if first is None:
+            raise shards.ManifestError(f"{directory}: the version lists no segments")
+        self.quantizer, self.pca = first.quantizer, first.pca
+        self._offsets = np.cumsum([0] + [s.num_rows for s in self.segments]).astype(np.int64)
+        self.num_rows = int(self._offsets[-1])
+        # Per segment: live image ids (sorted) and, if any are tombstoned, a mask over its sorted ids.
+        self._deleted = [self.tombstones.of(ref.segment_id) for ref in self.refs]
+        for ref, reader, deleted in zip(self.refs, self.segments, self._deleted):
+            if not np.isin(deleted, reader._sorted_image_ids).all():
+                raise shards.ManifestError(f"{directory}: tombstones of segment {ref.segment_id} name images it "
+                                           "does not hold")
+        live = [np.setdiff1d(s._sorted_image_ids, d) for s, d in zip(self.segments, self._deleted)]
+        every = np.concatenate(live)
+        if len(np.unique(every)) != len(every):
+            ids, counts = np.unique(every, return_counts=True)
+            raise shards.ManifestError(f"{directory}: image ids live in two segments (not tombstoned in the older "
+                                       f"one): {ids[counts > 1][:5].tolist()}")
+        self._live_mask = [s._allowed_images(ids) if len(d) else None
+                           for s, ids, d in zip(self.segments, live, self._deleted)]
+        # Each segment's image index -> the rank of its image id among every segment's ids: the sort
+        # key (region, rank) of a row then fits one int64, and rows of the segments, each already
+        # in that order, merge by one stable sort that finds those runs.
+        every_id = np.unique(np.concatenate([s._sorted_image_ids for s in self.segments]))
+        self._image_rank = [np.searchsorted(every_id, s._sorted_image_ids) for s in self.segments]
+        self._rank_count = max(len(every_id), 1)
+        self._images: pa.Table | None = None
+        self._neighbours = None
+
+    @property
+    def images(self) -> pa.Table:
+        """The live images of every segment (tombstoned rows dropped), segment after segment."""
+        if self._images is None:
+            parts = []
+            for reader, deleted in zip(self.segments, self._deleted):
+                table = reader.images
+                if len(deleted):
+                    table = table.filter(pa.array(~np.isin(table.column("image_id").to_numpy(), deleted)))
+                parts.append(table)
+            self._images = pa.concat_tables(parts)
+        return self._images
+
+    def neighbours(self):
+        """The version's neighbour table without edges from or to an image that is not live."""
+        from delf_retrieval.expansion import NeighbourTable
+
+        record = self.manifest["files"].get("neighbours")
+        if record is None:
+            return None
+        if self._neighbours is None:
+            table = NeighbourTable.from_bytes(shards._check_file(self.directory, record, checksum=True))
+            live = np.sort(self.images.column("image_id").to_numpy().astype(np.int64))
+            keep = np.isin(table.image_ids, live) & np.isin(table.neighbours, live)
+            self._neighbours = NeighbourTable(table.image_ids[keep], table.neighbours[keep], table.inliers[keep])
+        return self._neighbours
+
+    def load_all(self) -> None:
+        """Read every row group of every segment into its reader's cache (when the index fits)."""
+        for reader in self.segments:
+            for group in range(reader.num_row_groups):
+                reader._load_group(group)
+
+    def _lists(self, cells: np.ndarray, image_ids: np.ndarray | None) -> InvertedLists:
+        n_regions = self.quantizer.regions.n_regions
+        regions, codes, ids, images = [], [], [], []
+        for s, reader in enumerate(self.segments):
+            groups = reader._groups_for_cells(cells)
+            if not len(groups):
+                continue
+            loaded = [reader._load_group(int(g)) for g in groups]
+            keep = None
+            image_index = np.concatenate([a["image_index"] for a in loaded])
+            if self._live_mask[s] is not None:
+                keep = self._live_mask[s][image_index]
+            if image_ids is not None:
+                allowed = reader._allowed_images(image_ids)[image_index]
+                keep = allowed if keep is None else keep & allowed
+            rows = np.concatenate([np.arange(reader._group_first_row[g], reader._group_first_row[g + 1])
+                                   for g in groups]) + self._offsets[s]
+            parts = (np.concatenate([a["region"] for a in loaded]), np.concatenate([a["codes"] for a in loaded]),
+                     rows, self._image_rank[s][image_index])
+            if keep is not None:
+                parts = tuple(p[keep] for p in parts)
+            for out, p in zip((regions, codes, ids, images), parts):
+                out.append(p)
+        if not regions:
+            return InvertedLists(np.zeros(n_regions + 1, np.int64), np.zeros((0, self.quantizer.params.pq_m), np.uint8),
+                                 np.zeros(0, np.int64))
+        regions, codes, ids, ranks = (np.concatenate(p) for p in (regions, codes, ids, images))
+        if len(self.segments) > 1:
+            # The order one segment stores: by region, then image id (an image's rows, all in one
+            # segment, keep their stored order), so ties in distance break as they would there.
+            order = np.argsort(regions * self._rank_count + ranks, kind="stable")
+            regions, codes, ids = regions[order], codes[order], ids[order]
+        return InvertedLists(np.searchsorted(regions, np.arange(n_regions + 1)).astype(np.int64), codes, ids)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 8,
+               image_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """ADC search as :meth:`IndexReader.search`, over the live rows of every segment."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        probe_cells, _ = self.quantizer.coarse.probe(queries, nprobe)
+        cells = np.unique(probe_cells.ravel())
+        lists = self._lists(cells, None if image_ids is None else np.asarray(image_ids, np.int64))
+        return Searcher(self.quantizer, lists).search_cells(queries, probe_cells, k)
+
+    def postings(self):
+        """Every live posting row group in turn, as (image ids, reconstructed PCA'd descriptors)."""
+        for reader, deleted in zip(self.segments, self._deleted):
+            for image_ids, decoded in reader.postings():
+                if len(deleted):
+                    keep = ~np.isin(image_ids, deleted)
+                    image_ids, decoded = image_ids[keep], decoded[keep]
+                yield image_ids, decoded
+
+    def rows(self, ids: np.ndarray) -> shards.Rows:
+        """Image id, keypoint, scale and attention of global row ids (-1: image id -1)."""
+        ids = np.asarray(ids, np.int64)
+        flat = ids.ravel()
+        out = shards.Rows(np.full(flat.shape, -1, np.int64), np.zeros((flat.size, 2), np.float32),
+                          np.zeros(flat.size, np.float32), np.zeros(flat.size, np.float32))
+        valid = np.flatnonzero(flat >= 0)
+        segment = np.searchsorted(self._offsets, flat[valid], side="right") - 1
+        for s in np.unique(segment):
+            where = valid[segment == s]
+            part = self.segments[int(s)].rows(flat[where] - self._offsets[s])
+            out.image_ids[where], out.locations[where] = part.image_ids, part.locations
+            out.scales[where], out.attentions[where] = part.scales, part.attentions
+        shape = ids.shape
+        return shards.Rows(out.image_ids.reshape(shape), out.locations.reshape(shape + (2,)),
+                           out.scales.reshape(shape), out.attentions.reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+
+
+@dataclass(frozen=True)
+class SegmentStats:
+    """What the merge policy weighs of a segment: its bytes, its images and how many are tombstoned."""
+
+    segment_id: str
+    size_bytes: int
+    images: int
+    deleted: int = 0
+
+    @property
+    def deleted_fraction(self) -> float:
+        return self.deleted / self.images if self.images else 0.0
+
+    @property
+    def live_bytes(self) -> float:
+        return self.size_bytes * (1.0 - self.deleted_fraction)
+
+
+def segment_stats(manifest: dict, tombstones: Tombstones) -> list[SegmentStats]:
+    """The stats of a format-2 version's segments, in its order."""
+    return [SegmentStats(r.segment_id, r.size_bytes, r.images, len(tombstones.of(r.segment_id)))
+            for r in segment_refs(manifest)]
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """Tiered merging, as Lucene's TieredMergePolicy: segments of about the same size form a tier of
+    at most ``segments_per_tier``; each tier is ``max_merge_at_once`` times the size of the one below,
+    from ``floor_segment_bytes`` (smaller segments count as that big). When a version has more
+    segments than its tiers allow, the policy merges up to ``max_merge_at_once`` of similar size (the
+    least skewed, smallest, most-deleted first), never into more than ``max_merged_segment_bytes``.
+    A segment too big to merge is rewritten alone once over ``max_deleted_fraction`` of it is
+    tombstoned."""
+
+    segments_per_tier: int = 10
+    max_merge_at_once: int = 10
+    floor_segment_bytes: int = 2 << 20
+    max_merged_segment_bytes: int = 5 << 30
+    max_deleted_fraction: float = 0.33
+
+    def allowed_segments(self, live_bytes: list[float]) -> int:
+        """How many segments the tiers allow for segments of these (live) sizes."""
+        if not live_bytes:
+            return 0
+        level = max(min(live_bytes), self.floor_segment_bytes)
+        left, allowed = float(sum(live_bytes)), 0
+        while True:
+            at_level = left / level
+            if at_level < self.segments_per_tier:
+                return allowed + int(np.ceil(at_level))
+            allowed += self.segments_per_tier
+            left -= self.segments_per_tier * level
+            level *= self.max_merge_at_once
+
+    def score(self, candidate: list[SegmentStats], hit_too_large: bool) -> float:
+        """Lower is better: skew (the largest segment's share, sizes floored), a mild preference for
+        small merges, and a strong one for merges that drop many tombstoned rows."""
+        after = sum(c.live_bytes for c in candidate)
+        before = sum(c.size_bytes for c in candidate)
+        floored = lambda b: max(b, self.floor_segment_bytes)  # noqa: E731
+        skew = (1.0 / self.max_merge_at_once if hit_too_large
+                else floored(max(c.live_bytes for c in candidate)) / sum(floored(c.live_bytes) for c in candidate))
+        return skew * max(after, 1.0) ** 0.05 * (after / before if before else 1.0) ** 2
+
+    def find_merges(self, segments: list[SegmentStats]) -> list[tuple[str, ...]]:
+        """The merges to run now, each a tuple of segment ids (one id: rewrite it without its
+        tombstoned rows); an empty list when the version's segments fit their tiers."""
+        too_large = [s for s in segments if s.live_bytes > self.max_merged_segment_bytes / 2]
+        merges = [(s.segment_id,) for s in too_large if s.deleted_fraction > self.max_deleted_fraction]
+        eligible = sorted((s for s in segments if s not in too_large), key=lambda s: (-s.live_bytes, s.segment_id))
+        while len(eligible) > self.allowed_segments([s.live_bytes for s in eligible]):
+            best, best_score = None, None
+            for start in range(len(eligible)):
+                candidate, total, hit_too_large = [], 0.0, False
+                for s in eligible[start:]:
+                    if len(candidate) == self.max_merge_at_once:
+                        break
+                    if total + s.live_bytes > self.max_merged_segment_bytes:
+                        hit_too_large = True
+                        continue  # a smaller one further on may still fit
+                    candidate.append(s)
+                    total += s.live_bytes
+                if len(candidate) < 2:
+                    continue
+                score = self.score(candidate, hit_too_large)
+                if best_score is None or score < best_score:
+                    best, best_score = candidate, score
+            if best is None:
+                break
+            merges.append(tuple(s.segment_id for s in best))
+            eligible = [s for s in eligible if s not in best]
+        return merges
