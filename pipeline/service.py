@@ -519,12 +519,17 @@ class Service:
             "matches": matches, "num_descriptors": answer.num_descriptors, "timings": timings,
             "picture": f"/v1/matches/{query_id}.png", "attention": f"/v1/attention/{query_id}.png"})
 
-    async def image_record(self, request: Request):
+    def _image(self, request: Request):
+        """(engine, image id, record) of the image the path names, in the serving version; 404 if absent."""
         engine = self.engine()
         image_id = request.path_params["image_id"]
         record = engine.image_record(image_id)
         if record is None:
             raise ApiError(404, "not_found", f"version {engine.version.name} has no image {image_id}")
+        return engine, image_id, record
+
+    async def image_record(self, request: Request):
+        engine, _, record = self._image(request)
         return JSONResponse({**record, "image_id": str(record["image_id"]), "version": engine.version.name})
 
     def _thumbnail(self, uri: str) -> bytes:
@@ -535,11 +540,7 @@ class Service:
         return out.getvalue()
 
     async def thumbnail(self, request: Request):
-        engine = self.engine()
-        image_id = request.path_params["image_id"]
-        record = engine.image_record(image_id)
-        if record is None:
-            raise ApiError(404, "not_found", f"version {engine.version.name} has no image {image_id}")
+        _, image_id, record = self._image(request)
         key = (image_id, record["content_hash"])
         data = self.thumbnails.get(key)
         if data is None:
