@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-
 from delf_retrieval.model.torch_pickle import load_torch_state_dict
+from delf_retrieval.model.weights import set_layer_weights
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage of the base network, Lite0.
 BASE_STAGES = (
@@ -197,29 +196,21 @@ def convert_torch_state_dict(state: dict, model, variant: str) -> int:
     extra = sorted(k for k in set(state) - expected if not k.endswith(".num_batches_tracked"))
     if extra:
         raise ValueError(f"the torch file has {len(extra)} tensors that {variant} does not, e.g. {extra[:3]}")
-    count = 0
-    for layer in model.layers:
-        if not layer.weights:
-            continue
+
+    def weights_of(layer):
         if layer.name not in names:
             raise ValueError(f"layer {layer.name!r} is not part of {variant}")
         t = names[layer.name]
         tensors = [state[t + s] for s in _torch_suffixes(layer.name)]
         if layer.name == "logits":
-            weights = [tensors[0].T, tensors[1]]
-        elif layer.name.endswith("_dwconv"):
-            weights = [tensors[0].transpose(2, 3, 0, 1)]  # (C,1,kh,kw) -> (kh,kw,C,1)
-        elif layer.name.endswith("_conv"):
-            weights = [tensors[0].transpose(2, 3, 1, 0)]  # (O,I,kh,kw) -> (kh,kw,I,O)
-        else:
-            weights = tensors
-        want = [tuple(w.shape) for w in layer.get_weights()]
-        got = [tuple(w.shape) for w in weights]
-        if want != got:
-            raise ValueError(f"{layer.name}: torch shapes {got} do not fit Keras shapes {want}")
-        layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
-        count += 1
-    return count
+            return [tensors[0].T, tensors[1]]
+        if layer.name.endswith("_dwconv"):
+            return [tensors[0].transpose(2, 3, 0, 1)]  # (C,1,kh,kw) -> (kh,kw,C,1)
+        if layer.name.endswith("_conv"):
+            return [tensors[0].transpose(2, 3, 1, 0)]  # (O,I,kh,kw) -> (kh,kw,I,O)
+        return tensors
+
+    return set_layer_weights(model, weights_of, source="torch")
 
 
 def packaged_weights_path(variant: str) -> str:

@@ -101,16 +101,28 @@ def load_keras_h5_by_name(model, path: str) -> int:
             weight_names = [n.decode() if isinstance(n, bytes) else n for n in g.attrs["weight_names"]]
             if weight_names:
                 stored[layer_name] = [np.asarray(g[w]) for w in weight_names]
+
+    def weights_of(layer):
+        if layer.name not in stored:
+            raise KeyError(f"{path}: no weights for layer {layer.name}")
+        return stored[layer.name]
+
+    return set_layer_weights(model, weights_of, source="file")
+
+
+def set_layer_weights(model, weights_of, source: str) -> int:
+    """Set every layer of ``model`` that has weights to ``weights_of(layer)`` (its arrays in Keras
+    order, already in Keras layout), refusing any whose shapes differ from the layer's (``source``
+    names where they came from in that error). Returns the number of layers set."""
     count = 0
     for layer in model.layers:
         if not layer.weights:
             continue
-        if layer.name not in stored:
-            raise KeyError(f"{path}: no weights for layer {layer.name}")
-        values = stored[layer.name]
-        expected = [tuple(w.shape) for w in layer.get_weights()]
-        if expected != [v.shape for v in values]:
-            raise ValueError(f"{layer.name}: file shapes {[v.shape for v in values]} != model shapes {expected}")
+        values = [np.asarray(v, dtype=np.float32) for v in weights_of(layer)]
+        want = [tuple(w.shape) for w in layer.get_weights()]
+        got = [v.shape for v in values]
+        if want != got:
+            raise ValueError(f"{layer.name}: {source} shapes {got} do not fit the model's {want}")
         layer.set_weights(values)
         count += 1
     return count
