@@ -19,15 +19,16 @@ INCREMENTAL = "incremental"  # reuse the current version's model and the rows of
 MODES = (FULL, FIXED, INCREMENTAL)
 
 # What a build does with each listed input.
-KEEP = "keep"  # indexed, the same change marker: its posting rows are carried over, nothing is read
+KEEP = "keep"  # indexed, the same change marker: its posting rows stay where they are, nothing is read
 CHECK = "check"  # indexed, its marker changed: read and hashed; extracted again only if the bytes changed
 EXTRACT = "extract"  # new (or every input, in a full or fixed build)
-ACTIONS = (KEEP, CHECK, EXTRACT)
+DELETE = "delete"  # indexed but no longer listed: tombstoned in its segment
+ACTIONS = (KEEP, CHECK, EXTRACT, DELETE)
 
 PLAN_FILE = "plan.parquet"
 DRIFT_THRESHOLD = 1.5  # retrain when new descriptors' quantization error exceeds the training error x this
 DRIFT_SAMPLE = 100_000  # new descriptors an incremental build samples to measure it
-PLAN_FIELDS = ("uri", "label", "stamp", "action", "width", "height", "num_features", "content_hash")
+PLAN_FIELDS = ("uri", "label", "stamp", "action", "width", "height", "num_features", "content_hash", "segment")
 INDEXED_FIELDS = ("width", "height", "num_features", "content_hash")  # what a kept row brings from the index
 
 
@@ -84,10 +85,12 @@ def _immutable(uri: str) -> bool:
 
 
 def plan_rows(listed: list[tuple[str, str | None, str | None]], previous_images: list[dict],
-              incremental: bool) -> tuple[list[dict], list[str]]:
-    """(a plan row per unique listed (uri, label, stamp), the uris deleted since the previous
-    version). Incremental: keep an indexed image with the same stamp (or an indexed URL), check
-    one whose stamp differs, extract a new one; otherwise extract everything."""
+              incremental: bool, keep_all: bool = False) -> tuple[list[dict], list[dict]]:
+    """(a plan row per unique listed (uri, label, stamp), a ``DELETE`` row per image indexed in
+    the previous version but no longer listed). Incremental: keep an indexed image with the same
+    stamp (or an indexed URL; every indexed image when ``keep_all``: a listing made from the index
+    itself), check one whose stamp differs, extract a new one; otherwise extract everything. Rows
+    of indexed images name the ``segment`` their rows are in (None in a format-1 version)."""
     before = {r["uri"]: r for r in previous_images}
     rows, seen = [], set()
     for uri, label, stamp in listed:
@@ -97,7 +100,7 @@ def plan_rows(listed: list[tuple[str, str | None, str | None]], previous_images:
         old = before.get(uri)
         if old is None or not incremental:
             action = EXTRACT
-        elif (old.get("stamp") is not None and old.get("stamp") == stamp) or (
+        elif keep_all or (old.get("stamp") is not None and old.get("stamp") == stamp) or (
                 stamp is None and old.get("stamp") is None and _immutable(uri)):
             action = KEEP
         else:
@@ -105,22 +108,40 @@ def plan_rows(listed: list[tuple[str, str | None, str | None]], previous_images:
         if label is None and old:
             label = old.get("label")  # a listing without labels keeps the ones the index has
         rows.append({"uri": uri, "label": label, "stamp": stamp, "action": action,
-                     **{k: (old or {}).get(k) for k in INDEXED_FIELDS}})
-    return rows, sorted(set(before) - seen)
+                     **{k: (old or {}).get(k) for k in INDEXED_FIELDS},
+                     "segment": (old or {}).get("segment") if incremental else None})
+    deleted = [{"uri": r["uri"], "label": r.get("label"), "stamp": r.get("stamp"), "action": DELETE,
+                **{k: r.get(k) for k in INDEXED_FIELDS}, "segment": r.get("segment") if incremental else None}
+               for uri, r in sorted(before.items()) if uri not in seen]
+    return rows, deleted
+
+
+def check_unique_ids(rows: list[dict]) -> None:
+    """Refuse a plan in which two listed uris share an image id (the 64-bit hash of the uri): the
+    index could not tell their rows apart."""
+    from delf_retrieval import index, inputs
+
+    ids: dict[int, str] = {}
+    for row in rows:
+        if ids.setdefault(inputs.image_id(row["uri"]), row["uri"]) != row["uri"]:
+            raise index.PublishRefused(f"image id collision: {row['uri']} and {ids[inputs.image_id(row['uri'])]}")
 
 
 @dataclass
 class BuildPlan:
-    """What one build does: its mode, a row per unique listed input (``PLAN_FIELDS``), the uris
-    deleted since the version it builds on, the listing's dead letters (uris listed again), the
-    training sample (image ids) of a full build, and how shards are sized: ``num_shards`` when it
-    is known up front, else from ``descriptor_bound`` once the trained model's cell count is."""
+    """What one build does: its mode, a row per unique listed input (``PLAN_FIELDS``), a ``DELETE``
+    row per image no longer listed, the listing's dead letters (uris listed again), the training
+    sample (image ids) of a full build, whether the rows of kept images are copied into the new
+    segment (``carry``: an incremental build over a format-1 version, whose shards are no segment)
+    and how the new segment's shards are sized: ``num_shards`` when it is known up front, else from
+    ``descriptor_bound`` once the trained model's cell count is."""
 
     mode: str
     rows: list[dict]
-    deleted: list[str] = field(default_factory=list)
+    deleted: list[dict] = field(default_factory=list)
     repeats: list[dict] = field(default_factory=list)
     training_sample: frozenset = frozenset()
+    carry: bool = False
     num_shards: int | None = None
     descriptor_bound: int = 0
 
@@ -138,42 +159,50 @@ class BuildPlan:
         return sum(r["action"] == action for r in self.rows)
 
     def table(self):
-        """The plan as the Parquet table the build's steps read (``PLAN_FILE`` in the version folder)."""
+        """The plan as the Parquet table the build's steps read (``PLAN_FILE`` in the version folder):
+        the rows it acts on (checks, extractions, deletions), and the kept ones only when it copies
+        their rows (a kept image's rows otherwise stay in its segment: a plan of a million kept
+        images would be written every night for nothing)."""
         import pyarrow as pa
 
         schema = pa.schema([("uri", pa.string()), ("label", pa.string()), ("stamp", pa.string()),
                             ("action", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                            ("num_features", pa.int32()), ("content_hash", pa.string())])
-        return pa.Table.from_pylist(self.rows, schema=schema)
+                            ("num_features", pa.int32()), ("content_hash", pa.string()),
+                            ("segment", pa.string())])
+        rows = [r for r in self.rows if self.carry or r["action"] != KEEP] + self.deleted
+        return pa.Table.from_pylist(rows, schema=schema)
 
 
 def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: BuildConfig, max_features: int,
                previous_images: list[dict] = (), previous_counts: dict | None = None,
-               n_cells: int | None = None) -> BuildPlan:
+               n_cells: int | None = None, carry: bool = False, keep_all: bool = False) -> BuildPlan:
     """The plan of a build in ``mode`` over ``listed`` (uri, label, stamp) rows.
 
     A full build trains on ``index.training_sample`` of the inputs (the smallest image ids, enough
-    for ``config.sample_size`` descriptors at ``max_features`` per image). Shards: ``num_shards``
-    if the config fixes it; an incremental build sizes them from the kept rows' descriptors plus
-    the previous version's mean per image for the rest (``n_cells`` and ``previous_counts`` come
-    from the current version); full and fixed builds from the extracted inputs x ``max_features``,
-    an upper bound, once the model's cell count is known."""
+    for ``config.sample_size`` descriptors at ``max_features`` per image). Shards of the new
+    segment: ``num_shards`` if the config fixes it; an incremental build sizes them from the
+    previous version's mean descriptors per image for the images it reads (plus the kept rows'
+    descriptors when it ``carry``s them; ``n_cells`` and ``previous_counts`` come from the current
+    version); full and fixed builds from the extracted inputs x ``max_features``, an upper bound,
+    once the model's cell count is known. ``keep_all``: the listing is the index's own images
+    (a merge alone), all kept."""
     from delf_retrieval import index
 
     if mode not in MODES:
         raise ValueError(f"unknown build mode {mode!r}; one of {', '.join(MODES)}")
     incremental = mode == INCREMENTAL
-    rows, deleted = plan_rows(listed, list(previous_images), incremental)
-    plan = BuildPlan(mode, rows, deleted, list(repeats), num_shards=config.num_shards)
+    rows, deleted = plan_rows(listed, list(previous_images), incremental, keep_all)
+    check_unique_ids(rows)
+    plan = BuildPlan(mode, rows, deleted, list(repeats), carry=incremental and carry, num_shards=config.num_shards)
     extracted = [r["uri"] for r in rows if r["action"] == EXTRACT]
     if mode == FULL:
         plan.training_sample = frozenset(index.training_sample(extracted, config.sample_size, max_features))
     if incremental:
         if previous_counts is None or n_cells is None:
             raise ValueError("an incremental plan needs the current version's counts and cell count")
-        kept = sum(r["num_features"] or 0 for r in rows if r["action"] != EXTRACT)
+        copied = sum(r["num_features"] or 0 for r in rows if r["action"] == KEEP) if plan.carry else 0
         per_image = previous_counts["descriptors"] / max(previous_counts["images"], 1)
-        estimate = int(kept + per_image * len(extracted))
+        estimate = int(copied + per_image * plan.to_read)
         plan.num_shards = config.num_shards or index.shard_count(estimate, n_cells, config.rows_per_shard)
     plan.descriptor_bound = plan.to_read * int(max_features)
     return plan
@@ -229,6 +258,20 @@ class BuildJob:
     started: float = 0.0
     neighbours: object = None  # expansion.NeighbourConfig: keep a verified-neighbour table; None: none
     previous_neighbours: dict | None = None  # the current version's neighbour table (file record)
+    # The segments: the one this run writes (named by its build id; its shards carry ``index_id``),
+    # whether it copies the kept images' rows into it (``carry``, over a format-1 version), how many
+    # plan rows are kept, the current version's segments the new one keeps listing, the merges of
+    # this run (``segments.Merge``) and the current version's tombstones and restamps (file records).
+    carry: bool = False
+    kept: int = 0
+    previous_descriptors: int = 0  # the current version's live descriptors
+    segments: tuple = ()
+    merges: tuple = ()
+    previous_files: dict = field(default_factory=dict)
+
+    @property
+    def segment_id(self) -> str:
+        return self.build_id
 
     @property
     def build_id(self) -> str:

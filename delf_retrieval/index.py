@@ -177,18 +177,14 @@ class PublishRefused(Exception):
     must not replace a good index)."""
 
 
-def check_publishable(listed: int, images: list[dict], dead_letters: list[dict],
+def check_publishable(listed: int, indexed: int, dead_letters: list[dict],
                       max_rejected_fraction: float = DEFAULT_MAX_REJECTED_FRACTION) -> None:
-    """Raise :class:`PublishRefused` unless every listed input is indexed or rejected, image ids are
-    unique, and at most ``max_rejected_fraction`` of the listed inputs were rejected."""
-    accounted = len(images) + len(dead_letters)
+    """Raise :class:`PublishRefused` unless every listed input is indexed or rejected and at most
+    ``max_rejected_fraction`` of them were rejected. (Image ids are checked unique when planned.)"""
+    accounted = indexed + len(dead_letters)
     if accounted != listed:
-        raise PublishRefused(f"{listed} inputs listed but {len(images)} indexed + {len(dead_letters)} rejected: "
+        raise PublishRefused(f"{listed} inputs listed but {indexed} indexed + {len(dead_letters)} rejected: "
                              f"{listed - accounted} unaccounted for")
-    ids: dict[int, str] = {}
-    for record in images:
-        if ids.setdefault(record["image_id"], record["uri"]) != record["uri"]:
-            raise PublishRefused(f"image id collision: {record['uri']} and {ids[record['image_id']]}")
     if listed and len(dead_letters) / listed > max_rejected_fraction:
         reasons: dict[str, int] = {}
         for d in dead_letters:

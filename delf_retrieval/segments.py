@@ -39,6 +39,8 @@ SEGMENTS_DIR = "segments"
 SEGMENT_MANIFEST = "segment.json"
 TOMBSTONES_FILE = "tombstones.parquet"
 TOMBSTONE_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64())])
+RESTAMPS_FILE = "restamps.parquet"
+RESTAMP_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64()), ("stamp", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,44 @@ class Tombstones:
         return Tombstones({str(s): np.unique(ids[segment == s]) for s in np.unique(segment)})
 
 
+@dataclass(frozen=True)
+class Restamps:
+    """New change markers of images whose source was touched but whose bytes did not change: their
+    rows stay in their segment, and the version records the stamp the next run compares with
+    (segment id -> {image id: stamp}); a merge writes them into the merged image table."""
+
+    stamps: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.stamps.values())
+
+    def adding(self, segment_id: str, updates: dict) -> "Restamps":
+        return Restamps({**self.stamps, segment_id: {**self.stamps.get(segment_id, {}), **updates}})
+
+    def only(self, segment_ids, dropping: Tombstones = Tombstones()) -> "Restamps":
+        """Those of the listed segments, without images ``dropping`` tombstones."""
+        keep = set(segment_ids)
+        out = {}
+        for segment, updates in self.stamps.items():
+            if segment in keep:
+                gone = set(dropping.of(segment).tolist())
+                out[segment] = {i: v for i, v in updates.items() if i not in gone}
+        return Restamps({k: v for k, v in out.items() if v})
+
+    def to_table(self) -> pa.Table:
+        rows = [(s, i, v) for s in sorted(self.stamps) for i, v in sorted(self.stamps[s].items())]
+        return pa.Table.from_arrays([pa.array([r[0] for r in rows], pa.string()),
+                                     pa.array([r[1] for r in rows], pa.int64()),
+                                     pa.array([r[2] for r in rows], pa.string())], schema=RESTAMP_SCHEMA)
+
+    @staticmethod
+    def from_table(table: pa.Table) -> "Restamps":
+        out: dict = {}
+        for s, i, v in zip(*(table.column(n).to_pylist() for n in ("segment", "image_id", "stamp"))):
+            out.setdefault(str(s), {})[int(i)] = v
+        return Restamps(out)
+
+
 def is_segmented(manifest: dict) -> bool:
     return manifest.get("format_version") == SEGMENTS_FORMAT_VERSION
 
@@ -181,6 +221,45 @@ def read_tombstones(directory: str, manifest: dict) -> Tombstones:
     return Tombstones.from_table(pq.read_table(io.BytesIO(shards._check_file(directory, record, checksum=True))))
 
 
+def read_restamps(directory: str, manifest: dict) -> Restamps:
+    record = manifest["files"].get("restamps")
+    if record is None:
+        return Restamps()
+    return Restamps.from_table(pq.read_table(io.BytesIO(shards._check_file(directory, record, checksum=True))))
+
+
+def live_images(root: str, manifest: dict) -> pa.Table:
+    """The live images of a format-2 version read from ``root`` (the pointer, or a manifest whose
+    paths are from ``root``): each segment's image table without its tombstoned images, with the
+    version's restamps applied and a ``segment`` column naming where each image's rows are."""
+    tombstones, restamps = read_tombstones(root, manifest), read_restamps(root, manifest)
+    parts = [pa.Table.from_pylist([], schema=shards.IMAGE_SCHEMA.append(pa.field("segment", pa.string())))]
+    for ref in segment_refs(manifest):
+        table = segment_images(root, ref, tombstones.of(ref.segment_id), restamps.stamps.get(ref.segment_id, {}))
+        parts.append(table.append_column("segment", pa.array(np.full(table.num_rows, ref.segment_id, object),
+                                                             pa.string())))
+    return pa.concat_tables(parts)
+
+
+def segment_images(root: str, ref: SegmentRef, dropped: np.ndarray = np.zeros(0, np.int64),
+                   restamped: dict | None = None) -> pa.Table:
+    """A segment's image table (checked) without the ``dropped`` image ids, ``restamped`` stamps applied."""
+    segment = read_segment(root, ref)
+    table = pq.read_table(io.BytesIO(shards._check_file(root, _in_segment(ref, segment.images), checksum=True)))
+    if len(dropped):
+        table = table.filter(pa.array(~np.isin(table.column("image_id").to_numpy(), dropped)))
+    return _restamped(table, restamped)
+
+
+def _restamped(table: pa.Table, restamped: dict | None) -> pa.Table:
+    """An image table with the stamps of ``restamped`` (image id -> stamp) replaced."""
+    if not restamped:
+        return table
+    ids = table.column("image_id").to_pylist()
+    stamps = [restamped.get(i, old) for i, old in zip(ids, table.column("stamp").to_pylist())]
+    return table.set_column(table.schema.get_field_index("stamp"), "stamp", pa.array(stamps, pa.string()))
+
+
 def verify(directory: str, manifest: dict, deep: set[str] | None = None) -> None:
     """Check a format-2 version: its own files byte for byte, every segment's manifest against its
     recorded SHA-256, and the files of the segments in ``deep`` (None: all) byte for byte; the
@@ -198,24 +277,37 @@ def verify(directory: str, manifest: dict, deep: set[str] | None = None) -> None
 # Writing
 
 
+def segment_folder(root: str, segment_id: str) -> str:
+    return storage.join(root, f"{SEGMENTS_DIR}/{segment_id}")
+
+
 def write_segment(root: str, rows: shards.PostingRows, images: pa.Table, pq_bits: int,
                   segment_id: str | None = None, rows_per_shard: int = 4_000_000,
                   rows_per_group: int = shards.ROWS_PER_GROUP) -> SegmentRef:
-    """Write one immutable segment under ``root/segments/<id>/`` (its manifest last) and return
-    the record a version lists it by."""
+    """Write one immutable segment held in memory under ``root/segments/<id>/`` (its manifest
+    last; the Beam build writes the same files in parallel) and return the record a version
+    lists it by."""
     segment_id = segment_id or shards.new_index_id()
-    folder = storage.join(root, f"{SEGMENTS_DIR}/{segment_id}")
+    folder = segment_folder(root, segment_id)
     index_id = shards.new_index_id()
     table = shards.postings_table(rows, pq_bits)
-    shard_records = tuple(
+    shard_records = [
         shards.write_shard(folder, f"{shards.POSTINGS_DIR}/part-{i:05d}.parquet", piece, index_id, rows_per_group)
-        for i, piece in enumerate(shards.split_by_cells(table, rows_per_shard)))
-    segment = Segment(segment_id, index_id, shards.write_table_file(folder, shards.IMAGES_FILE, images), shard_records)
+        for i, piece in enumerate(shards.split_by_cells(table, rows_per_shard))]
+    return finish_segment(root, segment_id, index_id, images, shard_records)
+
+
+def finish_segment(root: str, segment_id: str, index_id: str, images: pa.Table, shard_records: list[dict]) -> SegmentRef:
+    """Complete a segment whose posting shards (carrying ``index_id``) are written: its image table,
+    then its manifest. Returns its record for a version manifest."""
+    folder = segment_folder(root, segment_id)
+    records = tuple(sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"]))
+    segment = Segment(segment_id, index_id, shards.write_table_file(folder, shards.IMAGES_FILE, images), records)
     payload = json.dumps(segment.to_json(), indent=1, sort_keys=True).encode()
     record = shards.write_array_file(folder, SEGMENT_MANIFEST, payload)
     return SegmentRef(segment_id, f"{SEGMENTS_DIR}/{segment_id}/{SEGMENT_MANIFEST}", record["bytes"],
                       record["sha256"], images.num_rows, segment.descriptors,
-                      segment.images["bytes"] + sum(r["bytes"] for r in shard_records))
+                      segment.images["bytes"] + sum(r["bytes"] for r in records))
 
 
 def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, segments: list[SegmentRef],
@@ -226,14 +318,7 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
     ``version_folder``: ``builds/<id>`` when ``directory`` is that folder of a versioned root;
     ``neighbours``: the version's ``expansion.NeighbourTable`` (readers drop its edges to images
     that are not live)."""
-    listed = {ref.segment_id for ref in segments}
-    if len(listed) != len(segments):
-        raise ValueError("a segment is listed twice")
-    if set(tombstones.deleted) - listed:
-        unlisted = sorted(set(tombstones.deleted) - listed)
-        raise ValueError(f"tombstones name segments the version does not list: {unlisted}")
-    files = {"quantizer": shards.write_array_file(directory, shards.QUANTIZER_FILE, quantizer.to_npz_bytes()),
-             "tombstones": shards.write_table_file(directory, TOMBSTONES_FILE, tombstones.to_table())}
+    files = {"quantizer": shards.write_array_file(directory, shards.QUANTIZER_FILE, quantizer.to_npz_bytes())}
     if pca is not None:
         files["pca"] = shards.write_array_file(directory, shards.PCA_FILE, pca.to_npz_bytes())
     if dead_letters is not None:
@@ -242,19 +327,53 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
         from delf_retrieval.expansion import NEIGHBOURS_FILE
 
         files["neighbours"] = shards.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
+    return segmented_manifest(directory, shards.new_index_id(), quantizer, files, segments, tombstones,
+                              version_folder=version_folder, model=model)
+
+
+def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, files: dict, segments: list[SegmentRef],
+                       tombstones: Tombstones = Tombstones(), restamps: Restamps = Restamps(),
+                       version_folder: str | None = None, model: dict | None = None, extra: dict | None = None,
+                       live_descriptors: int | None = None) -> dict:
+    """A format-2 manifest over the version's own ``files`` (written into ``directory``; its
+    tombstones and restamps are written here too) and the ``segments`` it lists.
+    ``live_descriptors``: the rows of its live images, when the caller knows them (a build does:
+    the previous version's, less those of the images it removes, plus those it adds); otherwise
+    they are counted from the segments' image tables."""
+    listed = {ref.segment_id for ref in segments}
+    if len(listed) != len(segments):
+        raise ValueError("a segment is listed twice")
+    for name, named in (("tombstones", tombstones.deleted), ("restamps", restamps.stamps)):
+        if set(named) - listed:
+            raise ValueError(f"{name} name segments the version does not list: {sorted(set(named) - listed)}")
+    files = {**files, "tombstones": shards.write_table_file(directory, TOMBSTONES_FILE, tombstones.to_table())}
+    if len(restamps):
+        files["restamps"] = shards.write_table_file(directory, RESTAMPS_FILE, restamps.to_table())
     # The format-1 record (spec, parameters, model, counts), then what format 2 lists instead of shards.
-    # counts.images are the live images; counts.descriptors include the rows of tombstoned images
-    # (subtracting them needs the rows), until a merge drops them.
+    # counts.images and counts.descriptors are the live ones; counts.stored_descriptors also holds
+    # the rows of tombstoned images, until a merge drops them.
+    stored = sum(r.descriptors for r in segments)
+    if live_descriptors is None:
+        root = index_root(directory, {"version_folder": version_folder}) if version_folder else directory
+        live_descriptors = stored - sum(_rows_of(root, r, tombstones.of(r.segment_id))
+                                        for r in segments if len(tombstones.of(r.segment_id)))
     live_images = {"rows": sum(r.images for r in segments) - len(tombstones)}
-    manifest = shards.build_manifest(shards.new_index_id(), quantizer, {**files, "images": live_images}, [], model)
+    manifest = shards.build_manifest(index_id, quantizer, {**files, "images": live_images}, [], model, extra)
     del manifest["shards"], manifest["counts"]["shards"]
     manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files,
                      "segments": [r.to_json() for r in segments]})
-    manifest["counts"].update({"descriptors": sum(r.descriptors for r in segments), "segments": len(segments),
-                               "tombstones": len(tombstones)})
+    manifest["counts"].update({"descriptors": int(live_descriptors), "stored_descriptors": stored,
+                               "segments": len(segments), "tombstones": len(tombstones)})
     if version_folder is not None:
         manifest["version_folder"] = version_folder
     return manifest
+
+
+def _rows_of(root: str, ref: SegmentRef, image_ids: np.ndarray) -> int:
+    """The posting rows of these images of a segment (their ``num_features``)."""
+    table = segment_images(root, ref)
+    chosen = np.isin(table.column("image_id").to_numpy(), image_ids)
+    return int(table.column("num_features").to_numpy()[chosen].sum())
 
 
 def write_version(directory: str, **kwargs) -> dict:
@@ -348,11 +467,12 @@ class SegmentedReader:
         """The live images of every segment (tombstoned rows dropped), segment after segment."""
         if self._images is None:
             parts = []
-            for reader, deleted in zip(self.segments, self._deleted):
+            restamps = read_restamps(self.directory, self.manifest)
+            for ref, reader, deleted in zip(self.refs, self.segments, self._deleted):
                 table = reader.images
                 if len(deleted):
                     table = table.filter(pa.array(~np.isin(table.column("image_id").to_numpy(), deleted)))
-                parts.append(table)
+                parts.append(_restamped(table, restamps.stamps.get(ref.segment_id)))
             self._images = pa.concat_tables(parts)
         return self._images
 
@@ -542,3 +662,119 @@ class MergePolicy:
             merges.append(tuple(s.segment_id for s in best))
             eligible = [s for s in eligible if s not in best]
         return merges
+
+    def forced_merges(self, segments: list[SegmentStats], max_segments: int = 1) -> list[tuple[str, ...]]:
+        """Merges on demand (Lucene's forceMerge): the smallest segments into one until at most
+        ``max_segments`` remain; a version already that small has each segment with tombstoned
+        rows rewritten without them."""
+        if max_segments < 1:
+            raise ValueError("max_segments must be at least 1")
+        if len(segments) > max_segments:
+            smallest = sorted(segments, key=lambda s: (s.live_bytes, s.segment_id))[:len(segments) - max_segments + 1]
+            return [tuple(s.segment_id for s in smallest)]
+        return [(s.segment_id,) for s in segments if s.deleted]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One merge of a run: the ``sources`` segments (their records) compacted into the new segment
+    ``segment_id``, without their tombstoned rows, its rows cut by cell range into ``num_shards``
+    shards that carry ``index_id``."""
+
+    segment_id: str
+    sources: tuple  # SegmentRef
+    num_shards: int
+    index_id: str
+
+    @property
+    def source_ids(self) -> tuple:
+        return tuple(r.segment_id for r in self.sources)
+
+
+def plan_merges(manifest: dict, tombstones: Tombstones, merge_id: str, rows_per_shard: int,
+                policy: MergePolicy = MergePolicy(), max_segments: int | None = None) -> list[Merge]:
+    """The merges a run makes of a format-2 version whose tombstones (the run's deletions
+    included) are ``tombstones``: those ``policy`` finds, or with ``max_segments`` those a merge on
+    demand makes. Merged segments are named ``<merge_id>-m<i>``."""
+    from delf_retrieval.index import shard_count
+
+    stats = segment_stats(manifest, tombstones)
+    chosen = policy.find_merges(stats) if max_segments is None else policy.forced_merges(stats, max_segments)
+    refs = {r.segment_id: r for r in segment_refs(manifest)}
+    n_cells = int(manifest["params"]["n_cells"])
+    merges = []
+    for i, ids in enumerate(chosen):
+        sources = tuple(refs[s] for s in ids)
+        live = sum(r.descriptors * (1 - len(tombstones.of(r.segment_id)) / max(r.images, 1)) for r in sources)
+        merges.append(Merge(f"{merge_id}-m{i}", sources, shard_count(int(live), n_cells, rows_per_shard),
+                            shards.new_index_id()))
+    return merges
+
+
+def cell_range(shard: int, n_cells: int, n_shards: int) -> tuple[int, int]:
+    """[first, end) cells of ``shard`` when cells are cut into ``n_shards`` as ``index.shard_of_cells`` does."""
+    return -(-shard * n_cells // n_shards), -(-(shard + 1) * n_cells // n_shards)
+
+
+def merged_shard(root: str, merge: Merge, shard: int, dropped: Tombstones, n_cells: int, pq_m: int,
+                 pq_bits: int) -> pa.Table:
+    """The posting table of one shard of ``merge``: the rows of its sources in the shard's cell
+    range, without images ``dropped`` names for their segment, in the order one segment stores
+    (an image's rows keep theirs). Each source shard read is checked against its SHA-256."""
+    first, end = cell_range(shard, n_cells, merge.num_shards)
+    parts = []
+    for ref in merge.sources:
+        gone = dropped.of(ref.segment_id)
+        for record in read_segment(root, ref).shards:
+            if record["last_cell"] < first or record["first_cell"] >= end:
+                continue
+            table = pq.read_table(io.BytesIO(shards._check_file(root, _in_segment(ref, record), checksum=True)))
+            cells = table.column("cell").to_numpy()
+            keep = (cells >= first) & (cells < end) & ~np.isin(table.column("image_id").to_numpy(), gone)
+            if keep.any():
+                parts.append(shards.posting_rows(table.filter(pa.array(keep)), pq_m, pq_bits))
+    return shards.postings_table(shards.PostingRows.concatenate(parts, pq_m), pq_bits)
+
+
+def merged_images(root: str, merge: Merge, dropped: Tombstones, restamps: Restamps) -> pa.Table:
+    """The image table of ``merge``'s segment: its sources' images but the dropped, restamped."""
+    return pa.concat_tables([segment_images(root, r, dropped.of(r.segment_id), restamps.stamps.get(r.segment_id))
+                             for r in merge.sources])
+
+
+def successor(kept: list[SegmentRef], tombstones: Tombstones, restamps: Restamps, merges: list[Merge],
+              removed: list[tuple[str, int]], restamped: list[tuple[str, int, str]]) -> tuple[Tombstones, Restamps]:
+    """The tombstones and restamps of a run's new version. ``kept``: the current version's segments
+    it still lists (not merged away); ``tombstones``/``restamps``: the current version's;
+    ``removed``: (segment, image id) of indexed images whose rows must no longer be found (deleted,
+    changed or now rejected) and were not already dropped by a merge; ``restamped``: (segment,
+    image id, stamp) of images touched but unchanged. A removed or restamped image of a merged
+    segment is recorded against the merged one (its rows and image record are there)."""
+    into = {source: m.segment_id for m in merges for source in m.source_ids}
+    out_tombstones = tombstones.only(r.segment_id for r in kept)
+    by_segment: dict = {}
+    for segment, image_id in removed:
+        by_segment.setdefault(into.get(segment, segment), []).append(image_id)
+    for segment, ids in by_segment.items():
+        out_tombstones = out_tombstones.adding(segment, ids)
+    out_restamps = restamps.only([r.segment_id for r in kept], dropping=out_tombstones)
+    gone = {(s, int(i)) for s, ids in out_tombstones.deleted.items() for i in ids}
+    updates: dict = {}
+    for segment, image_id, stamp in restamped:
+        if segment not in into and (segment, image_id) not in gone:
+            updates.setdefault(segment, {})[image_id] = stamp
+    for segment, stamps in updates.items():
+        out_restamps = out_restamps.adding(segment, stamps)
+    return out_tombstones, out_restamps
+
+
+def posting_shards(directory: str, manifest: dict) -> list[dict]:
+    """Every posting shard record a version reads, with its path from ``directory`` (where the
+    manifest was read): a format-1 version's own shards, or those of each segment it lists."""
+    if not is_segmented(manifest):
+        return list(manifest["shards"])
+    root = index_root(directory, manifest)
+    prefix = "" if root == directory else manifest["version_folder"].count("/") + 1
+    if prefix:
+        raise ValueError("posting_shards reads a segmented version from its root, not its own folder")
+    return [_in_segment(ref, s) for ref in segment_refs(manifest) for s in read_segment(root, ref).shards]

@@ -398,13 +398,15 @@ def _check_file(directory: str, record: dict, checksum: bool) -> bytes | None:
     return data
 
 
-def verify(directory: str) -> dict:
-    """Check every file of an index byte for byte against the manifest; return the manifest."""
+def verify(directory: str, deep: set[str] | None = None) -> dict:
+    """Check every file of an index byte for byte against the manifest; return the manifest. Of a
+    version of segments, ``deep`` names the segments whose files are read byte for byte (None:
+    all); the others are checked by their recorded checksums and sizes (``segments.verify``)."""
     manifest = read_manifest(directory)
     if manifest["format_version"] == 2:
         from delf_retrieval import segments
 
-        segments.verify(directory, manifest)
+        segments.verify(directory, manifest, deep)
         return manifest
     for record in list(manifest["files"].values()) + manifest["shards"]:
         _check_file(directory, record, checksum=True)

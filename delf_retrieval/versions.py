@@ -5,7 +5,7 @@ version is verified), retention of old versions, rollback, and the lock that kee
 Layout of a versioned root::
 
     manifest.json                   the pointer: the current version's manifest with its paths
-                                    prefixed by builds/<id>/, so IndexReader(ROOT) reads it as is
+                                    prefixed by builds/<id>/, so a reader of ROOT reads it as is
     builds/<id>/manifest.json       each version's own manifest (paths relative to its folder), so
                                     builds/<id> is itself a complete index
     builds/<id>/...                 its files; never modified after its manifest is written
@@ -95,11 +95,14 @@ def version_ids(root: str) -> tuple[list[str], list[str]]:
     return complete, sorted(set(files) - set(complete))
 
 
-def publish(root: str, build: str, manifest: dict, expected_token: str | None) -> dict:
+def publish(root: str, build: str, manifest: dict, expected_token: str | None, deep: set[str] | None = None) -> dict:
     """Make ``build`` (its files already written) the current version: write its own manifest,
     verify every file against it, then replace the pointer, only if the pointer is still the one
     ``expected_token`` names (None: nothing published yet). Returns the pointer manifest. Every
-    writer (``pipeline.run`` and ``pipeline.reindex``) passes the token it read under the lock."""
+    writer (``pipeline.run`` and ``pipeline.reindex``) passes the token it read under the lock.
+    ``deep``: of a version of segments, those the run wrote, which are read byte for byte; the
+    segments it shares with earlier versions were verified by the run that wrote them and are
+    checked against their recorded checksums and sizes only (None: every byte is read)."""
     folder = build_folder(build)
     before, token = current(root)
     if before and before.get("build") == folder:
@@ -107,7 +110,7 @@ def publish(root: str, build: str, manifest: dict, expected_token: str | None) -
     previous = before.get("build") if before else None
     version = {**manifest, "previous": previous}
     shards.write_manifest(storage.join(root, folder), version)
-    shards.verify(storage.join(root, folder))
+    shards.verify(storage.join(root, folder), deep)
     pointer = pointer_from_version(version, folder)
     if token != expected_token:
         raise PublishConflict(f"{root}: the current version changed while this run worked (now {previous}); "

@@ -115,17 +115,40 @@ def job_url(result, beam_args: list[str]) -> str | None:
 
 
 def previous_images(root: str, pointer: dict | None) -> list[dict]:
-    """The current version's image table, as records (none before the first version)."""
+    """The current version's live images, as records (none before the first version); those of a
+    format-2 version name the ``segment`` their rows are in."""
     import io
 
     import pyarrow.parquet as pq
 
-    from delf_retrieval import shards, storage
+    from delf_retrieval import segments, shards, storage
 
     if pointer is None:
         return []
+    if segments.is_segmented(pointer):
+        return segments.live_images(root, pointer).to_pylist()
     table = pq.read_table(io.BytesIO(storage.read_bytes(shards.resolve(root, pointer["files"]["images"]["path"]))))
     return table.to_pylist()
+
+
+def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard: int, max_segments: int | None):
+    """(the current version's segments the new one keeps listing, this run's merges, the current
+    version's tombstones and restamps as file records) of an incremental run over a format-2
+    version: the merge policy weighs the segments with this run's deletions counted as
+    tombstones; ``max_segments`` (a merge on demand) merges down to that many instead."""
+    from delf_retrieval import inputs, segments
+
+    tombstones = segments.read_tombstones(root, pointer)
+    deleted: dict = {}
+    for row in plan.deleted:
+        deleted.setdefault(row["segment"], []).append(inputs.image_id(row["uri"]))
+    for segment, ids in deleted.items():
+        tombstones = tombstones.adding(segment, ids)
+    merges = segments.plan_merges(pointer, tombstones, build_id, rows_per_shard, max_segments=max_segments)
+    merged = {s for m in merges for s in m.source_ids}
+    kept = tuple(r for r in segments.segment_refs(pointer) if r.segment_id not in merged)
+    files = {k: pointer["files"][k] for k in ("tombstones", "restamps") if k in pointer["files"]}
+    return kept, tuple(merges), files
 
 
 def neighbour_settings(args: argparse.Namespace, mode: str, pointer: dict | None):
@@ -155,7 +178,7 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
     import functools
 
     from delf_retrieval import build as plan_lib
-    from delf_retrieval import inputs, shards, storage
+    from delf_retrieval import inputs, segments, shards, storage
     from delf_retrieval.extract import ExtractionConfig
     from delf_retrieval.model import delf
     from transforms.extract import ExtractImages
@@ -176,14 +199,27 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         config = config_from_args(args)
     model = read_model_folder(args.quantizer) if mode == plan_lib.FIXED else None
     neighbours, previous_neighbours = neighbour_settings(args, mode, pointer)
-    label_from_folder = args.label_from_folder
-    if label_from_folder is None:
-        label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
-    listed, repeats = inputs.list_stamped(args.input, label_from_folder, stat_objects=mode == plan_lib.INCREMENTAL)
-    plan = plan_lib.plan_build(mode, listed, repeats, config, extraction_config.max_features,
-                               previous_images(args.index, pointer), pointer and pointer["counts"],
-                               pointer and pointer["params"]["n_cells"])
-    build = f"{shards.BUILDS_DIR}/{plan_lib.new_build_id()}"
+    previous = previous_images(args.index, pointer)
+    if args.input is None:  # a merge alone: the listing is the index's own images, all kept
+        if mode != plan_lib.INCREMENTAL:
+            raise cli.UsageError(f"{args.index}: a {mode} build needs --input")
+        listed, repeats = [(r["uri"], r["label"], r["stamp"]) for r in previous], []
+    else:
+        label_from_folder = args.label_from_folder
+        if label_from_folder is None:
+            label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
+        listed, repeats = inputs.list_stamped(args.input, label_from_folder, stat_objects=mode == plan_lib.INCREMENTAL)
+    carry = mode == plan_lib.INCREMENTAL and not segments.is_segmented(pointer)
+    plan = plan_lib.plan_build(mode, listed, repeats, config, extraction_config.max_features, previous,
+                               pointer and pointer["counts"], pointer and pointer["params"]["n_cells"],
+                               carry=carry, keep_all=args.input is None)
+    build_id = plan_lib.new_build_id()
+    build = f"{shards.BUILDS_DIR}/{build_id}"
+    kept, merges, previous_files = (), (), {}
+    if mode == plan_lib.INCREMENTAL and not carry:
+        kept, merges, previous_files = plan_segments(args.index, pointer, plan, build_id, config.rows_per_shard,
+                                                     getattr(args, "max_segments", None) if getattr(args, "merge", False)
+                                                     else None)
     plan_record = shards.write_table_file(storage.join(args.index, build), plan_lib.PLAN_FILE, plan.table())
     fetch = cli.fetch_config_from_args(args)
     job = plan_lib.BuildJob(
@@ -193,7 +229,10 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         training_sample=plan.training_sample, num_shards=plan.num_shards, descriptor_bound=plan.descriptor_bound,
         expected_token=token, lock_owner=lock_owner, keep=args.keep, max_rejected_fraction=args.max_rejected_fraction,
         drift_threshold=getattr(args, "drift_threshold", plan_lib.DRIFT_THRESHOLD),
-        drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours, previous_neighbours=previous_neighbours)
+        drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours,
+        previous_neighbours=previous_neighbours, carry=plan.carry, kept=plan.count(plan_lib.KEEP), segments=kept,
+        previous_descriptors=pointer["counts"]["descriptors"] if pointer else 0,
+        merges=merges, previous_files=previous_files)
     extract = functools.partial(
         ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, fetch=fetch,
         progress_total=plan.to_read if local and not args.no_progress else 0)

@@ -52,9 +52,15 @@ def parse_args(argv=None):
         help="retrain (on the next run) when the new descriptors' quantization error exceeds the training "
              "error by this factor (default %(default)s)")
     add("--drift-sample", type=int, default=plan_lib.DRIFT_SAMPLE, help="new descriptors sampled to measure drift (default %(default)s)")
+    add("--merge", nargs="?", const=True, default=False, type=cli.flag,
+        help="merge segments now, down to --max-segments, dropping deleted rows (without --input: only that); "
+             "otherwise a run merges when the merge policy says so")
+    add("--max-segments", type=int, default=1, help="segments left by --merge (default %(default)s)")
     args, beam_args = parser.parse_known_args(argv)
-    if not args.rollback and not args.input:
-        parser.error("--input is required (except with --rollback)")
+    if not args.rollback and not args.input and not args.merge:
+        parser.error("--input is required (except with --rollback or --merge)")
+    if args.max_segments < 1:
+        parser.error("--max-segments must be at least 1")
     return args, beam_args
 
 
@@ -91,10 +97,16 @@ def run(argv=None, test_pipeline=None) -> int:
         return rollback(args)
 
     def choose_mode(pointer):
+        if args.input is None:  # a merge alone
+            if pointer is None:
+                raise cli.UsageError(f"{args.index} has no published version to merge")
+            return plan_lib.INCREMENTAL
         if plan_lib.retrain_due(pointer) and not args.retrain and not args.quantizer:
             print("reindex: the previous run found the codebooks drifted: retraining (full rebuild)", file=sys.stderr)
         return plan_lib.choose_mode(pointer, fixed_model=bool(args.quantizer), retrain=args.retrain)
 
+    if args.input is None and (args.retrain or args.quantizer):
+        raise cli.UsageError("--retrain and --quantizer rebuild from the inputs: give --input")
     report = build.execute(args, beam_args, "pipeline.reindex", choose_mode, test_pipeline)
     if report is not None:
         print(report_line(report))

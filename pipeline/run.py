@@ -42,7 +42,7 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
 
     import pyarrow.parquet as pq
 
-    from delf_retrieval import shards, storage
+    from delf_retrieval import segments, shards, storage
 
     counts = manifest["counts"]
     rows = [("inputs", counts.get("inputs", "")), ("indexed", counts["images"]), ("rejected", counts["rejected"])]
@@ -53,10 +53,14 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
         for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             reasons[f"{stage}/{reason}"] = reasons.get(f"{stage}/{reason}", 0) + 1
         rows += [(f"  rejected: {r}", n) for r, n in sorted(reasons.items())]
-    total_bytes = sum(f["bytes"] for f in manifest["files"].values()) + sum(s["bytes"] for s in manifest["shards"])
-    rows += [("descriptors", counts["descriptors"]), ("shards", counts["shards"]), ("index", manifest["spec"]),
-             ("bytes", total_bytes),
-             ("bytes/descriptor", f"{sum(s['bytes'] for s in manifest['shards']) / max(counts['descriptors'], 1):.2f} (postings)"),
+    shard_records = segments.posting_shards(root, manifest)
+    if segments.is_segmented(manifest):
+        rows.append(("segments", counts["segments"]))
+    postings = sum(s["bytes"] for s in shard_records)
+    total_bytes = (sum(f["bytes"] for f in manifest["files"].values())
+                   + sum(r.size_bytes for r in segments.segment_refs(manifest)) + sum(s["bytes"] for s in manifest.get("shards", [])))
+    rows += [("descriptors", counts["descriptors"]), ("shards", len(shard_records)), ("index", manifest["spec"]),
+             ("bytes", total_bytes), ("bytes/descriptor", f"{postings / max(counts['descriptors'], 1):.2f} (postings)"),
              ("seconds", f"{seconds:.1f}")]
     width = max(len(str(r[0])) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

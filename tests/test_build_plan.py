@@ -51,12 +51,20 @@ def test_incremental_plan_keeps_checks_extracts_and_deletes():
     assert [(r["uri"], r["action"], r["label"]) for r in rows] == [
         ("/a.jpg", build.KEEP, "old"), ("/b.jpg", build.CHECK, "new"), ("/c.jpg", build.EXTRACT, "c"),
         ("https://h/x.jpg", build.KEEP, "old"), ("/unstamped.jpg", build.CHECK, "old")]
-    assert deleted == ["/gone.jpg"]
+    assert [(r["uri"], r["action"], r["num_features"]) for r in deleted] == [("/gone.jpg", build.DELETE, 10)]
     assert rows[0]["num_features"] == 10 and rows[2]["num_features"] is None
     # A full plan extracts everything, still keeps labels the listing lacks, still reports deletions.
     rows, deleted = build.plan_rows(listed, previous, incremental=False)
     assert {r["action"] for r in rows} == {build.EXTRACT} and rows[0]["label"] == "old"
-    assert deleted == ["/gone.jpg"]
+    assert [r["uri"] for r in deleted] == ["/gone.jpg"]
+    # Over a version of segments, each indexed image's row names the segment holding its rows.
+    previous = [{**r, "segment": "s1"} for r in previous]
+    rows, deleted = build.plan_rows(listed, previous, incremental=True)
+    assert [r["segment"] for r in rows] == ["s1", "s1", None, "s1", "s1"] and deleted[0]["segment"] == "s1"
+    # A listing made of the index's own images (a merge alone) keeps them all.
+    rows, deleted = build.plan_rows([(r["uri"], r["label"], r["stamp"]) for r in previous], previous,
+                                    incremental=True, keep_all=True)
+    assert {r["action"] for r in rows} == {build.KEEP} and deleted == []
 
 
 def test_a_full_plan_trains_on_the_smallest_image_ids_and_bounds_the_descriptors():
@@ -74,24 +82,36 @@ def test_a_full_plan_trains_on_the_smallest_image_ids_and_bounds_the_descriptors
         build.plan_build("partial", listed, [], config, 100)
 
 
-def test_an_incremental_plan_sizes_shards_from_kept_rows_and_the_mean_per_image():
+def test_an_incremental_plan_sizes_the_new_segment_from_the_mean_per_image():
     previous = [indexed(f"/p/{i}.jpg", "st:1", n=300) for i in range(10)]
     listed = [(f"/p/{i}.jpg", None, "st:1") for i in range(10)] + [(f"/q/{i}.jpg", None, "st:1") for i in range(10)]
     counts = {"images": 10, "descriptors": 2000}  # 200 per image on average
     plan = build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(rows_per_shard=1000), 300, previous,
                             counts, n_cells=64)
-    # 10 kept x 300 + 10 new x 200 = 5000 descriptors: 5 shards of 1000.
-    assert plan.num_shards == 5 == index.shard_count(5000, 64, 1000)
+    # The new segment holds the 10 new images only: 10 x 200 = 2000 descriptors, 2 shards of 1000.
+    assert plan.num_shards == 2 == index.shard_count(2000, 64, 1000) and not plan.carry
     assert plan.count(build.KEEP) == 10 and plan.to_read == 10 and plan.training_sample == frozenset()
+    # Over a format-1 version the kept rows are copied in too: 10 x 300 + 10 x 200 = 5000, 5 shards.
+    carried = build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(rows_per_shard=1000), 300, previous,
+                               counts, n_cells=64, carry=True)
+    assert carried.num_shards == 5 == index.shard_count(5000, 64, 1000) and carried.carry
     assert build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(num_shards=7), 300, previous, counts,
                             64).num_shards == 7
     with pytest.raises(ValueError, match="current version"):
         build.plan_build(build.INCREMENTAL, listed, [], build.BuildConfig(), 300, previous)
 
 
+def test_two_uris_with_one_image_id_are_refused_when_planned(monkeypatch):
+    monkeypatch.setattr(inputs, "image_id", lambda uri: 7)
+    with pytest.raises(index.PublishRefused, match="image id collision: /b.jpg and /a.jpg"):
+        build.plan_build(build.FULL, [("/a.jpg", None, "s"), ("/b.jpg", None, "s")], [], build.BuildConfig(), 100)
+
+
 def test_a_written_plan_reads_back_by_action(tmp_path):
     rows, _ = build.plan_rows([("/a", "x", "s1"), ("/b", None, "s2")], [indexed("/a", "s1")], incremental=True)
-    shards.write_table_file(str(tmp_path), build.PLAN_FILE, build.BuildPlan(build.INCREMENTAL, rows).table())
+    # Kept rows are written only by a plan that copies their rows: otherwise they stay in their segment.
+    assert [r["uri"] for r in build.BuildPlan(build.INCREMENTAL, rows).table().to_pylist()] == ["/b"]
+    shards.write_table_file(str(tmp_path), build.PLAN_FILE, build.BuildPlan(build.INCREMENTAL, rows, carry=True).table())
     path = str(tmp_path / build.PLAN_FILE)
     assert [r["uri"] for r in build.read_plan(path)] == ["/a", "/b"]
     assert [r["uri"] for r in build.read_plan(path, (build.KEEP,))] == ["/a"]

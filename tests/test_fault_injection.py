@@ -130,7 +130,7 @@ def test_a_crash_just_after_the_version_manifest_leaves_it_unpublished(tiny_vers
     publish_first(root, a)
     _, token = versions.current(root)
 
-    def killed(directory):
+    def killed(directory, deep=None):
         raise RuntimeError("killed after the version manifest was written")
 
     monkeypatch.setattr(shards, "verify", killed)

@@ -16,7 +16,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from delf_retrieval import images, index, inputs, shards, storage, versions
+from delf_retrieval import images, index, inputs, segments, shards, storage, versions
 from pipeline import build_quantizer, build_shortlist, cli, evaluate, extract, reindex, search, train
 from pipeline import run as run_job
 from tests.conftest import REPO_ROOT, SAMPLES
@@ -247,7 +247,7 @@ def test_a_build_over_bad_inputs_publishes_the_good_ones_and_accounts_for_every_
                        drip: ("fetch", "fetch_failed"), "boom.jpg": ("decode", "internal_error"),
                        first: ("list", "duplicate")}
     assert "RuntimeError: a decoder bug" in next(d["error"] for d in dead if d["uri"].endswith("boom.jpg"))
-    table = pq.read_table(os.path.join(output, manifest["files"]["images"]["path"])).to_pylist()
+    table = segments.open_reader(str(output)).images.to_pylist()
     assert len(table) == 9 and {r["label"] for r in table} == {"berlin_cathedral", "lund_street", "sacre_coeur"}
     assert next(r for r in table if r["uri"].endswith(first))["label"] == "berlin_cathedral"  # the first listing
     counts = manifest["counts"]
@@ -315,9 +315,10 @@ def edit_pointer(root, change):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("files.images", "../../outside.parquet"), ("files.images", "/etc/passwd"), ("files.quantizer", "a/../../b.npz"),
-    ("shards", "../outside.parquet"), ("shards", "postings//x.parquet"), ("build", "builds/../.."),
-    ("previous", "/etc"), ("files.pca", "gs://elsewhere/pca.npz"), ("files.images", "..\\..\\x"),
+    ("files.tombstones", "../../outside.parquet"), ("files.tombstones", "/etc/passwd"),
+    ("files.quantizer", "a/../../b.npz"), ("segments", "../outside.parquet"), ("segments", "segments//x.json"),
+    ("build", "builds/../.."), ("previous", "/etc"), ("files.pca", "gs://elsewhere/pca.npz"),
+    ("files.tombstones", "..\\..\\x"),
 ])
 def test_a_manifest_path_leaving_the_root_is_refused(hostile_build, tmp_path, field, value):
     root = copy_index(hostile_build[1], tmp_path)
@@ -326,14 +327,14 @@ def test_a_manifest_path_leaving_the_root_is_refused(hostile_build, tmp_path, fi
     def change(manifest):
         if field.startswith("files."):
             manifest["files"][field.split(".")[1]]["path"] = value
-        elif field == "shards":
-            manifest["shards"][0]["path"] = value
+        elif field == "segments":
+            manifest["segments"][0]["path"] = value
         else:
             manifest[field] = value
 
     edit_pointer(root, change)
-    with pytest.raises(shards.ManifestError, match=field.replace(".", r"\.").replace("shards", r"shards\[0\]")) as e:
-        shards.IndexReader(str(root))
+    with pytest.raises(shards.ManifestError, match=field.replace(".", r"\.").replace("segments", r"segments\[0\]")) as e:
+        segments.open_reader(str(root))
     assert "passwd" not in str(e.value) or "does not stay inside" in str(e.value)
     with pytest.raises(shards.ManifestError):
         versions.current(str(root))
@@ -341,11 +342,13 @@ def test_a_manifest_path_leaving_the_root_is_refused(hostile_build, tmp_path, fi
 
 def test_a_symbolic_link_out_of_the_index_is_refused(hostile_build, tmp_path):
     root = copy_index(hostile_build[1], tmp_path)
-    images_path = root / shards.read_manifest(str(root))["files"]["images"]["path"]
+    pointer = shards.read_manifest(str(root))
+    segment = segments.segment_refs(pointer)[0]
+    images_path = root / segment.folder / segments.read_segment(str(root), segment).images["path"]
     os.remove(images_path)
     os.symlink("/etc/passwd", images_path)
     with pytest.raises(shards.ManifestError, match="symbolic link"):
-        shards.IndexReader(str(root))
+        segments.open_reader(str(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +373,7 @@ def test_the_commands_answer_bad_input_with_one_line(hostile_build, tmp_path, ca
     assert "no such folder" in one_error_line(capsys, "pipeline.run")
 
     root = copy_index(output, tmp_path)
-    shard = root / shards.read_manifest(str(root))["shards"][0]["path"]
+    shard = root / segments.posting_shards(str(root), shards.read_manifest(str(root)))[0]["path"]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     query = os.path.join(SAMPLES, "lund_street", "01.jpg")
     assert cli.main(search.run, ["--index", str(root), "--output", str(tmp_path / "r.json"), query]) == 2
@@ -477,12 +480,9 @@ def test_a_build_that_rejects_most_inputs_is_not_published(hostile_build, tmp_pa
 
 
 def test_check_publishable_counts_every_input():
-    good = [{"image_id": 1, "uri": "a"}, {"image_id": 2, "uri": "b"}]
-    index.check_publishable(3, good, [{"uri": "c", "stage": "decode", "reason": "corrupt"}])
+    index.check_publishable(3, 2, [{"uri": "c", "stage": "decode", "reason": "corrupt"}])
     with pytest.raises(index.PublishRefused, match="1 unaccounted for"):
-        index.check_publishable(3, good, [])
-    with pytest.raises(index.PublishRefused, match="collision"):
-        index.check_publishable(2, [{"image_id": 1, "uri": "a"}, {"image_id": 1, "uri": "b"}], [])
+        index.check_publishable(3, 2, [])
     with pytest.raises(index.PublishRefused, match="above the allowed 10%"):
-        index.check_publishable(3, good, [{"uri": "c", "stage": "decode", "reason": "corrupt"}], 0.1)
+        index.check_publishable(3, 2, [{"uri": "c", "stage": "decode", "reason": "corrupt"}], 0.1)
     assert storage.TooLarge.__mro__[1] is ValueError

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from delf_retrieval import inputs, shards, storage
+from delf_retrieval import inputs, segments, shards, storage
 from delf_retrieval.extract import Extractor
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
@@ -37,7 +37,7 @@ def build(argv, test_pipeline=None):
 
 def votes_for(index_dir, image_path, k=10):
     """Votes per indexed image for the query's descriptors (k neighbours each), as {uri: votes}."""
-    reader = shards.IndexReader(str(index_dir))
+    reader = segments.open_reader(str(index_dir))
     model, extraction = reader.manifest["model"]["network"], reader.manifest["model"]["extraction"]
     net = delf.load(delf.ModelConfig.from_json(model))
     from delf_retrieval.extract import ExtractionConfig
@@ -60,7 +60,7 @@ def sample_index(tmp_path_factory, cache_dir):
 
 def test_sample_index_search_finds_the_same_scene_first(sample_index):
     manifest = shards.verify(str(sample_index))
-    images = pq.read_table(os.path.join(sample_index, manifest["files"]["images"]["path"])).to_pylist()
+    images = segments.open_reader(str(sample_index)).images.to_pylist()
     assert manifest["counts"]["inputs"] == manifest["counts"]["images"] == 42 == len(images)
     assert {r["label"] for r in images} == set(os.listdir(SAMPLES)) - {"NOTICE"}  # labels from folders
     query = sample_path("berlin_cathedral", "01.jpg")
@@ -88,7 +88,7 @@ def test_bad_inputs_are_dead_letters_and_good_ones_indexed(tmp_path, cache_dir):
     assert reasons == {"empty.jpg": ("decode", "empty"), "junk.jpg": ("decode", "corrupt"),
                        "truncated.jpg": ("decode", "truncated"), "tiny.png": ("decode", "too_small")}
     assert all(d["error"] for d in dead)
-    images = pq.read_table(os.path.join(output, manifest["files"]["images"]["path"])).column("uri").to_pylist()
+    images = segments.open_reader(str(output)).images.column("uri").to_pylist()
     assert sorted(os.path.relpath(u, corpus) for u in images) == sorted(
         os.path.join(s, n) for s in SCENES for n in sorted(os.listdir(os.path.join(SAMPLES, s)))[:2])
     assert manifest["counts"]["inputs"] == 10 and manifest["counts"]["rejected"] == 4
@@ -99,11 +99,11 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
     output = tmp_path / "index"
     build(["--input", str(corpus), "--output", str(output)] + FAST)
     first = shards.read_manifest(str(output))
-    first_rows = shards.IndexReader(str(output))
+    first_rows = segments.open_reader(str(output))
     build(["--input", str(corpus), "--output", str(output)] + FAST)
     second = shards.read_manifest(str(output))
     assert first["build"] != second["build"] and first["counts"] == second["counts"]
-    second_rows = shards.IndexReader(str(output))
+    second_rows = segments.open_reader(str(output))
     a, b = first_rows.rows(np.arange(first_rows.num_rows)), second_rows.rows(np.arange(second_rows.num_rows))
     np.testing.assert_array_equal(a.image_ids, b.image_ids)
     np.testing.assert_array_equal(a.locations, b.locations)
@@ -154,7 +154,7 @@ def test_a_training_build_trains_on_a_hashed_sample_and_streams_the_rest(tmp_pat
     assert index.training_images(600, 300) == 4
     build(["--input", str(corpus), "--output", str(output), "--sample-size", "600"] + FAST)
     manifest = shards.verify(str(output))
-    reader = shards.IndexReader(str(output))
+    reader = segments.open_reader(str(output))
     uris = reader.images.column("uri").to_pylist()
     assert manifest["counts"]["images"] == 9 == len(uris)  # the sample and the rest, in one index
     assert manifest["training"]["sample_size"] == 600  # a reservoir of the 4 sample images' descriptors
@@ -191,7 +191,7 @@ def test_training_sample_is_chosen_by_hash_of_the_uri():
 
 
 def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
-    reader = shards.IndexReader(str(sample_index))
+    reader = segments.open_reader(str(sample_index))
     fixed = tmp_path / "quantizer"
     fixed.mkdir()
     for name in ("pca.npz", "quantizer.npz"):
@@ -204,9 +204,10 @@ def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
     manifest = shards.read_manifest(str(output))
     assert manifest["files"]["quantizer"]["sha256"] == reader.manifest["files"]["quantizer"]["sha256"]
     assert manifest["counts"]["images"] == 3
-    assert 1 < len(manifest["shards"]) <= 5
-    assert sum(s["rows"] for s in manifest["shards"]) == manifest["counts"]["descriptors"] > 0
-    built = shards.IndexReader(str(output))
+    written = segments.posting_shards(str(output), manifest)
+    assert 1 < len(written) <= 5
+    assert sum(s["rows"] for s in written) == manifest["counts"]["descriptors"] > 0
+    built = segments.open_reader(str(output))
     assert built.quantizer.coarse.n_cells == reader.quantizer.coarse.n_cells
     assert set(built.rows(np.arange(manifest["counts"]["descriptors"])).image_ids.tolist()) == set(
         built.images.column("image_id").to_pylist())
@@ -225,7 +226,7 @@ def test_csv_listing_over_http_with_a_failing_url(tmp_path, cache_dir):
     dead = pq.read_table(os.path.join(output, manifest["files"]["dead_letters"]["path"])).to_pylist()
     assert [(d["uri"].rsplit("/", 1)[-1], d["stage"], d["reason"]) for d in dead] == [("missing.jpg", "fetch", "fetch_failed")]
     assert "HTTP 404" in dead[0]["error"]
-    images = pq.read_table(os.path.join(output, manifest["files"]["images"]["path"])).to_pylist()
+    images = segments.open_reader(str(output)).images.to_pylist()
     assert sorted(r["label"] for r in images) == ["100", "101", "102"]
     assert all(r["image_id"] == inputs.image_id(r["uri"]) for r in images)
 
@@ -241,7 +242,7 @@ def test_gcs_input_and_output_in_worker_processes(tmp_path, cache_dir, gcs_emula
            "--direct_num_workers=2"] + FAST)
     manifest = shards.verify(output)
     assert manifest["counts"]["images"] == 3 and manifest["counts"]["rejected"] == 1
-    reader = shards.IndexReader(output)
+    reader = segments.open_reader(output)
     assert all(uri.startswith(f"{gcs_emulator}/corpus/") for uri in reader.images.column("uri").to_pylist())
     assert json.loads(storage.read_bytes(f"{output}/manifest.json"))["index_id"] == manifest["index_id"]
 
@@ -249,7 +250,7 @@ def test_gcs_input_and_output_in_worker_processes(tmp_path, cache_dir, gcs_emula
 def test_landmarks_dev_index_ranks_the_same_scene_first(tmp_path, cache_dir, landmarks_dev):
     output = tmp_path / "index"
     build(["--input", os.path.join(landmarks_dev, "images"), "--output", str(output), "--label-from-folder"] + FAST)
-    reader = shards.IndexReader(str(output))
+    reader = segments.open_reader(str(output))
     label_of = dict(zip(reader.images.column("uri").to_pylist(), reader.images.column("label").to_pylist()))
     scenes = sorted(set(label_of.values()))
     hits = 0
@@ -288,7 +289,7 @@ def test_stage_timings_are_beam_metrics(tmp_path, cache_dir):
                      if r.key.metric.namespace == "delf"}
     assert set(distributions) == {f"{s}_us" for s in STAGES if s != "neighbours"}  # no --verified-neighbours
     counts = {name[:-3]: d.count for name, d in distributions.items()}
-    shards_written = shards.read_manifest(str(output))["counts"]["shards"]
+    shards_written = len(segments.posting_shards(str(output), shards.read_manifest(str(output))))
     assert counts == {"read": 4, "decode": 4, "model_load": 1, "extract": 3, "sample": 3, "train": 1,
                       "encode": 3, "write": shards_written, "publish": 1}
     assert all(d.min >= 0 for d in distributions.values())

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from delf_retrieval import index, inputs, shards, storage, versions
+from delf_retrieval import index, inputs, segments, shards, storage, versions
 from delf_retrieval.extract import ExtractionConfig, Extractor
 from delf_retrieval.images import load_image
 from delf_retrieval.model import delf
@@ -36,13 +36,16 @@ def last_report(root):
 
 
 def rows_by_image(root):
-    """{image id: sorted posting rows as tuples} of the current version, straight from its shards."""
+    """{image id: sorted posting rows as tuples} of the current version's live images, straight
+    from its segments' shards."""
     pointer = shards.read_manifest(str(root))
+    tombstones = segments.read_tombstones(str(root), pointer)
     out = {}
-    for record in pointer["shards"]:
-        table = pq.read_table(os.path.join(root, record["path"])).to_pylist()
-        for row in table:
-            out.setdefault(row["image_id"], []).append(tuple(row.values()))
+    for ref in segments.segment_refs(pointer):
+        for record in segments.read_segment(str(root), ref).shards:
+            for row in pq.read_table(os.path.join(root, ref.folder, record["path"])).to_pylist():
+                if row["image_id"] not in tombstones.of(ref.segment_id):
+                    out.setdefault(row["image_id"], []).append(tuple(row.values()))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -80,8 +83,10 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
     assert second["files"]["quantizer"]["sha256"] == first["files"]["quantizer"]["sha256"]  # model reused
 
     # The image table is exactly the corpus now, with current hashes and stamps.
-    reader = shards.IndexReader(str(root))
+    reader = segments.open_reader(str(root))
     images = {r["uri"]: r for r in reader.images.to_pylist()}
+    assert images == {r["uri"]: {k: v for k, v in r.items() if k != "segment"}
+                      for r in segments.live_images(str(root), second).to_pylist()}
     assert sorted(images) == sorted(uri[n] for n in ("berlin/a.jpg", "lund/a.jpg", "lund/b.jpg", "lund/new.jpg",
                                                        "sacre/a.jpg"))
     for u, record in images.items():
@@ -103,7 +108,8 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
         assert sorted(r[0] for r in rows) == sorted(expected.encoded.cells.tolist())
         stored = np.array(sorted((r[4], r[5]) for r in rows))
         np.testing.assert_allclose(stored, np.array(sorted(np.rint(features.locations).tolist())), atol=1)
-    assert sum(len(v) for v in after.values()) == second["counts"]["descriptors"] == reader.num_rows
+    assert sum(len(v) for v in after.values()) == second["counts"]["descriptors"] == sum(
+        r["num_features"] for r in images.values())
 
     # Search follows: the new photo finds itself first, and every hit is an image of the new table.
     _, hits = reader.search(pca.transform(extracted["lund/new.jpg"].descriptors), 10, nprobe=8)
@@ -116,7 +122,7 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
     assert reindex.run(["--index", str(root), "--rollback"]) == 0
     restored = shards.verify(str(root))
     assert restored["build"] == first["build"] and restored["index_id"] == first["index_id"]
-    assert str(corpus / "berlin/b.jpg") in shards.IndexReader(str(root)).images.column("uri").to_pylist()
+    assert str(corpus / "berlin/b.jpg") in segments.open_reader(str(root)).images.column("uri").to_pylist()
     with pytest.raises(shards.ManifestError, match="no previous"):
         reindex.run(["--index", str(root), "--rollback"])
     assert shards.read_manifest(str(root))["build"] == first["build"]
@@ -139,7 +145,7 @@ def test_a_run_failing_at_publish_leaves_the_previous_version_serving(built, tmp
         reindex_run(corpus, root)
     monkeypatch.undo()
     assert shards.verify(str(root))["build"] == first["build"]
-    assert shards.IndexReader(str(root)).num_rows == first["counts"]["descriptors"]
+    assert segments.open_reader(str(root)).num_rows == first["counts"]["descriptors"]
     complete, incomplete = versions.version_ids(str(root))
     assert complete == [first["build"]] and len(incomplete) == 1  # the failed run's folder, never published
     assert not os.path.exists(root / versions.LOCK_FILE)  # released
@@ -242,7 +248,7 @@ def test_gcs_build_update_and_rollback(tmp_path, cache_dir, gcs_emulator):
     assert reindex_run(f"{gcs_emulator}/photos", root) == 0
     report = last_report(root)
     assert (report["deleted"], report["unchanged"], report["re_extracted"], report["read_to_check"]) == (1, 3, 0, 0)
-    reader = shards.IndexReader(root)
+    reader = segments.open_reader(root)
     assert sorted(reader.images.column("uri").to_pylist()) == [f"{gcs_emulator}/photos/{n}" for n in
                                                               ("berlin/a.jpg", "lund/a.jpg", "sacre/a.jpg")]
     assert not storage.exists(f"{root}/{versions.LOCK_FILE}")
@@ -283,12 +289,12 @@ def test_publish_is_a_compare_and_swap_and_prune_keeps_the_newest(tiny_versions)
     root, (a, b, c) = tiny_versions
     assert versions.current(root) == (None, None)
     pointer = versions.publish(root, a, versions.read_version(root, a), None)
-    assert pointer["build"] == a and shards.IndexReader(root).num_rows == 50
+    assert pointer["build"] == a and segments.open_reader(root).num_rows == 50
     _, token = versions.current(root)
     versions.publish(root, b, versions.read_version(root, b), token)
     with pytest.raises(versions.PublishConflict):  # started from a, but b was published meanwhile
         versions.publish(root, c, versions.read_version(root, c), token)
-    assert shards.verify(root)["build"] == b and shards.IndexReader(root).num_rows == 51
+    assert shards.verify(root)["build"] == b and segments.open_reader(root).num_rows == 51
     assert versions.publish(root, b, versions.read_version(root, b), token)["build"] == b  # a retried step: no-op
     os.makedirs(os.path.join(root, "builds", "20250101T000000Z-dead", "postings"))
     open(os.path.join(root, "builds", "20250101T000000Z-dead", "postings", "part-00000.parquet"), "wb").close()
@@ -428,7 +434,7 @@ def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path,
     picks = {**BASE, "berlin/copy.jpg": BASE["berlin/a.jpg"]}  # another uri, the same photograph
     corpus, root = corpus_of(tmp_path / "corpus", picks), tmp_path / "index"
     assert reindex_run(corpus, root, "--verified-neighbours", "3", "--verified-min-inliers", "8") == 0
-    reader = shards.IndexReader(str(root))
+    reader = segments.open_reader(str(root))
     assert reader.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
     ids = {name: inputs.image_id(str(corpus / name)) for name in picks}
     table = reader.neighbours()
@@ -445,7 +451,7 @@ def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path,
     ids["lund/copy.jpg"] = inputs.image_id(str(corpus / "lund/copy.jpg"))
     assert reindex_run(corpus, root) == 0  # the index's own setting, kept without the flags
     assert last_report(root)["mode"] == "incremental" and last_report(root)["re_extracted"] == 1
-    after = shards.IndexReader(str(root))
+    after = segments.open_reader(str(root))
     assert after.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
     assert after.manifest["settings"] == reader.manifest["settings"]  # the settings the index was built with
     table = after.neighbours()

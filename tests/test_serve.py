@@ -291,10 +291,11 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
     pointer, token = versions.current(index)
     damaged = "builds/20990101T000000Z-damaged"
     shutil.copytree(os.path.join(index, pointer["build"]), os.path.join(index, damaged))
-    shard = os.path.join(index, damaged, shards.read_manifest(os.path.join(index, damaged))["shards"][0]["path"])
-    data = bytearray(open(shard, "rb").read())
-    data[len(data) // 3] ^= 0xFF  # same size, one byte flipped inside a row group
-    open(shard, "wb").write(bytes(data))
+    # Same size, one byte flipped: its quantizer, checked by SHA-256 on open.
+    quantizer = os.path.join(index, damaged, shards.read_manifest(os.path.join(index, damaged))["files"]["quantizer"]["path"])
+    data = bytearray(open(quantizer, "rb").read())
+    data[len(data) // 3] ^= 0xFF
+    open(quantizer, "wb").write(bytes(data))
     own = shards.read_manifest(os.path.join(index, damaged))
     storage.write_bytes_if(os.path.join(index, shards.MANIFEST),
                            json.dumps(versions.pointer_from_version(own, damaged)).encode(), token)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from delf_retrieval import segments
 from delf_retrieval.extract import ExtractionConfig, Extractor
 from delf_retrieval.features import Features
 from delf_retrieval.images import load_image
@@ -326,13 +327,14 @@ def test_beam_pipeline_indexes_with_the_trained_model(attention_run, pattern_fol
     threshold = delf.read_model_config(model_dir).score_threshold
     assert run_job.run(["--input", str(corpus), "--output", str(tmp_path / "index"), "--model", model_dir,
                         "--scales", "0.5,1.0", "--no-progress"]) == 0
-    reader = shards.IndexReader(str(tmp_path / "index"))
+    reader = segments.open_reader(str(tmp_path / "index"))
     network = reader.manifest["model"]["network"]
     assert network["keypoint_score"] == "attention" and network["score_threshold"] == threshold
     assert reader.manifest["counts"]["images"] == 6
     import pyarrow.parquet as pq
 
-    postings = [pq.read_table(os.path.join(str(tmp_path / "index"), s["path"])) for s in reader.manifest["shards"]]
+    postings = [pq.read_table(os.path.join(str(tmp_path / "index"), s["path"]))
+                for s in segments.posting_shards(str(tmp_path / "index"), reader.manifest)]
     attention = np.concatenate([t.column("attention").to_numpy() for t in postings])
     assert len(attention) > 0 and attention.min() >= threshold * (1 - 1e-6)
 

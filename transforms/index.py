@@ -150,14 +150,53 @@ def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: s
 
 
 def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
-    """One posting shard of the version folder; its record's path is relative to that folder."""
-    from delf_retrieval import shards, storage
+    """One posting shard of the run's new segment; its record's path is relative to the segment's folder."""
+    from delf_retrieval import segments, shards
 
     with StageTimer("write"):
         shard, parts = element
         table = shards.postings_table(shards.PostingRows.concatenate(list(parts), m), bits)
-        return shards.write_shard(storage.join(job.root, job.build), f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet",
-                                  table, job.index_id)
+        return shards.write_shard(segments.segment_folder(job.root, job.segment_id),
+                                  f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, job.index_id)
+
+
+def dropped_by_merges(job: plan_lib.BuildJob, tombstones=None):
+    """What the run's merges drop from their sources: the current version's tombstones of those
+    segments and the images the plan deletes from them (``segments.Tombstones``)."""
+    from delf_retrieval import inputs, segments
+
+    if tombstones is None:
+        tombstones = segments.read_tombstones(job.root, {"files": job.previous_files})
+    sources = [s for m in job.merges for s in m.source_ids]
+    dropped = tombstones.only(sources)
+    for row in plan_lib.read_plan(job.plan_path, (plan_lib.DELETE,)):
+        if row["segment"] in sources:
+            dropped = dropped.adding(row["segment"], [inputs.image_id(row["uri"])])
+    return dropped
+
+
+class MergeShard(beam.DoFn):
+    """(merge number, shard) -> (merge number, shard record) of that shard of the merged segment,
+    written from the live rows of the merge's sources in its cell range (``segments.merged_shard``)."""
+
+    def __init__(self, job: plan_lib.BuildJob, n_cells: int, m: int, bits: int):
+        self.job, self.n_cells, self.m, self.bits = job, n_cells, m, bits
+        self.rows = Metrics.counter("delf", "descriptors_merged")
+
+    def setup(self):
+        self.dropped = dropped_by_merges(self.job)
+
+    def process(self, element):
+        from delf_retrieval import segments, shards
+
+        number, shard = element
+        merge = self.job.merges[number]
+        with StageTimer("merge"):
+            table = segments.merged_shard(self.job.root, merge, shard, self.dropped, self.n_cells, self.m, self.bits)
+            self.rows.inc(table.num_rows)
+            record = shards.write_shard(segments.segment_folder(self.job.root, merge.segment_id),
+                                        f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, merge.index_id)
+        yield number, record
 
 
 def input_of(row: dict):
@@ -243,7 +282,7 @@ class BuildIndex(beam.PTransform):
         dead = (dead + [extracted[DEAD_LETTER]] + [e[DEAD_LETTER] for e in encoded]) | "DeadLetters" >> beam.Flatten()
         new_images = [e[IMAGES] for e in encoded] | "NewImages" >> beam.Flatten()
         rows = [e.rows for e in encoded]
-        if job.mode == plan_lib.INCREMENTAL:
+        if job.carry:  # over a format-1 version: the kept images' rows are copied into the new segment
             rows.append(
                 pbegin | "CurrentShards" >> beam.Create(self.pointer["shards"]) | "SpreadShards" >> beam.Reshuffle()
                 | "Carry" >> beam.ParDo(CarryPostings(job, self.pointer["params"]),
@@ -253,13 +292,22 @@ class BuildIndex(beam.PTransform):
             rows | "AllRows" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
             | "WriteShards" >> beam.Map(write_shard, job, index.pq_m, index.pq_bits)
         )
+        if job.merges:  # the run's merges, one step per shard of each merged segment
+            n_cells = int(self.pointer["params"]["n_cells"])
+            merged_records = (
+                pbegin | "MergeShards" >> beam.Create([(i, s) for i, m in enumerate(job.merges)
+                                                       for s in range(m.num_shards)])
+                | "SpreadMergeShards" >> beam.Reshuffle()
+                | "Merge" >> beam.ParDo(MergeShard(job, n_cells, index.pq_m, index.pq_bits)))
+        else:
+            merged_records = pbegin | "NoMerges" >> beam.Create([])
         version = (
             pbegin | "Once" >> beam.Create([None])
             | "WriteVersion" >> beam.ParDo(
                 WriteVersion(job), model=beam.pvalue.AsSingleton(model),
-                shard_records=beam.pvalue.AsList(shard_records), new_images=beam.pvalue.AsList(new_images),
-                same_uris=beam.pvalue.AsList(checked[SAME]), dead_letters=beam.pvalue.AsList(dead),
-                new_error=beam.pvalue.AsSingleton(new_error))
+                shard_records=beam.pvalue.AsList(shard_records), merged_records=beam.pvalue.AsList(merged_records),
+                new_images=beam.pvalue.AsList(new_images), same_uris=beam.pvalue.AsList(checked[SAME]),
+                dead_letters=beam.pvalue.AsList(dead), new_error=beam.pvalue.AsSingleton(new_error))
         )
         if job.neighbours is not None:  # each new image searches the written version with its own rows
             from transforms.neighbours import FindNeighbours
@@ -276,61 +324,116 @@ CHANGE_COUNTS = ("listed", "added", "changed", "unchanged", "deleted", "rejected
 
 
 class WriteVersion(beam.DoFn):
-    """On one worker, once every shard is written: the model files and the image and dead-letter
-    tables into the version folder, and the version's manifest (with the build's settings) and run
-    report, handed on, not yet written (``PublishVersion`` does that). Refuses (``PublishRefused``)
-    a build that lost inputs, failed to carry rows over, or rejected more than
-    ``job.max_rejected_fraction`` of its inputs; its dead-letter table is still written into its
-    folder, to be read."""
+    """On one worker, once every shard is written: the run's new segment completed (its image
+    table and manifest: the images encoded by this run, with the kept ones' when it carries their
+    rows) and each merged one, then the model files and the dead-letter table into the version
+    folder, and the version's manifest (format 2: the segments it lists, its tombstones and
+    restamps, the build's settings) and run report, handed on, not yet written (``PublishVersion``
+    does that). Refuses (``PublishRefused``) a build that lost inputs, failed to carry rows over,
+    or rejected more than ``job.max_rejected_fraction`` of its inputs; its dead-letter table is
+    still written into its folder, to be read."""
 
     def __init__(self, job: plan_lib.BuildJob):
         self.job = job
 
-    def process(self, _, model, shard_records, new_images, same_uris, dead_letters, new_error):
-        from delf_retrieval import shards
+    def process(self, _, model, shard_records, merged_records, new_images, same_uris, dead_letters, new_error):
+        from delf_retrieval import segments, shards, storage
+        from delf_retrieval.index import PublishRefused
 
         job = self.job
         with StageTimer("publish"):
             plan = plan_lib.read_plan(job.plan_path)
-            images = self.image_records(plan, new_images, set(same_uris))
+            same = set(same_uris)
             carry_failed = [d for d in dead_letters if d["stage"] == "carry"]
             if carry_failed:
-                from delf_retrieval.index import PublishRefused
-
                 raise PublishRefused(
                     f"{len(carry_failed)} posting shards of the current version could not be carried over (first: "
                     f"{carry_failed[0]['uri']}: {carry_failed[0]['error']}): not published, the current version "
                     "keeps serving; run with --retrain to rebuild the index from its inputs")
-            refuse_unless_publishable(job, images, dead_letters)
+            indexed = job.kept + len(same) + len(new_images)
+            refuse_unless_publishable(job, indexed, dead_letters)
             _, quantizer = model.load()
-            files = write_version_files(job, model, images, dead_letters)
-            records = sorted((r for r in shard_records if r["rows"]), key=lambda r: r["first_cell"])
-            report = self.report(plan, set(same_uris), images, new_images, dead_letters, records, new_error, model)
-            manifest = shards.build_manifest(job.index_id, quantizer, files, records, job.model_info, extra={
-                "settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
-                "training": model.training_record(),
-                "drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
+            previous = {"files": job.previous_files}
+            tombstones, restamps = segments.read_tombstones(job.root, previous), segments.read_restamps(job.root, previous)
+            removed, restamped = self.changes(plan, same)
+            written, new_segment = [], []
+            if job.merges:
+                dropped = dropped_by_merges(job, tombstones)
+                with_run = restamps
+                for segment, image_id, stamp in restamped:
+                    with_run = with_run.adding(segment, {image_id: stamp})
+                for number, merge in enumerate(job.merges):
+                    written.append(segments.finish_segment(
+                        job.root, merge.segment_id, merge.index_id,
+                        segments.merged_images(job.root, merge, dropped, with_run),
+                        [r for n, r in merged_records if n == number]))
+                gone = {(s, int(i)) for s, ids in dropped.deleted.items() for i in ids}
+                removed = [r for r in removed if r not in gone]
+            images = self.segment_images(plan, new_images, same)
+            if images:
+                new_segment.append(segments.finish_segment(job.root, job.segment_id, job.index_id,
+                                                           shards.image_table(images), shard_records))
+            written += new_segment
+            tombstones, restamps = segments.successor(list(job.segments), tombstones, restamps, list(job.merges),
+                                                      removed, restamped)
+            listed = list(job.segments) + written
+            if job.mode == plan_lib.INCREMENTAL and not job.carry:  # merges keep every live row
+                lost = sum(row["num_features"] or 0 for row in plan if row["action"] == plan_lib.DELETE
+                           or (row["action"] == plan_lib.CHECK and row["uri"] not in same))
+                live = job.previous_descriptors - lost + sum(r["num_features"] for r in new_images)
+            else:
+                live = sum(r["rows"] for r in shard_records)
+            files = write_version_files(job, model, dead_letters)
+            manifest = segments.segmented_manifest(
+                storage.join(job.root, job.build), shards.new_index_id(), quantizer, files, listed, tombstones,
+                restamps, version_folder=job.build, model=job.model_info,
+                extra={"settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
+                       "training": model.training_record()}, live_descriptors=live)
+            report = self.report(plan, same, indexed, new_images, dead_letters, manifest, new_error, model, written)
+            manifest.update({"drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
             manifest["counts"]["inputs"] = job.listed
-        yield {"manifest": manifest, "report": report, "searched": [r["image_id"] for r in new_images],
-               "indexed": [r["image_id"] for r in images]}
+            if manifest["counts"]["images"] != indexed:
+                raise PublishRefused(f"the new version would hold {manifest['counts']['images']} live images, but "
+                                     f"{indexed} were indexed: not published (a bookkeeping error)")
+        new_ids = {r["image_id"] for r in new_images}
+        yield {"manifest": manifest, "report": report, "searched": sorted(new_ids),
+               "removed": sorted({image_id for _, image_id in self.changes(plan, same, everything=True)[0]} - new_ids),
+               "written": [ref.segment_id for ref in written]}
 
-    @staticmethod
-    def image_records(plan: list[dict], new_images: list[dict], same: set) -> list[dict]:
-        """The version's image table: the images encoded by this run (with their listed stamp) and
-        those whose rows were carried over, by uri."""
+    def segment_images(self, plan: list[dict], new_images: list[dict], same: set) -> list[dict]:
+        """The new segment's image table: the images encoded by this run (with their listed stamp)
+        and, when it carries rows over, those whose rows it copied, by uri."""
         stamp = {row["uri"]: row["stamp"] for row in plan}
         images = [{**record, "stamp": stamp[record["uri"]]} for record in new_images]
-        images += [plan_lib.indexed_record(row) for row in plan
-                   if row["action"] == plan_lib.KEEP or (row["action"] == plan_lib.CHECK and row["uri"] in same)]
+        if self.job.carry:
+            images += [plan_lib.indexed_record(row) for row in plan if row["action"] == plan_lib.KEEP
+                       or (row["action"] == plan_lib.CHECK and row["uri"] in same)]
         return sorted(images, key=lambda r: r["uri"])
 
-    def report(self, plan, same, images, new_images, dead_letters, shard_records, new_error, model) -> dict:
+    @staticmethod
+    def changes(plan: list[dict], same: set, everything: bool = False) -> tuple[list, list]:
+        """((segment, image id) of indexed images whose rows must go: deleted, changed or now
+        rejected; (segment, image id, stamp) of images touched but unchanged), for images whose
+        rows are in a segment (all, segment None included, when ``everything``)."""
+        from delf_retrieval import inputs
+
+        removed, restamped = [], []
+        for row in plan:
+            if row["segment"] is None and not everything:
+                continue
+            if row["action"] == plan_lib.DELETE or (row["action"] == plan_lib.CHECK and row["uri"] not in same):
+                removed.append((row["segment"], inputs.image_id(row["uri"])))
+            elif row["action"] == plan_lib.CHECK:
+                restamped.append((row["segment"], inputs.image_id(row["uri"]), row["stamp"]))
+        return removed, restamped
+
+    def report(self, plan, same, indexed, new_images, dead_letters, manifest, new_error, model, written) -> dict:
         job = self.job
         new_uris = {r["uri"] for r in new_images}
-        was_indexed = {row["uri"]: row["content_hash"] for row in plan if row["content_hash"] is not None}
+        was_indexed = {row["uri"]: row["content_hash"] for row in plan
+                       if row["content_hash"] is not None and row["action"] != plan_lib.DELETE}
         hash_of = {r["uri"]: r["content_hash"] for r in new_images}
-        carried = sum(row["action"] == plan_lib.KEEP or (row["action"] == plan_lib.CHECK and row["uri"] in same)
-                      for row in plan)
+        carried = job.kept + len(same)
         trained = model.quantization_error
         ratio = new_error / trained if new_error is not None and trained else None
         return {
@@ -341,8 +444,11 @@ class WriteVersion(beam.DoFn):
             "deleted": job.deleted, "rejected": len(dead_letters),
             "reused": carried, "re_extracted": len(new_images) + sum(d["stage"] == "extract" for d in dead_letters),
             "read_to_check": sum(row["action"] == plan_lib.CHECK for row in plan), "touched_unchanged": len(same),
-            "images": len(images), "descriptors": sum(r["rows"] for r in shard_records),
+            "images": indexed, "descriptors": manifest["counts"]["descriptors"],
             "descriptors_new": sum(r["num_features"] for r in new_images),
+            "segments": manifest["counts"]["segments"], "tombstones": manifest["counts"]["tombstones"],
+            "segments_written": [ref.segment_id for ref in written],
+            "merged": [list(m.source_ids) for m in job.merges],
             "drift": {"new_error": new_error, "trained_error": trained, "ratio": ratio,
                       "threshold": job.drift_threshold,
                       "retrain_due": bool(ratio is not None and ratio > job.drift_threshold)},
@@ -376,7 +482,7 @@ class PublishVersion(beam.DoFn):
                     storage.join(job.root, job.build), NEIGHBOURS_FILE, table.to_table())
                 manifest["neighbours"] = job.neighbours.to_json()
                 report["neighbour_edges"] = len(table)
-            pointer = versions.publish(job.root, job.build, manifest, job.expected_token)
+            pointer = versions.publish(job.root, job.build, manifest, job.expected_token, deep=set(version["written"]))
             report["previous"] = pointer.get("previous")
             report["pruned"] = versions.prune(job.root, keep=job.keep, protect={job.build})
             report["published"] = True
@@ -388,13 +494,13 @@ class PublishVersion(beam.DoFn):
         yield report
 
 
-def refuse_unless_publishable(job: plan_lib.BuildJob, images: list, dead_letters: list) -> None:
+def refuse_unless_publishable(job: plan_lib.BuildJob, indexed: int, dead_letters: list) -> None:
     """``index.check_publishable``; a refused build keeps its dead-letter table in its folder (no
     manifest: the next run's pruning removes it), and the error names it."""
     from delf_retrieval import index, shards, storage
 
     try:
-        index.check_publishable(job.listed, images, dead_letters, job.max_rejected_fraction)
+        index.check_publishable(job.listed, indexed, dead_letters, job.max_rejected_fraction)
     except index.PublishRefused as e:
         folder = storage.join(job.root, job.build)
         shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
@@ -402,15 +508,14 @@ def refuse_unless_publishable(job: plan_lib.BuildJob, images: list, dead_letters
         raise index.PublishRefused(f"{e} (rejected inputs: {storage.join(folder, shards.DEAD_LETTERS_FILE)})") from None
 
 
-def write_version_files(job: plan_lib.BuildJob, model, images: list, dead_letters: list) -> dict:
-    """Model files, the image and dead-letter tables into the version folder, and the plan's record."""
+def write_version_files(job: plan_lib.BuildJob, model, dead_letters: list) -> dict:
+    """Model files and the dead-letter table into the version folder, and the plan's record."""
     from delf_retrieval import shards, storage
 
     folder = storage.join(job.root, job.build)
     return {
         "pca": shards.write_array_file(folder, shards.PCA_FILE, model.pca),
         "quantizer": shards.write_array_file(folder, shards.QUANTIZER_FILE, model.quantizer),
-        "images": shards.write_table_file(folder, shards.IMAGES_FILE, shards.image_table(images)),
         "dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
                                                 shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
         "plan": job.plan_record,

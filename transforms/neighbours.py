@@ -22,7 +22,7 @@ class FindNeighbours(beam.DoFn):
         self.timing = StageTimer("neighbours")
 
     def process(self, element, version):
-        from delf_retrieval import expansion, shards, storage
+        from delf_retrieval import expansion, segments, storage
         from delf_retrieval.retrieval import Retriever, RetrievalConfig
 
         image_id, rows = element
@@ -30,7 +30,7 @@ class FindNeighbours(beam.DoFn):
             with self.timing:
                 manifest = version["manifest"]
                 if self._index_id != manifest["index_id"]:
-                    reader = shards.IndexReader(storage.join(self.job.root, self.job.build), manifest=manifest)
+                    reader = segments.open_reader(storage.join(self.job.root, self.job.build), manifest=manifest)
                     self.retriever = Retriever(reader, RetrievalConfig())
                     self._index_id = manifest["index_id"]
                 quantizer = self.retriever.reader.quantizer
@@ -46,8 +46,8 @@ class FindNeighbours(beam.DoFn):
 
 def neighbour_table(job, version: dict, edges: list[tuple]):
     """The new version's table: the current version's (in an incremental build) without the edges
-    of images searched again (``version["searched"]``) or no longer indexed (not in
-    ``version["indexed"]``), plus this run's edges both ways, cut to ``k`` per image."""
+    of images searched again (``version["searched"]``) or no longer indexed (``version["removed"]``:
+    deleted, or now rejected), plus this run's edges both ways, cut to ``k`` per image."""
     import hashlib
 
     import numpy as np
@@ -61,7 +61,6 @@ def neighbour_table(job, version: dict, edges: list[tuple]):
             raise shards.ShardError(f"{job.previous_neighbours['path']} does not match its SHA-256 in the manifest")
         previous = expansion.NeighbourTable.from_bytes(data)
     found = np.asarray(edges, np.int64).reshape(-1, 3)
-    indexed = np.asarray(version["indexed"], np.int64)
-    gone = np.setdiff1d(np.union1d(previous.image_ids, previous.neighbours), indexed)
+    gone = np.asarray(version["removed"], np.int64)
     return expansion.update(previous, expansion.NeighbourTable(found[:, 0], found[:, 1], found[:, 2]),
                             np.asarray(version["searched"], np.int64), gone, job.neighbours.k)
