@@ -363,7 +363,7 @@ def test_quantization_error_measures_drift():
 FLEX = os.path.join(REPO_ROOT, "flex_template")
 EXAMPLES = {"input": "gs://b/photos", "index": "gs://b/index", "keep": "3", "retrain": "true", "drift_threshold": "1.5",
             "lock_ttl": "3600", "max_rejected_fraction": "0.2", "label_from_folder": "false", "preset": "lite-gpu", "num_shards": "4",
-            "rows_per_shard": "1000", "batch_size": "8", "accelerator": "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"}
+            "rows_per_shard": "1000", "batch_size": "8", "merge": "false", "max_segments": "2", "accelerator": "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"}
 
 
 def test_flex_template_parameters_are_the_jobs_flags():
@@ -380,8 +380,8 @@ def test_flex_template_parameters_are_the_jobs_flags():
     args, beam_args = reindex.parse_args(argv)
     assert beam_args == []
     assert (args.input, args.index, args.keep, args.retrain, args.drift_threshold, args.lock_ttl,
-            args.label_from_folder, args.preset, args.num_shards) == (
-        "gs://b/photos", "gs://b/index", 3, True, 1.5, 3600.0, False, "lite-gpu", 4)
+            args.label_from_folder, args.preset, args.num_shards, args.merge, args.max_segments) == (
+        "gs://b/photos", "gs://b/index", 3, True, 1.5, 3600.0, False, "lite-gpu", 4, False, 2)
     assert reindex.parse_args(["--index", "x", "--rollback"])[0].rollback is True
     dockerfile = open(os.path.join(FLEX, "Dockerfile")).read()
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/opt/delf/pipeline/reindex.py" in dockerfile

@@ -12,7 +12,8 @@ from apache_beam.metrics import Metrics
 
 DEAD_LETTER = "dead_letter"
 METRICS_NAMESPACE = "delf"
-STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "neighbours", "publish")
+STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "merge", "neighbours",
+          "publish")
 
 
 class StageTimer:

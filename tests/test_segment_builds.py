@@ -1,0 +1,175 @@
+"""Builds that write segments: a nightly run writes only a new segment, its tombstones and
+restamps and the manifest, references the rest and has only its own segment read byte for byte
+when it publishes; the merge policy merges during a run, ``--merge`` on demand, both as new
+versions that roll back; an index written before segments (format 1) is read, and converted once
+by the first nightly run."""
+
+import os
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from delf_retrieval import inputs, segments, shards, storage, versions
+from delf_retrieval.retrieval import RetrievalConfig, Retriever
+from pipeline import reindex
+from tests.conftest import SMALL, corpus_of, reindex_run
+from tests.test_reindex import BASE, last_report, rows_by_image
+
+
+def files_of(root):
+    """{path under root: (size, mtime_ns)} of every file."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return out
+
+
+def answers(root, queries):
+    """The ranked (uri, score) of each query's own stored rows, searched in the current version."""
+    retriever = Retriever(segments.open_reader(str(root)), RetrievalConfig(top=5))
+    out = []
+    for projected, locations in queries:
+        out.append([(m.uri, m.score, m.inliers) for m in retriever.search_projected(projected, locations).matches])
+    return out
+
+
+def stored_queries(root, names, corpus):
+    """Each named image's live stored rows (decoded codes) and keypoints, as a query."""
+    pointer = shards.read_manifest(str(root))
+    reader = segments.open_reader(str(root))
+    params, tombstones = pointer["params"], segments.read_tombstones(str(root), pointer)
+    queries = []
+    for name in names:
+        image_id = inputs.image_id(str(corpus / name))
+        parts = []
+        for ref in segments.segment_refs(pointer):
+            if image_id in tombstones.of(ref.segment_id):
+                continue
+            for record in segments.read_segment(str(root), ref).shards:
+                table = pq.read_table(os.path.join(root, ref.folder, record["path"]))
+                rows = shards.posting_rows(table, params["pq_m"], params["pq_bits"])
+                parts.append(rows.take(np.flatnonzero(rows.image_ids == image_id)))
+        rows = shards.PostingRows.concatenate(parts, params["pq_m"])
+        assert len(rows)
+        queries.append((reader.quantizer.decode(rows.encoded.regions, rows.encoded.codes), rows.locations))
+    return queries
+
+
+def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_path, cache_dir, monkeypatch):
+    corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
+    assert reindex_run(corpus, root) == 0
+    first = shards.read_manifest(str(root))
+    (a,) = segments.segment_refs(first)
+    assert first["format_version"] == 2 and a.segment_id == first["build"].split("/")[-1] and a.images == 5
+    before = files_of(root)
+
+    # Tonight: one photo added, one replaced by another picture, one deleted, one only touched.
+    corpus_of(corpus, {"lund/new.jpg": ("lund_street", 5), "sacre/a.jpg": ("sacre_coeur", 3)})
+    os.remove(corpus / "berlin/b.jpg")
+    os.utime(corpus / "lund/a.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))
+    deep = []
+    publish = versions.publish
+    monkeypatch.setattr(versions, "publish", lambda *args, **kw: deep.append(kw.get("deep")) or publish(*args, **kw))
+    assert reindex_run(corpus, root) == 0
+    second = shards.read_manifest(str(root))
+    refs = segments.segment_refs(second)
+    assert [r.segment_id for r in refs][0] == a.segment_id and refs[0] == a  # referenced as it was
+    b = refs[1]
+    assert b.segment_id == second["build"].split("/")[-1] and b.images == 2  # the added and the changed photo
+    assert deep == [{b.segment_id}]  # publishing read only the new segment's bytes
+    uri = {name: str(corpus / name) for name in list(BASE) + ["lund/new.jpg"]}
+    tombstones = segments.read_tombstones(str(root), second)
+    assert tombstones.deleted.keys() == {a.segment_id}
+    assert sorted(tombstones.of(a.segment_id).tolist()) == sorted(inputs.image_id(uri[n])
+                                                                  for n in ("berlin/b.jpg", "sacre/a.jpg"))
+    restamps = segments.read_restamps(str(root), second)
+    assert restamps.stamps == {a.segment_id: {inputs.image_id(uri["lund/a.jpg"]): storage.stamp(uri["lund/a.jpg"])}}
+    # What the run wrote: its version folder, its segment, its report and the pointer; nothing of
+    # the first segment was touched, and the new segment is a fraction of it.
+    after = files_of(root)
+    changed = {p for p in after if before.get(p) != after[p]}
+    build = second["build"]
+    assert changed and all(p.startswith((build + "/", f"segments/{b.segment_id}/", "reports/")) or p == "manifest.json"
+                           for p in changed)
+    assert all(after[p] == before[p] for p in before if p.startswith(f"segments/{a.segment_id}/"))
+    assert b.size_bytes < a.size_bytes
+    report = last_report(root)
+    assert report["segments_written"] == [b.segment_id] and report["merged"] == [] and report["tombstones"] == 2
+    second_rows = rows_by_image(root)
+    assert len(second_rows) == 5 == second["counts"]["images"]
+    assert sum(len(v) for v in second_rows.values()) == second["counts"]["descriptors"]
+    queries = stored_queries(root, ["lund/new.jpg", "berlin/a.jpg", "lund/a.jpg"], corpus)
+    second_answers = answers(root, queries)
+    assert second_answers[0][0][0] == uri["lund/new.jpg"]
+
+    # The next run (nothing changed): two tiny segments are more than the policy's tiers allow, so
+    # it merges them, dropping the tombstoned rows; every image keeps its rows bit for bit.
+    deep.clear()
+    assert reindex_run(corpus, root) == 0
+    third = shards.read_manifest(str(root))
+    (merged,) = segments.segment_refs(third)
+    assert last_report(root)["merged"] == [[a.segment_id, b.segment_id]] and deep == [{merged.segment_id}]
+    assert third["counts"]["tombstones"] == 0 and merged.images == 5
+    assert merged.descriptors == third["counts"]["descriptors"] == second["counts"]["descriptors"]
+    assert rows_by_image(root) == second_rows and answers(root, queries) == second_answers
+    merged_images = {r["uri"]: r["stamp"] for r in segments.open_reader(str(root)).images.to_pylist()}
+    assert merged_images[uri["lund/a.jpg"]] == storage.stamp(uri["lund/a.jpg"])  # the restamp, merged in
+
+    # Rollback returns to the two-segment version (its segments are kept while it is); a merge on
+    # demand (no --input) then merges them again, as a version of its own.
+    assert reindex.run(["--index", str(root), "--rollback"]) == 0
+    assert shards.verify(str(root))["build"] == second["build"] and rows_by_image(root) == second_rows
+    assert reindex.run(["--index", str(root), "--merge", "--keep", "3"] + SMALL) == 0
+    fourth = shards.read_manifest(str(root))
+    assert fourth["counts"]["segments"] == 1 and fourth["previous"] == second["build"]
+    assert last_report(root)["re_extracted"] == 0 and rows_by_image(root) == second_rows
+    assert answers(root, queries) == second_answers
+    # Every kept version still opens and answers as it did.
+    for version in (second, third):
+        folder = os.path.join(root, version["build"])
+        assert segments.open_reader(folder).manifest["index_id"] == version["index_id"]
+    # Pruning keeps what kept versions reference and deletes the rest.
+    referenced = {r.folder for v in (second, third, fourth) for r in segments.segment_refs(v)}
+    assert set(versions.segment_folders(str(root))) == referenced
+
+
+def format_1_copy(root, tmp_path):
+    """The current version of ``root`` rewritten as an index of before segments (format 1: one set
+    of shards, its own image table) under a new versioned root."""
+    pointer = shards.read_manifest(str(root))
+    reader = segments.open_reader(str(root))
+    params = pointer["params"]
+    tables = [pq.read_table(os.path.join(root, s["path"])) for s in segments.posting_shards(str(root), pointer)]
+    rows = shards.PostingRows.concatenate([shards.posting_rows(t, params["pq_m"], params["pq_bits"]) for t in tables],
+                                          params["pq_m"])
+    old = tmp_path / "old"
+    build = "builds/20200101T000000Z-00000000"
+    manifest = shards.write_index(str(old / build), quantizer=reader.quantizer, pca=reader.pca, rows=rows,
+                                  images=reader.images, model=pointer["model"])
+    manifest.update({k: pointer[k] for k in ("settings", "training") if k in pointer})
+    shards.write_manifest(str(old / build), manifest)
+    versions.publish(str(old), build, manifest, None)
+    return old
+
+
+def test_an_index_of_before_segments_is_read_and_converted_by_the_first_nightly_run(tmp_path, cache_dir):
+    corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
+    assert reindex_run(corpus, root) == 0
+    old = format_1_copy(root, tmp_path)
+    assert shards.read_manifest(str(old))["format_version"] == 1
+    assert isinstance(segments.open_reader(str(old)), shards.IndexReader)
+    before = rows_by_image(root)
+    query = stored_queries(root, ["lund/a.jpg"], corpus)
+    assert answers(old, query) == answers(root, query)
+    corpus_of(corpus, {"lund/new.jpg": ("lund_street", 5)})
+    assert reindex_run(corpus, old) == 0
+    converted = shards.read_manifest(str(old))
+    assert converted["format_version"] == 2 and converted["counts"]["segments"] == 1
+    report = last_report(old)
+    assert report["reused"] == 5 and report["re_extracted"] == 1 and report["added"] == 1
+    rows = rows_by_image(old)
+    assert {k: v for k, v in rows.items() if k in before} == before  # copied bit for bit into the segment
+    assert len(rows) == 6
