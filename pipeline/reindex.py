@@ -67,11 +67,12 @@ def parse_args(argv=None):
 def report_line(report: dict) -> str:
     drift = report.get("drift") or {}
     ratio = drift.get("ratio")
+    merged = sum(len(m) for m in report.get("merged", []))
     return (f"reindex {report['mode']}: added {report['added']}, changed {report['changed']}, deleted {report['deleted']}, "
             f"rejected {report['rejected']}, unchanged {report['unchanged']}; reused {report['reused']}, re-extracted "
             f"{report['re_extracted']}; drift {'n/a' if ratio is None else f'{ratio:.2f}'}"
-            f"{' (retrain due)' if drift.get('retrain_due') else ''}; {report['wall_seconds']:.1f} s -> "
-            f"{report['build']}")
+            f"{' (retrain due)' if drift.get('retrain_due') else ''}; {report['segments']} segments"
+            f"{f' ({merged} merged)' if merged else ''}; {report['wall_seconds']:.1f} s -> {report['build']}")
 
 
 def rollback(args) -> int:
