@@ -15,6 +15,7 @@ from delf_retrieval.retrieval import RetrievalConfig, Retriever
 from pipeline import reindex
 from tests.conftest import SMALL, corpus_of, reindex_run
 from tests.test_reindex import BASE, last_report, rows_by_image
+from tests.test_segments import model  # noqa: F401 - a fixture
 
 
 def files_of(root):
@@ -173,3 +174,43 @@ def test_an_index_of_before_segments_is_read_and_converted_by_the_first_nightly_
     rows = rows_by_image(old)
     assert {k: v for k, v in rows.items() if k in before} == before  # copied bit for bit into the segment
     assert len(rows) == 6
+
+
+def test_publishing_reads_only_the_segments_the_run_wrote(model, tmp_path, monkeypatch):
+    from tests.test_segments import History, tombstones_of, write_segments
+
+    history, root = History(model), str(tmp_path)
+    refs = write_segments(root, history, names=("a", "b"))
+    projection, quantizer = model
+    manifests = {}
+    for build, listed in (("builds/v1", "a"), ("builds/v2", "ab")):
+        manifests[build] = segments.version_manifest(os.path.join(root, build), quantizer=quantizer, pca=projection,
+                                                     segments=[refs[n] for n in listed], version_folder=build,
+                                                     tombstones=tombstones_of(history, listed).only(listed))
+    versions.publish(root, "builds/v1", manifests["builds/v1"], None)
+    _, token = versions.current(root)
+
+    def flip(ref):
+        path = os.path.join(root, segments.posting_shards(root, {**manifests["builds/v2"], "build": "builds/v2",
+                                                                 "segments": [ref.to_json()]})[0]["path"])
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+        open(path, "wb").write(bytes(data))
+
+    flip(refs["b"])  # the run's own segment damaged: not published
+    try:
+        versions.publish(root, "builds/v2", manifests["builds/v2"], token, deep={"b"})
+    except shards.ShardError as e:
+        assert "SHA-256" in str(e)
+    else:
+        raise AssertionError("a damaged new segment was published")
+    assert versions.current(root)[0]["build"] == "builds/v1"
+    flip(refs["b"])  # repaired; the shared one damaged instead, which publishing does not re-read
+    flip(refs["a"])
+    read = []
+    original = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda path, *a, **kw: read.append(path) or original(path, *a, **kw))
+    assert versions.publish(root, "builds/v2", manifests["builds/v2"], token, deep={"b"})["build"] == "builds/v2"
+    assert any("segments/b/postings/" in p for p in read)
+    assert not any("segments/a/postings/" in p for p in read)
+    assert any(p.endswith("segments/a/segment.json") for p in read)  # its manifest is checked by SHA-256
