@@ -233,6 +233,7 @@ def test_searches_from_several_threads_answer_as_one(both):
     asked = [history.model[0].transform(f.descriptors) for f in queries(history, np.random.default_rng(6))] * 4
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda x: shared.search(x, 10, 4), asked))
+    assert 0 < shared._cell_cache_bytes and shared._cell_bytes <= shared._cell_cache_bytes  # evicted to its share
     for x, (d, r) in zip(asked, answers):
         d1, r1 = single.search(x, 10, 4)
         np.testing.assert_array_equal(d, d1)
@@ -423,12 +424,24 @@ def test_merge_policy_prefers_segments_with_tombstones():
 
 
 @pytest.mark.parametrize("resident", [True, False])
-def test_the_engine_opens_and_probes_a_format_2_version(both, resident):
+def test_the_engine_opens_and_probes_a_format_2_version(both, resident, monkeypatch):
     """The service's path: open_engine holds the merged postings (or reads them per probe) and
-    probes the version with an image's own stored rows under their global row ids."""
+    probes the version with an image's own stored rows: each descriptor searched with the keypoint
+    stored beside it (segment a's first row group has tombstoned rows, so positions in it are not
+    global row ids)."""
     history, _, segmented = both
     version = engine.published(segmented.directory)
+    searched = []
+    original = retrieval.Retriever.search_projected
+    monkeypatch.setattr(retrieval.Retriever, "search_projected",
+                        lambda self, x, locations, *a, **k: searched.append((x, locations)) or original(self, x, locations,
+                                                                                                      *a, **k))
     opened_engine = engine.open_engine(version, engine.EngineConfig(resident=resident), extractor=object(), check=True)
+    (x, locations), = searched
+    stored = expansion.rows_by_image(segmented)
+    image = next(i for i, (d, _) in stored.items() if (d == x[0]).all(axis=1).any())
+    pairs = {(d.tobytes(), p.tobytes()) for d, p in zip(*stored[image])}
+    assert len(x) >= 10 and all((d.tobytes(), p.tobytes()) in pairs for d, p in zip(x, locations))
     assert opened_engine.resident is resident
     reader = opened_engine.retriever.reader
     assert isinstance(reader, segments.SegmentedReader) and (reader._resident is not None) is resident
