@@ -11,7 +11,8 @@ descriptors (tombstoned in the first segment). The one-segment indexes hold the 
 Queries are noisy copies of 200 descriptors of random live images. Each reader is opened cold,
 then either ``load_all()`` (resident: what the engine does when the index fits in memory) or not
 (lazy: row groups and merged cells cached as probes need them, as ``pipeline.search`` reads);
-every query is searched twice and the second pass is the one reported, as ANN milliseconds per
+the six readers (three indexes, two modes) take turns query by query, every query is searched twice and the
+second pass is the one reported, as ANN milliseconds per
 query (``reader.search``), the same restricted to 1,000 live images (``image_ids``, as under the
 image shortlist) and whole-query milliseconds (``Retriever``, with voting and RANSAC). The answers
 of every index and mode are compared and must be identical (the script exits 1 otherwise).
@@ -57,37 +58,37 @@ def records(ids, tag):
                                 "num_features": 0, "content_hash": tag} for i in ids])
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def timed_queries(reader, queries, nprobe, among):
-    """(ANN ms per query, restricted ANN ms per query, whole-query ms per query, answers) on the
-    second of two passes; answers hold the ANN results (distances, row image ids) and the matches."""
+def timed_queries(readers: dict, queries, nprobe, among) -> tuple[dict, dict]:
+    """Per reader: (ANN ms per query, restricted ANN ms per query, whole-query ms per query) on the
+    second of two passes, and its answers (ANN distances and row image ids, and the matches). The
+    readers take turns query by query, so a change in the machine's load falls on all alike."""
     from delf_retrieval.retrieval import RetrievalConfig, Retriever
 
-    retriever = Retriever(reader, RetrievalConfig(nprobe=nprobe, top=20))
-    k = retriever.config.neighbours
+    retrievers = {name: Retriever(reader, RetrievalConfig(nprobe=nprobe, top=20)) for name, reader in readers.items()}
+    k = RetrievalConfig().neighbours
     for features in queries:  # first pass: fills the caches (lazy) and compiles the kernel
-        retriever.search(features)
-        reader.search(features.descriptors, k, nprobe, image_ids=among)
-    ann, restricted, whole, answers = [], [], [], []
+        for name, reader in readers.items():
+            retrievers[name].search(features)
+            reader.search(features.descriptors, k, nprobe, image_ids=among)
+    times = {name: ([], [], []) for name in readers}
+    answers = {name: [] for name in readers}
     for features in queries:
-        start = time.perf_counter()
-        d, rows = reader.search(features.descriptors, k, nprobe)
-        ann.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        d_among, rows_among = reader.search(features.descriptors, k, nprobe, image_ids=among)
-        restricted.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        matches = [m.to_json() for m in retriever.search(features).matches]
-        whole.append(time.perf_counter() - start)
-        answers.append({"ann": [d.tolist(), reader.rows(rows).image_ids.tolist()],
-                        "restricted": [d_among.tolist(), reader.rows(rows_among).image_ids.tolist()],
-                        "matches": matches})
-    ms = lambda t: 1000 * float(np.median(t))  # noqa: E731
-    return ms(ann), ms(restricted), ms(whole), answers
+        for name, reader in readers.items():
+            ann, restricted, whole = times[name]
+            start = time.perf_counter()
+            d, rows = reader.search(features.descriptors, k, nprobe)
+            ann.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            d_among, rows_among = reader.search(features.descriptors, k, nprobe, image_ids=among)
+            restricted.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            matches = [m.to_json() for m in retrievers[name].search(features).matches]
+            whole.append(time.perf_counter() - start)
+            answers[name].append({"ann": [d.tolist(), reader.rows(rows).image_ids.tolist()],
+                                  "restricted": [d_among.tolist(), reader.rows(rows_among).image_ids.tolist()],
+                                  "matches": matches})
+    ms = lambda t: round(1000 * float(np.median(t)), 2)  # noqa: E731
+    return {name: tuple(ms(t) for t in times[name]) for name in readers}, answers
 
 
 def main(argv=None):
@@ -161,31 +162,30 @@ def main(argv=None):
             queries.append(Features(rng.uniform(0, 1000, (len(take), 2)).astype(np.float32), ones, ones,
                                     x.astype(np.float32), (1000, 1000)))
         among = np.sort(rng.choice(args.images, min(1000, args.images), replace=False)).astype(np.int64)
-        figures, answers = {}, {}
+        figures = {}
         indexes = (("1 segment, format 1", single), ("1 segment, format 2", one),
                    (f"{args.segments} segments", multi))
+        readers, opened = {}, {}
         for mode in ("resident", "lazy"):
             for name, path in indexes:
                 gc.collect()
-                before = rss_bytes()
                 start = time.perf_counter()
                 reader = segments.open_reader(path)
                 open_ms = 1000 * (time.perf_counter() - start)
                 start = time.perf_counter()
                 if mode == "resident":
                     reader.load_all()
-                load_ms = 1000 * (time.perf_counter() - start)
-                held = rss_bytes() - before
-                ann_ms, among_ms, whole_ms, answers[(mode, name)] = timed_queries(reader, queries, args.nprobe,
-                                                                                   among)
-                size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-                figures[f"{name}, {mode}"] = {
-                    "mode": mode, "open_ms": round(open_ms, 1), "load_all_ms": round(load_ms, 1),
-                    "ann_ms": round(ann_ms, 2), "restricted_ann_ms": round(among_ms, 2),
-                    "query_ms": round(whole_ms, 2), "bytes": size,
-                    "resident_estimate_bytes": reader.resident_bytes() if mode == "resident" else None,
-                    "rss_after_load_bytes": held if mode == "resident" else None}
-                del reader
+                readers[(mode, name, path)] = reader
+                opened[(mode, name, path)] = (open_ms, 1000 * (time.perf_counter() - start))
+        timings, answers = timed_queries(readers, queries, args.nprobe, among)
+        for (mode, name, path), reader in readers.items():
+            (open_ms, load_ms), (ann_ms, among_ms, whole_ms) = opened[(mode, name, path)], timings[(mode, name, path)]
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+            figures[f"{name}, {mode}"] = {
+                "mode": mode, "open_ms": round(open_ms, 1), "load_all_ms": round(load_ms, 1), "ann_ms": ann_ms,
+                "restricted_ann_ms": among_ms, "query_ms": whole_ms, "bytes": size,
+                "resident_estimate_bytes": reader.resident_bytes() if mode == "resident" else None}
+        del readers
         identical = len({json.dumps(a) for a in answers.values()}) == 1
     load = os.getloadavg()
     report = {"images": args.images, "per_image": args.per_image, "cells": args.cells, "nprobe": args.nprobe,
@@ -195,12 +195,12 @@ def main(argv=None):
     print(f"{args.images} images x {args.per_image} rows, {args.cells} cells, nprobe {args.nprobe}, "
           f"{args.queries} queries of 200 descriptors; {len(tombstones)} tombstones; load {load[0]:.2f}")
     print(f"{'index':<32} {'open ms':>8} {'load ms':>8} {'ANN ms/q':>9} {'1000 img':>9} {'query ms':>9} "
-          f"{'MB':>6} {'est. MB':>8} {'RSS MB':>7}")
+          f"{'MB':>6} {'est. MB':>8}")
     mb = lambda b: f"{b / 1e6:.0f}" if b is not None else "-"  # noqa: E731
     for name, f in figures.items():
         print(f"{name:<32} {f['open_ms']:>8.1f} {f['load_all_ms']:>8.1f} {f['ann_ms']:>9.2f} "
               f"{f['restricted_ann_ms']:>9.2f} {f['query_ms']:>9.2f} {f['bytes'] / 1e6:>6.1f} "
-              f"{mb(f['resident_estimate_bytes']):>8} {mb(f['rss_after_load_bytes']):>7}")
+              f"{mb(f['resident_estimate_bytes']):>8}")
     print(f"answers identical: {identical}")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "segment_search.json"), "w") as f:
