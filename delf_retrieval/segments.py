@@ -432,7 +432,7 @@ class SegmentedReader:
 
     Global row ids are the segments' row ids, segment after segment, in the version's order;
     ``num_rows`` is the size of that id space, tombstoned rows included (as the manifest's
-    ``counts.descriptors``), until a merge drops them.
+    ``counts.stored_descriptors``), until a merge drops them.
     """
 
     def __init__(self, directory: str, cache_bytes: int = 2 << 30, manifest: dict | None = None):
@@ -540,8 +540,8 @@ class SegmentedReader:
 
     def resident_bytes(self) -> int:
         """About how much memory :meth:`load_all` takes: the segments' own estimates (cached row
-        groups and resident lists), which count the tombstoned rows too (the merge is done in
-        batches of cells, so it leaves less behind than a segment's own load)."""
+        groups, resident lists and what loading leaves in the allocators), tombstoned rows
+        counted too."""
         return sum(reader.resident_bytes() for reader in self.segments)
 
     def _merged(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
