@@ -1,5 +1,5 @@
-"""Search latency of one index written as one segment (format 1) and as ten (format 2), the same
-live images in both, on this machine.
+"""Search latency of one index written as one segment (format 1 and format 2) and as ten (format 2),
+the same live images in all, held in memory (resident) and read per probe (lazy), on this machine.
 
     python benchmarks/segment_search.py [--quick] [--images 20000] [--per-image 100] [--segments 10]
 
@@ -7,16 +7,21 @@ The database is synthetic, in the PCA'd space directly (no extraction): images a
 "landmark" centres, ``--per-image`` unit descriptors each, encoded by an IVF-PQ quantizer trained on
 a sample of them. The ten-segment version is what nine nightly runs would leave: one segment of 91%
 of the images, then nine of 1% each, every one of which also re-adds 0.2% of the images with new
-descriptors (tombstoned in the first segment). The one-segment index holds the same live rows.
+descriptors (tombstoned in the first segment). The one-segment indexes hold the same live rows.
 Queries are noisy copies of 200 descriptors of random live images. Each reader is opened cold,
-then every query is searched twice; the second pass (row groups cached) is the one reported, as
-ANN milliseconds per query (``reader.search``) and whole-query milliseconds (``Retriever``, with
-voting and RANSAC). The answers of the two indexes are compared and must be identical.
+then either ``load_all()`` (resident: what the engine does when the index fits in memory) or not
+(lazy: row groups and merged cells cached as probes need them, as ``pipeline.search`` reads);
+the six readers (three indexes, two modes) take turns query by query, every query is searched twice and the
+second pass is the one reported, as ANN milliseconds per
+query (``reader.search``), the same restricted to 1,000 live images (``image_ids``, as under the
+image shortlist) and whole-query milliseconds (``Retriever``, with voting and RANSAC). The answers
+of every index and mode are compared and must be identical (the script exits 1 otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -53,22 +58,37 @@ def records(ids, tag):
                                 "num_features": 0, "content_hash": tag} for i in ids])
 
 
-def timed_queries(reader, queries, nprobe):
-    """(ANN ms per query, whole-query ms per query, answers) on the second of two passes."""
+def timed_queries(readers: dict, queries, nprobe, among) -> tuple[dict, dict]:
+    """Per reader: (ANN ms per query, restricted ANN ms per query, whole-query ms per query) on the
+    second of two passes, and its answers (ANN distances and row image ids, and the matches). The
+    readers take turns query by query, so a change in the machine's load falls on all alike."""
     from delf_retrieval.retrieval import RetrievalConfig, Retriever
 
-    retriever = Retriever(reader, RetrievalConfig(nprobe=nprobe, top=20))
-    for features in queries:  # first pass: fills the row-group caches
-        retriever.search(features)
-    ann, whole, answers = [], [], []
+    retrievers = {name: Retriever(reader, RetrievalConfig(nprobe=nprobe, top=20)) for name, reader in readers.items()}
+    k = RetrievalConfig().neighbours
+    for features in queries:  # first pass: fills the caches (lazy) and compiles the kernel
+        for name, reader in readers.items():
+            retrievers[name].search(features)
+            reader.search(features.descriptors, k, nprobe, image_ids=among)
+    times = {name: ([], [], []) for name in readers}
+    answers = {name: [] for name in readers}
     for features in queries:
-        start = time.perf_counter()
-        reader.search(features.descriptors, retriever.config.neighbours, nprobe)
-        ann.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        answers.append([m.to_json() for m in retriever.search(features).matches])
-        whole.append(time.perf_counter() - start)
-    return 1000 * float(np.median(ann)), 1000 * float(np.median(whole)), answers
+        for name, reader in readers.items():
+            ann, restricted, whole = times[name]
+            start = time.perf_counter()
+            d, rows = reader.search(features.descriptors, k, nprobe)
+            ann.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            d_among, rows_among = reader.search(features.descriptors, k, nprobe, image_ids=among)
+            restricted.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            matches = [m.to_json() for m in retrievers[name].search(features).matches]
+            whole.append(time.perf_counter() - start)
+            answers[name].append({"ann": [d.tolist(), reader.rows(rows).image_ids.tolist()],
+                                  "restricted": [d_among.tolist(), reader.rows(rows_among).image_ids.tolist()],
+                                  "matches": matches})
+    ms = lambda t: round(1000 * float(np.median(t)), 2)  # noqa: E731
+    return {name: tuple(ms(t) for t in times[name]) for name in readers}, answers
 
 
 def main(argv=None):
@@ -114,10 +134,12 @@ def main(argv=None):
     encode_seconds = time.time() - start
 
     with tempfile.TemporaryDirectory(prefix="segment-search-") as scratch:
-        single, multi = os.path.join(scratch, "single"), os.path.join(scratch, "multi")
+        single, one, multi = (os.path.join(scratch, n) for n in ("single", "one", "multi"))
         ids = list(range(args.images))
-        shards.write_index(single, quantizer=quantizer, pca=None, images=records(ids, "live"),
-                           rows=shards.PostingRows.concatenate([rows[i] for i in ids], m))
+        live_rows = shards.PostingRows.concatenate([rows[i] for i in ids], m)
+        shards.write_index(single, quantizer=quantizer, pca=None, images=records(ids, "live"), rows=live_rows)
+        segments.write_version(one, quantizer=quantizer, pca=None, segments=[
+            segments.write_segment(one, live_rows, records(ids, "live"), quantizer.params.pq_bits, segment_id="s00")])
         refs, tombstones = [], segments.Tombstones()
         old_rows = {}  # the first segment's rows of the images replaced later: their first content
         rng_old = np.random.default_rng(1)
@@ -139,16 +161,31 @@ def main(argv=None):
             ones = np.ones(len(take), np.float32)
             queries.append(Features(rng.uniform(0, 1000, (len(take), 2)).astype(np.float32), ones, ones,
                                     x.astype(np.float32), (1000, 1000)))
+        among = np.sort(rng.choice(args.images, min(1000, args.images), replace=False)).astype(np.int64)
         figures = {}
-        answers = {}
-        for name, path in (("1 segment", single), (f"{args.segments} segments", multi)):
-            start = time.perf_counter()
-            reader = segments.open_reader(path)
-            open_ms = 1000 * (time.perf_counter() - start)
-            ann_ms, whole_ms, answers[name] = timed_queries(reader, queries, args.nprobe)
+        indexes = (("1 segment, format 1", single), ("1 segment, format 2", one),
+                   (f"{args.segments} segments", multi))
+        readers, opened = {}, {}
+        for mode in ("resident", "lazy"):
+            for name, path in indexes:
+                gc.collect()
+                start = time.perf_counter()
+                reader = segments.open_reader(path)
+                open_ms = 1000 * (time.perf_counter() - start)
+                start = time.perf_counter()
+                if mode == "resident":
+                    reader.load_all()
+                readers[(mode, name, path)] = reader
+                opened[(mode, name, path)] = (open_ms, 1000 * (time.perf_counter() - start))
+        timings, answers = timed_queries(readers, queries, args.nprobe, among)
+        for (mode, name, path), reader in readers.items():
+            (open_ms, load_ms), (ann_ms, among_ms, whole_ms) = opened[(mode, name, path)], timings[(mode, name, path)]
             size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-            figures[name] = {"open_ms": round(open_ms, 1), "ann_ms": round(ann_ms, 2), "query_ms": round(whole_ms, 2),
-                             "bytes": size}
+            figures[f"{name}, {mode}"] = {
+                "mode": mode, "open_ms": round(open_ms, 1), "load_all_ms": round(load_ms, 1), "ann_ms": ann_ms,
+                "restricted_ann_ms": among_ms, "query_ms": whole_ms, "bytes": size,
+                "resident_estimate_bytes": reader.resident_bytes() if mode == "resident" else None}
+        del readers
         identical = len({json.dumps(a) for a in answers.values()}) == 1
     load = os.getloadavg()
     report = {"images": args.images, "per_image": args.per_image, "cells": args.cells, "nprobe": args.nprobe,
@@ -157,9 +194,13 @@ def main(argv=None):
               "identical_answers": identical, "results": figures, "load": [round(x, 2) for x in load]}
     print(f"{args.images} images x {args.per_image} rows, {args.cells} cells, nprobe {args.nprobe}, "
           f"{args.queries} queries of 200 descriptors; {len(tombstones)} tombstones; load {load[0]:.2f}")
-    print(f"{'index':<14} {'open ms':>9} {'ANN ms/q':>9} {'query ms':>9} {'MB':>7}")
+    print(f"{'index':<32} {'open ms':>8} {'load ms':>8} {'ANN ms/q':>9} {'1000 img':>9} {'query ms':>9} "
+          f"{'MB':>6} {'est. MB':>8}")
+    mb = lambda b: f"{b / 1e6:.0f}" if b is not None else "-"  # noqa: E731
     for name, f in figures.items():
-        print(f"{name:<14} {f['open_ms']:>9.1f} {f['ann_ms']:>9.2f} {f['query_ms']:>9.2f} {f['bytes'] / 1e6:>7.1f}")
+        print(f"{name:<32} {f['open_ms']:>8.1f} {f['load_all_ms']:>8.1f} {f['ann_ms']:>9.2f} "
+              f"{f['restricted_ann_ms']:>9.2f} {f['query_ms']:>9.2f} {f['bytes'] / 1e6:>6.1f} "
+              f"{mb(f['resident_estimate_bytes']):>8}")
     print(f"answers identical: {identical}")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "segment_search.json"), "w") as f:

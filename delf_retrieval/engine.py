@@ -27,7 +27,7 @@ class EngineConfig:
     image_shortlist: str = "auto"  # auto: when the index has one and at least shortlist_min_images images
     shortlist_size: int = 1000
     shortlist_min_images: int = 50_000
-    # The postings are held in memory (IndexReader.load_all) when ``resident`` and their estimate
+    # The postings are held in memory (the reader's load_all) when ``resident`` and their estimate
     # fits in ``max_memory``; otherwise they are read per probe through a row-group cache of that size.
     max_memory: int = 4 << 30
     resident: bool = True
@@ -183,16 +183,18 @@ class Engine:
         (decoded codes and keypoints, as the neighbour stage searches with) find that image with
         the top score. Also compiles the search kernels before the first real query."""
         reader = self.retriever.reader
-        if reader.num_rows == 0:
+        block = next(reader.stored_rows(), None)  # the first live row group (None: no live rows)
+        if block is None:
             return
-        image_ids, decoded = next(reader.postings())
-        values, counts = np.unique(image_ids, return_counts=True)
+        values, counts = np.unique(block.image_ids, return_counts=True)
         image = int(values[np.argmax(counts)])
-        rows = np.flatnonzero(image_ids == image)[:max_rows]  # the first row group starts at global row 0
-        locations = reader.rows(rows).locations
+        own_rows = block.take(np.flatnonzero(block.image_ids == image)[:max_rows])
+        if not np.array_equal(reader.rows(own_rows.rows).image_ids, own_rows.image_ids):
+            raise VersionRejected(f"{self.version.root} version {self.version.name}: the stored rows of image {image} "
+                                  "are not where its row ids say: not served")
         with _search_guard():
-            result = self.retriever.search_projected(decoded[rows], locations)
-        if len(rows) < max(self.config.min_inliers, 3):
+            result = self.retriever.search_projected(own_rows.descriptors, own_rows.locations)
+        if len(own_rows) < max(self.config.min_inliers, 3):
             return  # too few rows to expect RANSAC to confirm the image: searching without error is the check
         top = result.matches[0].score if result.matches else None
         own = next((m.score for m in result.matches if m.image_id == image), None)

@@ -124,19 +124,17 @@ def search_neighbours(retriever, image_id: int, projected: np.ndarray, locations
 
 
 def rows_by_image(reader) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Every image's stored rows as (decoded descriptors in the index's space, (y, x) keypoints):
-    the whole index in memory, for offline use on small indexes (benchmarks, tests)."""
+    """Every live image's stored rows as (decoded descriptors in the index's space, (y, x)
+    keypoints), in stored order, from the reader's ``stored_rows()`` (either kind of index): the
+    whole index in memory, for offline use on small indexes (benchmarks, tests)."""
     parts: dict[int, list] = {}
-    for group in range(reader.num_row_groups):
-        arrays = reader._load_group(group)
-        decoded = reader.quantizer.decode(arrays["region"], arrays["codes"])
-        locations = np.stack([arrays["y"], arrays["x"]], 1).astype(np.float32)
-        ids = arrays["image_id"]
+    for block in reader.stored_rows():
+        ids = block.image_ids
         order = np.argsort(ids, kind="stable")
         bounds = np.flatnonzero(np.r_[True, ids[order][1:] != ids[order][:-1], True])
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             rows = order[lo:hi]
-            parts.setdefault(int(ids[rows[0]]), []).append((decoded[rows], locations[rows]))
+            parts.setdefault(int(ids[rows[0]]), []).append((block.descriptors[rows], block.locations[rows]))
     return {i: (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps])) for i, ps in parts.items()}
 
 

@@ -423,10 +423,34 @@ class Rows:
     attentions: np.ndarray  # float32
 
 
+@dataclass
+class StoredRows:
+    """A block of an index's stored posting rows as a reader yields them
+    (:meth:`IndexReader.stored_rows`): their global row ids, image ids, reconstructed PCA'd
+    descriptors (decoded PQ codes) and (y, x) keypoints, aligned."""
+
+    rows: np.ndarray  # (n,) int64, global posting row ids (what search returns and rows() takes)
+    image_ids: np.ndarray  # (n,) int64
+    descriptors: np.ndarray  # (n, d) float32
+    locations: np.ndarray  # (n, 2) float32, y, x
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def take(self, keep: np.ndarray) -> "StoredRows":
+        return StoredRows(self.rows[keep], self.image_ids[keep], self.descriptors[keep], self.locations[keep])
+
+
 def regions_of_cells(cell_regions: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Every region of the given cells (-1 ignored); cell c owns cell_regions[c]:cell_regions[c + 1]."""
     cells = np.unique(np.asarray(cells)[np.asarray(cells) >= 0])
     return expand_ranges(cell_regions[cells], cell_regions[cells + 1])
+
+
+def cached_row_bytes(pq_m: int) -> int:
+    """Bytes per row of a row group in IndexReader's cache: region, unpacked codes, image id,
+    keypoint (y, x), scale, attention and image position."""
+    return 8 + pq_m + 8 + 2 + 2 + 2 + 2 + 4
 
 
 class IndexReader:
@@ -438,9 +462,12 @@ class IndexReader:
     (a server's workers): the row-group cache is shared under a lock.
     """
 
-    def __init__(self, directory: str, cache_bytes: int = 2 << 30, manifest: dict | None = None):
+    def __init__(self, directory: str, cache_bytes: int = 2 << 30, manifest: dict | None = None,
+                 model: tuple | None = None):
         """``manifest``: read the version folder ``directory`` by this manifest (its paths checked
-        as on disk) rather than its manifest file: a build reading its own version before publishing."""
+        as on disk) rather than its manifest file: a build reading its own version before publishing.
+        ``model``: the (quantizer, pca) of these very files, already read and checked (the segments
+        of one version share them), so they are not read again."""
         self.directory = directory
         if manifest is None:
             self.manifest = read_manifest(directory)
@@ -450,8 +477,11 @@ class IndexReader:
         if self.manifest.get("format_version") == 2:
             raise ManifestError(f"{directory} lists segments: open it with segments.open_reader")
         files = self.manifest["files"]
-        self.quantizer = Quantizer.load(_check_file(directory, files["quantizer"], checksum=True))
-        self.pca = pca_lib.PCA.load(_check_file(directory, files["pca"], checksum=True)) if "pca" in files else None
+        if model is not None:
+            self.quantizer, self.pca = model
+        else:
+            self.quantizer = Quantizer.load(_check_file(directory, files["quantizer"], checksum=True))
+            self.pca = pca_lib.PCA.load(_check_file(directory, files["pca"], checksum=True)) if "pca" in files else None
         self._images_bytes = _check_file(directory, files["images"], checksum=True)
         self._images: pa.Table | None = None
         self._neighbours = None
@@ -578,7 +608,7 @@ class IndexReader:
         resident lists' codes, row ids and image positions, and what building them leaves in the
         allocators (together 92 bytes per row measured on a 2e6-row index with 10-byte codes)."""
         m = self.quantizer.params.pq_m
-        held = (8 + m + 8 + 2 + 2 + 2 + 2 + 4) + (m + 8 + 4)
+        held = cached_row_bytes(m) + (m + 8 + 4)
         return self.num_rows * (held + LOAD_TRANSIENT_BYTES_PER_ROW)
 
     def load_all(self) -> None:
@@ -623,12 +653,43 @@ class IndexReader:
     def num_row_groups(self) -> int:
         return len(self._group_shard)
 
-    def postings(self):
-        """Every posting row group in turn, as (image ids, reconstructed PCA'd descriptors): for
-        builders that need the whole index once (the image shortlist), streamed group by group."""
+    def stored_rows(self):
+        """Every posting row group in turn as :class:`StoredRows` (global row ids, image ids,
+        decoded descriptors, keypoints), in stored order: for builders and checks that read the
+        whole index once (the image shortlist, the neighbour stage, a version's probe)."""
         for group in range(self.num_row_groups):
             arrays = self._load_group(group)
-            yield arrays["image_id"], self.quantizer.decode(arrays["region"], arrays["codes"])
+            yield StoredRows(np.arange(self._group_first_row[group], self._group_first_row[group + 1]),
+                             arrays["image_id"].astype(np.int64),
+                             self.quantizer.decode(arrays["region"], arrays["codes"]),
+                             np.stack([arrays["y"], arrays["x"]], 1).astype(np.float32))
+
+    def postings(self):
+        """:meth:`stored_rows` as (image ids, reconstructed PCA'd descriptors) per row group."""
+        for block in self.stored_rows():
+            yield block.image_ids, block.descriptors
+
+    def _cell_rows(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of ``cells`` in stored order (by region, then image id): their regions, codes,
+        global row ids and image positions (in the sorted image ids). Only the row groups that
+        hold those cells are read; within them, each cell's rows are found by binary search."""
+        cells = np.unique(np.asarray(cells, np.int64))
+        cells = cells[cells >= 0]
+        bounds = np.stack([self._cell_regions[cells], self._cell_regions[cells + 1]])
+        parts = []
+        for group in self._groups_for_cells(cells):
+            arrays = self._load_group(int(group))
+            lo, hi = np.searchsorted(arrays["region"], bounds)  # rows are sorted by region (so by cell)
+            take = expand_ranges(lo, hi)
+            if not len(take):
+                continue
+            whole = len(take) == len(arrays["region"])  # the group lies inside the cells: no gather
+            columns = [arrays[name] if whole else arrays[name][take] for name in ("region", "codes", "image_index")]
+            parts.append((columns[0], columns[1], take + self._group_first_row[group], columns[2]))
+        if not parts:
+            m = self.quantizer.params.pq_m
+            return np.zeros(0, np.int64), np.zeros((0, m), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
     def rows(self, ids: np.ndarray) -> Rows:
         """Image id, keypoint (y, x), scale and attention of global posting rows."""

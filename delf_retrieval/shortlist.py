@@ -167,20 +167,59 @@ class ImageShortlist:
                    M=params.get("M", 16), ef_construction=params.get("efConstruction", 200))
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64: a well-spread 64-bit key per input."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_rows_of(reader, image_ids: np.ndarray, sample_rows: int, seed: int = 0) -> np.ndarray:
+    """About ``sample_rows`` of an index's reconstructed descriptors, chosen and ordered by a
+    pseudo-random key of (seed, image id, the row's place among its image's rows): the smallest keys
+    win. The sample depends only on the live images' rows, not on how they are split into row groups
+    or segments, so one corpus gives one vocabulary however it was written. ``image_ids``: the
+    sorted ids of the index's images."""
+    sample_rows = max(int(sample_rows), 1)
+    salt = _mix(np.asarray([seed], np.uint64))[0]
+    seen = np.zeros(len(image_ids), np.int64)  # rows of each image met so far
+    keys, picked, held, threshold = [], [], 0, None
+    for ids, reconstructed in reader.postings():
+        owners = np.searchsorted(image_ids, ids)
+        order = np.argsort(owners, kind="stable")
+        starts = np.flatnonzero(np.r_[True, owners[order][1:] != owners[order][:-1]])
+        place = np.empty(len(ids), np.int64)
+        place[order] = seen[owners[order]] + np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+        seen += np.bincount(owners, minlength=len(image_ids))
+        key = _mix(_mix(np.asarray(ids).astype(np.uint64) ^ salt) + place.astype(np.uint64))
+        take = np.flatnonzero(key < threshold) if threshold is not None else np.arange(len(key))
+        keys.append(key[take])
+        picked.append(reconstructed[take])
+        held += len(take)
+        if held >= 2 * sample_rows:  # keep the smallest keys (amortised: the pool at most doubles)
+            keys, picked = [np.concatenate(keys)], [np.concatenate(picked)]
+            best = np.argpartition(keys[0], sample_rows - 1)[:sample_rows]
+            keys, picked = [keys[0][best]], [picked[0][best]]
+            held, threshold = sample_rows, keys[0].max()
+    if not held:
+        return np.zeros((0, 0), np.float32)
+    key, sample = np.concatenate(keys), np.concatenate(picked)
+    best = np.argsort(key, kind="stable")[:sample_rows]
+    return sample[best]
+
+
 def build_from_index(reader, n_words: int = DEFAULT_WORDS, sample_rows: int = 200_000, seed: int = 0,
                      **kwargs) -> ImageShortlist:
-    """Aggregate every image of an opened index (:class:`~delf_retrieval.shards.IndexReader`) from
-    its stored codes (the reconstructed descriptors), with words trained on a sample of them."""
+    """Aggregate every live image of an opened index (``segments.open_reader``: either format)
+    from its stored codes (the reconstructed descriptors), with words trained on a sample of them
+    (:func:`sample_rows_of`)."""
     image_ids = np.sort(reader.images.column("image_id").to_numpy().astype(np.int64))
-    if reader.num_rows == 0:
+    sample = sample_rows_of(reader, image_ids, sample_rows, seed) if reader.num_rows else np.zeros((0, 0))
+    if not len(sample):
         raise ValueError("the index has no posting rows: nothing to build a shortlist from")
-    rng = np.random.default_rng(seed)
-    per_group = max(1, sample_rows // max(reader.num_row_groups, 1))
-    sample = []
-    for _, reconstructed in reader.postings():
-        take = min(per_group, len(reconstructed))
-        sample.append(reconstructed[rng.choice(len(reconstructed), take, replace=False)])
-    words = train_words(np.concatenate(sample), min(n_words, max(1, sum(map(len, sample)))), seed)
+    words = train_words(sample, min(n_words, len(sample)), seed)
     vlad = np.zeros((len(image_ids), len(words), words.shape[1]), np.float32)
     counts = np.zeros(len(image_ids), np.int64)
     for ids, reconstructed in reader.postings():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from delf_retrieval import pca as pca_lib
-from delf_retrieval import quantize, segments, shards, versions
+from delf_retrieval import engine, expansion, quantize, retrieval, segments, shards, shortlist, versions
 from delf_retrieval.expansion import NeighbourTable
 from delf_retrieval.features import Features
 from delf_retrieval.retrieval import RetrievalConfig, Retriever
@@ -179,13 +179,21 @@ def test_images_and_neighbours_are_the_live_merged_view(both):
     assert sorted(set(live_segmented)) == sorted(set(live_single)) == sorted(history.content)
 
 
-def test_search_is_identical_to_one_segment(both):
-    history, single, segmented = both
+def opened(directory, mode):
+    """A reader of ``directory`` as the engine opens it: resident (``load_all``), lazy, or lazy
+    with a cache so small that row groups and merged cells are evicted at every search."""
+    reader = segments.open_reader(str(directory), cache_bytes=20_000 if mode == "evicting" else 2 << 30)
+    if mode == "resident":
+        reader.load_all()
+    return reader
+
+
+def assert_same_search(single, segmented, history, among_sets=(None, np.asarray([1, 3, 5, 17, 20, 28], np.int64))):
     rng = np.random.default_rng(2)
     projection = history.model[0]
     for features in queries(history, rng):
         x = projection.transform(features.descriptors)
-        for among in (None, np.asarray([1, 3, 5, 17, 20, 28], np.int64)):
+        for among in among_sets:
             d1, r1 = single.search(x, 10, 4, image_ids=among)
             d2, r2 = segmented.search(x, 10, 4, image_ids=among)
             np.testing.assert_array_equal(d1, d2)
@@ -193,6 +201,65 @@ def test_search_is_identical_to_one_segment(both):
             for name in ("image_ids", "locations", "scales", "attentions"):
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
             assert 5 not in b.image_ids
+            if among is not None:
+                assert np.isin(b.image_ids[b.image_ids >= 0], among).all()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "resident", "evicting"])
+def test_search_is_identical_to_one_segment(both, mode):
+    """Resident and lazy (cached merged cells, or evicted at every search), with and without an
+    image restriction, against the one-segment index read the same way."""
+    history, single, segmented = both
+    assert_same_search(opened(single.directory, mode), opened(segmented.directory, mode), history)
+
+
+def test_resident_lists_hold_only_live_rows_in_one_segments_order(both):
+    _, single, segmented = both
+    one, many = opened(single.directory, "resident"), opened(segmented.directory, "resident")
+    lists = many._resident
+    assert len(lists) == len(one._resident) < many.num_rows  # tombstoned rows dropped, not only skipped
+    np.testing.assert_array_equal(lists.offsets, one._resident.offsets)
+    np.testing.assert_array_equal(lists.codes, one._resident.codes)
+    np.testing.assert_array_equal(many.rows(lists.ids).image_ids, one.rows(one._resident.ids).image_ids)
+    assert many.resident_bytes() == sum(s.resident_bytes() for s in many.segments) > one.resident_bytes()
+
+
+def test_searches_from_several_threads_answer_as_one(both):
+    """The engine's workers share one reader: caches of row groups and merged cells under locks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    history, single, segmented = both
+    shared = opened(segmented.directory, "evicting")
+    asked = [history.model[0].transform(f.descriptors) for f in queries(history, np.random.default_rng(6))] * 4
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda x: shared.search(x, 10, 4), asked))
+    assert 0 < shared._cell_cache_bytes and shared._cell_bytes <= shared._cell_cache_bytes  # evicted to its share
+    for x, (d, r) in zip(asked, answers):
+        d1, r1 = single.search(x, 10, 4)
+        np.testing.assert_array_equal(d, d1)
+        np.testing.assert_array_equal(shared.rows(r).image_ids, single.rows(r1).image_ids)
+
+
+def test_stored_rows_are_the_live_rows_under_their_global_ids(both):
+    """What the probe, the neighbour stage and the shortlist read: every live row once, each
+    block's row ids leading back (through rows()) to its images and keypoints; for one image, its
+    rows in the order one segment stores them."""
+    history, single, segmented = both
+    for reader in (single, segmented):
+        seen = []
+        for block in reader.stored_rows():
+            assert len(block) and 5 not in block.image_ids
+            stored = reader.rows(block.rows)
+            np.testing.assert_array_equal(stored.image_ids, block.image_ids)
+            np.testing.assert_array_equal(stored.locations, block.locations)
+            seen.append(block.rows)
+        seen = np.concatenate(seen)
+        assert len(np.unique(seen)) == len(seen) == len(history.content) * PER_IMAGE
+    one, many = expansion.rows_by_image(single), expansion.rows_by_image(segmented)
+    assert sorted(one) == sorted(many) == sorted(history.content)
+    for image_id in one:
+        np.testing.assert_array_equal(one[image_id][0], many[image_id][0])
+        np.testing.assert_array_equal(one[image_id][1], many[image_id][1])
 
 
 def test_retriever_results_are_identical_to_one_segment(both):
@@ -354,3 +421,75 @@ def test_merge_policy_prefers_segments_with_tombstones():
     merges = policy.find_merges(stats([10] * 6, deleted={4: 300, 5: 300}))
     assert merges[0] == ("s04", "s05")
     assert sorted(merges[1:]) == [("s00", "s01")]  # four of 10 MB left, three allowed
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_the_engine_opens_and_probes_a_format_2_version(both, resident, monkeypatch):
+    """The service's path: open_engine holds the merged postings (or reads them per probe) and
+    probes the version with an image's own stored rows: each descriptor searched with the keypoint
+    stored beside it (segment a's first row group has tombstoned rows, so positions in it are not
+    global row ids)."""
+    history, _, segmented = both
+    version = engine.published(segmented.directory)
+    searched = []
+    original = retrieval.Retriever.search_projected
+    monkeypatch.setattr(retrieval.Retriever, "search_projected",
+                        lambda self, x, locations, *a, **k: searched.append((x, locations)) or original(self, x, locations,
+                                                                                                      *a, **k))
+    opened_engine = engine.open_engine(version, engine.EngineConfig(resident=resident), extractor=object(), check=True)
+    (x, locations), = searched
+    stored = expansion.rows_by_image(segmented)
+    image = next(i for i, (d, _) in stored.items() if (d == x[0]).all(axis=1).any())
+    pairs = {(d.tobytes(), p.tobytes()) for d, p in zip(*stored[image])}
+    assert len(x) >= 10 and all((d.tobytes(), p.tobytes()) in pairs for d, p in zip(x, locations))
+    assert opened_engine.resident is resident
+    reader = opened_engine.retriever.reader
+    assert isinstance(reader, segments.SegmentedReader) and (reader._resident is not None) is resident
+    assert opened_engine.image_record(3)["uri"] == "gs://b/3-b.jpg" and opened_engine.image_record(5) is None
+    block = next(reader.stored_rows())
+    image = int(np.bincount(block.image_ids).argmax())
+    own = block.take(block.image_ids == image)
+    result = opened_engine.retriever.search_projected(own.descriptors, own.locations)
+    assert result.matches[0].image_id == image and result.matches[0].inliers >= len(own) // 2
+
+
+def test_a_version_folder_reads_by_a_manifest_not_yet_written(both, model, tmp_path):
+    """As the neighbour stage reads a build's own version before publishing it."""
+    history, single, _ = both
+    root = str(tmp_path)
+    refs = write_segments(root, history)
+    build = "builds/20260101T000000Z-x"
+    manifest = segments.version_manifest(os.path.join(root, build), quantizer=model[1], pca=model[0],
+                                         segments=[refs[n] for n in "abc"], tombstones=tombstones_of(history, "abc"),
+                                         version_folder=build)
+    assert not os.path.exists(os.path.join(root, build, shards.MANIFEST))
+    reader = segments.SegmentedReader(os.path.join(root, build), manifest=manifest)
+    assert_same_search(single, reader, history, among_sets=(None,))
+    assert reader.neighbours() is None
+
+
+def test_the_image_shortlist_of_a_format_2_version_is_that_of_its_live_images(both, tmp_path):
+    """Built from the live rows only (no tombstoned image), with the same words and vectors as the
+    one-segment index however the rows are split; pipeline.build_shortlist writes it beside a
+    format-2 root and the retriever loads it."""
+    import shutil
+
+    from pipeline import build_shortlist
+
+    history, single, segmented = both
+    one = shortlist.build_from_index(single, n_words=4, sample_rows=500, size=5)
+    many = shortlist.build_from_index(segmented, n_words=4, sample_rows=500, size=5)
+    np.testing.assert_array_equal(one.image_ids, many.image_ids)
+    assert 5 not in many.image_ids.tolist() and sorted(many.image_ids.tolist()) == sorted(history.content)
+    np.testing.assert_array_equal(one.words, many.words)
+    np.testing.assert_allclose(one.vectors, many.vectors, atol=1e-6)
+    again = shortlist.build_from_index(segmented, n_words=4, sample_rows=500, seed=1, size=5)
+    assert not np.array_equal(again.words, many.words)  # the seed chooses the sample
+
+    root = tmp_path / "root"
+    shutil.copytree(segmented.directory, root)
+    assert build_shortlist.run(["--index", str(root), "--words", "4", "--sample-rows", "500"]) == 0
+    retriever = retrieval.open_index(str(root), image_shortlist="on", shortlist_size=5)
+    np.testing.assert_array_equal(np.sort(retriever.image_shortlist.image_ids), np.sort(many.image_ids))
+    features = queries(history, np.random.default_rng(7))[0]
+    assert retriever.search(features).matches[0].image_id == 0

@@ -303,7 +303,7 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
         assert following.poll() == "failed"
         assert following.engine.version == serving
         ready = http.get("/readyz").json()
-        assert ready["version"] == serving.name and "CRC-32" in ready["last_error"]
+        assert ready["version"] == serving.name and "SHA-256" in ready["last_error"]
         assert following.poll() == "failed"  # remembered: not opened again
         assert list(following.failed()) == ["20990101T000000Z-damaged"]
         assert 'delf_index_reloads_total{outcome="failed"} 1.0' in http.get("/metrics").text
