@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,8 +388,6 @@ def write_version(directory: str, **kwargs) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-import threading  # noqa: E402 - the reader's own imports, kept in its section
-from collections import OrderedDict  # noqa: E402
 
 LOAD_BATCH_ROWS = 1 << 20  # SegmentedReader.load_all merges the cells of about this many rows at a time
 
