@@ -23,7 +23,8 @@ read from and wrote to the index root (counted in ``delf_retrieval.storage``, th
 pipeline reaches the index) against the index size, the seconds of publishing (verification and
 the pointer), and the search latency afterwards (the version opened and held in memory, as the
 engine serves it, then 30 queries of 200 noisy stored descriptors of live images, whole query:
-ANN, voting and RANSAC). Writes bench_results/reindex_cost.json.
+ANN, voting and RANSAC). The runs' drift ratios are reported but never retrain (a retrain is a full
+rebuild, not a nightly run). Writes bench_results/reindex_cost.json.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def index_bytes(root: str, manifest: dict) -> int:
     """The bytes of one version: its own files and every segment it lists."""
     from delf_retrieval import segments
 
-    return sum(f["bytes"] for f in manifest["files"].values()) + sum(
+    return sum(f["bytes"] for f in list(manifest["files"].values()) + list(manifest["model_files"].values())) + sum(
         r.size_bytes + r.bytes for r in segments.segment_refs(manifest))
 
 
@@ -257,17 +258,16 @@ def synthetic_base(root: str, corpus: str, seed_root: str, n_images: int, per_im
                                  rows_per_shard=config["rows_per_shard"])
     del rows, codes, pick
     folder = storage.join(root, build)
-    files = {name: shards.write_array_file(folder, seed["files"][name]["path"].split("/")[-1],
-                                           storage.read_bytes(shards.resolve(seed_root, seed["files"][name]["path"])))
+    model = {name: storage.read_bytes(shards.resolve(seed_root, seed["model_files"][name]["path"]))
              for name in ("pca", "quantizer")}
-    files["dead_letters"] = shards.write_table_file(folder, shards.DEAD_LETTERS_FILE, shards.dead_letter_table([]))
+    model_files = segments.write_model(root, build_id, model["quantizer"], model["pca"])
+    files = {"dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE, shards.dead_letter_table([]))}
     from delf_retrieval.quantize import Quantizer
 
-    quantizer = Quantizer.load(storage.read_bytes(shards.resolve(seed_root, seed["files"]["quantizer"]["path"])))
-    manifest = segments.segmented_manifest(folder, shards.new_index_id(), quantizer, files, [ref],
-                                           version_folder=build, model=seed["model"],
+    manifest = segments.segmented_manifest(folder, shards.new_index_id(), Quantizer.load(model["quantizer"]), files,
+                                           [ref], version_folder=build, model=seed["model"],
                                            extra={k: seed[k] for k in ("settings", "training")},
-                                           live_descriptors=ref.descriptors)
+                                           live_descriptors=ref.descriptors, model_files=model_files)
     manifest["counts"]["inputs"] = n_images
     versions.publish(root, build, manifest, None)
 
@@ -312,7 +312,9 @@ def nightly(corpus: str, root: str, extra: list[str], rng, n_queries: int) -> di
     before = shards.read_manifest(root)
     size_before = index_bytes(root, before)
     traffic = IndexTraffic(root)
-    argv = (["--input", corpus] if corpus else []) + ["--index", root, "--keep", "1", "--no-progress"] + extra
+    # Drift is measured and reported, never acted on: a retrain is a full rebuild, not a nightly run.
+    argv = (["--input", corpus] if corpus else []) + ["--index", root, "--keep", "1", "--no-progress",
+                                                      "--drift-threshold", "1000"] + extra
     with traffic.counting():
         start = time.perf_counter()
         assert reindex.run(argv) == 0
@@ -325,7 +327,8 @@ def nightly(corpus: str, root: str, extra: list[str], rng, n_queries: int) -> di
             "read_fraction": round(traffic.read / size_before, 4), "written_fraction": round(traffic.written / size_before, 4),
             "segments": after["counts"]["segments"], "tombstones": after["counts"]["tombstones"],
             "images": after["counts"]["images"], "descriptors": after["counts"]["descriptors"],
-            **{k: report[k] for k in ("added", "changed", "deleted", "re_extracted", "merged")},
+            **{k: report[k] for k in ("mode", "added", "changed", "deleted", "re_extracted", "merged")},
+            "drift_ratio": report["drift"]["ratio"],
             "search": search_latency(root, rng, n_queries)}
 
 
@@ -391,12 +394,13 @@ def synthetic_part(args) -> dict:
 def print_run(name: str, r: dict) -> None:
     if not getattr(print_run, "header", False):
         print(f"{'run':<28} {'segs':>4} {'extracted':>9} {'seconds':>7} {'publish s':>9} {'index MB':>8} "
-              f"{'read MB':>8} {'read %':>6} {'written MB':>10} {'written %':>9} {'query ms':>8}")
+              f"{'read MB':>8} {'read %':>6} {'written MB':>10} {'written %':>9} {'query ms':>8} {'drift':>5}")
         print_run.header = True
     mb = 1 / 1e6
     print(f"{name:<28} {r['segments']:>4} {r['re_extracted']:>9} {r['seconds']:>7.1f} {r['publish_s']:>9.2f} "
           f"{r['index_bytes_before'] * mb:>8.1f} {r['read_bytes'] * mb:>8.1f} {100 * r['read_fraction']:>6.2f} "
-          f"{r['written_bytes'] * mb:>10.2f} {100 * r['written_fraction']:>9.2f} {r['search']['query_ms']:>8.1f}")
+          f"{r['written_bytes'] * mb:>10.2f} {100 * r['written_fraction']:>9.2f} {r['search']['query_ms']:>8.1f} "
+          f"{'-' if r['drift_ratio'] is None else format(r['drift_ratio'], '.2f'):>5}", flush=True)
 
 
 def main(argv=None) -> int:

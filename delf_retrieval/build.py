@@ -261,13 +261,15 @@ class BuildJob:
     # The segments: the one this run writes (named by its build id; its shards carry ``index_id``),
     # whether it copies the kept images' rows into it (``carry``, over a format-1 version), how many
     # plan rows are kept, the current version's segments the new one keeps listing, the merges of
-    # this run (``segments.Merge``) and the current version's tombstones and restamps (file records).
+    # this run (``segments.Merge``), the current version's tombstones and restamps and the shared
+    # model files it encodes with (file records, paths from the root).
     carry: bool = False
     kept: int = 0
     previous_descriptors: int = 0  # the current version's live descriptors
     segments: tuple = ()
     merges: tuple = ()
     previous_files: dict = field(default_factory=dict)
+    model_files: dict = field(default_factory=dict)  # the current version's shared model; empty: write the run's
 
     @property
     def segment_id(self) -> str:

@@ -38,6 +38,7 @@ from delf_retrieval.search import InvertedLists, Searcher
 SEGMENTS_FORMAT_VERSION = 2
 SEGMENT_FORMAT = "delf-retrieval-segment"
 SEGMENTS_DIR = "segments"
+MODELS_DIR = "models"  # the PCA + quantizer of a training build, shared by the versions that encode with them
 SEGMENT_MANIFEST = "segment.json"
 TOMBSTONES_FILE = "tombstones.parquet"
 TOMBSTONE_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64())])
@@ -269,6 +270,8 @@ def verify(directory: str, manifest: dict, deep: set[str] | None = None) -> None
     for record in manifest["files"].values():
         shards._check_file(directory, record, checksum=True)
     root = index_root(directory, manifest)
+    for record in manifest["model_files"].values():  # small, shared: always read
+        shards._check_file(root, record, checksum=True)
     for ref in segment_refs(manifest):
         segment = read_segment(root, ref)
         for record in (segment.images,) + segment.shards:
@@ -312,17 +315,39 @@ def finish_segment(root: str, segment_id: str, index_id: str, images: pa.Table, 
                       segment.images["bytes"] + sum(r["bytes"] for r in records))
 
 
+def write_model(root: str, model_id: str, quantizer_npz: bytes, pca_npz: bytes | None) -> dict:
+    """Write a trained model once, under ``root/models/<id>/``; returns its file records (paths
+    from ``root``), which every version encoding with it lists as ``model_files``."""
+    folder = f"{MODELS_DIR}/{model_id}"
+    records = {"quantizer": shards.write_array_file(root, f"{folder}/{shards.QUANTIZER_FILE}", quantizer_npz)}
+    if pca_npz is not None:
+        records["pca"] = shards.write_array_file(root, f"{folder}/{shards.PCA_FILE}", pca_npz)
+    return records
+
+
+def model_records(manifest: dict) -> dict:
+    """The PCA + quantizer file records of a root's pointer, paths from the root: a format-1
+    version's own files, or the shared model a format-2 version lists."""
+    if is_segmented(manifest):
+        return dict(manifest["model_files"])
+    return {k: manifest["files"][k] for k in ("pca", "quantizer") if k in manifest["files"]}
+
+
 def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, segments: list[SegmentRef],
                      tombstones: Tombstones = Tombstones(), version_folder: str | None = None,
-                     dead_letters: pa.Table | None = None, neighbours=None, model: dict | None = None) -> dict:
-    """Write a version's own files into ``directory`` (the model, its tombstones) and return its
-    format-2 manifest, not yet written: ``shards.write_manifest`` or ``versions.publish`` does that.
+                     dead_letters: pa.Table | None = None, neighbours=None, model: dict | None = None,
+                     model_files: dict | None = None) -> dict:
+    """Write a version's own files into ``directory`` (its tombstones, and the model under
+    ``models/`` unless ``model_files`` names one already written) and return its format-2
+    manifest, not yet written: ``shards.write_manifest`` or ``versions.publish`` does that.
     ``version_folder``: ``builds/<id>`` when ``directory`` is that folder of a versioned root;
     ``neighbours``: the version's ``expansion.NeighbourTable`` (readers drop its edges to images
     that are not live)."""
-    files = {"quantizer": shards.write_array_file(directory, shards.QUANTIZER_FILE, quantizer.to_npz_bytes())}
-    if pca is not None:
-        files["pca"] = shards.write_array_file(directory, shards.PCA_FILE, pca.to_npz_bytes())
+    root = index_root(directory, {"version_folder": version_folder}) if version_folder else directory
+    if model_files is None:
+        model_files = write_model(root, shards.new_index_id(), quantizer.to_npz_bytes(),
+                                  None if pca is None else pca.to_npz_bytes())
+    files = {}
     if dead_letters is not None:
         files["dead_letters"] = shards.write_table_file(directory, shards.DEAD_LETTERS_FILE, dead_letters)
     if neighbours is not None:
@@ -330,18 +355,20 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
 
         files["neighbours"] = shards.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
     return segmented_manifest(directory, shards.new_index_id(), quantizer, files, segments, tombstones,
-                              version_folder=version_folder, model=model)
+                              version_folder=version_folder, model=model, model_files=model_files)
 
 
 def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, files: dict, segments: list[SegmentRef],
                        tombstones: Tombstones = Tombstones(), restamps: Restamps = Restamps(),
                        version_folder: str | None = None, model: dict | None = None, extra: dict | None = None,
-                       live_descriptors: int | None = None) -> dict:
+                       live_descriptors: int | None = None, model_files: dict | None = None) -> dict:
     """A format-2 manifest over the version's own ``files`` (written into ``directory``; its
-    tombstones and restamps are written here too) and the ``segments`` it lists.
-    ``live_descriptors``: the rows of its live images, when the caller knows them (a build does:
-    the previous version's, less those of the images it removes, plus those it adds); otherwise
-    they are counted from the segments' image tables."""
+    tombstones and restamps are written here too), the shared ``model_files`` (``write_model``'s
+    records) and the ``segments`` it lists. ``live_descriptors``: the rows of its live images,
+    when the caller knows them (a build does: the previous version's, less those of the images it
+    removes, plus those it adds); otherwise they are counted from the segments' image tables."""
+    if not model_files or "quantizer" not in model_files:
+        raise ValueError("a version of segments needs its model files (write_model)")
     listed = {ref.segment_id for ref in segments}
     if len(listed) != len(segments):
         raise ValueError("a segment is listed twice")
@@ -362,7 +389,7 @@ def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, file
     live_images = {"rows": sum(r.images for r in segments) - len(tombstones)}
     manifest = shards.build_manifest(index_id, quantizer, {**files, "images": live_images}, [], model, extra)
     del manifest["shards"], manifest["counts"]["shards"]
-    manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files,
+    manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files, "model_files": dict(model_files),
                      "segments": [r.to_json() for r in segments]})
     manifest["counts"].update({"descriptors": int(live_descriptors), "stored_descriptors": stored,
                                "segments": len(segments), "tombstones": len(tombstones)})
@@ -448,7 +475,6 @@ class SegmentedReader:
             raise shards.ManifestError(f"{directory}: not a segmented (format version 2) manifest")
         self.manifest = manifest
         self.cache_bytes = cache_bytes
-        files = manifest["files"]
         self.refs = segment_refs(manifest)
         if not self.refs:
             raise shards.ManifestError(f"{directory}: the version lists no segments")
@@ -459,14 +485,8 @@ class SegmentedReader:
         for ref in self.refs:
             segment = read_segment(root, ref)
             own = {"index_id": segment.index_id,
-                   "files": {"quantizer": files["quantizer"], "images": _in_segment(ref, segment.images),
-                             **({"pca": files["pca"]} if "pca" in files else {})},
+                   "files": {**manifest["model_files"], "images": _in_segment(ref, segment.images)},
                    "shards": [_in_segment(ref, s) for s in segment.shards]}
-            if directory != root:  # the model files are the version's: paths from ROOT
-                prefix = manifest["version_folder"]
-                own["files"]["quantizer"] = {**files["quantizer"], "path": f"{prefix}/{files['quantizer']['path']}"}
-                if "pca" in files:
-                    own["files"]["pca"] = {**files["pca"], "path": f"{prefix}/{files['pca']['path']}"}
             reader = shards.IndexReader(root, cache_bytes, manifest=own, model=model)
             model = (reader.quantizer, reader.pca)  # read and checked once, shared by every segment
             self.segments.append(reader)

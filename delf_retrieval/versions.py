@@ -11,6 +11,8 @@ Layout of a versioned root::
     builds/<id>/...                 its files; never modified after its manifest is written
     segments/<id>/...               immutable segments that format-2 versions list (segments.py);
                                     deleted once no kept version lists them
+    models/<id>/...                 the PCA + quantizer of a training build, which the format-2
+                                    versions encoding with it list; deleted likewise
     reindex.lock                    while a run holds the lock: owner, host, pid, start, expiry
     reports/<id>.json               one report per re-index run
 """
@@ -165,31 +167,41 @@ def prune(root: str, keep: int, protect: set[str] = frozenset()) -> list[str]:
     return doomed + prune_segments(root)
 
 
-def segment_folders(root: str) -> list[str]:
-    """``segments/<id>`` folders under root (each an immutable segment, or one a run left unfinished)."""
+def segment_folders(root: str, kind: str = segments.SEGMENTS_DIR) -> list[str]:
+    """``segments/<id>`` folders under root (each an immutable segment, or one a run left
+    unfinished); with ``kind`` ``models``, the shared model folders."""
     found = set()
-    for path in storage.list_files(storage.join(root, segments.SEGMENTS_DIR)):
+    for path in storage.list_files(storage.join(root, kind)):
         parts = storage.relative(path, root).replace(os.sep, "/").split("/")
         if len(parts) >= 3:
             found.add(f"{parts[0]}/{parts[1]}")
     return sorted(found)
 
 
+def _shared_folders(manifest: dict) -> set[str]:
+    """The segment and model folders a manifest references."""
+    folders = {ref.folder for ref in segments.segment_refs(manifest)}
+    if segments.is_segmented(manifest):
+        folders |= {record["path"].rsplit("/", 1)[0] for record in manifest["model_files"].values()}
+    return folders
+
+
 def prune_segments(root: str) -> list[str]:
-    """Delete the segments no kept version (nor the pointer) references; returns their folders. A
-    kept version whose manifest cannot be read might reference any, so then none is deleted. The
-    same caution as :func:`prune`: a live run's segment is referenced only once it publishes."""
-    folders = segment_folders(root)
+    """Delete the segments and models no kept version (nor the pointer) references; returns their
+    folders. A kept version whose manifest cannot be read might reference any, so then none is
+    deleted. The same caution as :func:`prune`: a live run's segment is referenced only once it
+    publishes."""
+    folders = segment_folders(root) + segment_folders(root, segments.MODELS_DIR)
     if not folders:
         return []
     pointer, _ = current(root)
-    referenced = {ref.folder for ref in segments.segment_refs(pointer or {})}
+    referenced = _shared_folders(pointer or {})
     for build in version_ids(root)[0]:
         try:
             manifest = read_version(root, build)
         except shards.ManifestError:
             return []
-        referenced |= {ref.folder for ref in segments.segment_refs(manifest)}
+        referenced |= _shared_folders(manifest)
     doomed = [f for f in folders if f not in referenced]
     for folder in doomed:
         storage.delete_tree(storage.join(root, folder))

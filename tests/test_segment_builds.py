@@ -15,7 +15,7 @@ from delf_retrieval.retrieval import RetrievalConfig, Retriever
 from pipeline import reindex
 from tests.conftest import SMALL, corpus_of, reindex_run
 from tests.test_reindex import BASE, last_report, rows_by_image
-from tests.test_segments import model  # noqa: F401 - a fixture
+from tests.test_segments import model  # noqa: F401,F811 - a fixture
 
 
 def files_of(root):
@@ -96,6 +96,7 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     assert changed and all(p.startswith((build + "/", f"segments/{b.segment_id}/", "reports/")) or p == "manifest.json"
                            for p in changed)
     assert all(after[p] == before[p] for p in before if p.startswith(f"segments/{a.segment_id}/"))
+    assert second["model_files"] == first["model_files"] and not any(p.endswith(".npz") for p in changed)
     assert b.size_bytes < a.size_bytes
     report = last_report(root)
     assert report["segments_written"] == [b.segment_id] and report["merged"] == [] and report["tombstones"] == 2

@@ -291,11 +291,12 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
     pointer, token = versions.current(index)
     damaged = "builds/20990101T000000Z-damaged"
     shutil.copytree(os.path.join(index, pointer["build"]), os.path.join(index, damaged))
-    # Same size, one byte flipped: its quantizer, checked by SHA-256 on open.
-    quantizer = os.path.join(index, damaged, shards.read_manifest(os.path.join(index, damaged))["files"]["quantizer"]["path"])
-    data = bytearray(open(quantizer, "rb").read())
+    # Same size, one byte flipped: its tombstones, checked by SHA-256 on open.
+    tombstones = os.path.join(index, damaged,
+                              shards.read_manifest(os.path.join(index, damaged))["files"]["tombstones"]["path"])
+    data = bytearray(open(tombstones, "rb").read())
     data[len(data) // 3] ^= 0xFF
-    open(quantizer, "wb").write(bytes(data))
+    open(tombstones, "wb").write(bytes(data))
     own = shards.read_manifest(os.path.join(index, damaged))
     storage.write_bytes_if(os.path.join(index, shards.MANIFEST),
                            json.dumps(versions.pointer_from_version(own, damaged)).encode(), token)

@@ -267,9 +267,11 @@ class BuildIndex(beam.PTransform):
         elif job.mode == plan_lib.FIXED:
             model = pbegin | "GivenModel" >> beam.Create([self.model])
         else:
-            files = {k: self.pointer[k] for k in ("files", "training") if k in self.pointer}
+            from delf_retrieval.segments import model_records
+
+            current = {"model_files": model_records(self.pointer), "training": self.pointer.get("training")}
             model = (pbegin | "Current" >> beam.Create([None])
-                     | "ReadModel" >> beam.Map(read_current_model, job.root, files))
+                     | "ReadModel" >> beam.Map(read_current_model, job.root, current))
         extracted = to_extract | "ExtractImages" >> with_accelerator(self.extract(), self.accelerator)
         features = extracted["features"]
         if job.mode == plan_lib.FULL:
@@ -383,12 +385,13 @@ class WriteVersion(beam.DoFn):
                 live = job.previous_descriptors - lost + sum(r["num_features"] for r in new_images)
             else:
                 live = sum(r["rows"] for r in shard_records)
-            files = write_version_files(job, model, dead_letters)
+            files = write_version_files(job, dead_letters)
+            model_files = job.model_files or segments.write_model(job.root, job.build_id, model.quantizer, model.pca)
             manifest = segments.segmented_manifest(
                 storage.join(job.root, job.build), shards.new_index_id(), quantizer, files, listed, tombstones,
                 restamps, version_folder=job.build, model=job.model_info,
                 extra={"settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
-                       "training": model.training_record()}, live_descriptors=live)
+                       "training": model.training_record()}, live_descriptors=live, model_files=model_files)
             report = self.report(plan, same, indexed, new_images, dead_letters, manifest, new_error, model, written)
             manifest.update({"drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
             manifest["counts"]["inputs"] = job.listed
@@ -508,14 +511,12 @@ def refuse_unless_publishable(job: plan_lib.BuildJob, indexed: int, dead_letters
         raise index.PublishRefused(f"{e} (rejected inputs: {storage.join(folder, shards.DEAD_LETTERS_FILE)})") from None
 
 
-def write_version_files(job: plan_lib.BuildJob, model, dead_letters: list) -> dict:
-    """Model files and the dead-letter table into the version folder, and the plan's record."""
+def write_version_files(job: plan_lib.BuildJob, dead_letters: list) -> dict:
+    """The dead-letter table into the version folder, and the plan's record."""
     from delf_retrieval import shards, storage
 
     folder = storage.join(job.root, job.build)
     return {
-        "pca": shards.write_array_file(folder, shards.PCA_FILE, model.pca),
-        "quantizer": shards.write_array_file(folder, shards.QUANTIZER_FILE, model.quantizer),
         "dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
                                                 shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
         "plan": job.plan_record,

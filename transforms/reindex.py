@@ -92,24 +92,25 @@ class CarryPostings(beam.DoFn):
         yield from index.split_by_shard(posting_rows, self.params["n_cells"], self.job.num_shards)
 
 
-def read_model(root: str, pointer: dict):
-    """The current version's ``TrainedModel``: its PCA + quantizer files, checked, and its training record."""
+def read_model(root: str, current: dict):
+    """The current version's ``TrainedModel``: its PCA + quantizer files (``current["model_files"]``,
+    ``segments.model_records`` of its pointer), checked, and its training record."""
     import hashlib
 
     from delf_retrieval import index, shards, storage
 
     files = {}
     for name in ("pca", "quantizer"):
-        record = pointer["files"][name]
+        record = current["model_files"][name]
         files[name] = storage.read_bytes(shards.resolve(root, record["path"]))
         if hashlib.sha256(files[name]).hexdigest() != record["sha256"]:
             raise shards.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
-    return index.TrainedModel.from_record(files["pca"], files["quantizer"], pointer.get("training"))
+    return index.TrainedModel.from_record(files["pca"], files["quantizer"], current.get("training"))
 
 
-def read_current_model(_, root: str, pointer: dict):
+def read_current_model(_, root: str, current: dict):
     """``read_model`` as a step over one dummy element."""
-    return read_model(root, pointer)
+    return read_model(root, current)
 
 
 def drift_error(sample, model):
