@@ -211,7 +211,7 @@ def index_bytes(root: str, manifest: dict) -> int:
     """The bytes of one version: its own files and every segment it lists."""
     from delf_retrieval import segments
 
-    return sum(f["bytes"] for f in list(manifest["files"].values()) + list(manifest["model_files"].values())) + sum(
+    return sum(f["bytes"] for f in list(manifest["files"].values()) + list(manifest["codebooks"].values())) + sum(
         r.size_bytes + r.bytes for r in segments.segment_refs(manifest))
 
 
@@ -258,16 +258,16 @@ def synthetic_base(root: str, corpus: str, seed_root: str, n_images: int, per_im
                                  rows_per_shard=config["rows_per_shard"])
     del rows, codes, pick
     folder = storage.join(root, build)
-    model = {name: storage.read_bytes(shards.resolve(seed_root, seed["model_files"][name]["path"]))
+    model = {name: storage.read_bytes(shards.resolve(seed_root, seed["codebooks"][name]["path"]))
              for name in ("pca", "quantizer")}
-    model_files = segments.write_model(root, build_id, model["quantizer"], model["pca"])
+    codebooks = segments.write_codebooks(root, build_id, model["quantizer"], model["pca"])
     files = {"dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE, shards.dead_letter_table([]))}
     from delf_retrieval.quantize import Quantizer
 
     manifest = segments.segmented_manifest(folder, shards.new_index_id(), Quantizer.load(model["quantizer"]), files,
                                            [ref], version_folder=build, model=seed["model"],
                                            extra={k: seed[k] for k in ("settings", "training")},
-                                           live_descriptors=ref.descriptors, model_files=model_files)
+                                           live_descriptors=ref.descriptors, codebooks=codebooks)
     manifest["counts"]["inputs"] = n_images
     versions.publish(root, build, manifest, None)
 

@@ -269,7 +269,7 @@ class BuildJob:
     segments: tuple = ()
     merges: tuple = ()
     previous_files: dict = field(default_factory=dict)
-    model_files: dict = field(default_factory=dict)  # the current version's shared model; empty: write the run's
+    codebooks: dict = field(default_factory=dict)  # the current version's shared model; empty: write the run's
 
     @property
     def segment_id(self) -> str:

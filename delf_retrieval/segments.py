@@ -8,7 +8,8 @@ Layout (``ROOT`` is an index directory, or the root of a versioned index)::
                                                      posting shards, each with size and SHA-256
     ROOT/segments/<segment id>/images.parquet
     ROOT/segments/<segment id>/postings/part-*.parquet   sorted by (cell, region, image id), as today
-    VERSION/manifest.json      format_version 2: the model files, ``segments`` (each segment.json by
+    VERSION/manifest.json      format_version 2: ``codebooks`` (the PCA + quantizer files under
+                               ROOT/codebooks/<id>/, shared), ``segments`` (each segment.json by
                                path from ROOT, bytes and SHA-256) and ``files.tombstones``
     VERSION/tombstones.parquet (segment, image id): rows of that image dropped from that segment
 
@@ -38,7 +39,7 @@ from delf_retrieval.search import InvertedLists, Searcher
 SEGMENTS_FORMAT_VERSION = 2
 SEGMENT_FORMAT = "delf-retrieval-segment"
 SEGMENTS_DIR = "segments"
-MODELS_DIR = "models"  # the PCA + quantizer of a training build, shared by the versions that encode with them
+CODEBOOKS_DIR = "codebooks"  # the PCA + quantizer of a training build, shared by the versions encoding with them
 SEGMENT_MANIFEST = "segment.json"
 TOMBSTONES_FILE = "tombstones.parquet"
 TOMBSTONE_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64())])
@@ -270,7 +271,7 @@ def verify(directory: str, manifest: dict, deep: set[str] | None = None) -> None
     for record in manifest["files"].values():
         shards._check_file(directory, record, checksum=True)
     root = index_root(directory, manifest)
-    for record in manifest["model_files"].values():  # small, shared: always read
+    for record in manifest["codebooks"].values():  # small, shared: always read
         shards._check_file(root, record, checksum=True)
     for ref in segment_refs(manifest):
         segment = read_segment(root, ref)
@@ -315,37 +316,37 @@ def finish_segment(root: str, segment_id: str, index_id: str, images: pa.Table, 
                       segment.images["bytes"] + sum(r["bytes"] for r in records))
 
 
-def write_model(root: str, model_id: str, quantizer_npz: bytes, pca_npz: bytes | None) -> dict:
-    """Write a trained model once, under ``root/models/<id>/``; returns its file records (paths
-    from ``root``), which every version encoding with it lists as ``model_files``."""
-    folder = f"{MODELS_DIR}/{model_id}"
+def write_codebooks(root: str, codebooks_id: str, quantizer_npz: bytes, pca_npz: bytes | None) -> dict:
+    """Write a training build's PCA + quantizer once, under ``root/codebooks/<id>/``; returns their
+    file records (paths from ``root``), which every version encoding with them lists as ``codebooks``."""
+    folder = f"{CODEBOOKS_DIR}/{codebooks_id}"
     records = {"quantizer": shards.write_array_file(root, f"{folder}/{shards.QUANTIZER_FILE}", quantizer_npz)}
     if pca_npz is not None:
         records["pca"] = shards.write_array_file(root, f"{folder}/{shards.PCA_FILE}", pca_npz)
     return records
 
 
-def model_records(manifest: dict) -> dict:
+def codebook_records(manifest: dict) -> dict:
     """The PCA + quantizer file records of a root's pointer, paths from the root: a format-1
     version's own files, or the shared model a format-2 version lists."""
     if is_segmented(manifest):
-        return dict(manifest["model_files"])
+        return dict(manifest["codebooks"])
     return {k: manifest["files"][k] for k in ("pca", "quantizer") if k in manifest["files"]}
 
 
 def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, segments: list[SegmentRef],
                      tombstones: Tombstones = Tombstones(), version_folder: str | None = None,
                      dead_letters: pa.Table | None = None, neighbours=None, model: dict | None = None,
-                     model_files: dict | None = None) -> dict:
+                     codebooks: dict | None = None) -> dict:
     """Write a version's own files into ``directory`` (its tombstones, and the model under
-    ``models/`` unless ``model_files`` names one already written) and return its format-2
+    ``codebooks/`` unless ``codebooks`` names those already written) and return its format-2
     manifest, not yet written: ``shards.write_manifest`` or ``versions.publish`` does that.
     ``version_folder``: ``builds/<id>`` when ``directory`` is that folder of a versioned root;
     ``neighbours``: the version's ``expansion.NeighbourTable`` (readers drop its edges to images
     that are not live)."""
     root = index_root(directory, {"version_folder": version_folder}) if version_folder else directory
-    if model_files is None:
-        model_files = write_model(root, shards.new_index_id(), quantizer.to_npz_bytes(),
+    if codebooks is None:
+        codebooks = write_codebooks(root, shards.new_index_id(), quantizer.to_npz_bytes(),
                                   None if pca is None else pca.to_npz_bytes())
     files = {}
     if dead_letters is not None:
@@ -355,20 +356,20 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
 
         files["neighbours"] = shards.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
     return segmented_manifest(directory, shards.new_index_id(), quantizer, files, segments, tombstones,
-                              version_folder=version_folder, model=model, model_files=model_files)
+                              version_folder=version_folder, model=model, codebooks=codebooks)
 
 
 def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, files: dict, segments: list[SegmentRef],
                        tombstones: Tombstones = Tombstones(), restamps: Restamps = Restamps(),
                        version_folder: str | None = None, model: dict | None = None, extra: dict | None = None,
-                       live_descriptors: int | None = None, model_files: dict | None = None) -> dict:
+                       live_descriptors: int | None = None, codebooks: dict | None = None) -> dict:
     """A format-2 manifest over the version's own ``files`` (written into ``directory``; its
-    tombstones and restamps are written here too), the shared ``model_files`` (``write_model``'s
+    tombstones and restamps are written here too), the shared ``codebooks`` (``write_codebooks``'s
     records) and the ``segments`` it lists. ``live_descriptors``: the rows of its live images,
     when the caller knows them (a build does: the previous version's, less those of the images it
     removes, plus those it adds); otherwise they are counted from the segments' image tables."""
-    if not model_files or "quantizer" not in model_files:
-        raise ValueError("a version of segments needs its model files (write_model)")
+    if not codebooks or "quantizer" not in codebooks:
+        raise ValueError("a version of segments needs its codebooks (write_codebooks)")
     listed = {ref.segment_id for ref in segments}
     if len(listed) != len(segments):
         raise ValueError("a segment is listed twice")
@@ -389,7 +390,7 @@ def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, file
     live_images = {"rows": sum(r.images for r in segments) - len(tombstones)}
     manifest = shards.build_manifest(index_id, quantizer, {**files, "images": live_images}, [], model, extra)
     del manifest["shards"], manifest["counts"]["shards"]
-    manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files, "model_files": dict(model_files),
+    manifest.update({"format_version": SEGMENTS_FORMAT_VERSION, "files": files, "codebooks": dict(codebooks),
                      "segments": [r.to_json() for r in segments]})
     manifest["counts"].update({"descriptors": int(live_descriptors), "stored_descriptors": stored,
                                "segments": len(segments), "tombstones": len(tombstones)})
@@ -485,7 +486,7 @@ class SegmentedReader:
         for ref in self.refs:
             segment = read_segment(root, ref)
             own = {"index_id": segment.index_id,
-                   "files": {**manifest["model_files"], "images": _in_segment(ref, segment.images)},
+                   "files": {**manifest["codebooks"], "images": _in_segment(ref, segment.images)},
                    "shards": [_in_segment(ref, s) for s in segment.shards]}
             reader = shards.IndexReader(root, cache_bytes, manifest=own, model=model)
             model = (reader.quantizer, reader.pca)  # read and checked once, shared by every segment

@@ -359,13 +359,13 @@ def check_manifest_paths(manifest: dict, where: str = MANIFEST) -> None:
             raise ManifestError(f"{where}: {listing}[{i}] is not a file record")
         check_relative(record.get("path"), f"{listing}[{i}].path", where)
     if listing == "segments":  # the shared model (paths from the root, as segments')
-        model_files = manifest.get("model_files")
-        if not isinstance(model_files, dict) or not isinstance(model_files.get("quantizer"), dict):
-            raise ManifestError(f"{where}: no model_files.quantizer record")
-        for name, record in model_files.items():
+        codebooks = manifest.get("codebooks")
+        if not isinstance(codebooks, dict) or not isinstance(codebooks.get("quantizer"), dict):
+            raise ManifestError(f"{where}: no codebooks.quantizer record")
+        for name, record in codebooks.items():
             if not isinstance(record, dict):
-                raise ManifestError(f"{where}: model_files.{name} is not a file record")
-            check_relative(record.get("path"), f"model_files.{name}.path", where)
+                raise ManifestError(f"{where}: codebooks.{name} is not a file record")
+            check_relative(record.get("path"), f"codebooks.{name}.path", where)
     for field in ("build", "previous", "version_folder"):
         if manifest.get(field) is not None:
             check_relative(manifest[field], field, where)

@@ -11,8 +11,8 @@ Layout of a versioned root::
     builds/<id>/...                 its files; never modified after its manifest is written
     segments/<id>/...               immutable segments that format-2 versions list (segments.py);
                                     deleted once no kept version lists them
-    models/<id>/...                 the PCA + quantizer of a training build, which the format-2
-                                    versions encoding with it list; deleted likewise
+    codebooks/<id>/...              the PCA + quantizer of a training build, which the format-2
+                                    versions encoding with them list; deleted likewise
     reindex.lock                    while a run holds the lock: owner, host, pid, start, expiry
     reports/<id>.json               one report per re-index run
 """
@@ -182,7 +182,7 @@ def _shared_folders(manifest: dict) -> set[str]:
     """The segment and model folders a manifest references."""
     folders = {ref.folder for ref in segments.segment_refs(manifest)}
     if segments.is_segmented(manifest):
-        folders |= {record["path"].rsplit("/", 1)[0] for record in manifest["model_files"].values()}
+        folders |= {record["path"].rsplit("/", 1)[0] for record in manifest["codebooks"].values()}
     return folders
 
 
@@ -191,7 +191,7 @@ def prune_segments(root: str) -> list[str]:
     folders. A kept version whose manifest cannot be read might reference any, so then none is
     deleted. The same caution as :func:`prune`: a live run's segment is referenced only once it
     publishes."""
-    folders = segment_folders(root) + segment_folders(root, segments.MODELS_DIR)
+    folders = segment_folders(root) + segment_folders(root, segments.CODEBOOKS_DIR)
     if not folders:
         return []
     pointer, _ = current(root)

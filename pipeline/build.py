@@ -215,12 +215,12 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
                                carry=carry, keep_all=args.input is None)
     build_id = plan_lib.new_build_id()
     build = f"{shards.BUILDS_DIR}/{build_id}"
-    kept, merges, previous_files, model_files = (), (), {}, {}
+    kept, merges, previous_files, codebooks = (), (), {}, {}
     if mode == plan_lib.INCREMENTAL and not carry:
         kept, merges, previous_files = plan_segments(args.index, pointer, plan, build_id, config.rows_per_shard,
                                                      getattr(args, "max_segments", None) if getattr(args, "merge", False)
                                                      else None)
-        model_files = segments.model_records(pointer)
+        codebooks = segments.codebook_records(pointer)
     plan_record = shards.write_table_file(storage.join(args.index, build), plan_lib.PLAN_FILE, plan.table())
     fetch = cli.fetch_config_from_args(args)
     job = plan_lib.BuildJob(
@@ -233,7 +233,7 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours,
         previous_neighbours=previous_neighbours, carry=plan.carry, kept=plan.count(plan_lib.KEEP), segments=kept,
         previous_descriptors=pointer["counts"]["descriptors"] if pointer else 0,
-        merges=merges, previous_files=previous_files, model_files=model_files)
+        merges=merges, previous_files=previous_files, codebooks=codebooks)
     extract = functools.partial(
         ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, fetch=fetch,
         progress_total=plan.to_read if local and not args.no_progress else 0)

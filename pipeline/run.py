@@ -58,7 +58,7 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
         rows.append(("segments", counts["segments"]))
     postings = sum(s["bytes"] for s in shard_records)
     total_bytes = (sum(f["bytes"] for f in manifest["files"].values())
-                   + sum(f["bytes"] for f in manifest.get("model_files", {}).values())
+                   + sum(f["bytes"] for f in manifest.get("codebooks", {}).values())
                    + sum(r.size_bytes for r in segments.segment_refs(manifest)) + sum(s["bytes"] for s in manifest.get("shards", [])))
     rows += [("descriptors", counts["descriptors"]), ("shards", len(shard_records)), ("index", manifest["spec"]),
              ("bytes", total_bytes), ("bytes/descriptor", f"{postings / max(counts['descriptors'], 1):.2f} (postings)"),

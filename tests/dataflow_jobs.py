@@ -178,7 +178,7 @@ def translate_all(gcs: str) -> dict[str, TranslatedJob]:
     manifest = shards.read_manifest(nightly)
     for name in ("pca", "quantizer"):
         storage.write_bytes(f"{gcs}/quantizer/{name}.npz",
-                            storage.read_bytes(shards.resolve(nightly, manifest["model_files"][name]["path"])))
+                            storage.read_bytes(shards.resolve(nightly, manifest["codebooks"][name]["path"])))
     upload_photos(gcs, "photos", {"berlin/b.jpg": ("berlin_cathedral", 1)})  # the day's new image
     jobs = {}
     jobs["full build"] = translate("full build", "pipeline.run",

@@ -316,8 +316,8 @@ def edit_pointer(root, change):
 
 @pytest.mark.parametrize("field,value", [
     ("files.tombstones", "../../outside.parquet"), ("files.tombstones", "/etc/passwd"),
-    ("model_files.quantizer", "a/../../b.npz"), ("segments", "../outside.parquet"), ("segments", "segments//x.json"),
-    ("build", "builds/../.."), ("previous", "/etc"), ("model_files.pca", "gs://elsewhere/pca.npz"),
+    ("codebooks.quantizer", "a/../../b.npz"), ("segments", "../outside.parquet"), ("segments", "segments//x.json"),
+    ("build", "builds/../.."), ("previous", "/etc"), ("codebooks.pca", "gs://elsewhere/pca.npz"),
     ("files.tombstones", "..\\..\\x"),
 ])
 def test_a_manifest_path_leaving_the_root_is_refused(hostile_build, tmp_path, field, value):
@@ -325,7 +325,7 @@ def test_a_manifest_path_leaving_the_root_is_refused(hostile_build, tmp_path, fi
     (tmp_path / "outside.parquet").write_bytes(b"secret")
 
     def change(manifest):
-        if field.startswith(("files.", "model_files.")):
+        if field.startswith(("files.", "codebooks.")):
             manifest[field.split(".")[0]][field.split(".")[1]]["path"] = value
         elif field == "segments":
             manifest["segments"][0]["path"] = value

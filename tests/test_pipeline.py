@@ -195,14 +195,14 @@ def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
     fixed = tmp_path / "quantizer"
     fixed.mkdir()
     for name in ("pca.npz", "quantizer.npz"):
-        shutil.copy(os.path.join(sample_index, reader.manifest["model_files"][name.split(".")[0]]["path"]), fixed / name)
+        shutil.copy(os.path.join(sample_index, reader.manifest["codebooks"][name.split(".")[0]]["path"]), fixed / name)
     corpus = small_corpus(tmp_path / "corpus", per_scene=1)
     output = tmp_path / "index"
     # Shards are sized from the bound 3 images x 300 features: ceil(900 / 200) = 5 cell ranges.
     build(["--input", str(corpus), "--output", str(output), "--quantizer", str(fixed), "--rows-per-shard", "200"]
           + FAST)
     manifest = shards.read_manifest(str(output))
-    assert manifest["model_files"]["quantizer"]["sha256"] == reader.manifest["model_files"]["quantizer"]["sha256"]
+    assert manifest["codebooks"]["quantizer"]["sha256"] == reader.manifest["codebooks"]["quantizer"]["sha256"]
     assert manifest["counts"]["images"] == 3
     written = segments.posting_shards(str(output), manifest)
     assert 1 < len(written) <= 5

@@ -80,7 +80,7 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
     second = shards.verify(str(root))
     assert second["previous"] == first["build"] and second["build"] != first["build"]
     assert shards.verify(os.path.join(root, second["build"]))["index_id"] == second["index_id"]  # self-contained
-    assert second["model_files"] == first["model_files"]  # the model reused: the same files, not a copy
+    assert second["codebooks"] == first["codebooks"]  # the model reused: the same files, not a copy
 
     # The image table is exactly the corpus now, with current hashes and stamps.
     reader = segments.open_reader(str(root))
@@ -209,7 +209,7 @@ def test_drift_past_the_threshold_makes_the_next_run_retrain(built, tmp_path):
     assert retrained["mode"] == "full" and retrained["re_extracted"] == 5
     assert (retrained["unchanged"], retrained["added"], retrained["changed"]) == (5, 0, 0)
     pointer = shards.read_manifest(str(root))
-    assert pointer["model_files"]["quantizer"]["sha256"] != first["model_files"]["quantizer"]["sha256"]
+    assert pointer["codebooks"]["quantizer"]["sha256"] != first["codebooks"]["quantizer"]["sha256"]
     assert not pointer["drift"]["retrain_due"]
 
 

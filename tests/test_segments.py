@@ -313,12 +313,12 @@ def test_prune_keeps_referenced_segments_and_rollback_reaches_every_kept_version
     refs["m"] = segments.write_segment(root, merged_rows, merged_images, quantizer.params.pq_bits, segment_id="m")
     plan = [("builds/20260101T000000Z-a", "a"), ("builds/20260102T000000Z-b", "ab"),
             ("builds/20260103T000000Z-c", "abc"), ("builds/20260104T000000Z-m", "m")]  # m: a merge of a, b, c
-    model_files = None  # written by the first version, shared by the others (as nightly runs share it)
+    codebooks = None  # written by the first version, shared by the others (as nightly runs share it)
     for build, names in plan:
         manifest = segments.version_manifest(os.path.join(root, build), quantizer=quantizer, pca=projection,
                                              segments=[refs[n] for n in names], version_folder=build,
-                                             tombstones=tombstones_of(history, names), model_files=model_files)
-        model_files = manifest["model_files"]
+                                             tombstones=tombstones_of(history, names), codebooks=codebooks)
+        codebooks = manifest["codebooks"]
         versions.publish(root, build, manifest, versions.current(root)[1])
     folder = lambda n: os.path.join(root, "segments", n)  # noqa: E731
     assert versions.prune(root, keep=2) == ["builds/20260101T000000Z-a"]  # a's segment is still b's and c's

@@ -267,9 +267,9 @@ class BuildIndex(beam.PTransform):
         elif job.mode == plan_lib.FIXED:
             model = pbegin | "GivenModel" >> beam.Create([self.model])
         else:
-            from delf_retrieval.segments import model_records
+            from delf_retrieval.segments import codebook_records
 
-            current = {"model_files": model_records(self.pointer), "training": self.pointer.get("training")}
+            current = {"codebooks": codebook_records(self.pointer), "training": self.pointer.get("training")}
             model = (pbegin | "Current" >> beam.Create([None])
                      | "ReadModel" >> beam.Map(read_current_model, job.root, current))
         extracted = to_extract | "ExtractImages" >> with_accelerator(self.extract(), self.accelerator)
@@ -328,10 +328,10 @@ CHANGE_COUNTS = ("listed", "added", "changed", "unchanged", "deleted", "rejected
 class WriteVersion(beam.DoFn):
     """On one worker, once every shard is written: the run's new segment completed (its image
     table and manifest: the images encoded by this run, with the kept ones' when it carries their
-    rows) and each merged one, then the model files and the dead-letter table into the version
-    folder, and the version's manifest (format 2: the segments it lists, its tombstones and
-    restamps, the build's settings) and run report, handed on, not yet written (``PublishVersion``
-    does that). Refuses (``PublishRefused``) a build that lost inputs, failed to carry rows over,
+    rows) and each merged one, a training build's codebooks (PCA + quantizer, under
+    ``codebooks/``), the dead-letter table into the version folder, and the version's manifest
+    (format 2: the codebooks and segments it lists, its tombstones and restamps, the build's
+    settings) and run report, handed on, not yet written (``PublishVersion`` does that). Refuses (``PublishRefused``) a build that lost inputs, failed to carry rows over,
     or rejected more than ``job.max_rejected_fraction`` of its inputs; its dead-letter table is
     still written into its folder, to be read."""
 
@@ -386,12 +386,12 @@ class WriteVersion(beam.DoFn):
             else:
                 live = sum(r["rows"] for r in shard_records)
             files = write_version_files(job, dead_letters)
-            model_files = job.model_files or segments.write_model(job.root, job.build_id, model.quantizer, model.pca)
+            codebooks = job.codebooks or segments.write_codebooks(job.root, job.build_id, model.quantizer, model.pca)
             manifest = segments.segmented_manifest(
                 storage.join(job.root, job.build), shards.new_index_id(), quantizer, files, listed, tombstones,
                 restamps, version_folder=job.build, model=job.model_info,
                 extra={"settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
-                       "training": model.training_record()}, live_descriptors=live, model_files=model_files)
+                       "training": model.training_record()}, live_descriptors=live, codebooks=codebooks)
             report = self.report(plan, same, indexed, new_images, dead_letters, manifest, new_error, model, written)
             manifest.update({"drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
             manifest["counts"]["inputs"] = job.listed

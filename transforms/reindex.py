@@ -93,15 +93,15 @@ class CarryPostings(beam.DoFn):
 
 
 def read_model(root: str, current: dict):
-    """The current version's ``TrainedModel``: its PCA + quantizer files (``current["model_files"]``,
-    ``segments.model_records`` of its pointer), checked, and its training record."""
+    """The current version's ``TrainedModel``: its PCA + quantizer files (``current["codebooks"]``,
+    ``segments.codebook_records`` of its pointer), checked, and its training record."""
     import hashlib
 
     from delf_retrieval import index, shards, storage
 
     files = {}
     for name in ("pca", "quantizer"):
-        record = current["model_files"][name]
+        record = current["codebooks"][name]
         files[name] = storage.read_bytes(shards.resolve(root, record["path"]))
         if hashlib.sha256(files[name]).hexdigest() != record["sha256"]:
             raise shards.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
