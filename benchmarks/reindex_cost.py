@@ -11,8 +11,9 @@ pipeline.reindex's ``run``): an initial full build of all but ``--new-fraction``
 a nightly run after the rest arrive (only they are extracted); a nightly run with no change (the
 fixed cost: listing, stat, the plan, the manifest); and a full rebuild (``--retrain``).
 
-**synthetic**: a real full build of ``--seed-images`` generated pictures gives the model (PCA,
-quantizer, network settings); then a version of ``--images`` images is written as one segment
+**synthetic**: a real full build of ``--seed-images`` generated pictures (256 px, features ranked
+by descriptor norm, the extraction above) gives the model (PCA, quantizer, network and extraction
+settings, which every nightly run then uses); then a version of ``--images`` images is written as one segment
 whose postings are drawn as benchmarks/query_latency.py draws them (each row a real encoded row
 picked at random, two of its PQ sub-codes re-drawn, at a random keypoint), each image a hard link
 in the corpus folder with its stamp recorded, so no extraction is needed for the unchanged part.
@@ -47,6 +48,7 @@ sys.path.insert(0, REPO_ROOT)
 LANDMARKS_DEV = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "landmarks-dev", "images")
 SAMPLES = os.path.join(REPO_ROOT, "samples")
 EXTRACTION = ["--scales", "0.5,1.0", "--max-features", "300", "--max-image-size", "640", "--no-progress"]
+PICTURE = 256  # pixels of a generated picture: 16 x 16 + 8 x 8 feature locations at the two scales
 
 
 def images_of(folder: str) -> list[str]:
@@ -183,7 +185,7 @@ class IndexTraffic:
             versions.publish = publish
 
 
-def picture(rng, size: int = 160) -> np.ndarray:
+def picture(rng, size: int = PICTURE) -> np.ndarray:
     """A generated photograph: smooth colour noise with a few hard-edged shapes (corners for keypoints)."""
     from PIL import Image, ImageDraw
 
@@ -245,10 +247,10 @@ def synthetic_base(root: str, corpus: str, seed_root: str, n_images: int, per_im
     from delf_retrieval.quantize import Encoded
 
     rows = shards.PostingRows(Encoded(real.encoded.cells[pick], real.encoded.regions[pick], codes),
-                              np.repeat(ids, per_image), rng.uniform(0, 160, (n, 2)).astype(np.float32),
+                              np.repeat(ids, per_image), rng.uniform(0, PICTURE, (n, 2)).astype(np.float32),
                               np.ones(n, np.float32), np.ones(n, np.float32))
     stamp = storage.stamp(paths[0])  # hard links share one inode: one size and modification time
-    images = shards.image_table([{"image_id": int(i), "uri": p, "width": 160, "height": 160,
+    images = shards.image_table([{"image_id": int(i), "uri": p, "width": PICTURE, "height": PICTURE,
                                   "num_features": per_image, "content_hash": f"synthetic-{i}", "stamp": stamp}
                                  for i, p in zip(ids, paths)])
     build_id = "20000101T000000Z-synthetc"
@@ -291,7 +293,7 @@ def search_latency(root: str, rng, n_queries: int, per_query: int = 200) -> dict
         for image in rng.choice(live, min(n_queries - len(queries), len(live)), replace=False):
             rows = decoded[image_ids == image][:per_query]
             queries.append((rows + rng.normal(0, 0.05, rows.shape).astype(np.float32),
-                            rng.uniform(0, 160, (len(rows), 2)).astype(np.float32)))
+                            rng.uniform(0, PICTURE, (len(rows), 2)).astype(np.float32)))
         if len(queries) >= n_queries:
             break
     retriever = Retriever(reader, RetrievalConfig(top=20))
@@ -364,7 +366,9 @@ def synthetic_part(args) -> dict:
         for i in range(args.seed_images):
             write_picture(os.path.join(seed_corpus, f"{i:04d}.png"), rng)
         start = time.perf_counter()
-        assert run_job.run(["--input", seed_corpus, "--output", seed_root] + EXTRACTION) == 0
+        # Ranked by descriptor norm: the shipped attention head keeps few features of generated pictures.
+        assert run_job.run(["--input", seed_corpus, "--output", seed_root, "--keypoint-score", "l2norm"]
+                           + EXTRACTION) == 0
         seed_seconds = time.perf_counter() - start
         corpus, root = os.path.join(scratch, "corpus"), os.path.join(scratch, "index")
         start = time.perf_counter()

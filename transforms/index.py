@@ -331,9 +331,10 @@ class WriteVersion(beam.DoFn):
     rows) and each merged one, a training build's codebooks (PCA + quantizer, under
     ``codebooks/``), the dead-letter table into the version folder, and the version's manifest
     (format 2: the codebooks and segments it lists, its tombstones and restamps, the build's
-    settings) and run report, handed on, not yet written (``PublishVersion`` does that). Refuses (``PublishRefused``) a build that lost inputs, failed to carry rows over,
-    or rejected more than ``job.max_rejected_fraction`` of its inputs; its dead-letter table is
-    still written into its folder, to be read."""
+    settings) and run report, handed on, not yet written (``PublishVersion`` does that). Refuses
+    (``PublishRefused``) a build that lost inputs, failed to carry rows over, or rejected more than
+    ``job.max_rejected_fraction`` of its inputs; its dead-letter table is still written into its
+    folder, to be read."""
 
     def __init__(self, job: plan_lib.BuildJob):
         self.job = job
@@ -355,43 +356,15 @@ class WriteVersion(beam.DoFn):
             indexed = job.kept + len(same) + len(new_images)
             refuse_unless_publishable(job, indexed, dead_letters)
             _, quantizer = model.load()
-            previous = {"files": job.previous_files}
-            tombstones, restamps = segments.read_tombstones(job.root, previous), segments.read_restamps(job.root, previous)
-            removed, restamped = self.changes(plan, same)
-            written, new_segment = [], []
-            if job.merges:
-                dropped = dropped_by_merges(job, tombstones)
-                with_run = restamps
-                for segment, image_id, stamp in restamped:
-                    with_run = with_run.adding(segment, {image_id: stamp})
-                for number, merge in enumerate(job.merges):
-                    written.append(segments.finish_segment(
-                        job.root, merge.segment_id, merge.index_id,
-                        segments.merged_images(job.root, merge, dropped, with_run),
-                        [r for n, r in merged_records if n == number]))
-                gone = {(s, int(i)) for s, ids in dropped.deleted.items() for i in ids}
-                removed = [r for r in removed if r not in gone]
-            images = self.segment_images(plan, new_images, same)
-            if images:
-                new_segment.append(segments.finish_segment(job.root, job.segment_id, job.index_id,
-                                                           shards.image_table(images), shard_records))
-            written += new_segment
-            tombstones, restamps = segments.successor(list(job.segments), tombstones, restamps, list(job.merges),
-                                                      removed, restamped)
-            listed = list(job.segments) + written
-            if job.mode == plan_lib.INCREMENTAL and not job.carry:  # merges keep every live row
-                lost = sum(row["num_features"] or 0 for row in plan if row["action"] == plan_lib.DELETE
-                           or (row["action"] == plan_lib.CHECK and row["uri"] not in same))
-                live = job.previous_descriptors - lost + sum(r["num_features"] for r in new_images)
-            else:
-                live = sum(r["rows"] for r in shard_records)
+            written, tombstones, restamps = self.write_segments(plan, same, shard_records, merged_records, new_images)
             files = write_version_files(job, dead_letters)
             codebooks = job.codebooks or segments.write_codebooks(job.root, job.build_id, model.quantizer, model.pca)
             manifest = segments.segmented_manifest(
-                storage.join(job.root, job.build), shards.new_index_id(), quantizer, files, listed, tombstones,
-                restamps, version_folder=job.build, model=job.model_info,
+                storage.join(job.root, job.build), shards.new_index_id(), quantizer, files, list(job.segments) + written,
+                tombstones, restamps, version_folder=job.build, model=job.model_info,
                 extra={"settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
-                       "training": model.training_record()}, live_descriptors=live, codebooks=codebooks)
+                       "training": model.training_record()},
+                live_descriptors=self.live_descriptors(plan, same, shard_records, new_images), codebooks=codebooks)
             report = self.report(plan, same, indexed, new_images, dead_letters, manifest, new_error, model, written)
             manifest.update({"drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
             manifest["counts"]["inputs"] = job.listed
@@ -402,6 +375,47 @@ class WriteVersion(beam.DoFn):
         yield {"manifest": manifest, "report": report, "searched": sorted(new_ids),
                "removed": sorted({image_id for _, image_id in self.changes(plan, same, everything=True)[0]} - new_ids),
                "written": [ref.segment_id for ref in written]}
+
+    def write_segments(self, plan, same, shard_records, merged_records, new_images):
+        """(the segments this run wrote: each merged one, then its own if it encoded any image; the
+        new version's tombstones; its restamps). A merged segment's image table takes this run's
+        restamps; an image removed from a merged segment is tombstoned there unless the merge
+        already dropped it."""
+        from delf_retrieval import segments, shards
+
+        job = self.job
+        previous = {"files": job.previous_files}
+        tombstones, restamps = segments.read_tombstones(job.root, previous), segments.read_restamps(job.root, previous)
+        removed, restamped = self.changes(plan, same)
+        written = []
+        if job.merges:
+            dropped = dropped_by_merges(job, tombstones)
+            with_run = restamps
+            for segment, image_id, stamp in restamped:
+                with_run = with_run.adding(segment, {image_id: stamp})
+            for number, merge in enumerate(job.merges):
+                written.append(segments.finish_segment(
+                    job.root, merge.segment_id, merge.index_id, segments.merged_images(job.root, merge, dropped, with_run),
+                    [r for n, r in merged_records if n == number]))
+            gone = {(s, int(i)) for s, ids in dropped.deleted.items() for i in ids}
+            removed = [r for r in removed if r not in gone]
+        images = self.segment_images(plan, new_images, same)
+        if images:
+            written.append(segments.finish_segment(job.root, job.segment_id, job.index_id, shards.image_table(images),
+                                                   shard_records))
+        tombstones, restamps = segments.successor(list(job.segments), tombstones, restamps, list(job.merges),
+                                                  removed, restamped)
+        return written, tombstones, restamps
+
+    def live_descriptors(self, plan, same, shard_records, new_images) -> int:
+        """The new version's live rows: those of its one segment when it wrote them all; else the
+        current version's, less those of the images it removes, plus the new ones' (merges keep
+        every live row)."""
+        if self.job.mode != plan_lib.INCREMENTAL or self.job.carry:
+            return sum(r["rows"] for r in shard_records)
+        lost = sum(row["num_features"] or 0 for row in plan if row["action"] == plan_lib.DELETE
+                   or (row["action"] == plan_lib.CHECK and row["uri"] not in same))
+        return self.job.previous_descriptors - lost + sum(r["num_features"] for r in new_images)
 
     def segment_images(self, plan: list[dict], new_images: list[dict], same: set) -> list[dict]:
         """The new segment's image table: the images encoded by this run (with their listed stamp)
