@@ -1,6 +1,6 @@
 """An index version as a list of immutable segments plus tombstones: the segment files and their
-manifests, the version manifest (format version 2) that lists them, and the reader that searches
-them all as one index.
+manifests, the shared codebooks, the version manifest (format version 2) that lists them, the
+reader that searches them all as one index, and merging (the policy and the merged shards).
 
 Layout (``ROOT`` is an index directory, or the root of a versioned index)::
 
@@ -10,8 +10,9 @@ Layout (``ROOT`` is an index directory, or the root of a versioned index)::
     ROOT/segments/<segment id>/postings/part-*.parquet   sorted by (cell, region, image id), as today
     VERSION/manifest.json      format_version 2: ``codebooks`` (the PCA + quantizer files under
                                ROOT/codebooks/<id>/, shared), ``segments`` (each segment.json by
-                               path from ROOT, bytes and SHA-256) and ``files.tombstones``
+                               path from ROOT, bytes and SHA-256), ``files.tombstones``, ``files.restamps``
     VERSION/tombstones.parquet (segment, image id): rows of that image dropped from that segment
+    VERSION/restamps.parquet   (segment, image id, stamp): a touched but unchanged image's new stamp
 
 ``VERSION`` is ROOT itself, or ``ROOT/builds/<id>`` (its manifest then names that folder as
 ``version_folder``). Segments are written once and never modified; a version references them, so
