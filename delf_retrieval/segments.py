@@ -251,9 +251,14 @@ def segment_images(root: str, ref: SegmentRef, dropped: np.ndarray = np.zeros(0,
     """A segment's image table (checked) without the ``dropped`` image ids, ``restamped`` stamps applied."""
     segment = read_segment(root, ref)
     table = pq.read_table(io.BytesIO(shards._check_file(root, _in_segment(ref, segment.images), checksum=True)))
-    if len(dropped):
-        table = table.filter(pa.array(~np.isin(table.column("image_id").to_numpy(), dropped)))
-    return _restamped(table, restamped)
+    return _restamped(_without(table, dropped), restamped)
+
+
+def _without(table: pa.Table, image_ids: np.ndarray) -> pa.Table:
+    """An image table without the rows of ``image_ids``."""
+    if not len(image_ids):
+        return table
+    return table.filter(pa.array(~np.isin(table.column("image_id").to_numpy(), image_ids)))
 
 
 def _restamped(table: pa.Table, restamped: dict | None) -> pa.Table:
@@ -540,10 +545,7 @@ class SegmentedReader:
             parts = []
             restamps = read_restamps(self.directory, self.manifest)
             for ref, reader, deleted in zip(self.refs, self.segments, self._deleted):
-                table = reader.images
-                if len(deleted):
-                    table = table.filter(pa.array(~np.isin(table.column("image_id").to_numpy(), deleted)))
-                parts.append(_restamped(table, restamps.stamps.get(ref.segment_id)))
+                parts.append(_restamped(_without(reader.images, deleted), restamps.stamps.get(ref.segment_id)))
             self._images = pa.concat_tables(parts)
         return self._images
 
@@ -928,7 +930,6 @@ def posting_shards(directory: str, manifest: dict) -> list[dict]:
     if not is_segmented(manifest):
         return list(manifest["shards"])
     root = index_root(directory, manifest)
-    prefix = "" if root == directory else manifest["version_folder"].count("/") + 1
-    if prefix:
+    if root != directory:
         raise ValueError("posting_shards reads a segmented version from its root, not its own folder")
     return [_in_segment(ref, s) for ref in segment_refs(manifest) for s in read_segment(root, ref).shards]

@@ -160,17 +160,20 @@ def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
                                   f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, job.index_id)
 
 
-def dropped_by_merges(job: plan_lib.BuildJob, tombstones=None):
+def dropped_by_merges(job: plan_lib.BuildJob, tombstones=None, plan: list[dict] | None = None):
     """What the run's merges drop from their sources: the current version's tombstones of those
-    segments and the images the plan deletes from them (``segments.Tombstones``)."""
+    segments and the images the plan deletes from them (``segments.Tombstones``); ``tombstones``
+    and ``plan`` when the caller has read them already."""
     from delf_retrieval import inputs, segments
 
     if tombstones is None:
         tombstones = segments.read_tombstones(job.root, {"files": job.previous_files})
+    if plan is None:
+        plan = plan_lib.read_plan(job.plan_path, (plan_lib.DELETE,))
     sources = [s for m in job.merges for s in m.source_ids]
     dropped = tombstones.only(sources)
-    for row in plan_lib.read_plan(job.plan_path, (plan_lib.DELETE,)):
-        if row["segment"] in sources:
+    for row in plan:
+        if row["action"] == plan_lib.DELETE and row["segment"] in sources:
             dropped = dropped.adding(row["segment"], [inputs.image_id(row["uri"])])
     return dropped
 
@@ -356,7 +359,9 @@ class WriteVersion(beam.DoFn):
             indexed = job.kept + len(same) + len(new_images)
             refuse_unless_publishable(job, indexed, dead_letters)
             _, quantizer = model.load()
-            written, tombstones, restamps = self.write_segments(plan, same, shard_records, merged_records, new_images)
+            removed, restamped = self.changes(plan, same)
+            written, tombstones, restamps = self.write_segments(plan, same, removed, restamped, shard_records,
+                                                                merged_records, new_images)
             files = write_version_files(job, dead_letters)
             codebooks = job.codebooks or segments.write_codebooks(job.root, job.build_id, model.quantizer, model.pca)
             manifest = segments.segmented_manifest(
@@ -373,10 +378,10 @@ class WriteVersion(beam.DoFn):
                                      f"{indexed} were indexed: not published (a bookkeeping error)")
         new_ids = {r["image_id"] for r in new_images}
         yield {"manifest": manifest, "report": report, "searched": sorted(new_ids),
-               "removed": sorted({image_id for _, image_id in self.changes(plan, same, everything=True)[0]} - new_ids),
+               "removed": sorted({image_id for _, image_id in removed} - new_ids),
                "written": [ref.segment_id for ref in written]}
 
-    def write_segments(self, plan, same, shard_records, merged_records, new_images):
+    def write_segments(self, plan, same, removed, restamped, shard_records, merged_records, new_images):
         """(the segments this run wrote: each merged one, then its own if it encoded any image; the
         new version's tombstones; its restamps). A merged segment's image table takes this run's
         restamps; an image removed from a merged segment is tombstoned there unless the merge
@@ -386,10 +391,11 @@ class WriteVersion(beam.DoFn):
         job = self.job
         previous = {"files": job.previous_files}
         tombstones, restamps = segments.read_tombstones(job.root, previous), segments.read_restamps(job.root, previous)
-        removed, restamped = self.changes(plan, same)
+        removed = [r for r in removed if r[0] is not None]  # those in a segment are tombstoned
+        restamped = [r for r in restamped if r[0] is not None]
         written = []
         if job.merges:
-            dropped = dropped_by_merges(job, tombstones)
+            dropped = dropped_by_merges(job, tombstones, plan)
             with_run = restamps
             for segment, image_id, stamp in restamped:
                 with_run = with_run.adding(segment, {image_id: stamp})
@@ -428,16 +434,14 @@ class WriteVersion(beam.DoFn):
         return sorted(images, key=lambda r: r["uri"])
 
     @staticmethod
-    def changes(plan: list[dict], same: set, everything: bool = False) -> tuple[list, list]:
+    def changes(plan: list[dict], same: set) -> tuple[list, list]:
         """((segment, image id) of indexed images whose rows must go: deleted, changed or now
-        rejected; (segment, image id, stamp) of images touched but unchanged), for images whose
-        rows are in a segment (all, segment None included, when ``everything``)."""
+        rejected; (segment, image id, stamp) of images touched but unchanged). The segment is None
+        for an image of a format-1 version (its rows are copied or dropped, not tombstoned)."""
         from delf_retrieval import inputs
 
         removed, restamped = [], []
         for row in plan:
-            if row["segment"] is None and not everything:
-                continue
             if row["action"] == plan_lib.DELETE or (row["action"] == plan_lib.CHECK and row["uri"] not in same):
                 removed.append((row["segment"], inputs.image_id(row["uri"])))
             elif row["action"] == plan_lib.CHECK:
