@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from delf_retrieval.pca import l2_normalise  # noqa: E402
+from delf_retrieval.quantize.pca import l2_normalise
 
 K_GT = 100  # neighbours in the ground truth; the largest R of recall@R
 CHUNK_ROWS = 1 << 20  # database rows read, generated or encoded at a time (160 MB of 40-D float32)
@@ -154,7 +154,7 @@ class Dataset:
 
     def pca(self):
         """The PCA that produced the descriptors (real data), else None."""
-        from delf_retrieval import pca
+        from delf_retrieval.quantize import pca
 
         return pca.PCA.load(self.path("pca.npz")) if os.path.exists(self.path("pca.npz")) else None
 
@@ -187,8 +187,8 @@ def prepare_real(folder: str, features_dir: str, query_images: int = 10, n_queri
     of ``query_images`` held-out photos (spread over the non-distractor files; at most
     ``n_queries`` of them) are the queries, every other image's descriptors the database. PCA is
     fitted on the database only, so the queries are unseen data throughout."""
-    from delf_retrieval import pca
-    from delf_retrieval.features import Features
+    from delf_retrieval.extraction.features import Features
+    from delf_retrieval.quantize import pca
 
     files = sorted(glob.glob(os.path.join(features_dir, "*.npz")))
     if not files:
@@ -378,7 +378,7 @@ def build_ours(dataset: Dataset, params, stop: int | None = None) -> tuple[objec
     """Train on the data set's sample, encode the first ``stop`` database rows, group them into
     inverted lists. Returns (quantizer, encoded, lists, timings in seconds)."""
     from delf_retrieval import quantize
-    from delf_retrieval.search import InvertedLists
+    from delf_retrieval.quantize.ivf import InvertedLists
 
     n = dataset.n_database if stop is None else min(stop, dataset.n_database)
     train = dataset.train()[:n]
@@ -433,13 +433,13 @@ def timed_search(search, queries: np.ndarray, warmup: int = 16, min_seconds: flo
 
 
 def storage_bytes_per_descriptor(quantizer, encoded, dataset: Dataset) -> dict[str, float]:
-    """Bytes on disk per descriptor of our index as ``delf_retrieval.shards.write_index`` writes it
+    """Bytes on disk per descriptor of our index as ``delf_retrieval.index.shards.write_index`` writes it
     (Parquet postings with cell, region, image id, packed PQ code, keypoint y/x/scale/attention;
     quantizer; PCA; image table; manifest): ``{"all_in": ..., "postings": ...}``. The encoded rows
     are the data set's first database rows, whose keypoints and images the data set supplies."""
     import tempfile
 
-    from delf_retrieval import shards
+    from delf_retrieval.index import layout, shards
 
     meta = dataset.keypoints(len(encoded.codes))
     with tempfile.TemporaryDirectory(prefix="index-") as folder:
@@ -447,7 +447,7 @@ def storage_bytes_per_descriptor(quantizer, encoded, dataset: Dataset) -> dict[s
         shards.write_index(folder, quantizer=quantizer, pca=dataset.pca(), rows=rows, images=shards.image_table(dataset.images(meta["image_ids"])))
         n = len(encoded.codes)
         return {"all_in": directory_bytes(folder) / n,
-                "postings": directory_bytes(os.path.join(folder, shards.POSTINGS_DIR)) / n}
+                "postings": directory_bytes(os.path.join(folder, layout.POSTINGS_DIR)) / n}
 
 
 def directory_bytes(path: str) -> int:

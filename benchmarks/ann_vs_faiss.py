@@ -52,7 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import ann_common as common  # noqa: E402
-from delf_retrieval import quantize  # noqa: E402
+
+from delf_retrieval import quantize
 
 DEFAULT_FEATURES = "/tmp/lmdev-features"
 
@@ -82,7 +83,7 @@ def quality(ids, dataset) -> dict:
 
 
 def run_ours(dataset, conf, task) -> list[dict]:
-    from delf_retrieval.search import Searcher
+    from delf_retrieval.quantize.ivf import Searcher
 
     params = quantize.IndexParams(n_cells=task["n_cells"], pq_m=PQ_M, pq_bits=PQ_BITS, lopq=conf["lopq"])
     quantizer, encoded, lists, timing = common.build_ours(dataset, params)
@@ -161,7 +162,7 @@ def run_hnsw(dataset, conf, task) -> list[dict]:
 
 
 RUNNERS = {"ours": run_ours, "faiss": run_faiss, "nmslib": run_hnsw}
-LIBRARY_MODULES = {"ours": ["numba", "delf_retrieval.search", "threadpoolctl"], "faiss": ["faiss", "threadpoolctl"],
+LIBRARY_MODULES = {"ours": ["numba", "delf_retrieval.quantize.ivf", "threadpoolctl"], "faiss": ["faiss", "threadpoolctl"],
                    "nmslib": ["nmslib", "threadpoolctl"]}
 
 

@@ -41,7 +41,7 @@ METHODS = ("untrained attention", "L2 norm", "trained attention")
 
 def split_scenes(folder: str, seed: int = 0):
     """(train pairs, held-out pairs) of (path, scene): 2 held out per scene of >= 5 photos, 3 at >= 20."""
-    from delf_retrieval.images import IMAGE_EXTENSIONS
+    from delf_retrieval.corpus.images import IMAGE_EXTENSIONS
 
     rng = np.random.default_rng(seed)
     train, held_out = [], []
@@ -127,11 +127,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from delf_retrieval import pca as pca_module
-    from delf_retrieval.extract import ExtractionConfig, Extractor
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
+    from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
     from delf_retrieval.model import attention as attention_head
     from delf_retrieval.model import delf
+    from delf_retrieval.quantize import pca as pca_module
     from delf_retrieval.training import data, loop, steps
 
     if not os.path.isdir(args.data):

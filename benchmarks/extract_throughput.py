@@ -58,8 +58,8 @@ def naive_extract(net, image, scales, max_features, max_image_size):
 
 def worker(backbone: str, method: str, paths: list[str], cache_dir: str) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from delf_retrieval import images as image_io
-    from delf_retrieval.extract import PAPER_SCALES, ExtractionConfig, Extractor
+    from delf_retrieval.corpus import images as image_io
+    from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig, Extractor
     from delf_retrieval.model import delf, efficientnet_lite
 
     weights = "imagenet" if backbone in efficientnet_lite.VARIANTS else "random"

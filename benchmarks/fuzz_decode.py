@@ -24,7 +24,7 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from delf_retrieval import images  # noqa: E402
+from delf_retrieval.corpus import images
 from tests import fuzzing  # noqa: E402
 
 

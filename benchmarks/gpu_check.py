@@ -44,9 +44,9 @@ def measure(preset: str, paths: list[str]) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from delf_retrieval import presets
-    from delf_retrieval.extract import Extractor
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
+    from delf_retrieval.extraction import presets
+    from delf_retrieval.extraction.extractor import Extractor
     from delf_retrieval.model import delf
 
     weights = "random" if preset == "resnet50" else None

@@ -55,7 +55,7 @@ CELL_COUNTS_AT_SCALE = (8192, 65536, 262144)  # n_cells the extrapolation is pri
 
 def worker(task: dict) -> dict:
     from delf_retrieval import quantize
-    from delf_retrieval.search import Searcher
+    from delf_retrieval.quantize.ivf import Searcher
 
     dataset = common.Dataset.open(task["dataset"])
     n, k, nprobe, wide = task["n"], task["k"], task["nprobe"], task["nprobe_scan"]

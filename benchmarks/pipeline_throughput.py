@@ -134,9 +134,9 @@ def run_build(argv: list[str], metrics_out: str) -> None:
     assert job.run(argv, test_pipeline=Timed(runner=FnApiRunner(), options=PipelineOptions(beam_args))) == 0
     result = results[0]
     graph_built, finished = times["graph_built"], time.time()
-    from delf_retrieval import shards
+    from delf_retrieval.index import layout
 
-    manifest = shards.read_manifest(args.index)
+    manifest = layout.read_manifest(args.index)
     metrics = result.metrics().query()
     value = lambda r: r.committed if r.committed is not None else r.attempted  # noqa: E731
     distributions = {}
@@ -309,11 +309,11 @@ def part_scaling(sizes: list[int], seed: int, workdir: str, modes: list[str], sa
 
 def keep_quantizer(index_root: str, folder: str) -> None:
     """Copy a built index's PCA + quantizer files to ``folder``, as ``--quantizer`` reads them."""
-    from delf_retrieval import shards, versions
+    from delf_retrieval.index import layout, versions
 
     pointer, _ = versions.current(index_root)
     os.makedirs(folder, exist_ok=True)
-    for name in (shards.PCA_FILE, shards.QUANTIZER_FILE):
+    for name in (layout.PCA_FILE, layout.QUANTIZER_FILE):
         shutil.copy(os.path.join(index_root, pointer["build"], name), os.path.join(folder, name))
 
 
@@ -405,7 +405,7 @@ def pyramid_flops(backbone: str) -> dict:
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
     from tensorflow.python.profiler import model_analyzer, option_builder
 
-    from delf_retrieval.extract import PAPER_SCALES, ExtractionConfig, pyramid
+    from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig, pyramid
     from delf_retrieval.model import delf
 
     net = delf.load(delf.ModelConfig(backbone=backbone, weights="random", keypoint_score="l2norm"))
@@ -433,7 +433,7 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
     the training sample (``index.training_images`` images, extracted first and held until the
     model is trained; every other image's features go straight to their codes) and the PQ rows
     grouped by shard, both priced as Dataflow Shuffle."""
-    from delf_retrieval.index import training_images
+    from delf_retrieval.build.encode import training_images
 
     g = GPUS[gpu]
     backbone = flops["backbone"]

@@ -49,7 +49,7 @@ class MemoryIndex:
     def __init__(self, quantizer, pca, lists, row_images, row_locations, image_ids):
         import pyarrow as pa
 
-        from delf_retrieval.search import Searcher
+        from delf_retrieval.quantize.ivf import Searcher
 
         self.quantizer, self.pca, self.lists = quantizer, pca, lists
         self.row_images, self.row_locations = row_images, row_locations
@@ -67,9 +67,8 @@ class MemoryIndex:
         if image_ids is None:
             return self.searcher.search_cells(queries, probe, k)
         # As IndexReader over a resident index: only the probed cells' rows of the candidates.
-        from delf_retrieval.search import Searcher
-
-        from delf_retrieval.shards import regions_of_cells
+        from delf_retrieval.index.shard_reader import regions_of_cells
+        from delf_retrieval.quantize.ivf import Searcher
 
         lists = self.lists.restrict_to_images(regions_of_cells(self.searcher.cell_regions, probe), self.list_images,
                                               image_ids)
@@ -77,7 +76,7 @@ class MemoryIndex:
 
     def neighbours(self, per_image: int = 20, seed: int = 0):
         """A neighbour table of ``per_image`` random edges per image (see the module's note)."""
-        from delf_retrieval.expansion import NeighbourTable
+        from delf_retrieval.index.neighbour_table import NeighbourTable
 
         if self._neighbours is None:
             ids = self.images.column("image_id").to_numpy()
@@ -87,7 +86,7 @@ class MemoryIndex:
         return self._neighbours
 
     def rows(self, ids):
-        from delf_retrieval.shards import Rows
+        from delf_retrieval.index.shard_reader import Rows
 
         ids = np.asarray(ids, np.int64)
         safe = np.maximum(ids, 0)
@@ -119,7 +118,7 @@ def real_features(quick: bool):
 
 def database(size, per_image, real_encoded, real_images, quantizer, seed=0):
     """Rows of ``size`` images: the real ones, then synthetic ones; sorted by region."""
-    from delf_retrieval.search import InvertedLists
+    from delf_retrieval.quantize.ivf import InvertedLists
 
     regions, codes, images, locations = [real_encoded["regions"]], [real_encoded["codes"]], [real_images], \
         [real_encoded["locations"]]
@@ -179,13 +178,16 @@ def main(argv=None) -> int:
     if not os.path.isdir(rq.LANDMARKS_DEV):
         print(f"no dev set at {rq.LANDMARKS_DEV}: nothing to measure")
         return 0
-    from delf_retrieval import index, quantize, retrieval, shortlist
+    from delf_retrieval import quantize
+    from delf_retrieval.build import encode
+    from delf_retrieval.index import shortlist
+    from delf_retrieval.query import retrieval
 
     sizes = [1000, 10000] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
     features, queries, extract_seconds = real_features(args.quick)
     uris = list(features)
     raw = np.concatenate([features[u].descriptors for u in uris])
-    projection, quantizer = index.train(raw, quantize.IndexParams(), expected_count=len(raw))
+    projection, quantizer = encode.train(raw, quantize.IndexParams(), expected_count=len(raw))
     encoded = quantizer.encode(projection.transform(raw))
     real = {"regions": encoded.regions, "codes": encoded.codes,
             "locations": np.concatenate([features[u].locations for u in uris]).astype(np.float32)}
@@ -230,10 +232,11 @@ def main(argv=None) -> int:
                   f"{mean['voting']:7.3f} {mean['ransac']:7.3f} {mean['expansion']:7.3f} {entry['search_seconds']:7.3f} "
                   f"{entry['codes_scanned_per_query']:10.0f} {peak:8.0f}")
         # The build's neighbour stage: real database images search with their own stored rows.
-        from delf_retrieval import expansion
+        from delf_retrieval.index import neighbour_table
+        from delf_retrieval.query import expansion
 
         retriever = retrieval.Retriever(memory, config)
-        neighbour_config = expansion.NeighbourConfig()
+        neighbour_config = neighbour_table.NeighbourConfig()
         timed = []
         for i in range(0, len(uris), max(1, len(uris) // 10))[:10]:
             rows = slice(first_rows[i], first_rows[i + 1])

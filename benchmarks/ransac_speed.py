@@ -1,4 +1,4 @@
-"""Our affine RANSAC (delf_retrieval.verify) against skimage.measure.ransac and OpenCV's
+"""Our affine RANSAC (delf_retrieval.query.verify) against skimage.measure.ransac and OpenCV's
 cv2.estimateAffine2D on the same putative matches: time per pair and inlier counts.
 
     python benchmarks/ransac_speed.py [--quick] [--images DIR] [--features DIR] [--repeats R]
@@ -89,8 +89,8 @@ def choose_photos(images_dir: str, photos_per_scene: int, scenes: int | None, di
 
 def extract_features(paths: list[str], features_dir: str) -> dict[str, object]:
     """Features of each photo with the lite preset, cached in features_dir by pipeline.extract."""
-    from delf_retrieval import presets
-    from delf_retrieval.features import Features
+    from delf_retrieval.extraction import presets
+    from delf_retrieval.extraction.features import Features
     from pipeline import extract
 
     names = extract.output_names(paths)
@@ -100,7 +100,7 @@ def extract_features(paths: list[str], features_dir: str) -> dict[str, object]:
 
 
 def real_pairs(images_dir: str, features_dir: str, settings: dict) -> list[dict]:
-    from delf_retrieval.verify import mutual_nearest_neighbours
+    from delf_retrieval.query.verify import mutual_nearest_neighbours
 
     scenes, distractors = choose_photos(images_dir, settings["photos_per_scene"], settings["scenes"],
                                         settings["distractors"])
@@ -153,7 +153,7 @@ def run_problem(problem: dict, repeats: int, skimage_repeats: int, cv2=None, see
     from skimage.measure import ransac
     from skimage.transform import AffineTransform
 
-    from delf_retrieval.verify import ransac_affine
+    from delf_retrieval.query.verify import ransac_affine
 
     src, dst = problem["src"], problem["dst"]
     row = {"kind": problem["kind"], "name": problem["name"], "matches": len(src)}
@@ -297,7 +297,7 @@ def main(argv=None):
     else:
         print(f"{args.images} not found: synthetic pairs only", file=sys.stderr)
     problems += synthetic_pairs(settings)
-    from delf_retrieval.verify import ransac_affine
+    from delf_retrieval.query.verify import ransac_affine
 
     warm_up = synthetic_pairs({"synthetic": [(50, 0.5)]})[0]
     ransac_affine(warm_up["src"], warm_up["dst"])  # untimed: loads (or compiles) the compiled loop

@@ -52,7 +52,7 @@ PICTURE = 256  # pixels of a generated picture: 16 x 16 + 8 x 8 feature location
 
 
 def images_of(folder: str) -> list[str]:
-    from delf_retrieval.images import IMAGE_EXTENSIONS
+    from delf_retrieval.corpus.images import IMAGE_EXTENSIONS
 
     return sorted(os.path.relpath(os.path.join(root, n), folder) for root, _, names in os.walk(folder)
                   for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -65,9 +65,10 @@ def link(source: str, target: str, names: list[str]) -> None:
 
 
 def last_report(root: str) -> dict:
-    from delf_retrieval import shards, storage, versions
+    from delf_retrieval import storage
+    from delf_retrieval.index import layout, versions
 
-    build = shards.read_manifest(root)["build"].split("/")[-1]
+    build = layout.read_manifest(root)["build"].split("/")[-1]
     return json.loads(storage.read_bytes(storage.join(root, versions.REPORTS_DIR, f"{build}.json")))
 
 
@@ -137,7 +138,8 @@ class IndexTraffic:
 
     @contextlib.contextmanager
     def counting(self):
-        from delf_retrieval import storage, versions
+        from delf_retrieval import storage
+        from delf_retrieval.index import versions
 
         originals = {name: getattr(storage, name) for name in ("read_bytes", "write_bytes", "upload",
                                                                "read_with_token", "write_bytes_if")}
@@ -211,7 +213,7 @@ def write_picture(path: str, rng) -> None:
 
 def index_bytes(root: str, manifest: dict) -> int:
     """The bytes of one version: its own files and every segment it lists."""
-    from delf_retrieval import segments
+    from delf_retrieval.index import segments
 
     return sum(f["bytes"] for f in list(manifest["files"].values()) + list(manifest["codebooks"].values())) + sum(
         r.size_bytes + r.bytes for r in segments.segment_refs(manifest))
@@ -222,9 +224,11 @@ def synthetic_base(root: str, corpus: str, seed_root: str, n_images: int, per_im
     ``corpus``), with the model of the index at ``seed_root``."""
     import pyarrow.parquet as pq
 
-    from delf_retrieval import inputs, segments, shards, storage, versions
+    from delf_retrieval import storage
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.index import layout, segments, shards, versions
 
-    seed = shards.read_manifest(seed_root)
+    seed = layout.read_manifest(seed_root)
     params = seed["params"]
     tables = [pq.read_table(os.path.join(seed_root, s["path"])) for s in segments.posting_shards(seed_root, seed)]
     real = shards.PostingRows.concatenate([shards.posting_rows(t, params["pq_m"], params["pq_bits"]) for t in tables],
@@ -254,19 +258,19 @@ def synthetic_base(root: str, corpus: str, seed_root: str, n_images: int, per_im
                                   "num_features": per_image, "content_hash": f"synthetic-{i}", "stamp": stamp}
                                  for i, p in zip(ids, paths)])
     build_id = "20000101T000000Z-synthetc"
-    build = f"{shards.BUILDS_DIR}/{build_id}"
+    build = f"{layout.BUILDS_DIR}/{build_id}"
     config = seed["settings"]["build"]
     ref = segments.write_segment(root, rows, images, params["pq_bits"], segment_id=build_id,
                                  rows_per_shard=config["rows_per_shard"])
     del rows, codes, pick
     folder = storage.join(root, build)
-    model = {name: storage.read_bytes(shards.resolve(seed_root, seed["codebooks"][name]["path"]))
+    model = {name: storage.read_bytes(layout.resolve(seed_root, seed["codebooks"][name]["path"]))
              for name in ("pca", "quantizer")}
     codebooks = segments.write_codebooks(root, build_id, model["quantizer"], model["pca"])
-    files = {"dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE, shards.dead_letter_table([]))}
+    files = {"dead_letters": layout.write_table_file(folder, layout.DEAD_LETTERS_FILE, shards.dead_letter_table([]))}
     from delf_retrieval.quantize import Quantizer
 
-    manifest = segments.segmented_manifest(folder, shards.new_index_id(), Quantizer.load(model["quantizer"]), files,
+    manifest = segments.segmented_manifest(folder, layout.new_index_id(), Quantizer.load(model["quantizer"]), files,
                                            [ref], version_folder=build, model=seed["model"],
                                            extra={k: seed[k] for k in ("settings", "training")},
                                            live_descriptors=ref.descriptors, codebooks=codebooks)
@@ -277,11 +281,11 @@ def synthetic_base(root: str, corpus: str, seed_root: str, n_images: int, per_im
 def search_latency(root: str, rng, n_queries: int, per_query: int = 200) -> dict:
     """Open the current version, hold it in memory, and time ``n_queries`` whole queries (noisy
     copies of stored descriptors of random live images); ms per query, second of two passes."""
-    from delf_retrieval import segments
-    from delf_retrieval.retrieval import RetrievalConfig, Retriever
+    from delf_retrieval.index import segment_reader
+    from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 
     start = time.perf_counter()
-    reader = segments.open_reader(root)
+    reader = segment_reader.open_reader(root)
     opened = time.perf_counter() - start
     start = time.perf_counter()
     if reader.resident_bytes() <= 8 << 30:
@@ -311,10 +315,10 @@ def search_latency(root: str, rng, n_queries: int, per_query: int = 200) -> dict
 
 def nightly(corpus: str, root: str, extra: list[str], rng, n_queries: int) -> dict:
     """One ``pipeline.reindex`` run over ``corpus`` (no --input: a merge alone), measured."""
-    from delf_retrieval import shards
+    from delf_retrieval.index import layout
     from pipeline import reindex
 
-    before = shards.read_manifest(root)
+    before = layout.read_manifest(root)
     size_before = index_bytes(root, before)
     traffic = IndexTraffic(root)
     # Drift is measured and reported, never acted on: a retrain is a full rebuild, not a nightly run.
@@ -324,7 +328,7 @@ def nightly(corpus: str, root: str, extra: list[str], rng, n_queries: int) -> di
         start = time.perf_counter()
         assert reindex.run(argv) == 0
         seconds = time.perf_counter() - start
-    after = shards.read_manifest(root)
+    after = layout.read_manifest(root)
     report = last_report(root)
     return {"seconds": round(seconds, 1), "publish_s": round(traffic.publish_seconds, 2),
             "index_bytes_before": size_before, "index_bytes": index_bytes(root, after),

@@ -23,7 +23,7 @@ Per preset: features of all images (cached under bench_results/cache/), one inde
 it, a small leak). One search per query gives the votes and RANSAC inliers of the shortlist;
 the ranking rules are then compared on the same figures: votes alone (no verification), inliers
 alone (the paper), and inliers + w x votes for several w, each paired per query against votes.
-mAP and mP@k come from ``delf_retrieval.evaluate`` (Revisited-Oxford protocol); GLD is the
+mAP and mP@k come from ``delf_retrieval.query.evaluation`` (Revisited-Oxford protocol); GLD is the
 Google-Landmarks micro-AP, and GLD+dq the same with the 40 distractors also querying (no positives).
 
 The classical baseline users would otherwise pick: OpenCV SIFT (same images, long side 1024,
@@ -123,7 +123,7 @@ def network(spec: str) -> tuple[str, object, object]:
     """(label, ModelConfig, ExtractionConfig) of a preset name, or of a model folder extracted with
     the lite preset's settings. A model folder's label, or that of a preset with a shipped model,
     carries a hash of its weights, so the feature cache follows retraining."""
-    from delf_retrieval import presets
+    from delf_retrieval.extraction import presets
     from delf_retrieval.model import delf
 
     if not os.path.isdir(spec):
@@ -137,11 +137,12 @@ def network(spec: str) -> tuple[str, object, object]:
 def extract_all(root, rows, preset, cache, timed: int = 5, set_name: str = "dev") -> tuple[dict, float]:
     """Features of every image (cached, one .npz per image), and the seconds per image of
     extraction, timed afresh on ``timed`` images (spread over the set)."""
-    from delf_retrieval.extract import Extractor
-    from delf_retrieval.features import Features
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
+    from delf_retrieval.extraction.extractor import Extractor
+    from delf_retrieval.extraction.features import Features
     from delf_retrieval.model import delf
-    from pipeline.extract import main as extract_main, output_names
+    from pipeline.extract import main as extract_main
+    from pipeline.extract import output_names
 
     label, model_config, extraction_config = network(preset)
     images = "train" if set_name == "train-heldout" else set_name  # the same photos, one cache
@@ -161,25 +162,28 @@ def extract_all(root, rows, preset, cache, timed: int = 5, set_name: str = "dev"
 
 
 def build_index(features: dict, directory: str):
-    from delf_retrieval import index, inputs, quantize, shards
+    from delf_retrieval import quantize
+    from delf_retrieval.build import encode
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.index import shard_reader, shards
 
     raw = np.concatenate([f.descriptors for f in features.values()])
-    projection, quantizer = index.train(raw, quantize.IndexParams(), expected_count=len(raw))
+    projection, quantizer = encode.train(raw, quantize.IndexParams(), expected_count=len(raw))
     ids = {uri: inputs.image_id(uri) for uri in features}
-    encoded = [index.encode_image(ids[uri], f, projection, quantizer) for uri, f in features.items()]
+    encoded = [encode.encode_image(ids[uri], f, projection, quantizer) for uri, f in features.items()]
     table = shards.image_table([{"image_id": ids[uri], "uri": uri, "width": f.image_size[1], "height": f.image_size[0],
                                  "num_features": len(f), "content_hash": ""} for uri, f in features.items()])
-    index.write(directory, encoded, table, projection, quantizer)
-    return shards.IndexReader(directory), ids
+    encode.write(directory, encoded, table, projection, quantizer)
+    return shard_reader.IndexReader(directory), ids
 
 
 def rank(matches, rule: str, weight: float, min_inliers: int, expansion=None, query: str | None = None) -> list[dict]:
     """Re-rank one search's matches (verified first) by a rule, as results.json matches; with
     ``expansion`` = (table, K, T, uri_of) the re-ranked matches are then expanded as
-    ``Retriever.search`` does (``delf_retrieval.expansion.expand``), the query itself left out
+    ``Retriever.search`` does (``delf_retrieval.query.expansion.expand``), the query itself left out
     (a dev query is a database image, which its neighbours' edges lead back to)."""
-    from delf_retrieval import expansion as expansion_lib
-    from delf_retrieval.retrieval import Match
+    from delf_retrieval.query import expansion
+    from delf_retrieval.query.matching import Match
 
     def score(m):
         inliers = m.inliers if m.inliers >= min_inliers else 0
@@ -188,7 +192,7 @@ def rank(matches, rule: str, weight: float, min_inliers: int, expansion=None, qu
     ordered = [Match(m.image_id, m.uri, float(score(m)), m.inliers, m.votes, m.verified) for m in ordered]
     if expansion is not None:
         table, k, t, uri_of = expansion
-        ordered = [m for m in expansion_lib.expand(ordered, table, k, t, uri_of, len(ordered)) if m.uri != query]
+        ordered = [m for m in expansion.expand(ordered, table, k, t, uri_of, len(ordered)) if m.uri != query]
     return [{"uri": m.uri, "score": float(m.score), "inliers": m.inliers, "votes": m.votes} for m in ordered]
 
 
@@ -199,9 +203,10 @@ TABLE = (20, 10)  # the neighbour table: k per image, min inliers
 def neighbour_table(reader, retriever, database_ids) -> tuple:
     """Every database image's verified neighbours (``delf_retrieval.expansion``), as the build's
     neighbour stage finds them, and the seconds per image it took."""
-    from delf_retrieval import expansion
+    from delf_retrieval.index import neighbour_table
+    from delf_retrieval.query import expansion
 
-    config = expansion.NeighbourConfig(*TABLE)
+    config = neighbour_table.NeighbourConfig(*TABLE)
     stored = expansion.rows_by_image(reader)
     found, start = [], time.perf_counter()
     for image_id in database_ids:
@@ -212,7 +217,7 @@ def neighbour_table(reader, retriever, database_ids) -> tuple:
         found += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
     seconds = (time.perf_counter() - start) / max(len(database_ids), 1)
     edges = np.asarray(found, np.int64).reshape(-1, 3)
-    table = expansion.cut(expansion.symmetric(edges[:, 0], edges[:, 1], edges[:, 2]), config.k)
+    table = neighbour_table.cut(neighbour_table.symmetric(edges[:, 0], edges[:, 1], edges[:, 2]), config.k)
     return table, seconds
 
 
@@ -224,15 +229,16 @@ def ground_truth(label_of: dict, database: list, queries: list, distractor_queri
 
 
 def measure(doc: dict, truth: dict) -> dict:
-    from delf_retrieval import evaluate
+    from delf_retrieval.query import evaluation
 
-    scores = evaluate.evaluate(evaluate.parse_results(doc), evaluate.parse_ground_truth(truth))
+    scores = evaluation.evaluate(evaluation.parse_results(doc), evaluation.parse_ground_truth(truth))
     return {**{k: scores[k] for k in ("map", "mp@1", "mp@5", "mp@10", "gld_micro_ap")},
             "ap_per_query": [q["ap"] for q in scores["per_query"]]}
 
 
 def run_ours(set_name, root, rows, database, queries, preset, cache, config) -> dict:
-    from delf_retrieval import retrieval, shortlist
+    from delf_retrieval.index import shortlist
+    from delf_retrieval.query import retrieval
 
     features, extract_seconds = extract_all(root, rows, preset, cache, set_name=set_name)
     label = network(preset)[0]
@@ -303,7 +309,7 @@ def run_sift(root, rows, database, queries, max_features: int) -> dict:
     """OpenCV SIFT + ratio test + affine RANSAC, brute force over all pairs."""
     import cv2
 
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
 
     sift = cv2.SIFT_create(nfeatures=max_features)
     keypoints, extract_seconds = {}, []
@@ -397,7 +403,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=os.path.join(RESULTS, "retrieval_quality.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from delf_retrieval.retrieval import RetrievalConfig
+    from delf_retrieval.query.retrieval import RetrievalConfig
 
     cache = os.path.join(RESULTS, "cache")
     os.makedirs(cache, exist_ok=True)

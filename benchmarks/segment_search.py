@@ -43,7 +43,7 @@ def descriptors(rng, centres, landmark, n):
 
 
 def image_rows(quantizer, image_id, x, rng):
-    from delf_retrieval import shards
+    from delf_retrieval.index import shards
 
     n = len(x)
     return shards.PostingRows(quantizer.encode(x), np.full(n, image_id, np.int64),
@@ -52,7 +52,7 @@ def image_rows(quantizer, image_id, x, rng):
 
 
 def records(ids, tag):
-    from delf_retrieval import shards
+    from delf_retrieval.index import shards
 
     return shards.image_table([{"image_id": int(i), "uri": f"img/{i}-{tag}.jpg", "width": 1000, "height": 1000,
                                 "num_features": 0, "content_hash": tag} for i in ids])
@@ -62,7 +62,7 @@ def timed_queries(readers: dict, queries, nprobe, among) -> tuple[dict, dict]:
     """Per reader: (ANN ms per query, restricted ANN ms per query, whole-query ms per query) on the
     second of two passes, and its answers (ANN distances and row image ids, and the matches). The
     readers take turns query by query, so a change in the machine's load falls on all alike."""
-    from delf_retrieval.retrieval import RetrievalConfig, Retriever
+    from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 
     retrievers = {name: Retriever(reader, RetrievalConfig(nprobe=nprobe, top=20)) for name, reader in readers.items()}
     k = RetrievalConfig().neighbours
@@ -104,8 +104,9 @@ def main(argv=None):
     if args.quick:
         args.images, args.cells, args.queries = 2000, 256, 10
 
-    from delf_retrieval import quantize, segments, shards
-    from delf_retrieval.features import Features
+    from delf_retrieval import quantize
+    from delf_retrieval.extraction.features import Features
+    from delf_retrieval.index import segment_reader, segments, shards
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(500, DIM))
@@ -170,7 +171,7 @@ def main(argv=None):
             for name, path in indexes:
                 gc.collect()
                 start = time.perf_counter()
-                reader = segments.open_reader(path)
+                reader = segment_reader.open_reader(path)
                 open_ms = 1000 * (time.perf_counter() - start)
                 start = time.perf_counter()
                 if mode == "resident":

@@ -80,13 +80,15 @@ def synthetic_index(images: int, per_image: int) -> tuple[str, list[str]] | None
     queries = [os.path.join(rq.LANDMARKS_DEV, q) for q in queries]
     if os.path.exists(os.path.join(root, "manifest.json")):
         return root, queries
-    from delf_retrieval import index, quantize, shards, versions
+    from delf_retrieval import quantize
+    from delf_retrieval.build import encode
+    from delf_retrieval.index import layout, shards, versions
     from delf_retrieval.quantize import Encoded
 
     shutil.rmtree(root, ignore_errors=True)
     uris = list(features)
     raw = np.concatenate([features[u].descriptors for u in uris])
-    projection, quantizer = index.train(raw, quantize.IndexParams(), expected_count=len(raw))
+    projection, quantizer = encode.train(raw, quantize.IndexParams(), expected_count=len(raw))
     encoded = quantizer.encode(projection.transform(raw))
     real = {"regions": encoded.regions, "codes": encoded.codes,
             "locations": np.concatenate([features[u].locations for u in uris]).astype(np.float32)}
@@ -100,7 +102,7 @@ def synthetic_index(images: int, per_image: int) -> tuple[str, list[str]] | None
     table = shards.image_table([
         {"image_id": i, "uri": os.path.join(rq.LANDMARKS_DEV, uris[i]) if i < len(uris) else f"synthetic/{i}.jpg",
          "width": 1024, "height": 768, "num_features": int(counts[i]), "content_hash": ""} for i in range(n_images)])
-    model = shards.read_manifest(sample_index())["model"]  # the lite preset, which extracted these features
+    model = layout.read_manifest(sample_index())["model"]  # the lite preset, which extracted these features
     build = "builds/synthetic"
     manifest = shards.write_index(os.path.join(root, build), quantizer=quantizer, pca=projection, rows=rows,
                                   images=table, model=model)

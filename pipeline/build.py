@@ -1,5 +1,5 @@
 """The one index build's driver, which ``pipeline.run`` and ``pipeline.reindex`` are thin over: its
-flags, the lock, the listing and the plan (``delf_retrieval.build``), the Beam graph
+flags, the lock, the listing and the plan (``delf_retrieval.build.planning``), the Beam graph
 (``transforms.index.BuildIndex``), submitting and waiting, and the run's report."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
     add("--accelerator", help="Beam accelerator hint (Dataflow's right fitting) of the steps from reading an image to "
                               "its codes, e.g. 'type:nvidia-tesla-t4;count:1;machine_type:n1-standard-8;"
                               "install-nvidia-driver' (run_dataflow.sh passes it)")
-    from delf_retrieval.expansion import NeighbourConfig
+    from delf_retrieval.index.neighbour_table import NeighbourConfig
 
     neighbours = NeighbourConfig()
     add("--verified-neighbours", type=int, default=0,
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
 def config_from_args(args: argparse.Namespace, params=None):
     """The ``BuildConfig`` of the flags (``params``: the index parameters, when they are the current
     version's rather than the flags')."""
-    from delf_retrieval.build import BuildConfig
+    from delf_retrieval.build.planning import BuildConfig
 
     return BuildConfig(index=params or build_quantizer.params_from_args(args), pca_dim=args.pca_dim,
                        sample_size=args.sample_size, rows_per_shard=args.rows_per_shard, num_shards=args.num_shards)
@@ -80,12 +80,13 @@ def config_from_args(args: argparse.Namespace, params=None):
 
 def read_model_folder(folder: str):
     """The ``TrainedModel`` in a build_quantizer output folder (local or gs://)."""
-    from delf_retrieval import index, storage
+    from delf_retrieval import storage
+    from delf_retrieval.build import encode
 
     files = {name: storage.read_bytes(storage.join(folder, f"{name}.npz")) for name in ("pca", "quantizer")}
     report_path = storage.join(folder, "quantizer.json")
     report = json.loads(storage.read_bytes(report_path)) if storage.exists(report_path) else {}
-    return index.TrainedModel(files["pca"], files["quantizer"], int(report.get("sample_size", 0)))
+    return encode.TrainedModel(files["pca"], files["quantizer"], int(report.get("sample_size", 0)))
 
 
 def make_pipeline(beam_args: list[str]):
@@ -121,13 +122,14 @@ def previous_images(root: str, pointer: dict | None) -> list[dict]:
 
     import pyarrow.parquet as pq
 
-    from delf_retrieval import segments, shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.index import layout, segments
 
     if pointer is None:
         return []
     if segments.is_segmented(pointer):
         return segments.live_images(root, pointer).to_pylist()
-    table = pq.read_table(io.BytesIO(storage.read_bytes(shards.resolve(root, pointer["files"]["images"]["path"]))))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(layout.resolve(root, pointer["files"]["images"]["path"]))))
     return table.to_pylist()
 
 
@@ -136,7 +138,8 @@ def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard:
     version's tombstones and restamps as file records) of an incremental run over a format-2
     version: the merge policy weighs the segments with this run's deletions counted as
     tombstones; ``max_segments`` (a merge on demand) merges down to that many instead."""
-    from delf_retrieval import inputs, segments
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.index import merging, segments
 
     tombstones = segments.read_tombstones(root, pointer)
     deleted: dict = {}
@@ -144,7 +147,7 @@ def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard:
         deleted.setdefault(row["segment"], []).append(inputs.image_id(row["uri"]))
     for segment, ids in deleted.items():
         tombstones = tombstones.adding(segment, ids)
-    merges = segments.plan_merges(pointer, tombstones, build_id, rows_per_shard, max_segments=max_segments)
+    merges = merging.plan_merges(pointer, tombstones, build_id, rows_per_shard, max_segments=max_segments)
     merged = {s for m in merges for s in m.source_ids}
     kept = tuple(r for r in segments.segment_refs(pointer) if r.segment_id not in merged)
     files = {k: pointer["files"][k] for k in ("tombstones", "restamps") if k in pointer["files"]}
@@ -154,8 +157,8 @@ def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard:
 def neighbour_settings(args: argparse.Namespace, mode: str, pointer: dict | None):
     """(NeighbourConfig or None, the current version's neighbour table record or None): an
     incremental build keeps the index's own table up to date; other builds follow the flags."""
-    from delf_retrieval import build as plan_lib
-    from delf_retrieval.expansion import NeighbourConfig
+    from delf_retrieval.build import planning as plan_lib
+    from delf_retrieval.index.neighbour_table import NeighbourConfig
 
     if mode == plan_lib.INCREMENTAL:
         if "neighbours" not in pointer:
@@ -177,9 +180,11 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
     plan is written into the new version's folder, where the build's steps read it."""
     import functools
 
-    from delf_retrieval import build as plan_lib
-    from delf_retrieval import inputs, segments, shards, storage
-    from delf_retrieval.extract import ExtractionConfig
+    from delf_retrieval import storage
+    from delf_retrieval.build import planning as plan_lib
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.extraction.extractor import ExtractionConfig
+    from delf_retrieval.index import layout, segments
     from delf_retrieval.model import delf
     from transforms.extract import ExtractImages
     from transforms.index import BuildIndex
@@ -214,17 +219,17 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
                                pointer and pointer["counts"], pointer and pointer["params"]["n_cells"],
                                carry=carry, keep_all=args.input is None)
     build_id = plan_lib.new_build_id()
-    build = f"{shards.BUILDS_DIR}/{build_id}"
+    build = f"{layout.BUILDS_DIR}/{build_id}"
     kept, merges, previous_files, codebooks = (), (), {}, {}
     if mode == plan_lib.INCREMENTAL and not carry:
         kept, merges, previous_files = plan_segments(args.index, pointer, plan, build_id, config.rows_per_shard,
                                                      getattr(args, "max_segments", None) if getattr(args, "merge", False)
                                                      else None)
         codebooks = segments.codebook_records(pointer)
-    plan_record = shards.write_table_file(storage.join(args.index, build), plan_lib.PLAN_FILE, plan.table())
+    plan_record = layout.write_table_file(storage.join(args.index, build), plan_lib.PLAN_FILE, plan.table())
     fetch = cli.fetch_config_from_args(args)
     job = plan_lib.BuildJob(
-        root=args.index, build=build, index_id=shards.new_index_id(), mode=mode, config=config, fetch=fetch,
+        root=args.index, build=build, index_id=layout.new_index_id(), mode=mode, config=config, fetch=fetch,
         model_info=model_info, plan_path=storage.join(args.index, build, plan_lib.PLAN_FILE), plan_record=plan_record,
         listed=plan.listed, deleted=len(plan.deleted), repeats=tuple(plan.repeats),
         training_sample=plan.training_sample, num_shards=plan.num_shards, descriptor_bound=plan.descriptor_bound,
@@ -245,7 +250,8 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     """Take the root's lock, plan and run the build, wait for it (locally, or with ``--wait``), and
     return its report (None when a remote job was submitted and not waited for).
     ``choose_mode(pointer)`` says the build's mode given the current version's manifest."""
-    from delf_retrieval import storage, versions
+    from delf_retrieval import storage
+    from delf_retrieval.index import versions
 
     started = time.time()
     pipeline, local = (test_pipeline, True) if test_pipeline is not None else make_pipeline(beam_args)

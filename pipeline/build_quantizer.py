@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from delf_retrieval import index, quantize
-from delf_retrieval.features import Features
-
+from delf_retrieval import quantize
+from delf_retrieval.build import encode
+from delf_retrieval.extraction.features import Features
 from pipeline import cli
 
 
@@ -68,10 +68,10 @@ def main(output: str, params: quantize.IndexParams, features: list[str] | None =
         paths = feature_files(features or [])
         if not paths:
             raise cli.UsageError(f"no feature files found in {features}")
-        raw = index.sample_descriptors((Features.from_npz(p) for p in paths), sample_size, seed=params.seed)
+        raw = encode.sample_descriptors((Features.from_npz(p) for p in paths), sample_size, seed=params.seed)
         source = {"feature_files": len(paths)}
     sampled = time.time()
-    projection, quantizer = index.train(raw, params, pca_dim, expected_count)
+    projection, quantizer = encode.train(raw, params, pca_dim, expected_count)
     os.makedirs(output, exist_ok=True)
     projection.save(os.path.join(output, "pca.npz"))
     quantizer.save(os.path.join(output, "quantizer.npz"))

@@ -34,13 +34,13 @@ def parse_args(argv=None):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    from delf_retrieval import segments, shards, shortlist
+    from delf_retrieval.index import layout, segment_reader, shortlist
 
     start = time.time()
-    reader = segments.open_reader(args.index, cache_bytes=256 << 20)
+    reader = segment_reader.open_reader(args.index, cache_bytes=256 << 20)
     built = shortlist.build_from_index(reader, n_words=args.words, sample_rows=args.sample_rows, seed=args.seed,
                                        M=args.M, ef_construction=args.ef_construction)
-    if shards.read_manifest(args.index)["index_id"] != reader.manifest["index_id"]:
+    if layout.read_manifest(args.index)["index_id"] != reader.manifest["index_id"]:
         print(f"{args.index} was re-published while the shortlist was built: run again for the new version",
               file=sys.stderr)
         return 1

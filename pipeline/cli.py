@@ -14,7 +14,7 @@ import re
 import sys
 import traceback
 
-from delf_retrieval import presets
+from delf_retrieval.extraction import presets
 from delf_retrieval.model import delf
 
 
@@ -77,7 +77,7 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
     """How inputs are read (``inputs.FetchConfig``, whose defaults these are)."""
-    from delf_retrieval.inputs import FetchConfig
+    from delf_retrieval.corpus.inputs import FetchConfig
 
     d = FetchConfig()
     g = parser.add_argument_group("reading inputs")
@@ -91,7 +91,7 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fetch_config_from_args(args: argparse.Namespace):
-    from delf_retrieval.inputs import FetchConfig
+    from delf_retrieval.corpus.inputs import FetchConfig
 
     return FetchConfig(timeout=args.fetch_timeout, retries=args.fetch_retries, host_interval=args.host_interval,
                        max_bytes=args.max_input_bytes)
@@ -101,8 +101,8 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     """How a query is answered (``retrieval.RetrievalConfig``) and how the index is opened for it
     (``engine.EngineConfig``), whose defaults these are: pipeline.search's, and pipeline.serve's
     defaults for every request."""
-    from delf_retrieval.engine import IMAGE_SHORTLIST_MODES, EngineConfig
-    from delf_retrieval.retrieval import RANK_BY
+    from delf_retrieval.query.engine import IMAGE_SHORTLIST_MODES, EngineConfig
+    from delf_retrieval.query.retrieval import RANK_BY
 
     opened = EngineConfig()
     d = opened.retrieval
@@ -145,7 +145,7 @@ def check_retrieval_arguments(parser: argparse.ArgumentParser, args: argparse.Na
 
 
 def retrieval_config_from_args(args: argparse.Namespace):
-    from delf_retrieval.retrieval import RetrievalConfig
+    from delf_retrieval.query.retrieval import RetrievalConfig
 
     return RetrievalConfig(neighbours=args.neighbours, nprobe=args.nprobe, max_distance=args.max_distance,
                            shortlist=args.shortlist, top=args.top, residual_threshold=args.residual_threshold,
@@ -155,7 +155,7 @@ def retrieval_config_from_args(args: argparse.Namespace):
 
 def engine_config_from_args(args: argparse.Namespace, resident: bool, max_memory: int | None = None):
     """The ``engine.EngineConfig`` of the retrieval flags; ``max_memory`` None keeps its default."""
-    from delf_retrieval.engine import EngineConfig
+    from delf_retrieval.query.engine import EngineConfig
 
     memory = {} if max_memory is None else {"max_memory": max_memory}
     return EngineConfig(retrieval=retrieval_config_from_args(args), image_shortlist=args.image_shortlist,
@@ -175,7 +175,7 @@ def flag(value: str) -> bool:
 def add_publish_arguments(parser: argparse.ArgumentParser, add=None) -> None:
     """The run lock and the publish guard, the same for every writer of an index root (``add``: the
     parser's add_argument, or one that also accepts a Flex Template's underscore spellings)."""
-    from delf_retrieval.index import DEFAULT_MAX_REJECTED_FRACTION
+    from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
 
     add = add or parser.add_argument
     add("--lock-ttl", type=float, default=20 * 3600,
@@ -192,7 +192,7 @@ def take_lock(root: str, args: argparse.Namespace, local: bool, prog: str):
     import json
     import uuid
 
-    from delf_retrieval import versions
+    from delf_retrieval.index import versions
 
     if args.break_lock:
         broken = versions.break_lock(root)
@@ -206,7 +206,9 @@ def take_lock(root: str, args: argparse.Namespace, local: bool, prog: str):
 
 def describe(error: BaseException) -> tuple[int, str, str | None]:
     """(exit status, one line, a hint) for a failure of an entry point."""
-    from delf_retrieval import images, index, inputs, shards, versions
+    from delf_retrieval.build import encode
+    from delf_retrieval.corpus import images, inputs
+    from delf_retrieval.index import layout, versions
 
     message = re.sub(r" \[while running '[^']*'\]", "", str(error)).strip().splitlines()
     line = message[0] if message else type(error).__name__
@@ -214,9 +216,9 @@ def describe(error: BaseException) -> tuple[int, str, str | None]:
         return EXIT_LOCKED, line, "wait for that run to end; if it died, run again with --break-lock"
     if isinstance(error, versions.PublishConflict):
         return EXIT_FAILED, line, "another run published meanwhile: run again to build on its version"
-    if isinstance(error, index.PublishRefused):
+    if isinstance(error, encode.PublishRefused):
         return EXIT_FAILED, line, "the rejected inputs and their reasons are in the table named above"
-    if isinstance(error, shards.IndexStorageError):
+    if isinstance(error, layout.IndexStorageError):
         return EXIT_USAGE, line, ("check the index path; python -m pipeline.reindex --index ROOT --rollback "
                                   "returns to the previous version")
     if isinstance(error, inputs.ListingError):

@@ -4,7 +4,7 @@
 Prints mAP (Revisited Oxford protocol: junk removed, trapezoidal AP), mP@1/5/10 and the
 Google-Landmarks measure (DELF eq. 4: precision against true positives over all queries, with its
 micro-AP); ``--plot`` writes that curve as a PNG, ``--json`` every figure with per-query AP and P@k.
-URIs and queries compare by exact string. See ``delf_retrieval.evaluate`` for the definitions.
+URIs and queries compare by exact string. See ``delf_retrieval.query.evaluation`` for the definitions.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import io
 import json
 import sys
 
-from delf_retrieval import evaluate, storage
-
+from delf_retrieval import storage
+from delf_retrieval.query import evaluation
 from pipeline import cli
 
 
@@ -23,25 +23,25 @@ def read_json(path: str, what: str):
     try:
         return json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as e:
-        raise evaluate.SchemaError(f"{what} {path}: not valid JSON: {e}") from None
+        raise evaluation.SchemaError(f"{what} {path}: not valid JSON: {e}") from None
 
 
 def main(results_path: str, ground_truth_path: str, plot: str | None = None, json_out: str | None = None,
-         ks=evaluate.DEFAULT_KS) -> dict:
+         ks=evaluation.DEFAULT_KS) -> dict:
     """Evaluate, write the optional PNG and JSON, and return the metrics dict."""
     try:
-        results = evaluate.parse_results(read_json(results_path, "results"))
-    except evaluate.SchemaError as e:
-        raise evaluate.SchemaError(f"{results_path}: {e}") from None
+        results = evaluation.parse_results(read_json(results_path, "results"))
+    except evaluation.SchemaError as e:
+        raise evaluation.SchemaError(f"{results_path}: {e}") from None
     try:
-        truth = evaluate.parse_ground_truth(read_json(ground_truth_path, "ground truth"))
-    except evaluate.SchemaError as e:
-        raise evaluate.SchemaError(f"{ground_truth_path}: {e}") from None
-    metrics = evaluate.evaluate(results, truth, ks)
+        truth = evaluation.parse_ground_truth(read_json(ground_truth_path, "ground truth"))
+    except evaluation.SchemaError as e:
+        raise evaluation.SchemaError(f"{ground_truth_path}: {e}") from None
+    metrics = evaluation.evaluate(results, truth, ks)
     metrics["results_file"], metrics["ground_truth_file"] = results_path, ground_truth_path
     if plot:
-        curve = evaluate.gld_curve(results, truth)
-        image = evaluate.plot_gld_curve(curve, f"Google-Landmarks measure: micro-AP {metrics['gld_micro_ap']:.4f}, "
+        curve = evaluation.gld_curve(results, truth)
+        image = evaluation.plot_gld_curve(curve, f"Google-Landmarks measure: micro-AP {metrics['gld_micro_ap']:.4f}, "
                                                f"{metrics['queries']} queries")
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -51,7 +51,7 @@ def main(results_path: str, ground_truth_path: str, plot: str | None = None, jso
     return metrics
 
 
-def table(metrics: dict, ks=evaluate.DEFAULT_KS) -> str:
+def table(metrics: dict, ks=evaluation.DEFAULT_KS) -> str:
     def fmt(v):
         return "n/a (no query has positives)" if v is None else f"{100 * v:.2f}"
 
@@ -86,7 +86,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     try:
         metrics = main(args.results, args.ground_truth, args.plot, args.json)
-    except (evaluate.SchemaError, FileNotFoundError) as e:
+    except (evaluation.SchemaError, FileNotFoundError) as e:
         print(f"python -m pipeline.evaluate: error: {e}", file=sys.stderr)
         return cli.EXIT_USAGE
     print(table(metrics))

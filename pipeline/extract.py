@@ -1,6 +1,6 @@
 """Extract DELF features of single images: ``python -m pipeline.extract IMAGE... --output DIR``.
 
-Writes one ``.npz`` feature file per image (see ``delf_retrieval.features``), optionally a PNG of
+Writes one ``.npz`` feature file per image (see ``delf_retrieval.extraction.features``), optionally a PNG of
 its attention map and keypoints, and ``rejected.csv`` listing every input that could not be used.
 """
 
@@ -14,9 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from delf_retrieval.images import IMAGE_EXTENSIONS
+from delf_retrieval.corpus.images import IMAGE_EXTENSIONS
 from pipeline import cli
-
 
 
 @dataclass
@@ -64,8 +63,8 @@ def main(model_config, extraction_config, inputs: list[str], output: str, visual
     """Extract features of every input image into ``output``; re-running skips images already done."""
     from tqdm import tqdm
 
-    from delf_retrieval import images as image_io
-    from delf_retrieval.extract import Extractor
+    from delf_retrieval.corpus import images as image_io
+    from delf_retrieval.extraction.extractor import Extractor
     from delf_retrieval.model import delf
 
     start = time.time()
@@ -98,7 +97,7 @@ def main(model_config, extraction_config, inputs: list[str], output: str, visual
             os.replace(tmp, target)  # a feature file is either complete or absent
             summary.extracted.append((path, target, len(features)))
             if visualize:
-                from delf_retrieval.visualize import attention_figure
+                from delf_retrieval.extraction.visualize import attention_figure
 
                 attention_figure(image, extractor.score_map(image), features).save(
                     os.path.join(output, names[path] + ".attention.png"))

@@ -42,13 +42,14 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
 
     import pyarrow.parquet as pq
 
-    from delf_retrieval import segments, shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.index import layout, segments
 
     counts = manifest["counts"]
     rows = [("inputs", counts.get("inputs", "")), ("indexed", counts["images"]), ("rejected", counts["rejected"])]
     dead = manifest["files"].get("dead_letters")
     if dead and dead["rows"]:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(shards.resolve(root, dead["path"]))))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(layout.resolve(root, dead["path"]))))
         reasons: dict = {}
         for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             reasons[f"{stage}/{reason}"] = reasons.get(f"{stage}/{reason}", 0) + 1
@@ -69,8 +70,8 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
 
 def run(argv=None, test_pipeline=None) -> int:
     """The main job; ``test_pipeline`` (a Beam pipeline) lets tests supply their own."""
-    from delf_retrieval import build as plan_lib
-    from delf_retrieval import shards
+    from delf_retrieval.build import planning as plan_lib
+    from delf_retrieval.index import layout
 
     args, beam_args = parse_args(argv)
     cli.quiet_tensorflow()
@@ -78,7 +79,7 @@ def run(argv=None, test_pipeline=None) -> int:
     report = build.execute(args, beam_args, "pipeline.run", lambda pointer: mode, test_pipeline)
     if report is None:
         return 0
-    print(summary_table(shards.read_manifest(args.index), args.index, report["wall_seconds"]))
+    print(summary_table(layout.read_manifest(args.index), args.index, report["wall_seconds"]))
     print(f"index written to {args.index}")
     return 0
 

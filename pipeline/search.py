@@ -51,10 +51,10 @@ def parse_args(argv=None):
 
 def search_locally(args) -> tuple[list, list]:
     """Answer each query in this process, through the engine pipeline.serve answers with: (answers, failures)."""
-    from delf_retrieval import engine
-    from delf_retrieval.images import ImageError
-    from delf_retrieval.inputs import Fetcher, FetchError, read_image
-    from delf_retrieval.visualize import write_query_picture
+    from delf_retrieval.corpus.images import ImageError
+    from delf_retrieval.corpus.inputs import Fetcher, FetchError, read_image
+    from delf_retrieval.extraction.visualize import write_query_picture
+    from delf_retrieval.query import engine
 
     # One-off queries read only the row groups they probe; a server holds the postings instead.
     opened = engine.open_engine(engine.published(args.index), cli.engine_config_from_args(args, resident=False))
@@ -124,7 +124,8 @@ class _Match:
 def run(argv=None) -> int:
     args, beam_args = parse_args(argv)
     cli.quiet_tensorflow()
-    from delf_retrieval import retrieval, storage
+    from delf_retrieval import storage
+    from delf_retrieval.query import retrieval
 
     start = time.time()
     answers, failures = search_with_beam(args, beam_args) if args.runner else search_locally(args)

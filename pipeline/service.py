@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import ProcessCollector
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -33,10 +33,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from delf_retrieval import images, inputs
-from delf_retrieval.engine import Deadline, DeadlineExceeded, EngineConfig
-from delf_retrieval.live import LiveIndex
-from delf_retrieval.retrieval import RetrievalConfig
+from delf_retrieval.corpus import images, inputs
+from delf_retrieval.query.engine import Deadline, DeadlineExceeded, EngineConfig
+from delf_retrieval.query.live import LiveIndex
+from delf_retrieval.query.retrieval import RetrievalConfig
 
 log = logging.getLogger("pipeline.serve")
 
@@ -575,7 +575,7 @@ class Service:
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     async def matches_picture(self, request: Request):
-        from delf_retrieval.visualize import query_picture
+        from delf_retrieval.extraction.visualize import query_picture
 
         entry = self._recent(request)
         rank = request.query_params.get("rank")
@@ -589,7 +589,7 @@ class Service:
         return await self._picture(entry, lambda e: query_picture(e.image, e.score_map, chosen, first_rank=first))
 
     async def attention_picture(self, request: Request):
-        from delf_retrieval.visualize import attention_overlay
+        from delf_retrieval.extraction.visualize import attention_overlay
 
         entry = self._recent(request)
         return await self._picture(entry, lambda e: attention_overlay(Image.fromarray(e.image), e.score_map))

@@ -65,7 +65,7 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-    from delf_retrieval.extract import PAPER_SCALES, ExtractionConfig
+    from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig
     from delf_retrieval.model import delf
     from delf_retrieval.training import data, loop, steps
 

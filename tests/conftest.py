@@ -80,7 +80,7 @@ def built(tmp_path_factory, cache_dir):
 
 def good_matches(a, b, ratio=0.85) -> int:
     """Mutual nearest neighbours between two descriptor sets that pass Lowe's ratio test."""
-    from delf_retrieval import verify
+    from delf_retrieval.query import verify
 
     return len(verify.mutual_nearest_neighbours(a, b, ratio=ratio))
 

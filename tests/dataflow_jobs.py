@@ -166,7 +166,8 @@ def upload_photos(gcs: str, folder: str, picks: dict[str, tuple[str, int]]) -> s
 def translate_all(gcs: str) -> dict[str, TranslatedJob]:
     """Every production job, translated: the full and the fixed-quantizer build (pipeline.run), the
     nightly re-index (incremental, on an index built here first, locally) and the batch search."""
-    from delf_retrieval import shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.index import layout
     from pipeline import run as run_job
 
     s = settings(gcs[len("gs://"):].split("/", 1)[0])
@@ -175,10 +176,10 @@ def translate_all(gcs: str) -> dict[str, TranslatedJob]:
     nightly = f"{gcs}/indexes/nightly"
     # Built here, locally, with a neighbour table: the nightly run keeps it up to date.
     assert run_job.run(["--input", photos, "--output", nightly, "--verified-neighbours", "3"] + SMALL_BUILD) == 0
-    manifest = shards.read_manifest(nightly)
+    manifest = layout.read_manifest(nightly)
     for name in ("pca", "quantizer"):
         storage.write_bytes(f"{gcs}/quantizer/{name}.npz",
-                            storage.read_bytes(shards.resolve(nightly, manifest["codebooks"][name]["path"])))
+                            storage.read_bytes(layout.resolve(nightly, manifest["codebooks"][name]["path"])))
     upload_photos(gcs, "photos", {"berlin/b.jpg": ("berlin_cathedral", 1)})  # the day's new image
     jobs = {}
     jobs["full build"] = translate("full build", "pipeline.run",

@@ -7,7 +7,7 @@ import shutil
 
 from PIL import Image
 
-from delf_retrieval.features import Features
+from delf_retrieval.extraction.features import Features
 from pipeline import extract, run
 from tests.conftest import good_matches, sample_path
 

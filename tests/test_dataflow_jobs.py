@@ -236,7 +236,7 @@ def test_the_staged_sdist_installs_in_a_fresh_venv_and_every_pickled_object_load
     ours = {name: path for name, path in report["modules"].items()
             if name.split(".")[0] in ("delf_retrieval", "pipeline", "transforms")}
     assert {"transforms.extract", "transforms.index", "transforms.reindex", "transforms.neighbours",
-            "transforms.search", "delf_retrieval.build", "delf_retrieval.inputs"} <= set(ours)
+            "transforms.search", "delf_retrieval.build.planning", "delf_retrieval.corpus.inputs"} <= set(ours)
     assert all(path.startswith(site + "/") for path in ours.values()), ours
     assert {os.path.relpath(path, site) for path in ours.values()} <= members
     # The trained head an extraction names (the lite-gpu preset's) is found in the installed package.

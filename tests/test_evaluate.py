@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from delf_retrieval import evaluate
+from delf_retrieval.query import evaluation
 from pipeline import evaluate as evaluate_cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ GROUND_TRUTH = {"queries": [
 
 
 def parsed():
-    return evaluate.parse_results(RESULTS), evaluate.parse_ground_truth(GROUND_TRUTH)
+    return evaluation.parse_results(RESULTS), evaluation.parse_ground_truth(GROUND_TRUTH)
 
 
 def revisitop_compute_ap(ranks, nres):
@@ -57,27 +57,27 @@ def revisitop_compute_ap(ranks, nres):
 def test_average_precision_by_hand():
     results, truth = parsed()
     # A after junk removal: [p1, n1, p2, n2, p3] -> positives at ranks 0, 2, 4; 4 positives in all.
-    ranks = evaluate.positive_ranks([m.uri for m in results["A.jpg"]], truth["A.jpg"])
+    ranks = evaluation.positive_ranks([m.uri for m in results["A.jpg"]], truth["A.jpg"])
     np.testing.assert_array_equal(ranks, [0, 2, 4])
     # r=0, i=0: (1 + 1/1) / 2 / 4            = 1/4   = 60/240
     # r=2, i=1: (1/2 + 2/3) / 2 / 4 = 7/48    = 35/240
     # r=4, i=2: (2/4 + 3/5) / 2 / 4 = 11/80   = 33/240   -> AP = 128/240 = 8/15
-    assert evaluate.average_precision(ranks, 4) == pytest.approx(8 / 15, abs=1e-12)
+    assert evaluation.average_precision(ranks, 4) == pytest.approx(8 / 15, abs=1e-12)
     # B: [n1, q1] -> rank 1: (0/1 + 1/2) / 2 / 1 = 1/4
-    assert evaluate.average_precision(evaluate.positive_ranks(["n1", "q1"], truth["B.jpg"]), 1) == pytest.approx(0.25)
+    assert evaluation.average_precision(evaluation.positive_ranks(["n1", "q1"], truth["B.jpg"]), 1) == pytest.approx(0.25)
     # C: nothing retrieved -> 0
-    assert evaluate.average_precision(np.zeros(0, np.int64), 1) == 0.0
+    assert evaluation.average_precision(np.zeros(0, np.int64), 1) == 0.0
 
 
 def test_junk_is_removed_not_counted_as_negative():
     _, truth = parsed()
     ranking = ["p1", "n1", "j1", "p2", "n2", "p3"]
-    as_negative = evaluate.QueryTruth(truth["A.jpg"].positives, frozenset())
+    as_negative = evaluation.QueryTruth(truth["A.jpg"].positives, frozenset())
     # keeping j1 as a negative: ranks 0, 3, 5 -> 1/4 + (1/3 + 2/4)/8 + (2/5 + 3/6)/8 = 60/240 + 25/240 + 27/240 = 7/15
-    assert evaluate.average_precision(evaluate.positive_ranks(ranking, as_negative), 4) == pytest.approx(7 / 15)
-    assert evaluate.average_precision(evaluate.positive_ranks(ranking, truth["A.jpg"]), 4) == pytest.approx(8 / 15)
+    assert evaluation.average_precision(evaluation.positive_ranks(ranking, as_negative), 4) == pytest.approx(7 / 15)
+    assert evaluation.average_precision(evaluation.positive_ranks(ranking, truth["A.jpg"]), 4) == pytest.approx(8 / 15)
     # junk anywhere (even first) never changes the AP
-    assert evaluate.average_precision(evaluate.positive_ranks(["j1"] + ranking, truth["A.jpg"]), 4) == \
+    assert evaluation.average_precision(evaluation.positive_ranks(["j1"] + ranking, truth["A.jpg"]), 4) == \
         pytest.approx(8 / 15)
 
 
@@ -86,11 +86,11 @@ def test_average_precision_matches_revisitop_loop():
     for _ in range(200):
         n_pos = int(rng.integers(1, 20))
         ranks = np.sort(rng.choice(60, size=int(rng.integers(0, n_pos + 1)), replace=False))
-        assert evaluate.average_precision(ranks, n_pos) == pytest.approx(revisitop_compute_ap(ranks, n_pos), abs=1e-12)
+        assert evaluation.average_precision(ranks, n_pos) == pytest.approx(revisitop_compute_ap(ranks, n_pos), abs=1e-12)
 
 
 def test_map_and_mean_precision_at_k_by_hand():
-    metrics = evaluate.evaluate(*parsed())
+    metrics = evaluation.evaluate(*parsed())
     # mAP over A, B, C (D has no positives): (8/15 + 1/4 + 0) / 3 = (32/60 + 15/60) / 3 = 47/180
     assert metrics["map"] == pytest.approx(47 / 180, abs=1e-12)
     # P@k after junk removal: A [p1 n1 p2 n2 p3]: P@1 = 1, P@5 = 3/5, P@10 = 3/10
@@ -106,15 +106,15 @@ def test_map_and_mean_precision_at_k_by_hand():
 
 
 def test_precision_at_k_counts_missing_ranks_as_wrong():
-    assert evaluate.precision_at(np.array([0]), 5) == pytest.approx(1 / 5)
-    assert evaluate.precision_at(np.array([0, 1, 2, 3, 4, 5]), 5) == 1.0
+    assert evaluation.precision_at(np.array([0]), 5) == pytest.approx(1 / 5)
+    assert evaluation.precision_at(np.array([0, 1, 2, 3, 4, 5]), 5) == 1.0
 
 
 def test_gld_measure_by_hand():
     """Pooled over all queries (junk j1 dropped, C retrieves nothing, D only false positives),
     sorted by score: 0.95 D- | 0.9 A+ | 0.85 B- | 0.8 A- | 0.6 A+ and 0.6 B+ (a tie: one threshold)
     | 0.5 A- | 0.4 A+ | 0.3 D-.  All positives: 4 + 1 + 1 = 6 (D has none; "extra" is ignored)."""
-    curve = evaluate.gld_curve(*parsed())
+    curve = evaluation.gld_curve(*parsed())
     np.testing.assert_allclose(curve.thresholds, [0.95, 0.9, 0.85, 0.8, 0.6, 0.5, 0.4, 0.3])
     np.testing.assert_array_equal(curve.true_positives, [0, 1, 1, 1, 3, 3, 4, 4])
     np.testing.assert_array_equal(curve.retrieved, [1, 2, 3, 4, 6, 7, 8, 9])
@@ -122,31 +122,31 @@ def test_gld_measure_by_hand():
     assert curve.total_positives == 6
     # micro-AP: precision x new true positives / all positives = (1/2 x 1 + 3/6 x 2 + 4/8 x 1) / 6 = 1/3
     assert curve.micro_ap() == pytest.approx(1 / 3)
-    metrics = evaluate.evaluate(*parsed())
+    metrics = evaluation.evaluate(*parsed())
     assert metrics["gld_micro_ap"] == pytest.approx(1 / 3)
     assert (metrics["gld_true_positives"], metrics["gld_retrieved"], metrics["gld_total_positives"]) == (4, 9, 6)
     assert metrics["gld_tp@precision>=0.9"] == 0
 
 
 def test_gld_perfect_and_empty():
-    truth = evaluate.parse_ground_truth({"queries": [{"query": "q", "positives": ["a", "b"], "junk": []},
+    truth = evaluation.parse_ground_truth({"queries": [{"query": "q", "positives": ["a", "b"], "junk": []},
                                                      {"query": "d", "positives": [], "junk": []}]})
-    perfect = evaluate.parse_results({"results": [{"query": "q", "matches": [match("a", 3), match("b", 2)]},
+    perfect = evaluation.parse_results({"results": [{"query": "q", "matches": [match("a", 3), match("b", 2)]},
                                                   {"query": "d", "matches": [match("x", 1)]}]})
-    curve = evaluate.gld_curve(perfect, truth)
+    curve = evaluation.gld_curve(perfect, truth)
     assert curve.micro_ap() == 1.0  # both positives score above the distractor's false positive
-    assert evaluate.evaluate(perfect, truth)["gld_tp@precision>=0.99"] == 2
-    nothing = evaluate.evaluate({}, truth)
+    assert evaluation.evaluate(perfect, truth)["gld_tp@precision>=0.99"] == 2
+    nothing = evaluation.evaluate({}, truth)
     assert nothing["gld_micro_ap"] == 0.0 and nothing["map"] == 0.0 and nothing["gld_true_positives"] == 0
 
 
 def test_uris_compare_by_exact_string():
-    truth = evaluate.parse_ground_truth({"queries": [{"query": "q", "positives": ["img/a.jpg"], "junk": []}]})
+    truth = evaluation.parse_ground_truth({"queries": [{"query": "q", "positives": ["img/a.jpg"], "junk": []}]})
     for other in ("./img/a.jpg", "img/A.jpg", "img/a.jpg ", "/img/a.jpg"):
-        results = evaluate.parse_results({"results": [{"query": "q", "matches": [match(other, 1.0)]}]})
-        assert evaluate.evaluate(results, truth)["map"] == 0.0
-    dotted = evaluate.parse_results({"results": [{"query": "./q", "matches": [match("img/a.jpg", 1)]}]})
-    assert evaluate.evaluate(dotted, truth)["queries_missing_from_results"] == ["q"]
+        results = evaluation.parse_results({"results": [{"query": "q", "matches": [match(other, 1.0)]}]})
+        assert evaluation.evaluate(results, truth)["map"] == 0.0
+    dotted = evaluation.parse_results({"results": [{"query": "./q", "matches": [match("img/a.jpg", 1)]}]})
+    assert evaluation.evaluate(dotted, truth)["queries_missing_from_results"] == ["q"]
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -170,8 +170,8 @@ def test_uris_compare_by_exact_string():
     ({"results": [{"query": "q", "matches": []}, {"query": "q", "matches": []}]}, "query 'q' appears more than once"),
 ])
 def test_results_schema_errors(doc, message):
-    with pytest.raises(evaluate.SchemaError) as e:
-        evaluate.parse_results(doc)
+    with pytest.raises(evaluation.SchemaError) as e:
+        evaluation.parse_results(doc)
     assert message in str(e.value)
 
 
@@ -185,8 +185,8 @@ def test_results_schema_errors(doc, message):
     ({"queries": [{"query": "q", "positives": [], "junk": []}] * 2}, "appears more than once"),
 ])
 def test_ground_truth_schema_errors(doc, message):
-    with pytest.raises(evaluate.SchemaError) as e:
-        evaluate.parse_ground_truth(doc)
+    with pytest.raises(evaluation.SchemaError) as e:
+        evaluation.parse_ground_truth(doc)
     assert message in str(e.value)
 
 
@@ -248,9 +248,9 @@ def test_gld_curve_against_brute_force_with_ties():
         retrieved = rng.choice(42, size=int(rng.integers(0, 12)), replace=False)
         scores = np.sort(np.round(rng.uniform(0, 1, len(retrieved)), 1))[::-1]
         results.append({"query": f"q{q}", "matches": [match(f"img{i}", float(s)) for i, s in zip(retrieved, scores)]})
-    truth = evaluate.parse_ground_truth({"queries": queries})
-    parsed_results = evaluate.parse_results({"results": results})
-    curve = evaluate.gld_curve(parsed_results, truth)
+    truth = evaluation.parse_ground_truth({"queries": queries})
+    parsed_results = evaluation.parse_results({"results": results})
+    curve = evaluation.gld_curve(parsed_results, truth)
     pairs = [(m.score, m.uri in truth[q].positives) for q in truth for m in parsed_results[q]
              if m.uri not in truth[q].junk]
     thresholds = sorted({s for s, _ in pairs}, reverse=True)

@@ -6,10 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from delf_retrieval.extract import ExtractionConfig, Extractor, bucket_size, pyramid, select_keypoints
-from delf_retrieval.features import Features
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor, bucket_size, pyramid, select_keypoints
+from delf_retrieval.extraction.features import Features
 from delf_retrieval.model import delf
-from delf_retrieval.images import load_image
 from tests.conftest import sample_path
 
 

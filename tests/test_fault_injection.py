@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delf_retrieval import features as features_lib
-from delf_retrieval import npz, pca, shards, shortlist, storage, versions
-from delf_retrieval.quantize import Quantizer
+from delf_retrieval import npz, storage
+from delf_retrieval.extraction import features as features_lib
+from delf_retrieval.index import layout, segments, shortlist, versions
+from delf_retrieval.quantize import Quantizer, pca
 from pipeline import cli
 from pipeline import run as run_job
 from tests.conftest import REPO_ROOT, SAMPLES
 from tests.test_hostile_inputs import TINY
 from tests.test_reindex import tiny_versions  # noqa: F401 - a fixture
-
 
 # ---------------------------------------------------------------------------------------------
 # The accounting check, fed a lost record
@@ -50,7 +50,7 @@ def test_a_lost_image_record_stops_the_publish(tmp_path, cache_dir, monkeypatch,
     output = tmp_path / "index"
     assert cli.main(run_job.run, ["--input", str(corpus), "--output", str(output)] + TINY) == 1
     assert "3 inputs listed but 2 indexed + 0 rejected: 1 unaccounted for" in capsys.readouterr().err
-    assert not (output / shards.MANIFEST).exists()  # nothing published
+    assert not (output / layout.MANIFEST).exists()  # nothing published
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def test_a_lost_image_record_stops_the_publish(tmp_path, cache_dir, monkeypatch,
 
 
 def publish_first(root, build):
-    version = shards.read_manifest(os.path.join(root, build))
+    version = layout.read_manifest(os.path.join(root, build))
     return versions.publish(root, build, version, None)
 
 
@@ -66,12 +66,12 @@ def test_a_damaged_shard_in_the_new_version_does_not_move_the_pointer(tiny_versi
     root, (a, b, _) = tiny_versions
     publish_first(root, a)
     pointer, token = versions.current(root)
-    version = shards.read_manifest(os.path.join(root, b))
+    version = layout.read_manifest(os.path.join(root, b))
     shard = os.path.join(root, b, version["shards"][0]["path"])
     data = bytearray(open(shard, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(shard, "wb").write(bytes(data))
-    with pytest.raises(shards.ShardError, match="SHA-256"):
+    with pytest.raises(layout.ShardError, match="SHA-256"):
         versions.publish(root, b, version, token)
     assert versions.current(root) == (pointer, token)
 
@@ -91,13 +91,13 @@ def test_the_pointer_swap_itself_refuses_a_stale_token(tiny_versions, monkeypatc
     root, (a, b, c) = tiny_versions
     publish_first(root, a)
     _, token = versions.current(root)
-    versions.publish(root, b, shards.read_manifest(os.path.join(root, b)), token)
+    versions.publish(root, b, layout.read_manifest(os.path.join(root, b)), token)
     # c's run read the pointer with the same token as b's; its own check would catch that, so make
     # both of its reads see the stale token: the conditional write is what refuses.
     real = versions.current
     monkeypatch.setattr(versions, "current", lambda r: (real(r)[0], token))
     with pytest.raises(versions.PublishConflict, match="while this one was publishing"):
-        versions.publish(root, c, shards.read_manifest(os.path.join(root, c)), token)
+        versions.publish(root, c, layout.read_manifest(os.path.join(root, c)), token)
     monkeypatch.setattr(versions, "current", real)
     assert versions.current(root)[0]["build"] == b
 
@@ -105,11 +105,11 @@ def test_the_pointer_swap_itself_refuses_a_stale_token(tiny_versions, monkeypatc
 def test_a_crash_during_the_pointer_write_leaves_the_old_pointer(tiny_versions, monkeypatch):  # noqa: F811
     root, (a, b, _) = tiny_versions
     publish_first(root, a)
-    before = open(os.path.join(root, shards.MANIFEST), "rb").read()
+    before = open(os.path.join(root, layout.MANIFEST), "rb").read()
     real = storage.write_bytes
 
     def crash_on_pointer(path, data):
-        if path == os.path.join(root, shards.MANIFEST):
+        if path == os.path.join(root, layout.MANIFEST):
             with open(f"{path}.tmp-crashed", "wb") as f:
                 f.write(data[: len(data) // 2])
             raise OSError("killed while writing the pointer")
@@ -117,11 +117,11 @@ def test_a_crash_during_the_pointer_write_leaves_the_old_pointer(tiny_versions, 
 
     monkeypatch.setattr(storage, "write_bytes", crash_on_pointer)
     with pytest.raises(OSError, match="killed"):
-        versions.publish(root, b, shards.read_manifest(os.path.join(root, b)), versions.current(root)[1])
+        versions.publish(root, b, layout.read_manifest(os.path.join(root, b)), versions.current(root)[1])
     monkeypatch.setattr(storage, "write_bytes", real)
-    assert open(os.path.join(root, shards.MANIFEST), "rb").read() == before
-    assert shards.verify(root)["build"] == a  # readers still see a whole, verified version
-    versions.publish(root, b, shards.read_manifest(os.path.join(root, b)), versions.current(root)[1])
+    assert open(os.path.join(root, layout.MANIFEST), "rb").read() == before
+    assert segments.verify(root)["build"] == a  # readers still see a whole, verified version
+    versions.publish(root, b, layout.read_manifest(os.path.join(root, b)), versions.current(root)[1])
     assert versions.current(root)[0]["build"] == b
 
 
@@ -133,13 +133,13 @@ def test_a_crash_just_after_the_version_manifest_leaves_it_unpublished(tiny_vers
     def killed(directory, deep=None):
         raise RuntimeError("killed after the version manifest was written")
 
-    monkeypatch.setattr(shards, "verify", killed)
+    monkeypatch.setattr(segments, "verify", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        versions.publish(root, b, shards.read_manifest(os.path.join(root, b)), token)
+        versions.publish(root, b, layout.read_manifest(os.path.join(root, b)), token)
     monkeypatch.undo()
     assert versions.current(root)[0]["build"] == a and versions.current(root)[1] == token
-    assert json.load(open(os.path.join(root, b, shards.MANIFEST)))["previous"] == a  # written, not served
-    assert versions.publish(root, b, shards.read_manifest(os.path.join(root, b)), token)["build"] == b  # a retry
+    assert json.load(open(os.path.join(root, b, layout.MANIFEST)))["previous"] == a  # written, not served
+    assert versions.publish(root, b, layout.read_manifest(os.path.join(root, b)), token)["build"] == b  # a retry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,11 +235,11 @@ def test_gcs_lock_and_pointer_swap_refuse_a_second_holder(fake_gcs):
         versions.RunLock(root, ttl_seconds=3600, track_pid=False).acquire()
     assert lock.release()
     versions._swap_pointer(root, {"build": "builds/a"}, None, "first")
-    _, token = storage.read_with_token(storage.join(root, shards.MANIFEST))
+    _, token = storage.read_with_token(storage.join(root, layout.MANIFEST))
     versions._swap_pointer(root, {"build": "builds/b"}, token, "second")
     with pytest.raises(versions.PublishConflict):
         versions._swap_pointer(root, {"build": "builds/c"}, token, "third, with the second's token")
-    assert json.loads(storage.read_with_token(storage.join(root, shards.MANIFEST))[0])["build"] == "builds/b"
+    assert json.loads(storage.read_with_token(storage.join(root, layout.MANIFEST))[0])["build"] == "builds/b"
     big = "gs://bucket/photos/big.jpg"
     fake_gcs.blob(big).upload_from_string(b"\xff" * 1001)
     with pytest.raises(storage.TooLarge):
@@ -273,8 +273,8 @@ def test_no_npz_loader_unpickles_an_object_array(tiny_versions):  # noqa: F811
     feature_file = features_lib.Features(np.zeros((2, 2), np.float32), np.ones(2, np.float32), np.ones(2, np.float32),
                                          np.ones((2, 8), np.float32), (10, 10))
     loaders = {
-        "pca": (pca.PCA.load, open(os.path.join(folder, shards.PCA_FILE), "rb").read()),
-        "quantizer": (Quantizer.load, open(os.path.join(folder, shards.QUANTIZER_FILE), "rb").read()),
+        "pca": (pca.PCA.load, open(os.path.join(folder, layout.PCA_FILE), "rb").read()),
+        "quantizer": (Quantizer.load, open(os.path.join(folder, layout.QUANTIZER_FILE), "rb").read()),
         "features": (features_lib.Features.from_npz, feature_file.to_npz_bytes()),
         "shortlist": (lambda data: npz.read(data, shortlist.FORMAT_VERSION, "shortlist"),
                       npz.to_bytes(shortlist.FORMAT_VERSION, vectors=np.zeros((2, 4), np.float32))),

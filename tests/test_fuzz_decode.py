@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delf_retrieval import images
+from delf_retrieval.corpus import images
 from tests import fuzzing
 
 PER_FILE_SECONDS = 2.0  # generous for a loaded CI machine: the slowest of 20,000 takes ~0.05 s here

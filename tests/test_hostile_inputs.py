@@ -16,12 +16,16 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from delf_retrieval import images, index, inputs, segments, shards, storage, versions
-from pipeline import build_quantizer, build_shortlist, cli, evaluate, extract, reindex, search, train
+from delf_retrieval import storage
+from delf_retrieval.build import encode
+from delf_retrieval.corpus import images, inputs
+from delf_retrieval.index import layout, segment_reader, segments, versions
+from pipeline import build_quantizer, build_shortlist, cli, evaluate, extract, reindex
 from pipeline import run as run_job
+from pipeline import search, train
 from tests.conftest import REPO_ROOT, SAMPLES
-from tests.test_fuzz_decode import png_with_text_bomb
 from tests.fuzzing import encoded_bases
+from tests.test_fuzz_decode import png_with_text_bomb
 
 TINY = ["--scales", "1.0", "--max-features", "100", "--max-image-size", "320", "--cells", "8", "--no-progress"]
 DRIP_SECONDS = 20  # how long a dripping handler would keep going if nobody hung up
@@ -237,7 +241,7 @@ def hostile_build(tmp_path_factory, cache_dir, server):
 def test_a_build_over_bad_inputs_publishes_the_good_ones_and_accounts_for_every_row(hostile_build):
     folder, output, status, seconds = hostile_build
     assert status == 0
-    manifest = shards.verify(str(output))
+    manifest = segments.verify(str(output))
     dead = pq.read_table(os.path.join(output, manifest["files"]["dead_letters"]["path"])).to_pylist()
     reasons = {d["uri"].replace(str(folder) + "/", ""): (d["stage"], d["reason"]) for d in dead}
     drip = next(u for u in reasons if u.endswith("/drip-body"))
@@ -247,7 +251,7 @@ def test_a_build_over_bad_inputs_publishes_the_good_ones_and_accounts_for_every_
                        drip: ("fetch", "fetch_failed"), "boom.jpg": ("decode", "internal_error"),
                        first: ("list", "duplicate")}
     assert "RuntimeError: a decoder bug" in next(d["error"] for d in dead if d["uri"].endswith("boom.jpg"))
-    table = segments.open_reader(str(output)).images.to_pylist()
+    table = segment_reader.open_reader(str(output)).images.to_pylist()
     assert len(table) == 9 and {r["label"] for r in table} == {"berlin_cathedral", "lund_street", "sacre_coeur"}
     assert next(r for r in table if r["uri"].endswith(first))["label"] == "berlin_cathedral"  # the first listing
     counts = manifest["counts"]
@@ -259,10 +263,10 @@ def test_the_nightly_run_over_the_same_listing_publishes_too(hostile_build, tmp_
     folder, output, _, _ = hostile_build
     root = tmp_path / "root"
     shutil.copytree(output, root)
-    before = shards.read_manifest(str(root))["build"]
+    before = layout.read_manifest(str(root))["build"]
     assert cli.main(reindex.run, ["--input", str(folder / "list.csv"), "--index", str(root), "--fetch-timeout", "2",
                                   "--fetch-retries", "0"] + TINY) == 0
-    manifest = shards.verify(str(root))
+    manifest = segments.verify(str(root))
     assert manifest["previous"] == before and manifest["counts"]["images"] == 10  # boom.jpg decodes now
     dead = pq.read_table(os.path.join(root, manifest["files"]["dead_letters"]["path"])).to_pylist()
     assert {(d["stage"], d["reason"]) for d in dead} == {("decode", "too_large"), ("decode", "unsupported"),
@@ -308,7 +312,7 @@ def copy_index(output, tmp_path):
 
 
 def edit_pointer(root, change):
-    path = root / shards.MANIFEST
+    path = root / layout.MANIFEST
     manifest = json.loads(path.read_text())
     change(manifest)
     path.write_text(json.dumps(manifest))
@@ -333,22 +337,22 @@ def test_a_manifest_path_leaving_the_root_is_refused(hostile_build, tmp_path, fi
             manifest[field] = value
 
     edit_pointer(root, change)
-    with pytest.raises(shards.ManifestError, match=field.replace(".", r"\.").replace("segments", r"segments\[0\]")) as e:
-        segments.open_reader(str(root))
+    with pytest.raises(layout.ManifestError, match=field.replace(".", r"\.").replace("segments", r"segments\[0\]")) as e:
+        segment_reader.open_reader(str(root))
     assert "passwd" not in str(e.value) or "does not stay inside" in str(e.value)
-    with pytest.raises(shards.ManifestError):
+    with pytest.raises(layout.ManifestError):
         versions.current(str(root))
 
 
 def test_a_symbolic_link_out_of_the_index_is_refused(hostile_build, tmp_path):
     root = copy_index(hostile_build[1], tmp_path)
-    pointer = shards.read_manifest(str(root))
+    pointer = layout.read_manifest(str(root))
     segment = segments.segment_refs(pointer)[0]
     images_path = root / segment.folder / segments.read_segment(str(root), segment).images["path"]
     os.remove(images_path)
     os.symlink("/etc/passwd", images_path)
-    with pytest.raises(shards.ManifestError, match="symbolic link"):
-        segments.open_reader(str(root))
+    with pytest.raises(layout.ManifestError, match="symbolic link"):
+        segment_reader.open_reader(str(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,15 +377,15 @@ def test_the_commands_answer_bad_input_with_one_line(hostile_build, tmp_path, ca
     assert "no such folder" in one_error_line(capsys, "pipeline.run")
 
     root = copy_index(output, tmp_path)
-    shard = root / segments.posting_shards(str(root), shards.read_manifest(str(root)))[0]["path"]
+    shard = root / segments.posting_shards(str(root), layout.read_manifest(str(root)))[0]["path"]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     query = os.path.join(SAMPLES, "lund_street", "01.jpg")
     assert cli.main(search.run, ["--index", str(root), "--output", str(tmp_path / "r.json"), query]) == 2
     assert "truncated or replaced" in one_error_line(capsys, "pipeline.search")
     assert cli.main(search.run, ["--index", str(output), "--queries", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt" in one_error_line(capsys, "pipeline.search")
-    os.remove(root / shards.MANIFEST)
-    (root / shards.MANIFEST).write_text('{"format": "delf-retrieval-index", "format_')
+    os.remove(root / layout.MANIFEST)
+    (root / layout.MANIFEST).write_text('{"format": "delf-retrieval-index", "format_')
     assert cli.main(reindex.run, ["--input", str(folder), "--index", str(root)] + TINY) == 2
     assert "cannot read" in one_error_line(capsys, "pipeline.reindex")
     assert cli.main(build_shortlist.run, ["--index", str(tmp_path / "nothing")]) == 2
@@ -434,15 +438,15 @@ def test_an_unreadable_lock_is_named_then_stale_after_its_ttl_and_breakable(tmp_
 
 def test_pipeline_run_takes_the_same_lock_and_prunes_nothing_under_a_live_run(hostile_build, tmp_path, capsys):
     root = copy_index(hostile_build[1], tmp_path)
-    unfinished = root / shards.BUILDS_DIR / "29990101T000000Z-live" / "postings"
+    unfinished = root / layout.BUILDS_DIR / "29990101T000000Z-live" / "postings"
     unfinished.mkdir(parents=True)
     (unfinished / "part-00000.parquet").write_bytes(b"being written")
-    pointer = (root / shards.MANIFEST).read_bytes()
+    pointer = (root / layout.MANIFEST).read_bytes()
     with versions.RunLock(str(root), ttl_seconds=3600):  # as pipeline.reindex holds it
         status = cli.main(run_job.run, ["--input", str(hostile_build[0] / "sacre_coeur"), "--output", str(root)] + TINY)
         assert status == cli.EXIT_LOCKED
         assert "another run holds the lock" in one_error_line(capsys, "pipeline.run")
-    assert (root / shards.MANIFEST).read_bytes() == pointer and unfinished.exists()
+    assert (root / layout.MANIFEST).read_bytes() == pointer and unfinished.exists()
     # --break-lock takes it over on purpose.
     versions.RunLock(str(root), ttl_seconds=3600, track_pid=False).acquire()
     assert cli.main(run_job.run, ["--input", str(hostile_build[0] / "sacre_coeur"), "--output", str(root),
@@ -453,14 +457,14 @@ def test_pipeline_run_takes_the_same_lock_and_prunes_nothing_under_a_live_run(ho
 
 def test_pipeline_run_publishes_by_compare_and_swap(hostile_build, tmp_path, monkeypatch, capsys):
     root = copy_index(hostile_build[1], tmp_path)
-    pointer = (root / shards.MANIFEST).read_bytes()
+    pointer = (root / layout.MANIFEST).read_bytes()
     real_current = versions.current
     monkeypatch.setattr(versions, "current", lambda r: (real_current(r)[0], "a token another run replaced"))
     status = cli.main(run_job.run, ["--input", str(hostile_build[0] / "sacre_coeur"), "--output", str(root)] + TINY)
     assert status == 1
     # Both reads of the pointer see the stale token, so the conditional write itself refuses.
     assert "another run published while this one was publishing" in one_error_line(capsys, "pipeline.run")
-    assert (root / shards.MANIFEST).read_bytes() == pointer
+    assert (root / layout.MANIFEST).read_bytes() == pointer
 
 
 def test_a_build_that_rejects_most_inputs_is_not_published(hostile_build, tmp_path, capsys):
@@ -470,19 +474,19 @@ def test_a_build_that_rejects_most_inputs_is_not_published(hostile_build, tmp_pa
     for i in range(2):
         (folder / f"junk{i}.jpg").write_bytes(b"not an image" * 100)
     root = copy_index(hostile_build[1], tmp_path)
-    pointer = (root / shards.MANIFEST).read_bytes()
+    pointer = (root / layout.MANIFEST).read_bytes()
     assert cli.main(run_job.run, ["--input", str(folder), "--output", str(root)] + TINY) == 1
     line = one_error_line(capsys, "pipeline.run")
     assert "2 of 3 inputs rejected" in line and "decode/corrupt 2" in line and "not published" in line
-    assert (root / shards.MANIFEST).read_bytes() == pointer  # the previous index keeps serving
+    assert (root / layout.MANIFEST).read_bytes() == pointer  # the previous index keeps serving
     refused = line.split("rejected inputs: ")[1].rstrip(")")
     assert len(pq.read_table(refused)) == 2
 
 
 def test_check_publishable_counts_every_input():
-    index.check_publishable(3, 2, [{"uri": "c", "stage": "decode", "reason": "corrupt"}])
-    with pytest.raises(index.PublishRefused, match="1 unaccounted for"):
-        index.check_publishable(3, 2, [])
-    with pytest.raises(index.PublishRefused, match="above the allowed 10%"):
-        index.check_publishable(3, 2, [{"uri": "c", "stage": "decode", "reason": "corrupt"}], 0.1)
+    encode.check_publishable(3, 2, [{"uri": "c", "stage": "decode", "reason": "corrupt"}])
+    with pytest.raises(encode.PublishRefused, match="1 unaccounted for"):
+        encode.check_publishable(3, 2, [])
+    with pytest.raises(encode.PublishRefused, match="above the allowed 10%"):
+        encode.check_publishable(3, 2, [{"uri": "c", "stage": "decode", "reason": "corrupt"}], 0.1)
     assert storage.TooLarge.__mro__[1] is ValueError

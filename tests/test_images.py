@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delf_retrieval import images
-from delf_retrieval.images import DecodeLimits
+from delf_retrieval.corpus import images
+from delf_retrieval.corpus.images import DecodeLimits
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from delf_retrieval import index, quantize, shards
-from delf_retrieval.features import Features
+from delf_retrieval import quantize
+from delf_retrieval.build import encode
+from delf_retrieval.extraction.features import Features
+from delf_retrieval.index import shard_reader, shards
 from pipeline import build_quantizer
 
 
@@ -24,14 +26,14 @@ def test_sampling_is_uniform_over_the_stream():
     # Descriptor value = its position in the stream: a uniform sample has a flat histogram.
     stream = [Features(np.zeros((n, 2)), np.ones(n), np.ones(n), np.arange(s, s + n, dtype=np.float32)[:, None],
                        (1, 1)) for s, n in ((0, 3000), (3000, 500), (3500, 16500))]
-    sample = index.sample_descriptors(stream, 2000, seed=3)[:, 0]
+    sample = encode.sample_descriptors(stream, 2000, seed=3)[:, 0]
     assert len(sample) == 2000 and len(np.unique(sample)) == 2000
     counts = np.histogram(sample, bins=10, range=(0, 20000))[0]
     assert counts.min() > 140 and counts.max() < 260  # expected 200 per bin
-    short = index.sample_descriptors(stream[:1], 5000)
+    short = encode.sample_descriptors(stream[:1], 5000)
     assert len(short) == 3000
     with pytest.raises(ValueError, match="no features"):
-        index.sample_descriptors([], 10)
+        encode.sample_descriptors([], 10)
 
 
 def test_build_quantizer_cli_writes_loadable_artifacts(tmp_path):
@@ -50,14 +52,14 @@ def test_build_quantizer_cli_writes_loadable_artifacts(tmp_path):
 
 def test_write_index_from_encoded_images(tmp_path):
     features = list(fake_features(8, 250, seed=1))
-    projection, quantizer = index.train(np.concatenate([f.descriptors for f in features]),
+    projection, quantizer = encode.train(np.concatenate([f.descriptors for f in features]),
                                         quantize.IndexParams(n_cells=8))
-    encoded = [index.encode_image(100 + i, f, projection, quantizer) for i, f in enumerate(features)]
+    encoded = [encode.encode_image(100 + i, f, projection, quantizer) for i, f in enumerate(features)]
     table = shards.image_table([{"image_id": 100 + i, "uri": f"img{i}.jpg", "width": 800, "height": 600,
                                  "num_features": 250, "content_hash": "0" * 64} for i in range(8)])
-    manifest = index.write(str(tmp_path / "idx"), encoded, table, projection, quantizer)
+    manifest = encode.write(str(tmp_path / "idx"), encoded, table, projection, quantizer)
     assert manifest["counts"]["descriptors"] == 2000
-    reader = shards.IndexReader(str(tmp_path / "idx"))
+    reader = shard_reader.IndexReader(str(tmp_path / "idx"))
     # An image's own descriptors find that image.
     _, ids = reader.search(projection.transform(features[5].descriptors[:50]), 1, nprobe=8)
     assert (reader.rows(ids[:, 0]).image_ids == 105).mean() > 0.9
@@ -65,7 +67,7 @@ def test_write_index_from_encoded_images(tmp_path):
 
 def test_merged_reservoirs_sample_the_union_uniformly():
     # Two workers see streams of very different sizes; the merged sample must weigh them by size.
-    a, b = index.Reservoir(1000, seed=1), index.Reservoir(1000, seed=2)
+    a, b = encode.Reservoir(1000, seed=1), encode.Reservoir(1000, seed=2)
     for start in range(0, 3000, 700):
         a.add(np.arange(start, min(start + 700, 3000), dtype=np.float32)[:, None])
     b.add(np.arange(3000, 12000, dtype=np.float32)[:, None])
@@ -74,6 +76,6 @@ def test_merged_reservoirs_sample_the_union_uniformly():
     assert a.seen == 12000 and len(sample) == 1000 and len(np.unique(sample)) == 1000
     share_a = np.mean(sample < 3000)
     assert 0.2 < share_a < 0.3  # 3000 of 12000 rows came from a
-    empty = index.Reservoir(10)
+    empty = encode.Reservoir(10)
     empty.merge(a)
     assert empty.seen == 12000

@@ -314,7 +314,7 @@ def test_lite_conversion_refuses_another_variant_and_wrong_shapes():
 def test_lite2_preset_is_the_imagenet_lite2_cut_at_stride_16(cache_dir):
     """The preset's backbone followed by the rest of the converted classifier is the whole classifier
     (the same check for ``lite`` is in tests/test_reference_values.py)."""
-    from delf_retrieval import presets
+    from delf_retrieval.extraction import presets
 
     config = presets.model_config("lite2")
     assert (config.backbone, config.keypoint_score) == ("efficientnet_lite2", "l2norm")
@@ -342,7 +342,7 @@ BUILDING_CLASSES = {406: "altar", 410: "apiary", 425: "barn", 442: "bell cote", 
 def test_lite_imagenet_classifier_recognises_buildings(variant, cache_dir):
     """Top-5 ImageNet classes of the bundled landmark photos, at the variant's training resolution,
     name buildings and street scenes."""
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
 
     classifier = efficientnet_lite.imagenet_classifier(variant, cache_dir)
     size = (efficientnet_lite.get(variant).resolution,) * 2
@@ -427,9 +427,9 @@ def test_lite_preset_selects_by_its_shipped_head(cache_dir):
     with its calibrated threshold: a landmark photo keeps its budget, a striped wallpaper (like
     landmarks-dev's distractors) almost nothing. Ranking by descriptor norm keeps the whole budget
     of both, so this fails if the head or its threshold is not the one shipped."""
-    from delf_retrieval import presets
-    from delf_retrieval.extract import Extractor
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
+    from delf_retrieval.extraction import presets
+    from delf_retrieval.extraction.extractor import Extractor
 
     config = presets.model_config("lite")
     assert (config.keypoint_score, config.attention_weights) == ("attention", "lite0-attention")

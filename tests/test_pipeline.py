@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from delf_retrieval import inputs, segments, shards, storage
-from delf_retrieval.extract import Extractor
-from delf_retrieval.images import load_image
+from delf_retrieval import storage
+from delf_retrieval.corpus import inputs
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.extraction.extractor import Extractor
+from delf_retrieval.index import layout, segment_reader, segments
 from delf_retrieval.model import delf
-from pipeline import build_quantizer
 from pipeline import run as run_job
 from tests.conftest import FAST, SAMPLES, sample_path, serving
 from tests.job_graph import encoding_waits_for_extraction
@@ -37,10 +38,10 @@ def build(argv, test_pipeline=None):
 
 def votes_for(index_dir, image_path, k=10):
     """Votes per indexed image for the query's descriptors (k neighbours each), as {uri: votes}."""
-    reader = segments.open_reader(str(index_dir))
+    reader = segment_reader.open_reader(str(index_dir))
     model, extraction = reader.manifest["model"]["network"], reader.manifest["model"]["extraction"]
     net = delf.load(delf.ModelConfig.from_json(model))
-    from delf_retrieval.extract import ExtractionConfig
+    from delf_retrieval.extraction.extractor import ExtractionConfig
 
     features = Extractor(net, ExtractionConfig.from_json(extraction)).extract(load_image(image_path))
     _, ids = reader.search(reader.pca.transform(features.descriptors), k, nprobe=16)
@@ -59,8 +60,8 @@ def sample_index(tmp_path_factory, cache_dir):
 
 
 def test_sample_index_search_finds_the_same_scene_first(sample_index):
-    manifest = shards.verify(str(sample_index))
-    images = segments.open_reader(str(sample_index)).images.to_pylist()
+    manifest = segments.verify(str(sample_index))
+    images = segment_reader.open_reader(str(sample_index)).images.to_pylist()
     assert manifest["counts"]["inputs"] == manifest["counts"]["images"] == 42 == len(images)
     assert {r["label"] for r in images} == set(os.listdir(SAMPLES)) - {"NOTICE"}  # labels from folders
     query = sample_path("berlin_cathedral", "01.jpg")
@@ -82,13 +83,13 @@ def test_bad_inputs_are_dead_letters_and_good_ones_indexed(tmp_path, cache_dir):
     Image.new("RGB", (40, 10)).save(corpus / "tiny.png")  # shorter side under the 16 px minimum
     output = tmp_path / "index"
     build(["--input", str(corpus), "--output", str(output)] + FAST)
-    manifest = shards.verify(str(output))
+    manifest = segments.verify(str(output))
     dead = pq.read_table(os.path.join(output, manifest["files"]["dead_letters"]["path"])).to_pylist()
     reasons = {os.path.basename(d["uri"]): (d["stage"], d["reason"]) for d in dead}
     assert reasons == {"empty.jpg": ("decode", "empty"), "junk.jpg": ("decode", "corrupt"),
                        "truncated.jpg": ("decode", "truncated"), "tiny.png": ("decode", "too_small")}
     assert all(d["error"] for d in dead)
-    images = segments.open_reader(str(output)).images.column("uri").to_pylist()
+    images = segment_reader.open_reader(str(output)).images.column("uri").to_pylist()
     assert sorted(os.path.relpath(u, corpus) for u in images) == sorted(
         os.path.join(s, n) for s in SCENES for n in sorted(os.listdir(os.path.join(SAMPLES, s)))[:2])
     assert manifest["counts"]["inputs"] == 10 and manifest["counts"]["rejected"] == 4
@@ -98,12 +99,12 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
     corpus = small_corpus(tmp_path / "corpus", per_scene=2)
     output = tmp_path / "index"
     build(["--input", str(corpus), "--output", str(output)] + FAST)
-    first = shards.read_manifest(str(output))
-    first_rows = segments.open_reader(str(output))
+    first = layout.read_manifest(str(output))
+    first_rows = segment_reader.open_reader(str(output))
     build(["--input", str(corpus), "--output", str(output)] + FAST)
-    second = shards.read_manifest(str(output))
+    second = layout.read_manifest(str(output))
     assert first["build"] != second["build"] and first["counts"] == second["counts"]
-    second_rows = segments.open_reader(str(output))
+    second_rows = segment_reader.open_reader(str(output))
     a, b = first_rows.rows(np.arange(first_rows.num_rows)), second_rows.rows(np.arange(second_rows.num_rows))
     np.testing.assert_array_equal(a.image_ids, b.image_ids)
     np.testing.assert_array_equal(a.locations, b.locations)
@@ -111,7 +112,7 @@ def test_rerun_is_idempotent_and_republishes(tmp_path, cache_dir):
     # A third run keeping one old version removes the first build and keeps the one before it,
     # for readers still on it (the default keeps two, as pipeline.reindex).
     build(["--input", str(corpus), "--output", str(output), "--keep", "1"] + FAST)
-    third = shards.read_manifest(str(output))
+    third = layout.read_manifest(str(output))
     assert sorted(os.listdir(output / "builds")) == sorted(b.split("/")[1] for b in (second["build"], third["build"]))
 
 
@@ -146,19 +147,19 @@ def test_encoding_streams_behind_extraction_in_a_training_build_and_with_a_fixed
 
 
 def test_a_training_build_trains_on_a_hashed_sample_and_streams_the_rest(tmp_path, cache_dir):
-    from delf_retrieval import index
+    from delf_retrieval.build import encode
 
     corpus = small_corpus(tmp_path / "corpus")  # 9 images
     output = tmp_path / "index"
     # 600 descriptors at 300 per image, twice over: 4 of the 9 images are the training sample.
-    assert index.training_images(600, 300) == 4
+    assert encode.training_images(600, 300) == 4
     build(["--input", str(corpus), "--output", str(output), "--sample-size", "600"] + FAST)
-    manifest = shards.verify(str(output))
-    reader = segments.open_reader(str(output))
+    manifest = segments.verify(str(output))
+    reader = segment_reader.open_reader(str(output))
     uris = reader.images.column("uri").to_pylist()
     assert manifest["counts"]["images"] == 9 == len(uris)  # the sample and the rest, in one index
     assert manifest["training"]["sample_size"] == 600  # a reservoir of the 4 sample images' descriptors
-    chosen = index.training_sample(uris, 600, 300)
+    chosen = encode.training_sample(uris, 600, 300)
     assert len(chosen) == 4
     assert manifest["counts"]["descriptors"] == sum(reader.images.column("num_features").to_pylist())
     votes = votes_for(output, sample_path("berlin_cathedral", "01.jpg"))
@@ -169,18 +170,18 @@ def test_training_sample_is_chosen_by_hash_of_the_uri():
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from delf_retrieval import index
+    from delf_retrieval.build import encode
     from transforms.extract import split_training_sample
 
     uris = [f"gs://b/photos/{i}.jpg" for i in range(20_000)]
-    chosen = index.training_sample(uris, 100_000, 1000)  # 200 images of 20,000
-    assert len(chosen) == 200 == index.training_images(100_000, 1000)
-    assert chosen == index.training_sample(reversed(uris), 100_000, 1000)  # whatever the listing's order
+    chosen = encode.training_sample(uris, 100_000, 1000)  # 200 images of 20,000
+    assert len(chosen) == 200 == encode.training_images(100_000, 1000)
+    assert chosen == encode.training_sample(reversed(uris), 100_000, 1000)  # whatever the listing's order
     assert chosen == set(sorted(map(inputs.image_id, uris))[:200])
-    assert len(index.training_sample(uris[:50], 100_000, 1000)) == 50  # a small corpus is all sample
-    assert index.expected_descriptors(1000, 312.5) == 312_500 and index.expected_descriptors(10, float("nan")) is None
+    assert len(encode.training_sample(uris[:50], 100_000, 1000)) == 50  # a small corpus is all sample
+    assert encode.expected_descriptors(1000, 312.5) == 312_500 and encode.expected_descriptors(10, float("nan")) is None
     records = [{"uri": u} for u in uris[:500]]  # plan rows
-    expected = index.training_sample(uris[:500], 10_000, 1000)  # 20 images
+    expected = encode.training_sample(uris[:500], 10_000, 1000)  # 20 images
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     with beam.Pipeline(runner=FnApiRunner()) as p:
@@ -191,7 +192,7 @@ def test_training_sample_is_chosen_by_hash_of_the_uri():
 
 
 def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
-    reader = segments.open_reader(str(sample_index))
+    reader = segment_reader.open_reader(str(sample_index))
     fixed = tmp_path / "quantizer"
     fixed.mkdir()
     for name in ("pca.npz", "quantizer.npz"):
@@ -201,13 +202,13 @@ def test_fixed_quantizer_is_reused(tmp_path, cache_dir, sample_index):
     # Shards are sized from the bound 3 images x 300 features: ceil(900 / 200) = 5 cell ranges.
     build(["--input", str(corpus), "--output", str(output), "--quantizer", str(fixed), "--rows-per-shard", "200"]
           + FAST)
-    manifest = shards.read_manifest(str(output))
+    manifest = layout.read_manifest(str(output))
     assert manifest["codebooks"]["quantizer"]["sha256"] == reader.manifest["codebooks"]["quantizer"]["sha256"]
     assert manifest["counts"]["images"] == 3
     written = segments.posting_shards(str(output), manifest)
     assert 1 < len(written) <= 5
     assert sum(s["rows"] for s in written) == manifest["counts"]["descriptors"] > 0
-    built = segments.open_reader(str(output))
+    built = segment_reader.open_reader(str(output))
     assert built.quantizer.coarse.n_cells == reader.quantizer.coarse.n_cells
     assert set(built.rows(np.arange(manifest["counts"]["descriptors"])).image_ids.tolist()) == set(
         built.images.column("image_id").to_pylist())
@@ -222,11 +223,11 @@ def test_csv_listing_over_http_with_a_failing_url(tmp_path, cache_dir):
         listing.write_text("\n".join(rows) + "\n")
         output = tmp_path / "index"
         build(["--input", str(listing), "--output", str(output), "--fetch-retries", "1"] + FAST)
-    manifest = shards.read_manifest(str(output))
+    manifest = layout.read_manifest(str(output))
     dead = pq.read_table(os.path.join(output, manifest["files"]["dead_letters"]["path"])).to_pylist()
     assert [(d["uri"].rsplit("/", 1)[-1], d["stage"], d["reason"]) for d in dead] == [("missing.jpg", "fetch", "fetch_failed")]
     assert "HTTP 404" in dead[0]["error"]
-    images = segments.open_reader(str(output)).images.to_pylist()
+    images = segment_reader.open_reader(str(output)).images.to_pylist()
     assert sorted(r["label"] for r in images) == ["100", "101", "102"]
     assert all(r["image_id"] == inputs.image_id(r["uri"]) for r in images)
 
@@ -240,9 +241,9 @@ def test_gcs_input_and_output_in_worker_processes(tmp_path, cache_dir, gcs_emula
     output = f"{gcs_emulator}/indexes/multi"
     build(["--input", f"{gcs_emulator}/corpus/**/*.jpg", "--output", output, "--direct_running_mode=multi_processing",
            "--direct_num_workers=2"] + FAST)
-    manifest = shards.verify(output)
+    manifest = segments.verify(output)
     assert manifest["counts"]["images"] == 3 and manifest["counts"]["rejected"] == 1
-    reader = segments.open_reader(output)
+    reader = segment_reader.open_reader(output)
     assert all(uri.startswith(f"{gcs_emulator}/corpus/") for uri in reader.images.column("uri").to_pylist())
     assert json.loads(storage.read_bytes(f"{output}/manifest.json"))["index_id"] == manifest["index_id"]
 
@@ -250,7 +251,7 @@ def test_gcs_input_and_output_in_worker_processes(tmp_path, cache_dir, gcs_emula
 def test_landmarks_dev_index_ranks_the_same_scene_first(tmp_path, cache_dir, landmarks_dev):
     output = tmp_path / "index"
     build(["--input", os.path.join(landmarks_dev, "images"), "--output", str(output), "--label-from-folder"] + FAST)
-    reader = segments.open_reader(str(output))
+    reader = segment_reader.open_reader(str(output))
     label_of = dict(zip(reader.images.column("uri").to_pylist(), reader.images.column("label").to_pylist()))
     scenes = sorted(set(label_of.values()))
     hits = 0
@@ -289,7 +290,7 @@ def test_stage_timings_are_beam_metrics(tmp_path, cache_dir):
                      if r.key.metric.namespace == "delf"}
     assert set(distributions) == {f"{s}_us" for s in STAGES if s not in ("neighbours", "merge")}  # nor merges
     counts = {name[:-3]: d.count for name, d in distributions.items()}
-    shards_written = len(segments.posting_shards(str(output), shards.read_manifest(str(output))))
+    shards_written = len(segments.posting_shards(str(output), layout.read_manifest(str(output))))
     assert counts == {"read": 4, "decode": 4, "model_load": 1, "extract": 3, "sample": 3, "train": 1,
                       "encode": 3, "write": shards_written, "publish": 1}
     assert all(d.min >= 0 for d in distributions.values())

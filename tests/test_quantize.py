@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from delf_retrieval import pca as pca_lib
 from delf_retrieval import quantize
-from delf_retrieval.quantize import coarse, kmeans, lopq, pq
+from delf_retrieval.quantize import coarse, kmeans, lopq
+from delf_retrieval.quantize import pca as pca_lib
+from delf_retrieval.quantize import pq
 
 
 def clustered(n, d=40, clusters=50, spread=0.3, seed=0, anisotropic=False):

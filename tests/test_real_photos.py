@@ -3,9 +3,8 @@ scene match each other far more than they match an unrelated image."""
 
 import os
 
-
-from delf_retrieval.extract import ExtractionConfig, Extractor
-from delf_retrieval.images import load_image
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
 from tests.conftest import good_matches
 
 

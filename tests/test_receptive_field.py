@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from delf_retrieval import receptive_field
+from delf_retrieval.extraction import receptive_field
 from delf_retrieval.model import efficientnet_lite, resnet50
 from tests.test_models import randomise
 

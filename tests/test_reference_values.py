@@ -51,9 +51,9 @@ import os
 import numpy as np
 import pytest
 
-from delf_retrieval import presets
-from delf_retrieval.extract import Extractor, pyramid
-from delf_retrieval.images import load_image
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.extraction import presets
+from delf_retrieval.extraction.extractor import Extractor, pyramid
 from tests.conftest import SAMPLES, sample_path
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

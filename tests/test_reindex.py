@@ -15,22 +15,24 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from delf_retrieval import index, inputs, segments, shards, storage, versions
-from delf_retrieval.extract import ExtractionConfig, Extractor
-from delf_retrieval.images import load_image
+from delf_retrieval import storage
+from delf_retrieval.build import encode
+from delf_retrieval.corpus import inputs
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
+from delf_retrieval.index import layout, segment_reader, segments, shards, versions
 from delf_retrieval.model import delf
 from pipeline import cli, reindex
 from tests.conftest import REPO_ROOT, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
 from tests.job_graph import encoding_waits_for_extraction, step_labels
 from tests.test_pipeline import graph_of
 
-
 BASE = {"berlin/a.jpg": ("berlin_cathedral", 0), "berlin/b.jpg": ("berlin_cathedral", 1),
         "lund/a.jpg": ("lund_street", 0), "lund/b.jpg": ("lund_street", 1), "sacre/a.jpg": ("sacre_coeur", 0)}
 
 
 def last_report(root):
-    pointer = shards.read_manifest(str(root))
+    pointer = layout.read_manifest(str(root))
     return json.loads(storage.read_bytes(storage.join(str(root), versions.REPORTS_DIR,
                                                       pointer["build"].split("/")[-1] + ".json")))
 
@@ -38,7 +40,7 @@ def last_report(root):
 def rows_by_image(root):
     """{image id: sorted posting rows as tuples} of the current version's live images, straight
     from its segments' shards."""
-    pointer = shards.read_manifest(str(root))
+    pointer = layout.read_manifest(str(root))
     tombstones = segments.read_tombstones(str(root), pointer)
     out = {}
     for ref in segments.segment_refs(pointer):
@@ -59,7 +61,7 @@ def extractor_of(manifest):
 def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir):
     corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
     assert reindex_run(corpus, root) == 0
-    first = shards.verify(str(root))
+    first = segments.verify(str(root))
     first_report = last_report(root)
     assert first_report["mode"] == "full" and first_report["added"] == 5 and first_report["re_extracted"] == 5
     assert first["training"]["quantization_error"] > 0  # the drift baseline
@@ -77,13 +79,13 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
                                    "re_extracted", "read_to_check", "touched_unchanged")} == {
         "mode": "incremental", "added": 1, "changed": 1, "deleted": 1, "unchanged": 3, "rejected": 0, "reused": 3,
         "re_extracted": 2, "read_to_check": 2, "touched_unchanged": 1}
-    second = shards.verify(str(root))
+    second = segments.verify(str(root))
     assert second["previous"] == first["build"] and second["build"] != first["build"]
-    assert shards.verify(os.path.join(root, second["build"]))["index_id"] == second["index_id"]  # self-contained
+    assert segments.verify(os.path.join(root, second["build"]))["index_id"] == second["index_id"]  # self-contained
     assert second["codebooks"] == first["codebooks"]  # the model reused: the same files, not a copy
 
     # The image table is exactly the corpus now, with current hashes and stamps.
-    reader = segments.open_reader(str(root))
+    reader = segment_reader.open_reader(str(root))
     images = {r["uri"]: r for r in reader.images.to_pylist()}
     assert images == {r["uri"]: {k: v for k, v in r.items() if k != "segment"}
                       for r in segments.live_images(str(root), second).to_pylist()}
@@ -104,7 +106,7 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
     for name, features in extracted.items():
         rows = after[ids[name]]
         assert len(rows) == len(features) == images[uri[name]]["num_features"]
-        expected = index.encode_image(ids[name], features, pca, quantizer)
+        expected = encode.encode_image(ids[name], features, pca, quantizer)
         assert sorted(r[0] for r in rows) == sorted(expected.encoded.cells.tolist())
         stored = np.array(sorted((r[4], r[5]) for r in rows))
         np.testing.assert_allclose(stored, np.array(sorted(np.rint(features.locations).tolist())), atol=1)
@@ -120,12 +122,12 @@ def test_changes_are_reflected_exactly_and_rollback_restores(tmp_path, cache_dir
 
     # Rollback re-points to the first version (verified), which then serves the old corpus.
     assert reindex.run(["--index", str(root), "--rollback"]) == 0
-    restored = shards.verify(str(root))
+    restored = segments.verify(str(root))
     assert restored["build"] == first["build"] and restored["index_id"] == first["index_id"]
-    assert str(corpus / "berlin/b.jpg") in segments.open_reader(str(root)).images.column("uri").to_pylist()
-    with pytest.raises(shards.ManifestError, match="no previous"):
+    assert str(corpus / "berlin/b.jpg") in segment_reader.open_reader(str(root)).images.column("uri").to_pylist()
+    with pytest.raises(layout.ManifestError, match="no previous"):
         reindex.run(["--index", str(root), "--rollback"])
-    assert shards.read_manifest(str(root))["build"] == first["build"]
+    assert layout.read_manifest(str(root))["build"] == first["build"]
 
 
 def copy_root(built, tmp_path):
@@ -135,7 +137,7 @@ def copy_root(built, tmp_path):
 
 def test_a_run_failing_at_publish_leaves_the_previous_version_serving(built, tmp_path, monkeypatch):
     corpus, root = copy_root(built, tmp_path)
-    first = shards.read_manifest(str(root))
+    first = layout.read_manifest(str(root))
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed while publishing")
@@ -144,8 +146,8 @@ def test_a_run_failing_at_publish_leaves_the_previous_version_serving(built, tmp
     with pytest.raises(Exception, match="killed while publishing"):
         reindex_run(corpus, root)
     monkeypatch.undo()
-    assert shards.verify(str(root))["build"] == first["build"]
-    assert segments.open_reader(str(root)).num_rows == first["counts"]["descriptors"]
+    assert segments.verify(str(root))["build"] == first["build"]
+    assert segment_reader.open_reader(str(root)).num_rows == first["counts"]["descriptors"]
     complete, incomplete = versions.version_ids(str(root))
     assert complete == [first["build"]] and len(incomplete) == 1  # the failed run's folder, never published
     assert not os.path.exists(root / versions.LOCK_FILE)  # released
@@ -163,7 +165,7 @@ def start_run(corpus, root, *extra):
 
 def test_a_killed_run_leaves_the_previous_version_and_the_next_run_completes(built, tmp_path):
     corpus, root = copy_root(built, tmp_path)
-    first = shards.read_manifest(str(root))
+    first = layout.read_manifest(str(root))
     process = start_run(corpus, root)
     deadline = time.time() + 120
     while time.time() < deadline and not versions.version_ids(str(root))[1]:
@@ -173,7 +175,7 @@ def test_a_killed_run_leaves_the_previous_version_and_the_next_run_completes(bui
     assert versions.version_ids(str(root))[1], "the run never started its version"
     held = json.loads((root / versions.LOCK_FILE).read_text())
     assert held["pid"] == process.pid
-    assert shards.verify(str(root))["build"] == first["build"]  # still serving
+    assert segments.verify(str(root))["build"] == first["build"]  # still serving
     assert reindex_run(corpus, root) == 0  # breaks the dead process's lock, publishes, prunes its folder
     report = last_report(root)
     assert report["previous"] == first["build"] and len(report["pruned"]) == 1
@@ -182,7 +184,7 @@ def test_a_killed_run_leaves_the_previous_version_and_the_next_run_completes(bui
 
 def test_two_concurrent_runs_do_not_both_publish(built, tmp_path):
     corpus, root = copy_root(built, tmp_path)
-    first = shards.read_manifest(str(root))
+    first = layout.read_manifest(str(root))
     runs = [start_run(corpus, root), start_run(corpus, root)]
     results = [(p.wait(timeout=300), p.communicate()) for p in runs]
     codes = sorted(code for code, _ in results)
@@ -190,12 +192,12 @@ def test_two_concurrent_runs_do_not_both_publish(built, tmp_path):
     assert "another run holds the lock" in next(err for code, (_, err) in results if code == reindex.EXIT_LOCKED)
     complete, incomplete = versions.version_ids(str(root))
     assert len(complete) == 2 and incomplete == []  # one new version only
-    assert shards.verify(str(root))["previous"] == first["build"]
+    assert segments.verify(str(root))["previous"] == first["build"]
 
 
 def test_drift_past_the_threshold_makes_the_next_run_retrain(built, tmp_path):
     corpus, root = copy_root(built, tmp_path)
-    first = shards.read_manifest(str(root))
+    first = layout.read_manifest(str(root))
     more = corpus_of(tmp_path / "corpus", {"lund/c.jpg": ("lund_street", 7)})
     listing = tmp_path / "listing.csv"
     listing.write_text("path\n" + "\n".join([str(p) for p in sorted(corpus.rglob("*.jpg"))] + [str(more / "lund/c.jpg")]) + "\n")
@@ -203,12 +205,12 @@ def test_drift_past_the_threshold_makes_the_next_run_retrain(built, tmp_path):
     report = last_report(root)
     assert report["mode"] == "incremental" and report["added"] == 1 and report["re_extracted"] == 1
     assert report["drift"]["ratio"] > 0.01 and report["drift"]["retrain_due"]
-    assert shards.read_manifest(str(root))["drift"]["retrain_due"]
+    assert layout.read_manifest(str(root))["drift"]["retrain_due"]
     assert reindex_run(listing, root) == 0
     retrained = last_report(root)
     assert retrained["mode"] == "full" and retrained["re_extracted"] == 5
     assert (retrained["unchanged"], retrained["added"], retrained["changed"]) == (5, 0, 0)
-    pointer = shards.read_manifest(str(root))
+    pointer = layout.read_manifest(str(root))
     assert pointer["codebooks"]["quantizer"]["sha256"] != first["codebooks"]["quantizer"]["sha256"]
     assert not pointer["drift"]["retrain_due"]
 
@@ -243,17 +245,17 @@ def test_gcs_build_update_and_rollback(tmp_path, cache_dir, gcs_emulator):
         storage.upload(str(path), f"{gcs_emulator}/photos/{path.relative_to(local)}")
     root = f"{gcs_emulator}/nightly"
     assert reindex_run(f"{gcs_emulator}/photos", root) == 0
-    first = shards.verify(root)
+    first = segments.verify(root)
     storage.delete(f"{gcs_emulator}/photos/lund/b.jpg")
     assert reindex_run(f"{gcs_emulator}/photos", root) == 0
     report = last_report(root)
     assert (report["deleted"], report["unchanged"], report["re_extracted"], report["read_to_check"]) == (1, 3, 0, 0)
-    reader = segments.open_reader(root)
+    reader = segment_reader.open_reader(root)
     assert sorted(reader.images.column("uri").to_pylist()) == [f"{gcs_emulator}/photos/{n}" for n in
                                                               ("berlin/a.jpg", "lund/a.jpg", "sacre/a.jpg")]
     assert not storage.exists(f"{root}/{versions.LOCK_FILE}")
     assert reindex.run(["--index", root, "--rollback"]) == 0
-    assert shards.verify(root)["build"] == first["build"]
+    assert segments.verify(root)["build"] == first["build"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +267,8 @@ def tiny_versions(tmp_path):
     """Three complete versions written under builds/ with shards.write_index (none published)."""
     rng = np.random.default_rng(3)
     raw = rng.normal(size=(400, 48)).astype(np.float32)
-    from delf_retrieval import pca as pca_lib
     from delf_retrieval import quantize
+    from delf_retrieval.quantize import pca as pca_lib
 
     projection = pca_lib.fit(raw, 8)
     quantizer = quantize.train(projection.transform(raw), quantize.IndexParams(n_cells=4, pq_m=2, lopq=False))
@@ -289,12 +291,12 @@ def test_publish_is_a_compare_and_swap_and_prune_keeps_the_newest(tiny_versions)
     root, (a, b, c) = tiny_versions
     assert versions.current(root) == (None, None)
     pointer = versions.publish(root, a, versions.read_version(root, a), None)
-    assert pointer["build"] == a and segments.open_reader(root).num_rows == 50
+    assert pointer["build"] == a and segment_reader.open_reader(root).num_rows == 50
     _, token = versions.current(root)
     versions.publish(root, b, versions.read_version(root, b), token)
     with pytest.raises(versions.PublishConflict):  # started from a, but b was published meanwhile
         versions.publish(root, c, versions.read_version(root, c), token)
-    assert shards.verify(root)["build"] == b and segments.open_reader(root).num_rows == 51
+    assert segments.verify(root)["build"] == b and segment_reader.open_reader(root).num_rows == 51
     assert versions.publish(root, b, versions.read_version(root, b), token)["build"] == b  # a retried step: no-op
     os.makedirs(os.path.join(root, "builds", "20250101T000000Z-dead", "postings"))
     open(os.path.join(root, "builds", "20250101T000000Z-dead", "postings", "part-00000.parquet"), "wb").close()
@@ -308,11 +310,11 @@ def test_rollback_refuses_a_damaged_version(tiny_versions):
     root, (a, b, _) = tiny_versions
     versions.publish(root, a, versions.read_version(root, a), None)
     versions.publish(root, b, versions.read_version(root, b), versions.current(root)[1])
-    images = os.path.join(root, a, shards.IMAGES_FILE)
+    images = os.path.join(root, a, layout.IMAGES_FILE)
     open(images, "ab").write(b"x")
-    with pytest.raises(shards.ShardError):
+    with pytest.raises(layout.ShardError):
         versions.rollback(root)
-    assert shards.verify(root)["build"] == b
+    assert segments.verify(root)["build"] == b
 
 
 def test_lock_excludes_breaks_stale_and_releases_only_its_own(tmp_path, monkeypatch):
@@ -336,8 +338,8 @@ def test_lock_excludes_breaks_stale_and_releases_only_its_own(tmp_path, monkeypa
 
 def test_quantization_error_measures_drift():
     """New descriptors from the training distribution keep the error; shifted ones raise it."""
-    from delf_retrieval import pca as pca_lib
     from delf_retrieval import quantize
+    from delf_retrieval.quantize import pca as pca_lib
 
     rng = np.random.default_rng(5)
     centres = rng.normal(size=(16, 64)).astype(np.float32) * 3
@@ -345,15 +347,15 @@ def test_quantization_error_measures_drift():
     train = sample(6000, centres)
     projection = pca_lib.fit(train, 16)
     quantizer = quantize.train(projection.transform(train), quantize.IndexParams(n_cells=16, pq_m=4, lopq=False))
-    trained = index.quantization_error(projection, quantizer, train)
-    same = index.quantization_error(projection, quantizer, sample(3000, centres))
-    shifted = index.quantization_error(projection, quantizer, sample(3000, rng.normal(size=(16, 64)).astype(np.float32) * 3))
+    trained = encode.quantization_error(projection, quantizer, train)
+    same = encode.quantization_error(projection, quantizer, sample(3000, centres))
+    shifted = encode.quantization_error(projection, quantizer, sample(3000, rng.normal(size=(16, 64)).astype(np.float32) * 3))
     assert 0.9 < same / trained < 1.2
     assert shifted / trained > 1.5
     # The reference: mean squared distance to the reconstruction, computed directly.
     x = projection.transform(train[:100])
     enc = quantizer.encode(x)
-    assert index.quantization_error(projection, quantizer, train[:100]) == pytest.approx(
+    assert encode.quantization_error(projection, quantizer, train[:100]) == pytest.approx(
         float(np.mean(((x - quantizer.decode(enc.regions, enc.codes)) ** 2).sum(1))), rel=1e-5)
 
 
@@ -434,7 +436,7 @@ def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path,
     picks = {**BASE, "berlin/copy.jpg": BASE["berlin/a.jpg"]}  # another uri, the same photograph
     corpus, root = corpus_of(tmp_path / "corpus", picks), tmp_path / "index"
     assert reindex_run(corpus, root, "--verified-neighbours", "3", "--verified-min-inliers", "8") == 0
-    reader = segments.open_reader(str(root))
+    reader = segment_reader.open_reader(str(root))
     assert reader.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
     ids = {name: inputs.image_id(str(corpus / name)) for name in picks}
     table = reader.neighbours()
@@ -451,7 +453,7 @@ def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path,
     ids["lund/copy.jpg"] = inputs.image_id(str(corpus / "lund/copy.jpg"))
     assert reindex_run(corpus, root) == 0  # the index's own setting, kept without the flags
     assert last_report(root)["mode"] == "incremental" and last_report(root)["re_extracted"] == 1
-    after = segments.open_reader(str(root))
+    after = segment_reader.open_reader(str(root))
     assert after.manifest["neighbours"] == {"k": 3, "min_inliers": 8}
     assert after.manifest["settings"] == reader.manifest["settings"]  # the settings the index was built with
     table = after.neighbours()

@@ -9,8 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from delf_retrieval import index, quantize, retrieval, shards, shortlist
-from delf_retrieval.features import Features
+from delf_retrieval import quantize
+from delf_retrieval.build import encode
+from delf_retrieval.extraction.features import Features
+from delf_retrieval.index import layout, shard_reader, shards, shortlist
+from delf_retrieval.query import matching, retrieval
 from pipeline import run as run_job
 from pipeline import search as search_cli
 from tests.conftest import SAMPLES
@@ -43,13 +46,13 @@ def test_putative_matches_are_one_to_one_as_brute_force():
     rows[rng.random((nq, k)) < 0.1] = -1
     images = np.where(rows >= 0, rows // 6, -1)  # 6 rows per image
     squared = np.sort(rng.uniform(0, 1.2, (nq, k)), axis=1).astype(np.float32)
-    got = retrieval.putative_matches(squared, rows, images, max_distance=0.95)
+    got = matching.putative_matches(squared, rows, images, max_distance=0.95)
     assert sorted(zip(got.query.tolist(), got.rows.tolist(), got.images.tolist())) == \
         brute_force_matches(squared, rows, images, 0.95)
     assert len(np.unique(got.rows)) == len(got)  # one query descriptor per database row
     flat = np.sqrt(squared.ravel()[got.positions])
     np.testing.assert_allclose(flat, got.distances, rtol=1e-6)
-    ids, votes = retrieval.count_votes(got)
+    ids, votes = matching.count_votes(got)
     for image, n in zip(ids, votes):
         assert n == len({q for q, img in zip(got.query, got.images) if img == image})
     assert np.all(np.diff(votes) <= 0)
@@ -77,13 +80,13 @@ def planted_corpus(n_images=30, per_image=200, dim=48, seed=0):
 @pytest.fixture(scope="module")
 def planted_index(tmp_path_factory):
     features = planted_corpus()
-    projection, quantizer = index.train(np.concatenate([f.descriptors for f in features]),
+    projection, quantizer = encode.train(np.concatenate([f.descriptors for f in features]),
                                         quantize.IndexParams(n_cells=16))
-    encoded = [index.encode_image(1000 + i, f, projection, quantizer) for i, f in enumerate(features)]
+    encoded = [encode.encode_image(1000 + i, f, projection, quantizer) for i, f in enumerate(features)]
     table = shards.image_table([{"image_id": 1000 + i, "uri": f"db/{i}.jpg", "width": 600, "height": 600,
                                  "num_features": len(f), "content_hash": "0" * 64} for i, f in enumerate(features)])
     directory = str(tmp_path_factory.mktemp("planted"))
-    index.write(directory, encoded, table, projection, quantizer)
+    encode.write(directory, encoded, table, projection, quantizer)
     return directory, features
 
 
@@ -109,7 +112,7 @@ def planted_query(features, target=7, keep=120, clutter=80, seed=1):
 def test_planted_image_is_found_first_with_its_geometry(planted_index):
     directory, features = planted_index
     query, (A, t) = planted_query(features)
-    reader = shards.IndexReader(directory)
+    reader = shard_reader.IndexReader(directory)
     result = retrieval.Retriever(reader, retrieval.RetrievalConfig(max_distance=10.0, nprobe=16)).search(query)
     best = result.matches[0]
     assert best.uri == "db/7.jpg" and best.verified
@@ -130,7 +133,7 @@ def test_planted_image_is_found_first_with_its_geometry(planted_index):
 def test_rank_by_votes_and_top_limit(planted_index):
     directory, features = planted_index
     query, _ = planted_query(features)
-    reader = shards.IndexReader(directory)
+    reader = shard_reader.IndexReader(directory)
     config = retrieval.RetrievalConfig(max_distance=10.0, rank_by="votes", top=3, shortlist=2)
     result = retrieval.Retriever(reader, config).search(query)
     assert len(result.matches) == 3 and result.matches[0].uri == "db/7.jpg"
@@ -160,7 +163,7 @@ def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_
     source, features = planted_index
     directory = str(tmp_path / "index")  # its own copy: this test saves a shortlist, then damages it
     shutil.copytree(source, directory)
-    reader = shards.IndexReader(directory)
+    reader = shard_reader.IndexReader(directory)
     built = shortlist.build_from_index(reader, n_words=8, size=5)
     assert len(built) == 30
     query, _ = planted_query(features)
@@ -177,7 +180,7 @@ def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_
         allowed = all_rows[q][np.isin(all_images[q], candidates)][:5]
         np.testing.assert_array_equal(rows[q][: len(allowed)], allowed)
     # The same restriction over an index held in memory (load_all) scans the same rows.
-    resident = shards.IndexReader(directory)
+    resident = shard_reader.IndexReader(directory)
     resident.load_all()
     resident_distances, resident_rows = resident.search(projected, 5, nprobe=16, image_ids=candidates)
     np.testing.assert_array_equal(resident_rows, rows)
@@ -194,7 +197,7 @@ def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_
     with open(vectors, "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    with pytest.raises(shards.ShardError, match="SHA-256"):
+    with pytest.raises(layout.ShardError, match="SHA-256"):
         shortlist.ImageShortlist.load(directory, reader.manifest["index_id"])
 
 
@@ -269,13 +272,13 @@ def test_build_shortlist_cli_replaces_the_previous_versions_shortlist(planted_in
     (stale / shortlist.VECTORS_FILE).write_bytes(b"old")
     assert build_shortlist.run(["--index", str(directory), "--words", "4"]) == 0
     record = json.loads((directory / shortlist.SHORTLIST_MANIFEST).read_text())
-    assert record["index_id"] == shards.read_manifest(str(directory))["index_id"]
+    assert record["index_id"] == layout.read_manifest(str(directory))["index_id"]
     assert record["images"] == 30 and record["dim"] == 4 * 40
     assert os.listdir(directory / shortlist.SHORTLIST_DIR) == [record["index_id"]]
 
 
 def test_lists_restricted_to_images_hold_exactly_their_rows_in_the_regions():
-    from delf_retrieval.search import InvertedLists
+    from delf_retrieval.quantize.ivf import InvertedLists
 
     rng = np.random.default_rng(5)
     regions = rng.integers(0, 12, 300)
@@ -297,19 +300,19 @@ def test_restricted_search_covers_every_region_of_a_split_cell(tmp_path):
     # LOPQ splits big cells into several regions: an image filter must scan all of them, lazily
     # and with the index held in memory alike.
     features = planted_corpus()
-    projection, quantizer = index.train(np.concatenate([f.descriptors for f in features]),
+    projection, quantizer = encode.train(np.concatenate([f.descriptors for f in features]),
                                         quantize.IndexParams(n_cells=16, max_region_features=100,
                                                              min_region_train=10**9))
     assert quantizer.regions.n_regions > 16
-    encoded = [index.encode_image(1000 + i, f, projection, quantizer) for i, f in enumerate(features)]
+    encoded = [encode.encode_image(1000 + i, f, projection, quantizer) for i, f in enumerate(features)]
     table = shards.image_table([{"image_id": 1000 + i, "uri": f"db/{i}.jpg", "width": 600, "height": 600,
                                  "num_features": len(f), "content_hash": "0" * 64} for i, f in enumerate(features)])
-    index.write(str(tmp_path), encoded, table, projection, quantizer)
+    encode.write(str(tmp_path), encoded, table, projection, quantizer)
     queries = projection.transform(features[7].descriptors[:50])
     candidates = np.array([1002, 1007, 1011, 1019, 1025])
-    lazy = shards.IndexReader(str(tmp_path))
+    lazy = shard_reader.IndexReader(str(tmp_path))
     lazy_distances, lazy_rows = lazy.search(queries, 5, nprobe=4, image_ids=candidates)
-    resident = shards.IndexReader(str(tmp_path))
+    resident = shard_reader.IndexReader(str(tmp_path))
     resident.load_all()
     distances, rows = resident.search(queries, 5, nprobe=4, image_ids=candidates)
     np.testing.assert_array_equal(rows, lazy_rows)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from delf_retrieval import quantize
-from delf_retrieval.search import InvertedLists, Searcher
+from delf_retrieval.quantize.ivf import InvertedLists, Searcher
 from tests.test_quantize import clustered
 
 

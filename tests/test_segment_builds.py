@@ -10,8 +10,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from delf_retrieval import inputs, segments, shards, storage, versions
-from delf_retrieval.retrieval import RetrievalConfig, Retriever
+from delf_retrieval import storage
+from delf_retrieval.corpus import inputs
+from delf_retrieval.index import layout, segment_reader, segments, shard_reader, shards, versions
+from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 from pipeline import reindex
 from tests.conftest import SMALL, corpus_of, reindex_run
 from tests.test_reindex import BASE, last_report, rows_by_image
@@ -30,7 +32,7 @@ def files_of(root):
 
 def answers(root, queries):
     """The ranked (uri, score) of each query's own stored rows, searched in the current version."""
-    retriever = Retriever(segments.open_reader(str(root)), RetrievalConfig(top=5))
+    retriever = Retriever(segment_reader.open_reader(str(root)), RetrievalConfig(top=5))
     out = []
     for projected, locations in queries:
         out.append([(m.uri, m.score, m.inliers) for m in retriever.search_projected(projected, locations).matches])
@@ -39,8 +41,8 @@ def answers(root, queries):
 
 def stored_queries(root, names, corpus):
     """Each named image's live stored rows (decoded codes) and keypoints, as a query."""
-    pointer = shards.read_manifest(str(root))
-    reader = segments.open_reader(str(root))
+    pointer = layout.read_manifest(str(root))
+    reader = segment_reader.open_reader(str(root))
     params, tombstones = pointer["params"], segments.read_tombstones(str(root), pointer)
     queries = []
     for name in names:
@@ -62,7 +64,7 @@ def stored_queries(root, names, corpus):
 def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_path, cache_dir, monkeypatch):
     corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
     assert reindex_run(corpus, root) == 0
-    first = shards.read_manifest(str(root))
+    first = layout.read_manifest(str(root))
     (a,) = segments.segment_refs(first)
     assert first["format_version"] == 2 and a.segment_id == first["build"].split("/")[-1] and a.images == 5
     before = files_of(root)
@@ -75,7 +77,7 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     publish = versions.publish
     monkeypatch.setattr(versions, "publish", lambda *args, **kw: deep.append(kw.get("deep")) or publish(*args, **kw))
     assert reindex_run(corpus, root) == 0
-    second = shards.read_manifest(str(root))
+    second = layout.read_manifest(str(root))
     refs = segments.segment_refs(second)
     assert [r.segment_id for r in refs][0] == a.segment_id and refs[0] == a  # referenced as it was
     b = refs[1]
@@ -111,28 +113,28 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     # it merges them, dropping the tombstoned rows; every image keeps its rows bit for bit.
     deep.clear()
     assert reindex_run(corpus, root) == 0
-    third = shards.read_manifest(str(root))
+    third = layout.read_manifest(str(root))
     (merged,) = segments.segment_refs(third)
     assert last_report(root)["merged"] == [[a.segment_id, b.segment_id]] and deep == [{merged.segment_id}]
     assert third["counts"]["tombstones"] == 0 and merged.images == 5
     assert merged.descriptors == third["counts"]["descriptors"] == second["counts"]["descriptors"]
     assert rows_by_image(root) == second_rows and answers(root, queries) == second_answers
-    merged_images = {r["uri"]: r["stamp"] for r in segments.open_reader(str(root)).images.to_pylist()}
+    merged_images = {r["uri"]: r["stamp"] for r in segment_reader.open_reader(str(root)).images.to_pylist()}
     assert merged_images[uri["lund/a.jpg"]] == storage.stamp(uri["lund/a.jpg"])  # the restamp, merged in
 
     # Rollback returns to the two-segment version (its segments are kept while it is); a merge on
     # demand (no --input) then merges them again, as a version of its own.
     assert reindex.run(["--index", str(root), "--rollback"]) == 0
-    assert shards.verify(str(root))["build"] == second["build"] and rows_by_image(root) == second_rows
+    assert segments.verify(str(root))["build"] == second["build"] and rows_by_image(root) == second_rows
     assert reindex.run(["--index", str(root), "--merge", "--keep", "3"] + SMALL) == 0
-    fourth = shards.read_manifest(str(root))
+    fourth = layout.read_manifest(str(root))
     assert fourth["counts"]["segments"] == 1 and fourth["previous"] == second["build"]
     assert last_report(root)["re_extracted"] == 0 and rows_by_image(root) == second_rows
     assert answers(root, queries) == second_answers
     # Every kept version still opens and answers as it did.
     for version in (second, third):
         folder = os.path.join(root, version["build"])
-        assert segments.open_reader(folder).manifest["index_id"] == version["index_id"]
+        assert segment_reader.open_reader(folder).manifest["index_id"] == version["index_id"]
     # Pruning keeps what kept versions reference and deletes the rest.
     referenced = {r.folder for v in (second, third, fourth) for r in segments.segment_refs(v)}
     assert set(versions.segment_folders(str(root))) == referenced
@@ -141,8 +143,8 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
 def format_1_copy(root, tmp_path):
     """The current version of ``root`` rewritten as an index of before segments (format 1: one set
     of shards, its own image table) under a new versioned root."""
-    pointer = shards.read_manifest(str(root))
-    reader = segments.open_reader(str(root))
+    pointer = layout.read_manifest(str(root))
+    reader = segment_reader.open_reader(str(root))
     params = pointer["params"]
     tables = [pq.read_table(os.path.join(root, s["path"])) for s in segments.posting_shards(str(root), pointer)]
     rows = shards.PostingRows.concatenate([shards.posting_rows(t, params["pq_m"], params["pq_bits"]) for t in tables],
@@ -152,7 +154,7 @@ def format_1_copy(root, tmp_path):
     manifest = shards.write_index(str(old / build), quantizer=reader.quantizer, pca=reader.pca, rows=rows,
                                   images=reader.images, model=pointer["model"])
     manifest.update({k: pointer[k] for k in ("settings", "training") if k in pointer})
-    shards.write_manifest(str(old / build), manifest)
+    layout.write_manifest(str(old / build), manifest)
     versions.publish(str(old), build, manifest, None)
     return old
 
@@ -161,14 +163,14 @@ def test_an_index_of_before_segments_is_read_and_converted_by_the_first_nightly_
     corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
     assert reindex_run(corpus, root) == 0
     old = format_1_copy(root, tmp_path)
-    assert shards.read_manifest(str(old))["format_version"] == 1
-    assert isinstance(segments.open_reader(str(old)), shards.IndexReader)
+    assert layout.read_manifest(str(old))["format_version"] == 1
+    assert isinstance(segment_reader.open_reader(str(old)), shard_reader.IndexReader)
     before = rows_by_image(root)
     query = stored_queries(root, ["lund/a.jpg"], corpus)
     assert answers(old, query) == answers(root, query)
     corpus_of(corpus, {"lund/new.jpg": ("lund_street", 5)})
     assert reindex_run(corpus, old) == 0
-    converted = shards.read_manifest(str(old))
+    converted = layout.read_manifest(str(old))
     assert converted["format_version"] == 2 and converted["counts"]["segments"] == 1
     report = last_report(old)
     assert report["reused"] == 5 and report["re_extracted"] == 1 and report["added"] == 1
@@ -201,7 +203,7 @@ def test_publishing_reads_only_the_segments_the_run_wrote(model, tmp_path, monke
     flip(refs["b"])  # the run's own segment damaged: not published
     try:
         versions.publish(root, "builds/v2", manifests["builds/v2"], token, deep={"b"})
-    except shards.ShardError as e:
+    except layout.ShardError as e:
         assert "SHA-256" in str(e)
     else:
         raise AssertionError("a damaged new segment was published")

@@ -9,11 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from delf_retrieval import pca as pca_lib
-from delf_retrieval import engine, expansion, quantize, retrieval, segments, shards, shortlist, versions
-from delf_retrieval.expansion import NeighbourTable
-from delf_retrieval.features import Features
-from delf_retrieval.retrieval import RetrievalConfig, Retriever
+from delf_retrieval import quantize
+from delf_retrieval.extraction.features import Features
+from delf_retrieval.index import (layout, merge_policy, segment_reader, segments, shard_reader, shards, shortlist,
+                                  versions)
+from delf_retrieval.index.neighbour_table import NeighbourTable
+from delf_retrieval.quantize import pca as pca_lib
+from delf_retrieval.query import engine, expansion, retrieval
+from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 
 N_IMAGES = 30
 PER_IMAGE = 80
@@ -100,10 +103,10 @@ def write_single(directory, history):
     table = history.neighbours()
     live = np.asarray(sorted(history.content))
     keep = np.isin(table.image_ids, live) & np.isin(table.neighbours, live)
-    manifest["files"]["neighbours"] = shards.write_table_file(
+    manifest["files"]["neighbours"] = layout.write_table_file(
         str(directory), "neighbours.parquet", NeighbourTable(table.image_ids[keep], table.neighbours[keep],
                                                              table.inliers[keep]).to_table())
-    shards.write_manifest(str(directory), manifest)
+    layout.write_manifest(str(directory), manifest)
 
 
 def write_segments(root, history, names=("a", "b", "c")):
@@ -136,7 +139,7 @@ def both(model, tmp_path_factory):
     refs = write_segments(root, history)
     segments.write_version(str(root), quantizer=model[1], pca=model[0], segments=[refs[n] for n in "abc"],
                            tombstones=tombstones_of(history, "abc"), neighbours=history.neighbours())
-    return history, segments.open_reader(str(single)), segments.open_reader(str(root))
+    return history, segment_reader.open_reader(str(single)), segment_reader.open_reader(str(root))
 
 
 def queries(history, rng):
@@ -157,12 +160,12 @@ def queries(history, rng):
 
 def test_open_reader_reads_format_1_as_one_segment_and_format_2_as_segments(both):
     _, single, segmented = both
-    assert isinstance(single, shards.IndexReader) and single.manifest["format_version"] == 1
-    assert isinstance(segmented, segments.SegmentedReader) and segmented.manifest["format_version"] == 2
+    assert isinstance(single, shard_reader.IndexReader) and single.manifest["format_version"] == 1
+    assert isinstance(segmented, segment_reader.SegmentedReader) and segmented.manifest["format_version"] == 2
     assert [r.segment_id for r in segmented.refs] == ["a", "b", "c"]
     assert segmented.manifest["counts"]["images"] == N_IMAGES - 1 and len(segmented.tombstones) == 3
-    with pytest.raises(shards.ManifestError, match="open_reader"):
-        shards.IndexReader(segmented.directory)
+    with pytest.raises(layout.ManifestError, match="open_reader"):
+        shard_reader.IndexReader(segmented.directory)
 
 
 def test_images_and_neighbours_are_the_live_merged_view(both):
@@ -182,7 +185,7 @@ def test_images_and_neighbours_are_the_live_merged_view(both):
 def opened(directory, mode):
     """A reader of ``directory`` as the engine opens it: resident (``load_all``), lazy, or lazy
     with a cache so small that row groups and merged cells are evicted at every search."""
-    reader = segments.open_reader(str(directory), cache_bytes=20_000 if mode == "evicting" else 2 << 30)
+    reader = segment_reader.open_reader(str(directory), cache_bytes=20_000 if mode == "evicting" else 2 << 30)
     if mode == "resident":
         reader.load_all()
     return reader
@@ -286,22 +289,22 @@ def test_damaged_or_inconsistent_segments_are_refused(both, model, tmp_path):
     history = both[0]
     refs = write_segments(tmp_path, history, names=("a", "b"))
     segments.write_version(str(tmp_path), quantizer=model[1], pca=model[0], segments=[refs["a"], refs["b"]])
-    with pytest.raises(shards.ManifestError, match="live in two segments"):  # image 3 in a and b, no tombstone
-        segments.open_reader(str(tmp_path))
+    with pytest.raises(layout.ManifestError, match="live in two segments"):  # image 3 in a and b, no tombstone
+        segment_reader.open_reader(str(tmp_path))
     segments.write_version(str(tmp_path), quantizer=model[1], pca=model[0], segments=[refs["a"], refs["b"]],
                            tombstones=segments.Tombstones().adding("a", [3]))
-    segments.open_reader(str(tmp_path))
+    segment_reader.open_reader(str(tmp_path))
     listed = json.loads((tmp_path / "segments/b/segment.json").read_text())
     shard = tmp_path / "segments" / "b" / listed["shards"][0]["path"]
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(shards.ShardError, match="SHA-256"):
-        shards.verify(str(tmp_path))
-    segments.verify(str(tmp_path), shards.read_manifest(str(tmp_path)), deep={"a"})  # b's bytes not re-read
+    with pytest.raises(layout.ShardError, match="SHA-256"):
+        segments.verify(str(tmp_path))
+    segments.verify_segments(str(tmp_path), layout.read_manifest(str(tmp_path)), deep={"a"})  # b's bytes not re-read
     (tmp_path / "segments/a/segment.json").write_text("{}")
-    with pytest.raises(shards.ShardError):
-        segments.open_reader(str(tmp_path))
+    with pytest.raises(layout.ShardError):
+        segment_reader.open_reader(str(tmp_path))
 
 
 def test_prune_keeps_referenced_segments_and_rollback_reaches_every_kept_version(both, model, tmp_path):
@@ -326,15 +329,15 @@ def test_prune_keeps_referenced_segments_and_rollback_reaches_every_kept_version
 
     reference = Retriever(single, RetrievalConfig(top=10))
     features = queries(history, np.random.default_rng(4))[2:4]
-    answer = lambda: [[m.to_json() for m in Retriever(segments.open_reader(root), RetrievalConfig(top=10))  # noqa: E731
+    answer = lambda: [[m.to_json() for m in Retriever(segment_reader.open_reader(root), RetrievalConfig(top=10))  # noqa: E731
                        .search(f).matches] for f in features]
     expected = [[m.to_json() for m in reference.search(f).matches] for f in features]
     assert answer() == expected  # the merged version
     versions.rollback(root, to="builds/20260102T000000Z-b")
-    assert segments.open_reader(root).manifest["counts"]["segments"] == 2
+    assert segment_reader.open_reader(root).manifest["counts"]["segments"] == 2
     versions.rollback(root, to="builds/20260103T000000Z-c")
     assert answer() == expected  # three segments with tombstones
-    with pytest.raises(shards.ManifestError, match="no longer kept"):
+    with pytest.raises(layout.ManifestError, match="no longer kept"):
         versions.rollback(root, to="builds/20260101T000000Z-a")
 
     versions.rollback(root, to="builds/20260104T000000Z-m")
@@ -375,12 +378,12 @@ MB = 1 << 20
 
 
 def stats(sizes_mb, prefix="s", deleted=None):
-    return [segments.SegmentStats(f"{prefix}{i:02d}", int(size * MB), 1000, (deleted or {}).get(i, 0))
+    return [merge_policy.SegmentStats(f"{prefix}{i:02d}", int(size * MB), 1000, (deleted or {}).get(i, 0))
             for i, size in enumerate(sizes_mb)]
 
 
 def test_merge_policy_tiers_allow_segments_by_size():
-    policy = segments.MergePolicy()
+    policy = merge_policy.MergePolicy()
     assert policy.allowed_segments([]) == 0
     # 1 GB + 9 nightly 10 MB (1114 MB): a tier of 10 x 10 MB, one of 10 x 100 MB, 14 MB left for a
     # third: 21 allowed, nothing to merge.
@@ -391,7 +394,7 @@ def test_merge_policy_tiers_allow_segments_by_size():
 
 
 def test_merge_policy_merges_the_small_tier_and_leaves_the_large_segment():
-    policy = segments.MergePolicy()
+    policy = merge_policy.MergePolicy()
     segs = stats([1024] + [10] * 25)
     merges = policy.find_merges(segs)
     assert len(merges) == 1 and len(merges[0]) == policy.max_merge_at_once and "s00" not in merges[0]
@@ -401,7 +404,7 @@ def test_merge_policy_merges_the_small_tier_and_leaves_the_large_segment():
 
 
 def test_merge_policy_respects_the_size_cap_and_expunges_deletes_of_too_large_segments():
-    policy = segments.MergePolicy(max_merged_segment_bytes=100 * MB, floor_segment_bytes=1 * MB, segments_per_tier=2,
+    policy = merge_policy.MergePolicy(max_merged_segment_bytes=100 * MB, floor_segment_bytes=1 * MB, segments_per_tier=2,
                                   max_merge_at_once=4)
     segs = stats([60, 30, 30, 30, 30, 20, 5], deleted={0: 500})  # s00: 60 MB, half deleted -> 30 MB live
     merges = policy.find_merges(segs)
@@ -411,13 +414,13 @@ def test_merge_policy_respects_the_size_cap_and_expunges_deletes_of_too_large_se
         assert sum(by_id[i].live_bytes for i in merge) <= policy.max_merged_segment_bytes
         assert len(merge) <= policy.max_merge_at_once
     assert len({i for m in merges for i in m}) == sum(len(m) for m in merges)  # no segment in two merges
-    big = segments.SegmentStats("big", 120 * MB, 1000, 400)  # too large to merge (72 MB live > 50), 40% deleted
+    big = merge_policy.SegmentStats("big", 120 * MB, 1000, 400)  # too large to merge (72 MB live > 50), 40% deleted
     assert policy.find_merges([big]) == [("big",)]
-    assert policy.find_merges([segments.SegmentStats("big", 120 * MB, 1000, 100)]) == []  # 10% deleted
+    assert policy.find_merges([merge_policy.SegmentStats("big", 120 * MB, 1000, 100)]) == []  # 10% deleted
 
 
 def test_merge_policy_prefers_segments_with_tombstones():
-    policy = segments.MergePolicy(segments_per_tier=2, max_merge_at_once=2, floor_segment_bytes=1)
+    policy = merge_policy.MergePolicy(segments_per_tier=2, max_merge_at_once=2, floor_segment_bytes=1)
     # Six equal segments, two 30% tombstoned: five allowed; of equal skew, the pair that drops the
     # tombstoned rows scores best.
     merges = policy.find_merges(stats([10] * 6, deleted={4: 300, 5: 300}))
@@ -446,7 +449,7 @@ def test_the_engine_opens_and_probes_a_format_2_version(both, resident, monkeypa
     assert len(x) >= 10 and all((d.tobytes(), p.tobytes()) in pairs for d, p in zip(x, locations))
     assert opened_engine.resident is resident
     reader = opened_engine.retriever.reader
-    assert isinstance(reader, segments.SegmentedReader) and (reader._resident is not None) is resident
+    assert isinstance(reader, segment_reader.SegmentedReader) and (reader._resident is not None) is resident
     assert opened_engine.image_record(3)["uri"] == "gs://b/3-b.jpg" and opened_engine.image_record(5) is None
     block = next(reader.stored_rows())
     image = int(np.bincount(block.image_ids).argmax())
@@ -464,8 +467,8 @@ def test_a_version_folder_reads_by_a_manifest_not_yet_written(both, model, tmp_p
     manifest = segments.version_manifest(os.path.join(root, build), quantizer=model[1], pca=model[0],
                                          segments=[refs[n] for n in "abc"], tombstones=tombstones_of(history, "abc"),
                                          version_folder=build)
-    assert not os.path.exists(os.path.join(root, build, shards.MANIFEST))
-    reader = segments.SegmentedReader(os.path.join(root, build), manifest=manifest)
+    assert not os.path.exists(os.path.join(root, build, layout.MANIFEST))
+    reader = segment_reader.SegmentedReader(os.path.join(root, build), manifest=manifest)
     assert_same_search(single, reader, history, among_sets=(None,))
     assert reader.neighbours() is None
 

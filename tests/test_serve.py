@@ -18,7 +18,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from delf_retrieval import engine, live, shards, storage, versions
+from delf_retrieval import storage
+from delf_retrieval.index import layout, versions
+from delf_retrieval.query import engine, live
 from pipeline import search
 from tests.conftest import corpus_of, reindex_run, sample_path, serving
 from tests.test_fuzz_decode import png_with_text_bomb
@@ -26,7 +28,7 @@ from tests.test_fuzz_decode import png_with_text_bomb
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from pipeline.service import Service, ServeConfig  # noqa: E402
+from pipeline.service import ServeConfig, Service  # noqa: E402
 
 QUERY = sample_path("berlin_cathedral", "02.jpg")  # not in the index: its scene is (berlin/a.jpg)
 
@@ -293,12 +295,12 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
     shutil.copytree(os.path.join(index, pointer["build"]), os.path.join(index, damaged))
     # Same size, one byte flipped: its tombstones, checked by SHA-256 on open.
     tombstones = os.path.join(index, damaged,
-                              shards.read_manifest(os.path.join(index, damaged))["files"]["tombstones"]["path"])
+                              layout.read_manifest(os.path.join(index, damaged))["files"]["tombstones"]["path"])
     data = bytearray(open(tombstones, "rb").read())
     data[len(data) // 3] ^= 0xFF
     open(tombstones, "wb").write(bytes(data))
-    own = shards.read_manifest(os.path.join(index, damaged))
-    storage.write_bytes_if(os.path.join(index, shards.MANIFEST),
+    own = layout.read_manifest(os.path.join(index, damaged))
+    storage.write_bytes_if(os.path.join(index, layout.MANIFEST),
                            json.dumps(versions.pointer_from_version(own, damaged)).encode(), token)
     try:
         assert following.poll() == "failed"
@@ -311,5 +313,5 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
         assert 'delf_index_reloads_total{outcome="switched"} 2.0' in http.get("/metrics").text
         assert upload_bytes(http, b"").json()["error"] == "empty"  # still answering
     finally:
-        storage.write_bytes(os.path.join(index, shards.MANIFEST), json.dumps(pointer).encode())
+        storage.write_bytes(os.path.join(index, layout.MANIFEST), json.dumps(pointer).encode())
     assert following.poll() == "unchanged"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from delf_retrieval import engine
+from delf_retrieval.query import engine
 from tests.conftest import REPO_ROOT, SMALL, sample_path
 
 httpx = pytest.importorskip("httpx2")

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from delf_retrieval import pca as pca_lib
-from delf_retrieval import quantize, shards
-from delf_retrieval.search import InvertedLists, Searcher
-from tests.test_quantize import clustered
+from delf_retrieval import quantize
+from delf_retrieval.index import layout, segments, shard_reader, shards
+from delf_retrieval.quantize import pca as pca_lib
+from delf_retrieval.quantize.ivf import InvertedLists, Searcher
 
 N_IMAGES = 60
 PER_IMAGE = 200
@@ -50,7 +50,7 @@ def index_dir(tmp_path, corpus):
 
 
 def test_manifest_lists_every_file_and_count(index_dir, corpus):
-    manifest = shards.verify(str(index_dir))
+    manifest = segments.verify(str(index_dir))
     assert manifest["counts"] == {"images": N_IMAGES, "descriptors": N_IMAGES * PER_IMAGE, "rejected": 1,
                                   "shards": len(manifest["shards"])}
     assert len(manifest["shards"]) >= 3 and manifest["spec"] == corpus["quantizer"].params.spec
@@ -59,12 +59,12 @@ def test_manifest_lists_every_file_and_count(index_dir, corpus):
     assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
     listed = {s["path"] for s in manifest["shards"]} | {f["path"] for f in manifest["files"].values()}
     on_disk = {os.path.relpath(os.path.join(root, name), index_dir) for root, _, names in os.walk(index_dir)
-               for name in names} - {shards.MANIFEST}
+               for name in names} - {layout.MANIFEST}
     assert listed == on_disk
 
 
 def test_round_trip_of_rows_and_tables(index_dir, corpus):
-    reader = shards.IndexReader(str(index_dir))
+    reader = shard_reader.IndexReader(str(index_dir))
     assert reader.num_rows == len(corpus["x"])
     rows = reader.rows(np.arange(reader.num_rows))
     # Rows are stored sorted by (cell, region, image id): match them back by content.
@@ -84,9 +84,9 @@ def test_lazy_and_resident_search_equal_in_memory_search(index_dir, corpus):
     queries = corpus["x"][::97] + 0.01
     in_memory = Searcher(corpus["quantizer"], InvertedLists.build(corpus["quantizer"].regions.n_regions,
                                                                   corpus["encoded"])).search(queries, 15, 4)
-    lazy = shards.IndexReader(str(index_dir), cache_bytes=1)  # evicts all but the last row group
+    lazy = shard_reader.IndexReader(str(index_dir), cache_bytes=1)  # evicts all but the last row group
     d_lazy, ids_lazy = lazy.search(queries, 15, 4)
-    resident = shards.IndexReader(str(index_dir))
+    resident = shard_reader.IndexReader(str(index_dir))
     resident.load_all()
     d_res, ids_res = resident.search(queries, 15, 4)
     np.testing.assert_allclose(d_lazy, in_memory[0], rtol=1e-6)
@@ -96,7 +96,7 @@ def test_lazy_and_resident_search_equal_in_memory_search(index_dir, corpus):
 
 
 def test_probe_reads_only_the_row_groups_of_probed_cells(index_dir, corpus):
-    reader = shards.IndexReader(str(index_dir))
+    reader = shard_reader.IndexReader(str(index_dir))
     reader.search(corpus["x"][:1], 5, 1)
     cell = reader.quantizer.coarse.assign(corpus["x"][:1])[0]
     loaded = list(reader._cache)
@@ -105,34 +105,34 @@ def test_probe_reads_only_the_row_groups_of_probed_cells(index_dir, corpus):
 
 
 def test_missing_manifest_is_not_an_index(tmp_path, index_dir):
-    os.remove(index_dir / shards.MANIFEST)
-    with pytest.raises(shards.ManifestError, match="no manifest.json"):
-        shards.IndexReader(str(index_dir))
-    with pytest.raises(shards.ManifestError, match="no manifest.json"):
-        shards.IndexReader(str(tmp_path / "nowhere"))
+    os.remove(index_dir / layout.MANIFEST)
+    with pytest.raises(layout.ManifestError, match="no manifest.json"):
+        shard_reader.IndexReader(str(index_dir))
+    with pytest.raises(layout.ManifestError, match="no manifest.json"):
+        shard_reader.IndexReader(str(tmp_path / "nowhere"))
 
 
 def test_manifest_of_another_version_is_refused(index_dir):
-    path = index_dir / shards.MANIFEST
+    path = index_dir / layout.MANIFEST
     manifest = json.loads(path.read_text())
     manifest["format_version"] = 99
     path.write_text(json.dumps(manifest))
-    with pytest.raises(shards.ManifestError, match="version 99"):
-        shards.IndexReader(str(index_dir))
+    with pytest.raises(layout.ManifestError, match="version 99"):
+        shard_reader.IndexReader(str(index_dir))
 
 
 def test_missing_shard(index_dir):
     os.remove(index_dir / "postings" / "part-00001.parquet")
-    with pytest.raises(shards.ShardError, match="part-00001.parquet is listed in the manifest but missing"):
-        shards.IndexReader(str(index_dir))
+    with pytest.raises(layout.ShardError, match="part-00001.parquet is listed in the manifest but missing"):
+        shard_reader.IndexReader(str(index_dir))
 
 
 def test_truncated_shard(index_dir):
     path = index_dir / "postings" / "part-00000.parquet"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(shards.ShardError, match="truncated"):
-        shards.IndexReader(str(index_dir))
+    with pytest.raises(layout.ShardError, match="truncated"):
+        shard_reader.IndexReader(str(index_dir))
 
 
 def flip_byte(path, offset):
@@ -142,20 +142,20 @@ def flip_byte(path, offset):
 
 
 def test_corrupt_row_group_is_caught_when_read_and_by_verify(index_dir, corpus):
-    manifest = shards.read_manifest(str(index_dir))
+    manifest = layout.read_manifest(str(index_dir))
     group = manifest["shards"][0]["row_groups"][0]
     flip_byte(index_dir / manifest["shards"][0]["path"], group["offset"] + group["length"] // 2)
-    reader = shards.IndexReader(str(index_dir))  # sizes still match: opening is cheap and succeeds
-    with pytest.raises(shards.ShardError, match="row group 0 does not match its CRC-32"):
+    reader = shard_reader.IndexReader(str(index_dir))  # sizes still match: opening is cheap and succeeds
+    with pytest.raises(layout.ShardError, match="row group 0 does not match its CRC-32"):
         reader.rows(np.arange(10))
-    with pytest.raises(shards.ShardError, match="SHA-256"):
-        shards.verify(str(index_dir))
+    with pytest.raises(layout.ShardError, match="SHA-256"):
+        segments.verify(str(index_dir))
 
 
 def test_corrupt_quantizer_file(index_dir):
-    flip_byte(index_dir / shards.QUANTIZER_FILE, 100)
-    with pytest.raises(shards.ShardError, match="quantizer.npz does not match its SHA-256"):
-        shards.IndexReader(str(index_dir))
+    flip_byte(index_dir / layout.QUANTIZER_FILE, 100)
+    with pytest.raises(layout.ShardError, match="quantizer.npz does not match its SHA-256"):
+        shard_reader.IndexReader(str(index_dir))
 
 
 def test_shard_from_another_index(tmp_path, index_dir, corpus):
@@ -163,8 +163,8 @@ def test_shard_from_another_index(tmp_path, index_dir, corpus):
     write(other, corpus, rows_per_shard=3000, rows_per_group=500)
     # Same sizes and row counts, different index: only the index id can tell.
     os.replace(other / "postings" / "part-00000.parquet", index_dir / "postings" / "part-00000.parquet")
-    with pytest.raises(shards.ShardError, match="belongs to another index"):
-        shards.IndexReader(str(index_dir))
+    with pytest.raises(layout.ShardError, match="belongs to another index"):
+        shard_reader.IndexReader(str(index_dir))
 
 
 def test_postings_fit_the_storage_budget(tmp_path, corpus):
@@ -180,21 +180,21 @@ def test_index_on_gcs_reads_like_a_local_one(gcs_emulator, index_dir, corpus):
 
     remote = f"{gcs_emulator}/indexes/run-1"
     write(remote, corpus, rows_per_shard=3000, rows_per_group=500)
-    assert storage.exists(f"{remote}/{shards.MANIFEST}")
-    shards.verify(remote)
+    assert storage.exists(f"{remote}/{layout.MANIFEST}")
+    segments.verify(remote)
     queries = corpus["x"][::211]
-    local_reader, remote_reader = shards.IndexReader(str(index_dir)), shards.IndexReader(remote)
+    local_reader, remote_reader = shard_reader.IndexReader(str(index_dir)), shard_reader.IndexReader(remote)
     d_local, ids_local = local_reader.search(queries, 10, 4)
     d_remote, ids_remote = remote_reader.search(queries, 10, 4)
     np.testing.assert_array_equal(ids_local, ids_remote)
     np.testing.assert_array_equal(remote_reader.rows(ids_remote).image_ids, local_reader.rows(ids_local).image_ids)
     # Damage on GCS is caught the same way.
     storage.write_bytes(f"{remote}/postings/part-00001.parquet", b"PAR1 not really")
-    with pytest.raises(shards.ShardError, match="truncated or replaced"):
-        shards.IndexReader(remote)
-    storage.delete(f"{remote}/{shards.MANIFEST}")
-    with pytest.raises(shards.ManifestError, match="no manifest.json"):
-        shards.IndexReader(remote)
+    with pytest.raises(layout.ShardError, match="truncated or replaced"):
+        shard_reader.IndexReader(remote)
+    storage.delete(f"{remote}/{layout.MANIFEST}")
+    with pytest.raises(layout.ManifestError, match="no manifest.json"):
+        shard_reader.IndexReader(remote)
 
 
 def test_glob_means_the_same_on_disk_and_on_gcs(tmp_path, gcs_emulator):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delf_retrieval import segments
-from delf_retrieval.extract import ExtractionConfig, Extractor
-from delf_retrieval.features import Features
-from delf_retrieval.images import load_image
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
+from delf_retrieval.extraction.features import Features
+from delf_retrieval.index import segment_reader, segments
 from delf_retrieval.model import delf
 from delf_retrieval.training import calibrate, data, loop, steps
 from tests.conftest import REPO_ROOT
@@ -315,7 +315,6 @@ def test_exported_model_has_calibrated_threshold_and_drives_extraction(attention
 
 
 def test_beam_pipeline_indexes_with_the_trained_model(attention_run, pattern_folder, cache_dir, tmp_path):
-    from delf_retrieval import shards
     from pipeline import run as run_job
 
     corpus = tmp_path / "corpus"
@@ -327,7 +326,7 @@ def test_beam_pipeline_indexes_with_the_trained_model(attention_run, pattern_fol
     threshold = delf.read_model_config(model_dir).score_threshold
     assert run_job.run(["--input", str(corpus), "--output", str(tmp_path / "index"), "--model", model_dir,
                         "--scales", "0.5,1.0", "--no-progress"]) == 0
-    reader = segments.open_reader(str(tmp_path / "index"))
+    reader = segment_reader.open_reader(str(tmp_path / "index"))
     network = reader.manifest["model"]["network"]
     assert network["keypoint_score"] == "attention" and network["score_threshold"] == threshold
     assert reader.manifest["counts"]["images"] == 6

@@ -7,13 +7,12 @@ import numpy as np
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
-from delf_retrieval.extract import ExtractionConfig, Extractor
-from delf_retrieval.features import Features
-from delf_retrieval.images import load_image
+from delf_retrieval.corpus.images import load_image
+from delf_retrieval.corpus.inputs import InputImage, list_source
+from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
+from delf_retrieval.extraction.features import Features
 from delf_retrieval.model import delf
 from tests.conftest import sample_path
-from delf_retrieval.inputs import InputImage
-from delf_retrieval.inputs import list_source
 from transforms.extract import DEAD_LETTER, ExtractFeatures, ExtractImages
 
 

@@ -13,9 +13,9 @@ from math import comb, log
 import numpy as np
 import pytest
 
-from delf_retrieval import _ransac_kernel as kernel
-from delf_retrieval import verify
-from delf_retrieval.verify import ransac_affine
+from delf_retrieval.query import ransac_kernel as kernel
+from delf_retrieval.query import verify
+from delf_retrieval.query.verify import ransac_affine
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE_MODEL = np.array([[0.8, 0.25, 40.0], [-0.15, 1.2, -25.0]])  # [y', x'] = A @ [y, x, 1]
@@ -112,7 +112,7 @@ def test_same_seed_same_answer_in_threads_and_processes():
     script = (
         "import numpy as np\n"
         "from tests.test_verify import planted_problem\n"
-        "from delf_retrieval.verify import ransac_affine\n"
+        "from delf_retrieval.query.verify import ransac_affine\n"
         "src, dst, _ = planted_problem(300, 0.7, 40, noise=3.0)\n"
         "r = ransac_affine(src, dst, seed=0)\n"
         "print(r.model.tobytes().hex(), np.packbits(r.inliers).tobytes().hex(), r.trials)\n"

@@ -1,4 +1,4 @@
-"""The one index build as a Beam graph, in each of its modes (``delf_retrieval.build``): read the
+"""The one index build as a Beam graph, in each of its modes (``delf_retrieval.build.planning``): read the
 plan, check and extract the inputs, train (or load) PCA + quantizer, encode each image, carry the
 rows of unchanged images over, write one Parquet shard per range of cells, then the tables, the
 manifest and the pointer, last. Every numerical step is a call into ``delf_retrieval``."""
@@ -11,8 +11,8 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from delf_retrieval import build as plan_lib
-from delf_retrieval.expansion import NEIGHBOURS_FILE
+from delf_retrieval.build import planning as plan_lib
+from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
 from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample, with_accelerator
 
 IMAGES = "images"
@@ -28,7 +28,7 @@ class ReservoirFn(beam.CombineFn):
         self.timing = StageTimer("sample")
 
     def create_accumulator(self):
-        from delf_retrieval.index import Reservoir
+        from delf_retrieval.build.encode import Reservoir
 
         return Reservoir(self.max_rows, self.seed)
 
@@ -50,17 +50,17 @@ class ReservoirFn(beam.CombineFn):
 
 def train_model(sample, config: plan_lib.BuildConfig, expected_count: int | None):
     """The separate builder's work, as one step: a ``TrainedModel`` from the sample."""
-    from delf_retrieval import index
+    from delf_retrieval.build import encode
 
     if sample is None:
-        raise index.PublishRefused("no image produced features: nothing to train the index on")
+        raise encode.PublishRefused("no image produced features: nothing to train the index on")
     with StageTimer("train"):
-        return index.TrainedModel.trained(sample, config.index, config.pca_dim, expected_count)
+        return encode.TrainedModel.trained(sample, config.index, config.pca_dim, expected_count)
 
 
 def train_for(sample, config: plan_lib.BuildConfig, listed: int, per_image: float):
     """``train_model`` with the count expected of ``listed`` images at ``per_image`` descriptors each."""
-    from delf_retrieval.index import expected_descriptors
+    from delf_retrieval.build.encode import expected_descriptors
 
     return train_model(sample, config, expected_descriptors(listed, per_image))
 
@@ -109,7 +109,9 @@ class EncodeImages(beam.DoFn):
         self.timing = StageTimer("encode")
 
     def process(self, element, model, descriptors=None):
-        from delf_retrieval import index, inputs
+        from delf_retrieval.build import encode
+        from delf_retrieval.corpus import inputs
+        from delf_retrieval.index import shards
 
         key, features, digest = element
         try:
@@ -118,13 +120,13 @@ class EncodeImages(beam.DoFn):
                     self.projection, self.quantizer = model.load()
                     self._model_key = id(model)
                 n_cells = self.quantizer.coarse.n_cells
-                shards = self.num_shards or index.shard_count(descriptors, n_cells, self.rows_per_shard)
+                shards = self.num_shards or shards.shard_count(descriptors, n_cells, self.rows_per_shard)
                 image_id = inputs.image_id(key.uri)
                 height, width = features.image_size
                 parts, rows = [], None
                 if len(features):
-                    rows = index.encode_image(image_id, features, self.projection, self.quantizer)
-                    parts = list(index.split_by_shard(rows, n_cells, shards))
+                    rows = encode.encode_image(image_id, features, self.projection, self.quantizer)
+                    parts = list(encode.split_by_shard(rows, n_cells, shards))
         except Exception as e:  # noqa: BLE001 - one image's failure is its dead letter, not the bundle's
             yield internal_error(key.uri, "encode", e)
             return
@@ -151,20 +153,21 @@ def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: s
 
 def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
     """One posting shard of the run's new segment; its record's path is relative to the segment's folder."""
-    from delf_retrieval import segments, shards
+    from delf_retrieval.index import layout, segments, shards
 
     with StageTimer("write"):
         shard, parts = element
         table = shards.postings_table(shards.PostingRows.concatenate(list(parts), m), bits)
         return shards.write_shard(segments.segment_folder(job.root, job.segment_id),
-                                  f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, job.index_id)
+                                  f"{layout.POSTINGS_DIR}/part-{shard:05d}.parquet", table, job.index_id)
 
 
 def dropped_by_merges(job: plan_lib.BuildJob, tombstones=None, plan: list[dict] | None = None):
     """What the run's merges drop from their sources: the current version's tombstones of those
     segments and the images the plan deletes from them (``segments.Tombstones``); ``tombstones``
     and ``plan`` when the caller has read them already."""
-    from delf_retrieval import inputs, segments
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.index import segments
 
     if tombstones is None:
         tombstones = segments.read_tombstones(job.root, {"files": job.previous_files})
@@ -180,7 +183,7 @@ def dropped_by_merges(job: plan_lib.BuildJob, tombstones=None, plan: list[dict] 
 
 class MergeShard(beam.DoFn):
     """(merge number, shard) -> (merge number, shard record) of that shard of the merged segment,
-    written from the live rows of the merge's sources in its cell range (``segments.merged_shard``)."""
+    written from the live rows of the merge's sources in its cell range (``merging.merged_shard``)."""
 
     def __init__(self, job: plan_lib.BuildJob, n_cells: int, m: int, bits: int):
         self.job, self.n_cells, self.m, self.bits = job, n_cells, m, bits
@@ -190,20 +193,20 @@ class MergeShard(beam.DoFn):
         self.dropped = dropped_by_merges(self.job)
 
     def process(self, element):
-        from delf_retrieval import segments, shards
+        from delf_retrieval.index import layout, merging, segments, shards
 
         number, shard = element
         merge = self.job.merges[number]
         with StageTimer("merge"):
-            table = segments.merged_shard(self.job.root, merge, shard, self.dropped, self.n_cells, self.m, self.bits)
+            table = merging.merged_shard(self.job.root, merge, shard, self.dropped, self.n_cells, self.m, self.bits)
             self.rows.inc(table.num_rows)
             record = shards.write_shard(segments.segment_folder(self.job.root, merge.segment_id),
-                                        f"{shards.POSTINGS_DIR}/part-{shard:05d}.parquet", table, merge.index_id)
+                                        f"{layout.POSTINGS_DIR}/part-{shard:05d}.parquet", table, merge.index_id)
         yield number, record
 
 
 def input_of(row: dict):
-    from delf_retrieval.inputs import InputImage
+    from delf_retrieval.corpus.inputs import InputImage
 
     return InputImage(row["uri"], row["label"])
 
@@ -270,7 +273,7 @@ class BuildIndex(beam.PTransform):
         elif job.mode == plan_lib.FIXED:
             model = pbegin | "GivenModel" >> beam.Create([self.model])
         else:
-            from delf_retrieval.segments import codebook_records
+            from delf_retrieval.index.segments import codebook_records
 
             current = {"codebooks": codebook_records(self.pointer), "training": self.pointer.get("training")}
             model = (pbegin | "Current" >> beam.Create([None])
@@ -343,8 +346,9 @@ class WriteVersion(beam.DoFn):
         self.job = job
 
     def process(self, _, model, shard_records, merged_records, new_images, same_uris, dead_letters, new_error):
-        from delf_retrieval import segments, shards, storage
-        from delf_retrieval.index import PublishRefused
+        from delf_retrieval import storage
+        from delf_retrieval.build.encode import PublishRefused
+        from delf_retrieval.index import layout, segments
 
         job = self.job
         with StageTimer("publish"):
@@ -365,7 +369,7 @@ class WriteVersion(beam.DoFn):
             files = write_version_files(job, dead_letters)
             codebooks = job.codebooks or segments.write_codebooks(job.root, job.build_id, model.quantizer, model.pca)
             manifest = segments.segmented_manifest(
-                storage.join(job.root, job.build), shards.new_index_id(), quantizer, files, list(job.segments) + written,
+                storage.join(job.root, job.build), layout.new_index_id(), quantizer, files, list(job.segments) + written,
                 tombstones, restamps, version_folder=job.build, model=job.model_info,
                 extra={"settings": {"build": job.config.to_json(), "fetch": job.fetch.to_json()},
                        "training": model.training_record()},
@@ -386,7 +390,7 @@ class WriteVersion(beam.DoFn):
         new version's tombstones; its restamps). A merged segment's image table takes this run's
         restamps; an image removed from a merged segment is tombstoned there unless the merge
         already dropped it."""
-        from delf_retrieval import segments, shards
+        from delf_retrieval.index import merging, segments, shards
 
         job = self.job
         previous = {"files": job.previous_files}
@@ -401,7 +405,7 @@ class WriteVersion(beam.DoFn):
                 with_run = with_run.adding(segment, {image_id: stamp})
             for number, merge in enumerate(job.merges):
                 written.append(segments.finish_segment(
-                    job.root, merge.segment_id, merge.index_id, segments.merged_images(job.root, merge, dropped, with_run),
+                    job.root, merge.segment_id, merge.index_id, merging.merged_images(job.root, merge, dropped, with_run),
                     [r for n, r in merged_records if n == number]))
             gone = {(s, int(i)) for s, ids in dropped.deleted.items() for i in ids}
             removed = [r for r in removed if r not in gone]
@@ -409,7 +413,7 @@ class WriteVersion(beam.DoFn):
         if images:
             written.append(segments.finish_segment(job.root, job.segment_id, job.index_id, shards.image_table(images),
                                                    shard_records))
-        tombstones, restamps = segments.successor(list(job.segments), tombstones, restamps, list(job.merges),
+        tombstones, restamps = merging.successor(list(job.segments), tombstones, restamps, list(job.merges),
                                                   removed, restamped)
         return written, tombstones, restamps
 
@@ -438,7 +442,7 @@ class WriteVersion(beam.DoFn):
         """((segment, image id) of indexed images whose rows must go: deleted, changed or now
         rejected; (segment, image id, stamp) of images touched but unchanged). The segment is None
         for an image of a format-1 version (its rows are copied or dropped, not tombstoned)."""
-        from delf_retrieval import inputs
+        from delf_retrieval.corpus import inputs
 
         removed, restamped = [], []
         for row in plan:
@@ -490,7 +494,8 @@ class PublishVersion(beam.DoFn):
         self.job = job
 
     def process(self, version, edges):
-        from delf_retrieval import shards, storage, versions
+        from delf_retrieval import storage
+        from delf_retrieval.index import layout, versions
 
         job = self.job
         manifest, report = version["manifest"], version["report"]
@@ -499,7 +504,7 @@ class PublishVersion(beam.DoFn):
                 from transforms.neighbours import neighbour_table
 
                 table = neighbour_table(job, version, edges)
-                manifest["files"]["neighbours"] = shards.write_table_file(
+                manifest["files"]["neighbours"] = layout.write_table_file(
                     storage.join(job.root, job.build), NEIGHBOURS_FILE, table.to_table())
                 manifest["neighbours"] = job.neighbours.to_json()
                 report["neighbour_edges"] = len(table)
@@ -516,26 +521,29 @@ class PublishVersion(beam.DoFn):
 
 
 def refuse_unless_publishable(job: plan_lib.BuildJob, indexed: int, dead_letters: list) -> None:
-    """``index.check_publishable``; a refused build keeps its dead-letter table in its folder (no
+    """``encode.check_publishable``; a refused build keeps its dead-letter table in its folder (no
     manifest: the next run's pruning removes it), and the error names it."""
-    from delf_retrieval import index, shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.build import encode
+    from delf_retrieval.index import layout, shards
 
     try:
-        index.check_publishable(job.listed, indexed, dead_letters, job.max_rejected_fraction)
-    except index.PublishRefused as e:
+        encode.check_publishable(job.listed, indexed, dead_letters, job.max_rejected_fraction)
+    except encode.PublishRefused as e:
         folder = storage.join(job.root, job.build)
-        shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
+        layout.write_table_file(folder, layout.DEAD_LETTERS_FILE,
                                 shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"])))
-        raise index.PublishRefused(f"{e} (rejected inputs: {storage.join(folder, shards.DEAD_LETTERS_FILE)})") from None
+        raise encode.PublishRefused(f"{e} (rejected inputs: {storage.join(folder, layout.DEAD_LETTERS_FILE)})") from None
 
 
 def write_version_files(job: plan_lib.BuildJob, dead_letters: list) -> dict:
     """The dead-letter table into the version folder, and the plan's record."""
-    from delf_retrieval import shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.index import layout, shards
 
     folder = storage.join(job.root, job.build)
     return {
-        "dead_letters": shards.write_table_file(folder, shards.DEAD_LETTERS_FILE,
+        "dead_letters": layout.write_table_file(folder, layout.DEAD_LETTERS_FILE,
                                                 shards.dead_letter_table(sorted(dead_letters, key=lambda r: r["uri"]))),
         "plan": job.plan_record,
     }

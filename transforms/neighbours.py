@@ -22,15 +22,17 @@ class FindNeighbours(beam.DoFn):
         self.timing = StageTimer("neighbours")
 
     def process(self, element, version):
-        from delf_retrieval import expansion, segments, storage
-        from delf_retrieval.retrieval import Retriever, RetrievalConfig
+        from delf_retrieval import storage
+        from delf_retrieval.index import segment_reader
+        from delf_retrieval.query import expansion
+        from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 
         image_id, rows = element
         try:
             with self.timing:
                 manifest = version["manifest"]
                 if self._index_id != manifest["index_id"]:
-                    reader = segments.open_reader(storage.join(self.job.root, self.job.build), manifest=manifest)
+                    reader = segment_reader.open_reader(storage.join(self.job.root, self.job.build), manifest=manifest)
                     self.retriever = Retriever(reader, RetrievalConfig())
                     self._index_id = manifest["index_id"]
                 quantizer = self.retriever.reader.quantizer
@@ -52,15 +54,16 @@ def neighbour_table(job, version: dict, edges: list[tuple]):
 
     import numpy as np
 
-    from delf_retrieval import expansion, shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.index import layout, neighbour_table
 
-    previous = expansion.NeighbourTable.empty()
+    previous = neighbour_table.NeighbourTable.empty()
     if job.previous_neighbours is not None:
-        data = storage.read_bytes(shards.resolve(job.root, job.previous_neighbours["path"]))
+        data = storage.read_bytes(layout.resolve(job.root, job.previous_neighbours["path"]))
         if hashlib.sha256(data).hexdigest() != job.previous_neighbours["sha256"]:
-            raise shards.ShardError(f"{job.previous_neighbours['path']} does not match its SHA-256 in the manifest")
-        previous = expansion.NeighbourTable.from_bytes(data)
+            raise layout.ShardError(f"{job.previous_neighbours['path']} does not match its SHA-256 in the manifest")
+        previous = neighbour_table.NeighbourTable.from_bytes(data)
     found = np.asarray(edges, np.int64).reshape(-1, 3)
     gone = np.asarray(version["removed"], np.int64)
-    return expansion.update(previous, expansion.NeighbourTable(found[:, 0], found[:, 1], found[:, 2]),
+    return neighbour_table.update(previous, neighbour_table.NeighbourTable(found[:, 0], found[:, 1], found[:, 2]),
                             np.asarray(version["searched"], np.int64), gone, job.neighbours.k)

@@ -18,19 +18,19 @@ class CheckContent(beam.DoFn):
     An input that cannot be read leaves as ``read_input``'s dead letter, as in extraction."""
 
     def __init__(self, fetch=None):
-        from delf_retrieval.inputs import FetchConfig
+        from delf_retrieval.corpus.inputs import FetchConfig
 
         self.fetch = fetch or FetchConfig()
         self.same = Metrics.counter("delf", "images_checked_unchanged")
         self.changed = Metrics.counter("delf", "images_checked_changed")
 
     def setup(self):
-        from delf_retrieval.inputs import Fetcher
+        from delf_retrieval.corpus.inputs import Fetcher
 
         self.fetcher = Fetcher(self.fetch)
 
     def process(self, row):
-        from delf_retrieval import images
+        from delf_retrieval.corpus import images
         from transforms.index import input_of
 
         data, rejected = read_input(row["uri"], self.fetcher)
@@ -59,10 +59,11 @@ class CarryPostings(beam.DoFn):
     def setup(self):
         import numpy as np
 
-        from delf_retrieval import build, inputs
+        from delf_retrieval.build import planning
+        from delf_retrieval.corpus import inputs
 
         self.kept_ids = np.sort(np.asarray(
-            [inputs.image_id(r["uri"]) for r in build.read_plan(self.job.plan_path, (build.KEEP,))], np.int64))
+            [inputs.image_id(r["uri"]) for r in planning.read_plan(self.job.plan_path, (planning.KEEP,))], np.int64))
 
     def process(self, record, same_uris):
         try:
@@ -77,11 +78,14 @@ class CarryPostings(beam.DoFn):
         import numpy as np
         import pyarrow.parquet as pq
 
-        from delf_retrieval import index, inputs, shards, storage
+        from delf_retrieval import storage
+        from delf_retrieval.build import encode
+        from delf_retrieval.corpus import inputs
+        from delf_retrieval.index import layout, shards
 
-        data = storage.read_bytes(shards.resolve(self.job.root, record["path"]))
+        data = storage.read_bytes(layout.resolve(self.job.root, record["path"]))
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise shards.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
+            raise layout.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
         table = pq.read_table(io.BytesIO(data))
         carried = np.union1d(self.kept_ids, np.asarray([inputs.image_id(u) for u in same_uris], np.int64))
         rows = np.flatnonzero(np.isin(table.column("image_id").to_numpy(), carried))
@@ -89,7 +93,7 @@ class CarryPostings(beam.DoFn):
             return
         posting_rows = shards.posting_rows(table.take(rows), self.params["pq_m"], self.params["pq_bits"])
         self.rows.inc(len(rows))
-        yield from index.split_by_shard(posting_rows, self.params["n_cells"], self.job.num_shards)
+        yield from encode.split_by_shard(posting_rows, self.params["n_cells"], self.job.num_shards)
 
 
 def read_model(root: str, current: dict):
@@ -97,15 +101,17 @@ def read_model(root: str, current: dict):
     ``segments.codebook_records`` of its pointer), checked, and its training record."""
     import hashlib
 
-    from delf_retrieval import index, shards, storage
+    from delf_retrieval import storage
+    from delf_retrieval.build import encode
+    from delf_retrieval.index import layout
 
     files = {}
     for name in ("pca", "quantizer"):
         record = current["codebooks"][name]
-        files[name] = storage.read_bytes(shards.resolve(root, record["path"]))
+        files[name] = storage.read_bytes(layout.resolve(root, record["path"]))
         if hashlib.sha256(files[name]).hexdigest() != record["sha256"]:
-            raise shards.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
-    return index.TrainedModel.from_record(files["pca"], files["quantizer"], current.get("training"))
+            raise layout.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
+    return encode.TrainedModel.from_record(files["pca"], files["quantizer"], current.get("training"))
 
 
 def read_current_model(_, root: str, current: dict):
@@ -115,9 +121,9 @@ def read_current_model(_, root: str, current: dict):
 
 def drift_error(sample, model):
     """Quantization error of the new images' descriptors under the current codebooks (None if none)."""
-    from delf_retrieval import index
+    from delf_retrieval.build import encode
 
     if sample is None:
         return None
     projection, quantizer = model.load()
-    return index.quantization_error(projection, quantizer, sample)
+    return encode.quantization_error(projection, quantizer, sample)

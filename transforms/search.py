@@ -33,7 +33,7 @@ class SearchIndex(beam.DoFn):
         self.answered = Metrics.counter("delf", "queries_answered")
 
     def setup(self):
-        from delf_retrieval import retrieval
+        from delf_retrieval.query import retrieval
 
         self.retriever = retrieval.open_index(self.index, self.config, **self.open_options)
 
@@ -52,13 +52,13 @@ class SearchIndex(beam.DoFn):
                           "error": None})
 
     def _picture(self, query: QueryImage, matches) -> None:
-        from delf_retrieval.inputs import read_image
-        from delf_retrieval.visualize import write_query_picture
+        from delf_retrieval.corpus.inputs import read_image
+        from delf_retrieval.extraction.visualize import write_query_picture
 
         if self.extractor is None:
-            from delf_retrieval import retrieval
-            from delf_retrieval.extract import Extractor
+            from delf_retrieval.extraction.extractor import Extractor
             from delf_retrieval.model import delf
+            from delf_retrieval.query import retrieval
 
             model_config, extraction_config = retrieval.index_configs(self.retriever.reader.manifest)
             self.extractor = Extractor(delf.load(model_config), extraction_config)
@@ -93,10 +93,11 @@ class SearchQueries(beam.PTransform):
         self.accelerator = accelerator
 
     def expand(self, pbegin):
-        from delf_retrieval import retrieval, shards
+        from delf_retrieval.index import layout
+        from delf_retrieval.query import retrieval
 
         # Queries are extracted exactly as the index was built.
-        model_config, extraction_config = retrieval.index_configs(shards.read_manifest(self.index))
+        model_config, extraction_config = retrieval.index_configs(layout.read_manifest(self.index))
         ranks = {uri: rank for rank, uri in reversed(list(enumerate(self.queries)))}
         extracted = (
             pbegin

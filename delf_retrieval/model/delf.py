@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from delf_retrieval.extraction.receptive_field import ReceptiveField
+from delf_retrieval.extraction.receptive_field import compute as compute_receptive_field
 from delf_retrieval.model import attention as attention_head
-from delf_retrieval.model import efficientnet_lite, resnet50, weights as weight_files
-from delf_retrieval.receptive_field import ReceptiveField, compute as compute_receptive_field
+from delf_retrieval.model import efficientnet_lite, resnet50
+from delf_retrieval.model import weights as weight_files
 
 MODEL_CONFIG_FILE = "model.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"

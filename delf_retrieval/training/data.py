@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delf_retrieval import images as image_io
-from delf_retrieval import inputs, storage
+from delf_retrieval import storage
+from delf_retrieval.corpus import images as image_io
+from delf_retrieval.corpus import inputs
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from delf_retrieval.extract import ExtractionConfig
+from delf_retrieval.extraction.extractor import ExtractionConfig
 from delf_retrieval.model import delf
 from delf_retrieval.training import calibrate as calibration
 from delf_retrieval.training import data, loop

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from delf_retrieval.images import load_image
+    from delf_retrieval.corpus.images import load_image
     from delf_retrieval.model import delf, efficientnet_lite, weights
     from tests import test_reference_values as ref
     from tests.conftest import sample_path

@@ -26,13 +26,14 @@ import socket
 import time
 import uuid
 
-from delf_retrieval import segments, shards, storage
+from delf_retrieval import storage
+from delf_retrieval.index import layout, segments
 
 LOCK_FILE = "reindex.lock"
 REPORTS_DIR = "reports"
 
 
-class PublishConflict(shards.IndexStorageError):
+class PublishConflict(layout.IndexStorageError):
     """The pointer changed since the run read it: another run published first; this one must not."""
 
 
@@ -53,7 +54,7 @@ class LockHeld(Exception):
 
 def build_folder(build: str) -> str:
     """``builds/<id>`` from an id or a folder name."""
-    return build if build.startswith(shards.BUILDS_DIR + "/") else f"{shards.BUILDS_DIR}/{build}"
+    return build if build.startswith(layout.BUILDS_DIR + "/") else f"{layout.BUILDS_DIR}/{build}"
 
 
 def _with_paths(manifest: dict, change) -> dict:
@@ -73,27 +74,27 @@ def pointer_from_version(manifest: dict, build: str) -> dict:
 def current(root: str) -> tuple[dict | None, str | None]:
     """(pointer manifest, token) of the published version; (None, None) if nothing is published.
     Pass the token to :func:`publish` so it only replaces the version this run started from."""
-    data, token = storage.read_with_token(storage.join(root, shards.MANIFEST))
+    data, token = storage.read_with_token(storage.join(root, layout.MANIFEST))
     if data is None:
         return None, None
-    shards.read_manifest(root)  # format checks
+    layout.read_manifest(root)  # format checks
     return json.loads(data), token
 
 
 def read_version(root: str, build: str) -> dict:
-    return shards.read_manifest(storage.join(root, build_folder(build)))
+    return layout.read_manifest(storage.join(root, build_folder(build)))
 
 
 def version_ids(root: str) -> tuple[list[str], list[str]]:
     """(complete, incomplete) build folders under root, oldest first (ids sort by launch time).
     Complete ones hold their own manifest; incomplete ones are runs that never finished."""
-    prefix = storage.join(root, shards.BUILDS_DIR)
+    prefix = storage.join(root, layout.BUILDS_DIR)
     files: dict[str, set] = {}
     for path in storage.list_files(prefix):
         parts = storage.relative(path, root).replace(os.sep, "/").split("/")
         if len(parts) >= 3:
             files.setdefault(f"{parts[0]}/{parts[1]}", set()).add("/".join(parts[2:]))
-    complete = sorted(b for b, names in files.items() if shards.MANIFEST in names)
+    complete = sorted(b for b, names in files.items() if layout.MANIFEST in names)
     return complete, sorted(set(files) - set(complete))
 
 
@@ -111,8 +112,8 @@ def publish(root: str, build: str, manifest: dict, expected_token: str | None, d
         return before  # already published (a retried publish step): nothing to do
     previous = before.get("build") if before else None
     version = {**manifest, "previous": previous}
-    shards.write_manifest(storage.join(root, folder), version)
-    shards.verify(storage.join(root, folder), deep)
+    layout.write_manifest(storage.join(root, folder), version)
+    segments.verify(storage.join(root, folder), deep)
     pointer = pointer_from_version(version, folder)
     if token != expected_token:
         raise PublishConflict(f"{root}: the current version changed while this run worked (now {previous}); "
@@ -124,7 +125,7 @@ def publish(root: str, build: str, manifest: dict, expected_token: str | None, d
 def _swap_pointer(root: str, pointer: dict, token, during: str) -> None:
     """Replace the root pointer only if it is still the one read with ``token`` (compare-and-swap)."""
     try:
-        storage.write_bytes_if(storage.join(root, shards.MANIFEST),
+        storage.write_bytes_if(storage.join(root, layout.MANIFEST),
                                json.dumps(pointer, indent=1, sort_keys=True).encode(), token)
     except storage.PreconditionFailed as e:
         raise PublishConflict(f"{root}: another run published {during}") from e
@@ -135,14 +136,14 @@ def rollback(root: str, to: str | None = None) -> dict:
     restored pointer names its own predecessor, so rolling back again goes one further back."""
     pointer, token = current(root)
     if pointer is None:
-        raise shards.ManifestError(f"{root} has no published version to roll back from")
+        raise layout.ManifestError(f"{root} has no published version to roll back from")
     target = build_folder(to) if to else pointer.get("previous")
     if not target:
-        raise shards.ManifestError(f"{root}: the current version records no previous one")
+        raise layout.ManifestError(f"{root}: the current version records no previous one")
     complete, _ = version_ids(root)
     if target not in complete:
-        raise shards.ManifestError(f"{root}: version {target} is no longer kept (see --keep)")
-    version = shards.verify(storage.join(root, target))
+        raise layout.ManifestError(f"{root}: version {target} is no longer kept (see --keep)")
+    version = segments.verify(storage.join(root, target))
     restored = pointer_from_version(version, target)
     _swap_pointer(root, restored, token, "during the rollback")
     return restored
@@ -199,7 +200,7 @@ def prune_segments(root: str) -> list[str]:
     for build in version_ids(root)[0]:
         try:
             manifest = read_version(root, build)
-        except shards.ManifestError:
+        except layout.ManifestError:
             return []
         referenced |= _shared_folders(manifest)
     doomed = [f for f in folders if f not in referenced]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from delf_retrieval.extract import PAPER_SCALES, ExtractionConfig
+from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig
 from delf_retrieval.model.delf import ModelConfig, default_config, shipped_model
 
 PRESETS = {

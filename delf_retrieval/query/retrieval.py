@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from delf_retrieval import verify
-from delf_retrieval.features import Features
+from delf_retrieval.extraction.features import Features
+from delf_retrieval.query import verify
+from delf_retrieval.query.matching import Match, count_votes, putative_matches
 
 RANK_BY = ("combined", "inliers", "votes")
 
@@ -47,76 +48,6 @@ class RetrievalConfig:
             raise ValueError("expand must be >= 0 and expand_min_inliers >= 1")
 
 
-@dataclass
-class Match:
-    """One database image in a query's answer; ``inliers`` is 0 when it was not verified."""
-
-    image_id: int
-    uri: str
-    score: float
-    inliers: int
-    votes: int
-    verified: bool
-    # The inlier correspondences, (y, x) in the query and in the database image (for pictures).
-    query_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32), repr=False)
-    database_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32), repr=False)
-
-    def to_json(self) -> dict:
-        return {"uri": self.uri, "score": float(self.score), "inliers": int(self.inliers), "votes": int(self.votes)}
-
-
-@dataclass
-class PutativeMatches:
-    """Query descriptor -> database row correspondences, at most one per (query descriptor, image)
-    and one per database row (the closest), each with its image and its place in the neighbour list."""
-
-    query: np.ndarray  # (n,) int64, index of the query descriptor
-    rows: np.ndarray  # (n,) int64, global posting row
-    images: np.ndarray  # (n,) int64, image id of the row
-    distances: np.ndarray  # (n,) float32, L2 distance
-    positions: np.ndarray  # (n,) int64, flat index into the (nq, K) neighbour arrays
-
-    def __len__(self) -> int:
-        return int(self.query.shape[0])
-
-
-def _first_of_each(keys: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct key, in their original order."""
-    return np.sort(np.unique(keys, return_index=True)[1])
-
-
-def putative_matches(squared_distances: np.ndarray, rows: np.ndarray, row_images: np.ndarray,
-                     max_distance: float) -> PutativeMatches:
-    """One-to-one matches from a (nq, K) neighbour list.
-
-    A database row takes at most one query descriptor (its nearest), then a query descriptor keeps
-    at most one row per image (its nearest there): repeated texture would otherwise cast many votes
-    for one image and hand RANSAC many copies of one point.
-    """
-    nq, k = rows.shape
-    distances = np.sqrt(np.maximum(squared_distances, 0.0)).astype(np.float32).ravel()
-    positions = np.flatnonzero((rows.ravel() >= 0) & (distances <= max_distance))
-    query = positions // max(k, 1)
-    flat_rows, flat_images = rows.ravel(), row_images.ravel()
-    # Nearest first (ties: lower query, lower row), so a first occurrence is the closest.
-    positions = positions[np.lexsort((flat_rows[positions], query, distances[positions]))]
-    positions = positions[_first_of_each(flat_rows[positions])]
-    query = positions // max(k, 1)
-    _, image_index = np.unique(flat_images[positions], return_inverse=True)
-    positions = positions[_first_of_each(query * (int(image_index.max(initial=0)) + 1) + image_index)]
-    positions = np.sort(positions)
-    return PutativeMatches(positions // max(k, 1), flat_rows[positions], flat_images[positions],
-                           distances[positions], positions)
-
-
-def count_votes(matches: PutativeMatches) -> tuple[np.ndarray, np.ndarray]:
-    """(image ids, votes) with votes = number of distinct query descriptors matched, most first
-    (ties: smaller image id first, so the order is deterministic)."""
-    images, votes = np.unique(matches.images, return_counts=True)
-    order = np.lexsort((images, -votes))
-    return images[order], votes[order]
-
-
 def combined_score(inliers: np.ndarray, votes: np.ndarray, config: RetrievalConfig) -> np.ndarray:
     """The ranking score: RANSAC inliers (below ``min_inliers``: 0), votes, or inliers plus a share
     of the votes (which carry signal when the landmark is small or far and few inliers survive)."""
@@ -146,9 +77,9 @@ def _neighbour_table(reader):
 
 
 class Retriever:
-    """Answers queries against an opened index (:class:`~delf_retrieval.shards.IndexReader`).
+    """Answers queries against an opened index (:class:`~delf_retrieval.index.shard_reader.IndexReader`).
 
-    ``image_shortlist`` (a :class:`~delf_retrieval.shortlist.ImageShortlist`) restricts the local
+    ``image_shortlist`` (a :class:`~delf_retrieval.index.shortlist.ImageShortlist`) restricts the local
     search to the images nearest the query's aggregated descriptor, for large corpora.
     """
 
@@ -248,7 +179,7 @@ class Retriever:
             matches.append(Match(int(images[pos]), uri, float(scores[pos]), int(inliers[pos]), int(votes[pos]),
                                  pos < verified, query_points, database_points))
         if config.expand:
-            from delf_retrieval.expansion import expand
+            from delf_retrieval.query.expansion import expand
 
             start = time.perf_counter()
             matches = expand(matches, self.neighbour_table, config.expand, config.expand_min_inliers, self.uri_of,
@@ -259,7 +190,7 @@ class Retriever:
 
 def index_configs(manifest: dict):
     """(ModelConfig, ExtractionConfig) the index was built with: queries must be extracted the same way."""
-    from delf_retrieval.extract import ExtractionConfig
+    from delf_retrieval.extraction.extractor import ExtractionConfig
     from delf_retrieval.model import delf
 
     model = manifest.get("model") or {}
@@ -275,12 +206,12 @@ def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_sh
     whose pointer ``manifest`` was read from it: a server that must know which version it opened).
     The image shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at
     least ``shortlist_min_images`` images and a shortlist was built for it."""
-    from delf_retrieval import segments
-    from delf_retrieval.shortlist import ImageShortlist
+    from delf_retrieval.index import segment_reader
+    from delf_retrieval.index.shortlist import ImageShortlist
 
     if image_shortlist not in ("auto", "on", "off"):
         raise ValueError("image_shortlist must be auto, on or off")
-    reader = segments.open_reader(index, cache_bytes=cache_bytes, manifest=manifest)
+    reader = segment_reader.open_reader(index, cache_bytes=cache_bytes, manifest=manifest)
     shortlist = None
     if image_shortlist == "on" or (image_shortlist == "auto" and reader.manifest["counts"]["images"] >= shortlist_min_images):
         shortlist = ImageShortlist.load(index, reader.manifest["index_id"], size=shortlist_size)

@@ -11,7 +11,8 @@ import tempfile
 
 import numpy as np
 
-from delf_retrieval import npz, shards, storage
+from delf_retrieval import npz, storage
+from delf_retrieval.index import layout
 from delf_retrieval.quantize.kmeans import kmeans
 
 SHORTLIST_DIR = "shortlist"
@@ -145,15 +146,15 @@ class ImageShortlist:
         if record.get("index_id") != index_id:
             return None
         if record.get("format_version") != FORMAT_VERSION:
-            raise shards.ManifestError(f"{path}: shortlist format {record.get('format_version')}, this code reads {FORMAT_VERSION}")
+            raise layout.ManifestError(f"{path}: shortlist format {record.get('format_version')}, this code reads {FORMAT_VERSION}")
         payloads = {}
         for name, meta in record["files"].items():
-            path = shards.resolve(directory, meta["path"], f"{SHORTLIST_MANIFEST} files.{name}.path")
+            path = layout.resolve(directory, meta["path"], f"{SHORTLIST_MANIFEST} files.{name}.path")
             if not storage.exists(path):  # replaced by a newer version's shortlist meanwhile
                 return None
             payload = storage.read_bytes(path)
             if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
-                raise shards.ShardError(f"{meta['path']} does not match its SHA-256 in {SHORTLIST_MANIFEST} (corrupt)")
+                raise layout.ShardError(f"{meta['path']} does not match its SHA-256 in {SHORTLIST_MANIFEST} (corrupt)")
             payloads[name] = payload
         arrays = npz.read(io.BytesIO(payloads[VECTORS_FILE]), FORMAT_VERSION, "shortlist")
         graph = _graph(arrays["vectors"])

@@ -2,7 +2,7 @@
 
 Conventions
 -----------
-Points are ``(y, x)`` pixel coordinates, as stored in :class:`delf_retrieval.features.Features`
+Points are ``(y, x)`` pixel coordinates, as stored in :class:`delf_retrieval.extraction.features.Features`
 (``locations``). ``src[i]`` and ``dst[i]`` are one putative match. The model is a (2, 3) float64
 matrix ``A`` mapping a source point to its destination::
 
@@ -15,7 +15,7 @@ coordinates alike, the inlier set does not depend on the (y, x) vs (x, y) order;
 
 Algorithm (the DELF paper's verification: affine model, 3-point samples, 20 px, 1000 trials)
 ------------------------------------------------------------------------------------------------
-The loop is :func:`delf_retrieval._ransac_kernel.ransac`, one hypothesis at a time:
+The loop is :func:`delf_retrieval.query.ransac_kernel.ransac`, one hypothesis at a time:
 
 - A minimal sample is three distinct indices, uniform, from a splitmix64 generator started at
   ``seed``: a local 64-bit state, nothing global or shared, so the result is a function of (matches,
@@ -83,7 +83,7 @@ def ransac_affine(src, dst, residual_threshold: float = 20.0, max_trials: int = 
     The first call in a process loads the compiled loop from numba's cache, or compiles it (seconds)
     where there is none yet.
     """
-    from delf_retrieval import _ransac_kernel
+    from delf_retrieval.query import ransac_kernel
 
     src = np.ascontiguousarray(src, dtype=np.float64)
     dst = np.ascontiguousarray(dst, dtype=np.float64)
@@ -91,7 +91,7 @@ def ransac_affine(src, dst, residual_threshold: float = 20.0, max_trials: int = 
         raise ValueError(f"src and dst must both be (N, 2) arrays; got {src.shape} and {dst.shape}")
     threshold2 = float(residual_threshold) ** 2
     confidence = 1.0 if confidence is None else float(confidence)
-    model, inliers, num_inliers, trials = _ransac_kernel.ransac(
+    model, inliers, num_inliers, trials = ransac_kernel.ransac(
         src, dst, threshold2, int(max_trials), confidence, _seed_state(seed), float(degenerate_ratio), bool(refit))
     if num_inliers < max(min_inliers, MIN_SAMPLES):
         return VerifyResult.empty(len(src), int(trials))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delf_retrieval.features import Features
+from delf_retrieval.extraction.features import Features
 from delf_retrieval.model.fold import fold_batch_norm
 
 PAPER_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)

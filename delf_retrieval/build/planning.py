@@ -8,9 +8,9 @@ import dataclasses
 import io
 from dataclasses import dataclass, field
 
-from delf_retrieval import pca as pca_lib
-from delf_retrieval.index import DEFAULT_MAX_REJECTED_FRACTION
+from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
 from delf_retrieval.quantize import IndexParams
+from delf_retrieval.quantize import pca as pca_lib
 
 # The modes of the one build.
 FULL = "full"  # extract every image; train PCA + quantizer on a sample of them first
@@ -79,7 +79,7 @@ def retrain_due(pointer: dict | None) -> bool:
 
 def _immutable(uri: str) -> bool:
     """http(s) URLs have no change marker: an indexed URL is taken as unchanged."""
-    from delf_retrieval import inputs
+    from delf_retrieval.corpus import inputs
 
     return inputs.is_url(uri)
 
@@ -119,12 +119,13 @@ def plan_rows(listed: list[tuple[str, str | None, str | None]], previous_images:
 def check_unique_ids(rows: list[dict]) -> None:
     """Refuse a plan in which two listed uris share an image id (the 64-bit hash of the uri): the
     index could not tell their rows apart."""
-    from delf_retrieval import index, inputs
+    from delf_retrieval.build import encode
+    from delf_retrieval.corpus import inputs
 
     ids: dict[int, str] = {}
     for row in rows:
         if ids.setdefault(inputs.image_id(row["uri"]), row["uri"]) != row["uri"]:
-            raise index.PublishRefused(f"image id collision: {row['uri']} and {ids[inputs.image_id(row['uri'])]}")
+            raise encode.PublishRefused(f"image id collision: {row['uri']} and {ids[inputs.image_id(row['uri'])]}")
 
 
 @dataclass
@@ -178,7 +179,7 @@ def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: Buil
                n_cells: int | None = None, carry: bool = False, keep_all: bool = False) -> BuildPlan:
     """The plan of a build in ``mode`` over ``listed`` (uri, label, stamp) rows.
 
-    A full build trains on ``index.training_sample`` of the inputs (the smallest image ids, enough
+    A full build trains on ``encode.training_sample`` of the inputs (the smallest image ids, enough
     for ``config.sample_size`` descriptors at ``max_features`` per image). Shards of the new
     segment: ``num_shards`` if the config fixes it; an incremental build sizes them from the
     previous version's mean descriptors per image for the images it reads (plus the kept rows'
@@ -186,7 +187,8 @@ def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: Buil
     version); full and fixed builds from the extracted inputs x ``max_features``, an upper bound,
     once the model's cell count is known. ``keep_all``: the listing is the index's own images
     (a merge alone), all kept."""
-    from delf_retrieval import index
+    from delf_retrieval.build import encode
+    from delf_retrieval.index import shards
 
     if mode not in MODES:
         raise ValueError(f"unknown build mode {mode!r}; one of {', '.join(MODES)}")
@@ -196,14 +198,14 @@ def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: Buil
     plan = BuildPlan(mode, rows, deleted, list(repeats), carry=incremental and carry, num_shards=config.num_shards)
     extracted = [r["uri"] for r in rows if r["action"] == EXTRACT]
     if mode == FULL:
-        plan.training_sample = frozenset(index.training_sample(extracted, config.sample_size, max_features))
+        plan.training_sample = frozenset(encode.training_sample(extracted, config.sample_size, max_features))
     if incremental:
         if previous_counts is None or n_cells is None:
             raise ValueError("an incremental plan needs the current version's counts and cell count")
         copied = sum(r["num_features"] or 0 for r in rows if r["action"] == KEEP) if plan.carry else 0
         per_image = previous_counts["descriptors"] / max(previous_counts["images"], 1)
         estimate = int(copied + per_image * plan.to_read)
-        plan.num_shards = config.num_shards or index.shard_count(estimate, n_cells, config.rows_per_shard)
+        plan.num_shards = config.num_shards or shards.shard_count(estimate, n_cells, config.rows_per_shard)
     plan.descriptor_bound = plan.to_read * int(max_features)
     return plan
 
@@ -222,7 +224,7 @@ def read_plan(path: str, actions: tuple = ACTIONS) -> list[dict]:
 
 def indexed_record(row: dict) -> dict:
     """The image-table record of a plan row whose image keeps its posting rows."""
-    from delf_retrieval import inputs
+    from delf_retrieval.corpus import inputs
 
     return {"image_id": inputs.image_id(row["uri"]), "uri": row["uri"], "label": row["label"], "stamp": row["stamp"],
             **{k: row[k] for k in INDEXED_FIELDS}}

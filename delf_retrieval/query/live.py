@@ -4,29 +4,30 @@ fails to open is logged and never served, and the serving one stays."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-import collections
 from collections import OrderedDict
 
 import numpy as np
 
-from delf_retrieval import engine as engine_lib
-from delf_retrieval import shards, storage
+from delf_retrieval import storage
+from delf_retrieval.index import layout
+from delf_retrieval.query import engine as engine_lib
 
-log = logging.getLogger("delf_retrieval.live")
+log = logging.getLogger("delf_retrieval.query.live")
 
 FAILED_VERSIONS_KEPT = 64  # damaged versions remembered (so each is opened once, not at every poll)
 
 
 class LiveIndex:
-    """Holds the serving :class:`~delf_retrieval.engine.Engine` of ``root`` and replaces it when a
+    """Holds the serving :class:`~delf_retrieval.query.engine.Engine` of ``root`` and replaces it when a
     new version is published. A request takes :attr:`engine` once and answers with it to the end,
     so queries in flight finish on the version they started with; the old version is freed when
     the last of them is done.
 
-    A version that is damaged or does not answer as an index (``shards.IndexStorageError``,
+    A version that is damaged or does not answer as an index (``layout.IndexStorageError``,
     ``ValueError``: a file that does not match its checksum, a failed probe) is remembered and not
     opened again: versions never change once published. Any other failure (storage unreachable)
     is tried again at the next poll. :attr:`outcomes` counts the versions opened ("switched"),
@@ -67,7 +68,7 @@ class LiveIndex:
         with self._poll_lock:
             self.last_poll = time.time()
             try:
-                if not storage.exists(storage.join(self.root, shards.MANIFEST)):
+                if not storage.exists(storage.join(self.root, layout.MANIFEST)):
                     self.last_error = f"{self.root}: no version is published yet"
                     return "none"
                 version = engine_lib.published(self.root)
@@ -86,7 +87,7 @@ class LiveIndex:
                 opened = engine_lib.open_engine(version, self.config, extractor=extractor, check=True)
                 if extractor is None:
                     warm_up(opened.extractor)
-            except (shards.IndexStorageError, ValueError, KeyError) as e:
+            except (layout.IndexStorageError, ValueError, KeyError) as e:
                 reason = f"{type(e).__name__}: {e}"
                 self._failed[version.name] = reason
                 while len(self._failed) > FAILED_VERSIONS_KEPT:

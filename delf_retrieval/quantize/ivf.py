@@ -89,9 +89,9 @@ class Searcher:
                 r.region_model, r.model_mean, r.model_rotation, r.model_codebooks, q.pq.codebooks,
                 lists.offsets, lists.codes, lists.ids, int(k))
         if kernel == "compiled":
-            from delf_retrieval import _adc_kernel
+            from delf_retrieval.quantize import adc_kernel
 
-            return _adc_kernel.search(*args)
+            return adc_kernel.search(*args)
         if kernel == "numpy":
             return _search_numpy(*args)
         raise ValueError(f"unknown kernel {kernel!r}: expected 'compiled' or 'numpy'")

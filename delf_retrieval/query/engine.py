@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from delf_retrieval import retrieval, shards
-from delf_retrieval.retrieval import Match, RetrievalConfig
+from delf_retrieval.index import layout
+from delf_retrieval.query import retrieval
+from delf_retrieval.query.matching import Match
+from delf_retrieval.query.retrieval import RetrievalConfig
 
 IMAGE_SHORTLIST_MODES = ("auto", "on", "off")
 
@@ -77,8 +79,8 @@ class Version:
 
 
 def published(root: str) -> Version:
-    """The version the root's pointer names now (``shards.ManifestError`` if none is published)."""
-    pointer = shards.read_manifest(root)
+    """The version the root's pointer names now (``layout.ManifestError`` if none is published)."""
+    pointer = layout.read_manifest(root)
     build = pointer.get("build")
     return Version(root, pointer, build.rsplit("/", 1)[-1] if build else pointer["index_id"])
 
@@ -102,7 +104,7 @@ def network_key(manifest: dict) -> str:
 
 def load_extractor(manifest: dict):
     """The Extractor of the network and settings the index was built with (from its manifest)."""
-    from delf_retrieval.extract import Extractor
+    from delf_retrieval.extraction.extractor import Extractor
     from delf_retrieval.model import delf
 
     model_config, extraction_config = retrieval.index_configs(manifest)
