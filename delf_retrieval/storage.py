@@ -4,11 +4,15 @@ ranged reads, writes, listing, deletion. Honours ``STORAGE_EMULATOR_HOST`` (a lo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import glob as local_glob
 import hashlib
 import io
 import os
+import re
 import shutil
+import stat
 import uuid
 
 GCS_PREFIX = "gs://"
@@ -44,10 +48,10 @@ def relative(path: str, base: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _client():
-    from google.cloud import storage
+    from google.cloud import storage  # heavy: imported on first use
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
+        from google.auth.credentials import AnonymousCredentials  # heavy: imported on first use
 
         return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulated"), credentials=AnonymousCredentials())
     return storage.Client()
@@ -78,7 +82,7 @@ def size(path: str) -> int:
 def read_bytes(path: str, start: int | None = None, length: int | None = None) -> bytes:
     """The whole file, or ``length`` bytes from ``start``; FileNotFoundError if absent."""
     if is_gcs(path):
-        from google.api_core import exceptions
+        from google.api_core import exceptions  # heavy: imported on first use
 
         try:
             if start is None:
@@ -100,7 +104,7 @@ def read_bounded(path: str, max_bytes: int, timeout: float | None = None) -> byt
     On gs:// the object's size is looked up first, then exactly that generation is downloaded;
     ``timeout`` bounds each request."""
     if is_gcs(path):
-        from google.api_core import exceptions
+        from google.api_core import exceptions  # heavy: imported on first use
 
         blob = _blob(path)
         found = blob.bucket.get_blob(blob.name, timeout=timeout or 60)
@@ -117,7 +121,6 @@ def read_bounded(path: str, max_bytes: int, timeout: float | None = None) -> byt
         if len(data) > max_bytes:
             raise TooLarge(f"{path}: more than {max_bytes} bytes")
         return data
-    import stat
 
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     try:
@@ -178,7 +181,6 @@ def list_files(prefix: str) -> list[str]:
 
 def _glob_regex(pattern: str) -> "re.Pattern":
     """``**/`` zero or more folders, ``*`` and ``?`` within one folder, ``[...]`` a character class."""
-    import re
 
     out, i = [], 0
     while i < len(pattern):
@@ -206,7 +208,6 @@ def _glob_regex(pattern: str) -> "re.Pattern":
 
 def glob(pattern: str) -> list[str]:
     """Files matching a glob (``*``, ``?``, ``[..]``; ``**`` crosses folders), local or gs://, sorted."""
-    import glob as local_glob
 
     if not is_gcs(pattern):
         return sorted(p for p in local_glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -257,7 +258,6 @@ def stamps_under(prefix: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _local_guard(path: str):
-    import fcntl
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.guard", "a") as guard:
@@ -283,7 +283,7 @@ def read_with_token(path: str) -> tuple[bytes | None, str | None]:
         found = blob.bucket.get_blob(blob.name)
         if found is None:
             return None, None
-        from google.api_core import exceptions
+        from google.api_core import exceptions  # heavy: imported on first use
 
         generation = found.generation  # read first: the download may reset the blob's properties
         try:
@@ -303,7 +303,7 @@ def write_bytes_if(path: str, data: bytes, token: str | None) -> str:
     """Write ``path`` only if it is still in the state ``token`` names (None: only if absent);
     PreconditionFailed otherwise. Atomic like :func:`write_bytes`. Returns the new token."""
     if is_gcs(path):
-        from google.api_core import exceptions
+        from google.api_core import exceptions  # heavy: imported on first use
 
         blob = _blob(path)
         try:
@@ -321,7 +321,7 @@ def write_bytes_if(path: str, data: bytes, token: str | None) -> str:
 def delete_if(path: str, token: str) -> None:
     """Delete ``path`` only if it is still in the state ``token`` names; PreconditionFailed otherwise."""
     if is_gcs(path):
-        from google.api_core import exceptions
+        from google.api_core import exceptions  # heavy: imported on first use
 
         try:
             _blob(path).delete(if_generation_match=int(token))

@@ -6,11 +6,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import io
 import json
 import os
 import time
 
+import pyarrow.parquet as pq
+
+from delf_retrieval import storage
+from delf_retrieval.build import encode
+from delf_retrieval.build import planning as plan_lib
+from delf_retrieval.build.planning import BuildConfig
+from delf_retrieval.corpus import inputs
+from delf_retrieval.extraction.extractor import ExtractionConfig
+from delf_retrieval.index import layout, merging, segments, versions
+from delf_retrieval.index.neighbour_table import NeighbourConfig
+from delf_retrieval.model import delf
 from pipeline import build_quantizer, cli
+from transforms.extract import ExtractImages
+from transforms.index import BuildIndex
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_CORPUS = os.path.join(REPO_ROOT, "samples")
@@ -49,7 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
     add("--accelerator", help="Beam accelerator hint (Dataflow's right fitting) of the steps from reading an image to "
                               "its codes, e.g. 'type:nvidia-tesla-t4;count:1;machine_type:n1-standard-8;"
                               "install-nvidia-driver' (run_dataflow.sh passes it)")
-    from delf_retrieval.index.neighbour_table import NeighbourConfig
 
     neighbours = NeighbourConfig()
     add("--verified-neighbours", type=int, default=0,
@@ -72,7 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
 def config_from_args(args: argparse.Namespace, params=None):
     """The ``BuildConfig`` of the flags (``params``: the index parameters, when they are the current
     version's rather than the flags')."""
-    from delf_retrieval.build.planning import BuildConfig
 
     return BuildConfig(index=params or build_quantizer.params_from_args(args), pca_dim=args.pca_dim,
                        sample_size=args.sample_size, rows_per_shard=args.rows_per_shard, num_shards=args.num_shards)
@@ -80,8 +93,6 @@ def config_from_args(args: argparse.Namespace, params=None):
 
 def read_model_folder(folder: str):
     """The ``TrainedModel`` in a build_quantizer output folder (local or gs://)."""
-    from delf_retrieval import storage
-    from delf_retrieval.build import encode
 
     files = {name: storage.read_bytes(storage.join(folder, f"{name}.npz")) for name in ("pca", "quantizer")}
     report_path = storage.join(folder, "quantizer.json")
@@ -92,13 +103,13 @@ def read_model_folder(folder: str):
 def make_pipeline(beam_args: list[str]):
     """A Beam pipeline for the given options; local runs use the portable FnApiRunner directly,
     which works offline (Beam 2.77's DirectRunner first tries to download the Prism runner)."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    import apache_beam as beam  # heavy: imported on first use
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # heavy: imported on first use
 
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
     if runner in LOCAL_RUNNERS:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # heavy: imported on first use
 
         return beam.Pipeline(runner=FnApiRunner(), options=options), True
     return beam.Pipeline(options=options), False
@@ -106,7 +117,7 @@ def make_pipeline(beam_args: list[str]):
 
 def job_url(result, beam_args: list[str]) -> str | None:
     """The Dataflow console page of a submitted job."""
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions  # heavy: imported on first use
 
     job_id = getattr(result, "job_id", None)
     if not callable(job_id):
@@ -118,12 +129,8 @@ def job_url(result, beam_args: list[str]) -> str | None:
 def previous_images(root: str, pointer: dict | None) -> list[dict]:
     """The current version's live images, as records (none before the first version); those of a
     format-2 version name the ``segment`` their rows are in."""
-    import io
 
-    import pyarrow.parquet as pq
 
-    from delf_retrieval import storage
-    from delf_retrieval.index import layout, segments
 
     if pointer is None:
         return []
@@ -138,8 +145,6 @@ def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard:
     version's tombstones and restamps as file records) of an incremental run over a format-2
     version: the merge policy weighs the segments with this run's deletions counted as
     tombstones; ``max_segments`` (a merge on demand) merges down to that many instead."""
-    from delf_retrieval.corpus import inputs
-    from delf_retrieval.index import merging, segments
 
     tombstones = segments.read_tombstones(root, pointer)
     deleted: dict = {}
@@ -157,8 +162,6 @@ def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard:
 def neighbour_settings(args: argparse.Namespace, mode: str, pointer: dict | None):
     """(NeighbourConfig or None, the current version's neighbour table record or None): an
     incremental build keeps the index's own table up to date; other builds follow the flags."""
-    from delf_retrieval.build import planning as plan_lib
-    from delf_retrieval.index.neighbour_table import NeighbourConfig
 
     if mode == plan_lib.INCREMENTAL:
         if "neighbours" not in pointer:
@@ -178,16 +181,6 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
               lock_owner: str | None, local: bool, started: float):
     """Plan the build of ``mode`` and add its graph to ``pipeline``; returns the ``BuildJob``. The
     plan is written into the new version's folder, where the build's steps read it."""
-    import functools
-
-    from delf_retrieval import storage
-    from delf_retrieval.build import planning as plan_lib
-    from delf_retrieval.corpus import inputs
-    from delf_retrieval.extraction.extractor import ExtractionConfig
-    from delf_retrieval.index import layout, segments
-    from delf_retrieval.model import delf
-    from transforms.extract import ExtractImages
-    from transforms.index import BuildIndex
 
     if mode == plan_lib.INCREMENTAL:  # the current version's network, extraction and index parameters
         model_info = pointer["model"]
@@ -250,8 +243,6 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     """Take the root's lock, plan and run the build, wait for it (locally, or with ``--wait``), and
     return its report (None when a remote job was submitted and not waited for).
     ``choose_mode(pointer)`` says the build's mode given the current version's manifest."""
-    from delf_retrieval import storage
-    from delf_retrieval.index import versions
 
     started = time.time()
     pipeline, local = (test_pipeline, True) if test_pipeline is not None else make_pipeline(beam_args)

@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 
+from delf_retrieval.index import layout, segment_reader, shortlist
 from pipeline import cli
 
 
@@ -34,7 +35,6 @@ def parse_args(argv=None):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    from delf_retrieval.index import layout, segment_reader, shortlist
 
     start = time.time()
     reader = segment_reader.open_reader(args.index, cache_bytes=256 << 20)

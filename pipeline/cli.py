@@ -8,14 +8,23 @@ Exit statuses: 0 done; 1 failed (an internal error, a build not published); 2 ba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
 import traceback
+import uuid
 
+from delf_retrieval.build import encode
+from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
+from delf_retrieval.corpus import images, inputs
+from delf_retrieval.corpus.inputs import FetchConfig
 from delf_retrieval.extraction import presets
+from delf_retrieval.index import layout, versions
 from delf_retrieval.model import delf
+from delf_retrieval.query.engine import IMAGE_SHORTLIST_MODES, EngineConfig
+from delf_retrieval.query.retrieval import RANK_BY, RetrievalConfig
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +86,6 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
     """How inputs are read (``inputs.FetchConfig``, whose defaults these are)."""
-    from delf_retrieval.corpus.inputs import FetchConfig
 
     d = FetchConfig()
     g = parser.add_argument_group("reading inputs")
@@ -91,7 +99,6 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fetch_config_from_args(args: argparse.Namespace):
-    from delf_retrieval.corpus.inputs import FetchConfig
 
     return FetchConfig(timeout=args.fetch_timeout, retries=args.fetch_retries, host_interval=args.host_interval,
                        max_bytes=args.max_input_bytes)
@@ -101,8 +108,6 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     """How a query is answered (``retrieval.RetrievalConfig``) and how the index is opened for it
     (``engine.EngineConfig``), whose defaults these are: pipeline.search's, and pipeline.serve's
     defaults for every request."""
-    from delf_retrieval.query.engine import IMAGE_SHORTLIST_MODES, EngineConfig
-    from delf_retrieval.query.retrieval import RANK_BY
 
     opened = EngineConfig()
     d = opened.retrieval
@@ -145,7 +150,6 @@ def check_retrieval_arguments(parser: argparse.ArgumentParser, args: argparse.Na
 
 
 def retrieval_config_from_args(args: argparse.Namespace):
-    from delf_retrieval.query.retrieval import RetrievalConfig
 
     return RetrievalConfig(neighbours=args.neighbours, nprobe=args.nprobe, max_distance=args.max_distance,
                            shortlist=args.shortlist, top=args.top, residual_threshold=args.residual_threshold,
@@ -155,7 +159,6 @@ def retrieval_config_from_args(args: argparse.Namespace):
 
 def engine_config_from_args(args: argparse.Namespace, resident: bool, max_memory: int | None = None):
     """The ``engine.EngineConfig`` of the retrieval flags; ``max_memory`` None keeps its default."""
-    from delf_retrieval.query.engine import EngineConfig
 
     memory = {} if max_memory is None else {"max_memory": max_memory}
     return EngineConfig(retrieval=retrieval_config_from_args(args), image_shortlist=args.image_shortlist,
@@ -175,7 +178,6 @@ def flag(value: str) -> bool:
 def add_publish_arguments(parser: argparse.ArgumentParser, add=None) -> None:
     """The run lock and the publish guard, the same for every writer of an index root (``add``: the
     parser's add_argument, or one that also accepts a Flex Template's underscore spellings)."""
-    from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
 
     add = add or parser.add_argument
     add("--lock-ttl", type=float, default=20 * 3600,
@@ -189,10 +191,6 @@ def add_publish_arguments(parser: argparse.ArgumentParser, add=None) -> None:
 
 def take_lock(root: str, args: argparse.Namespace, local: bool, prog: str):
     """The root's run lock (``versions.RunLock``), after ``--break-lock`` if given; LockHeld if held."""
-    import json
-    import uuid
-
-    from delf_retrieval.index import versions
 
     if args.break_lock:
         broken = versions.break_lock(root)
@@ -206,9 +204,6 @@ def take_lock(root: str, args: argparse.Namespace, local: bool, prog: str):
 
 def describe(error: BaseException) -> tuple[int, str, str | None]:
     """(exit status, one line, a hint) for a failure of an entry point."""
-    from delf_retrieval.build import encode
-    from delf_retrieval.corpus import images, inputs
-    from delf_retrieval.index import layout, versions
 
     message = re.sub(r" \[while running '[^']*'\]", "", str(error)).strip().splitlines()
     line = message[0] if message else type(error).__name__

@@ -14,7 +14,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from delf_retrieval.corpus import images as image_io
 from delf_retrieval.corpus.images import IMAGE_EXTENSIONS
+from delf_retrieval.extraction.extractor import Extractor
+from delf_retrieval.extraction.visualize import attention_figure
+from delf_retrieval.model import delf
 from pipeline import cli
 
 
@@ -61,11 +65,7 @@ def output_names(paths: list[str]) -> dict[str, str]:
 def main(model_config, extraction_config, inputs: list[str], output: str, visualize: bool = False,
          overwrite: bool = False, progress: bool = True, cache_dir: str | None = None) -> ExtractionSummary:
     """Extract features of every input image into ``output``; re-running skips images already done."""
-    from tqdm import tqdm
-
-    from delf_retrieval.corpus import images as image_io
-    from delf_retrieval.extraction.extractor import Extractor
-    from delf_retrieval.model import delf
+    from tqdm import tqdm  # heavy: imported on first use
 
     start = time.time()
     os.makedirs(output, exist_ok=True)
@@ -97,7 +97,6 @@ def main(model_config, extraction_config, inputs: list[str], output: str, visual
             os.replace(tmp, target)  # a feature file is either complete or absent
             summary.extracted.append((path, target, len(features)))
             if visualize:
-                from delf_retrieval.extraction.visualize import attention_figure
 
                 attention_figure(image, extractor.score_map(image), features).save(
                     os.path.join(output, names[path] + ".attention.png"))

@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from delf_retrieval.build import planning as plan_lib
+from delf_retrieval.index import versions
 from pipeline import build, cli
 
 EXIT_LOCKED = cli.EXIT_LOCKED
@@ -38,7 +40,6 @@ EXIT_LOCKED = cli.EXIT_LOCKED
 def parse_args(argv=None):
     """The job's own options and the rest (Beam's). Options a Flex Template sets have underscore
     spellings too (flex_template/metadata.json names them so) and booleans take an optional value."""
-    from delf_retrieval.build import planning as plan_lib
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.reindex", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +77,6 @@ def report_line(report: dict) -> str:
 
 
 def rollback(args) -> int:
-    from delf_retrieval.index import versions
 
     lock = cli.take_lock(args.index, args, True, "pipeline.reindex")
     try:
@@ -90,7 +90,6 @@ def rollback(args) -> int:
 
 def run(argv=None, test_pipeline=None) -> int:
     """The re-index job; ``test_pipeline`` (a Beam pipeline) lets tests supply their own."""
-    from delf_retrieval.build import planning as plan_lib
 
     args, beam_args = parse_args(argv)
     cli.quiet_tensorflow()

@@ -22,8 +22,14 @@ With no arguments it indexes the bundled sample (``samples/``, 42 photographs) o
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
+import pyarrow.parquet as pq
+
+from delf_retrieval import storage
+from delf_retrieval.build import planning as plan_lib
+from delf_retrieval.index import layout, segments
 from pipeline import build, cli
 
 SAMPLE_CORPUS = build.SAMPLE_CORPUS
@@ -38,12 +44,8 @@ def parse_args(argv=None):
 
 def summary_table(manifest: dict, root: str, seconds: float) -> str:
     """Indexed, rejected by reason, descriptors, shards, bytes, wall time."""
-    import io
 
-    import pyarrow.parquet as pq
 
-    from delf_retrieval import storage
-    from delf_retrieval.index import layout, segments
 
     counts = manifest["counts"]
     rows = [("inputs", counts.get("inputs", "")), ("indexed", counts["images"]), ("rejected", counts["rejected"])]
@@ -70,8 +72,6 @@ def summary_table(manifest: dict, root: str, seconds: float) -> str:
 
 def run(argv=None, test_pipeline=None) -> int:
     """The main job; ``test_pipeline`` (a Beam pipeline) lets tests supply their own."""
-    from delf_retrieval.build import planning as plan_lib
-    from delf_retrieval.index import layout
 
     args, beam_args = parse_args(argv)
     cli.quiet_tensorflow()

@@ -17,7 +17,14 @@ import json
 import sys
 import time
 
+from delf_retrieval import storage
+from delf_retrieval.corpus.images import ImageError
+from delf_retrieval.corpus.inputs import Fetcher, FetchError, read_image
+from delf_retrieval.extraction.visualize import write_query_picture
+from delf_retrieval.query import engine, retrieval
 from pipeline import cli
+from pipeline.build import make_pipeline
+from transforms.search import SearchQueries
 
 
 def parse_args(argv=None):
@@ -51,10 +58,6 @@ def parse_args(argv=None):
 
 def search_locally(args) -> tuple[list, list]:
     """Answer each query in this process, through the engine pipeline.serve answers with: (answers, failures)."""
-    from delf_retrieval.corpus.images import ImageError
-    from delf_retrieval.corpus.inputs import Fetcher, FetchError, read_image
-    from delf_retrieval.extraction.visualize import write_query_picture
-    from delf_retrieval.query import engine
 
     # One-off queries read only the row groups they probe; a server holds the postings instead.
     opened = engine.open_engine(engine.published(args.index), cli.engine_config_from_args(args, resident=False))
@@ -88,9 +91,6 @@ def search_locally(args) -> tuple[list, list]:
 def search_with_beam(args, beam_args) -> tuple[list, list]:
     """The same search as a Beam pipeline: workers write one JSON line per query beside
     ``--output`` (so on Dataflow it must be a gs:// path), read back here in query order."""
-    from delf_retrieval import storage
-    from pipeline.build import make_pipeline
-    from transforms.search import SearchQueries
 
     records_path = args.output + ".records.jsonl"
     pipeline, local = make_pipeline(beam_args)
@@ -124,8 +124,6 @@ class _Match:
 def run(argv=None) -> int:
     args, beam_args = parse_args(argv)
     cli.quiet_tensorflow()
-    from delf_retrieval import storage
-    from delf_retrieval.query import retrieval
 
     start = time.time()
     answers, failures = search_with_beam(args, beam_args) if args.runner else search_locally(args)

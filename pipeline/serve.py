@@ -26,6 +26,7 @@ import sys
 import threading
 
 from pipeline import cli
+from pipeline.service import ServeConfig, Service
 
 log = logging.getLogger("pipeline.serve")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -40,7 +41,6 @@ def byte_size(text: str) -> int:
 
 
 def parse_args(argv=None):
-    from pipeline.service import ServeConfig
 
     d = ServeConfig(index="")
     parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__,
@@ -89,7 +89,6 @@ def read_token(path: str) -> str:
 
 
 def serve_config(args):
-    from pipeline.service import ServeConfig
 
     return ServeConfig(index=args.index, host=args.host, port=args.port, workers=args.workers,
                        max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes,
@@ -104,7 +103,7 @@ def serve_config(args):
 def make_server(service, access_log: bool = True):
     """A uvicorn server whose first SIGTERM or SIGINT drains the service before it stops (a second
     one is uvicorn's own: stop now)."""
-    import uvicorn
+    import uvicorn  # heavy: imported on first use
 
     config = service.config
 
@@ -131,7 +130,6 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.service import Service
 
     try:
         config = serve_config(args)

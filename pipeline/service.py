@@ -34,6 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from delf_retrieval.corpus import images, inputs
+from delf_retrieval.extraction.visualize import attention_overlay, query_picture
 from delf_retrieval.query.engine import Deadline, DeadlineExceeded, EngineConfig
 from delf_retrieval.query.live import LiveIndex
 from delf_retrieval.query.retrieval import RetrievalConfig
@@ -575,7 +576,6 @@ class Service:
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     async def matches_picture(self, request: Request):
-        from delf_retrieval.extraction.visualize import query_picture
 
         entry = self._recent(request)
         rank = request.query_params.get("rank")
@@ -589,7 +589,6 @@ class Service:
         return await self._picture(entry, lambda e: query_picture(e.image, e.score_map, chosen, first_rank=first))
 
     async def attention_picture(self, request: Request):
-        from delf_retrieval.extraction.visualize import attention_overlay
 
         entry = self._recent(request)
         return await self._picture(entry, lambda e: attention_overlay(Image.fromarray(e.image), e.score_map))

@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig
+from delf_retrieval.model import delf
+from delf_retrieval.training import data, loop, steps
 from delf_retrieval.training.steps import STEPS
 from pipeline import cli
 
@@ -65,9 +68,6 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-    from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig
-    from delf_retrieval.model import delf
-    from delf_retrieval.training import data, loop, steps
 
     defaults = STEP_DEFAULTS[args.step]
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731

@@ -10,6 +10,11 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from delf_retrieval.corpus import images, inputs
+from delf_retrieval.corpus.inputs import FetchConfig, Fetcher, image_id
+from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
+from delf_retrieval.model import delf
+
 DEAD_LETTER = "dead_letter"
 METRICS_NAMESPACE = "delf"
 STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "merge", "neighbours",
@@ -96,7 +101,6 @@ def in_sample(row: dict, ids: frozenset, inside: bool = True) -> bool:
     """Whether the plan row's image id is (``inside``) or is not in ``ids``. Steps call module-level
     functions such as this one, never lambdas: they pickle by reference, so workers run the code of
     the package they installed, and no file name of the launching machine travels with the job."""
-    from delf_retrieval.corpus.inputs import image_id
 
     return (image_id(row["uri"]) in ids) == inside
 
@@ -114,7 +118,6 @@ class ReadImage(beam.DoFn):
     unreadable, oversized or unfetchable input -> dead letter."""
 
     def __init__(self, fetch=None, progress_total: int = 0):
-        from delf_retrieval.corpus.inputs import FetchConfig
 
         self.fetch = fetch or FetchConfig()
         self.progress_total = progress_total
@@ -123,7 +126,6 @@ class ReadImage(beam.DoFn):
         self.timing = StageTimer("read")
 
     def setup(self):
-        from delf_retrieval.corpus.inputs import Fetcher
 
         self.fetcher = Fetcher(self.fetch)
         PROGRESS.configure(self.progress_total)
@@ -142,7 +144,6 @@ class ReadImage(beam.DoFn):
 def read_input(uri: str, fetcher):
     """(an input's bytes, None), or (None, its dead letter): stage ``fetch`` for http(s), ``read``
     otherwise, with the typed reason, or ``internal_error`` for anything unexpected."""
-    from delf_retrieval.corpus import images, inputs
 
     stage = "fetch" if inputs.is_url(uri) else "read"
     try:
@@ -167,7 +168,6 @@ class DecodeImage(beam.DoFn):
         self.timing = StageTimer("decode")
 
     def process(self, element):
-        from delf_retrieval.corpus import images
 
         key, data = element
         uri = getattr(key, "uri", key)
@@ -204,8 +204,6 @@ class ExtractFeatures(beam.DoFn):
         self.extractor = None  # built by the first batch: a worker (or a re-index) with none never loads it
 
     def _build(self):
-        from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
-        from delf_retrieval.model import delf
 
         with StageTimer("model_load"):
             net = delf.load(delf.ModelConfig.from_json(dict(self.model_config)))

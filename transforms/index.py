@@ -11,9 +11,17 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from delf_retrieval import storage
+from delf_retrieval.build import encode
 from delf_retrieval.build import planning as plan_lib
+from delf_retrieval.build.encode import PublishRefused, Reservoir, expected_descriptors
+from delf_retrieval.corpus import inputs
+from delf_retrieval.index import layout, merging, segments, shards, versions
 from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
+from delf_retrieval.index.segments import codebook_records
 from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample, with_accelerator
+from transforms.neighbours import FindNeighbours, next_neighbour_table
+from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_current_model
 
 IMAGES = "images"
 IMAGE_ROWS = "image_rows"  # (image id, PostingRows) of each encoded image, for the neighbour stage
@@ -28,7 +36,6 @@ class ReservoirFn(beam.CombineFn):
         self.timing = StageTimer("sample")
 
     def create_accumulator(self):
-        from delf_retrieval.build.encode import Reservoir
 
         return Reservoir(self.max_rows, self.seed)
 
@@ -50,7 +57,6 @@ class ReservoirFn(beam.CombineFn):
 
 def train_model(sample, config: plan_lib.BuildConfig, expected_count: int | None):
     """The separate builder's work, as one step: a ``TrainedModel`` from the sample."""
-    from delf_retrieval.build import encode
 
     if sample is None:
         raise encode.PublishRefused("no image produced features: nothing to train the index on")
@@ -60,7 +66,6 @@ def train_model(sample, config: plan_lib.BuildConfig, expected_count: int | None
 
 def train_for(sample, config: plan_lib.BuildConfig, listed: int, per_image: float):
     """``train_model`` with the count expected of ``listed`` images at ``per_image`` descriptors each."""
-    from delf_retrieval.build.encode import expected_descriptors
 
     return train_model(sample, config, expected_descriptors(listed, per_image))
 
@@ -109,9 +114,6 @@ class EncodeImages(beam.DoFn):
         self.timing = StageTimer("encode")
 
     def process(self, element, model, descriptors=None):
-        from delf_retrieval.build import encode
-        from delf_retrieval.corpus import inputs
-        from delf_retrieval.index import shards
 
         key, features, digest = element
         try:
@@ -120,13 +122,13 @@ class EncodeImages(beam.DoFn):
                     self.projection, self.quantizer = model.load()
                     self._model_key = id(model)
                 n_cells = self.quantizer.coarse.n_cells
-                shards = self.num_shards or shards.shard_count(descriptors, n_cells, self.rows_per_shard)
+                n_shards = self.num_shards or shards.shard_count(descriptors, n_cells, self.rows_per_shard)
                 image_id = inputs.image_id(key.uri)
                 height, width = features.image_size
                 parts, rows = [], None
                 if len(features):
                     rows = encode.encode_image(image_id, features, self.projection, self.quantizer)
-                    parts = list(encode.split_by_shard(rows, n_cells, shards))
+                    parts = list(encode.split_by_shard(rows, n_cells, n_shards))
         except Exception as e:  # noqa: BLE001 - one image's failure is its dead letter, not the bundle's
             yield internal_error(key.uri, "encode", e)
             return
@@ -153,7 +155,6 @@ def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: s
 
 def write_shard(element, job: plan_lib.BuildJob, m: int, bits: int) -> dict:
     """One posting shard of the run's new segment; its record's path is relative to the segment's folder."""
-    from delf_retrieval.index import layout, segments, shards
 
     with StageTimer("write"):
         shard, parts = element
@@ -166,8 +167,6 @@ def dropped_by_merges(job: plan_lib.BuildJob, tombstones=None, plan: list[dict] 
     """What the run's merges drop from their sources: the current version's tombstones of those
     segments and the images the plan deletes from them (``segments.Tombstones``); ``tombstones``
     and ``plan`` when the caller has read them already."""
-    from delf_retrieval.corpus import inputs
-    from delf_retrieval.index import segments
 
     if tombstones is None:
         tombstones = segments.read_tombstones(job.root, {"files": job.previous_files})
@@ -193,7 +192,6 @@ class MergeShard(beam.DoFn):
         self.dropped = dropped_by_merges(self.job)
 
     def process(self, element):
-        from delf_retrieval.index import layout, merging, segments, shards
 
         number, shard = element
         merge = self.job.merges[number]
@@ -203,12 +201,6 @@ class MergeShard(beam.DoFn):
             record = shards.write_shard(segments.segment_folder(self.job.root, merge.segment_id),
                                         f"{layout.POSTINGS_DIR}/part-{shard:05d}.parquet", table, merge.index_id)
         yield number, record
-
-
-def input_of(row: dict):
-    from delf_retrieval.corpus.inputs import InputImage
-
-    return InputImage(row["uri"], row["label"])
 
 
 class BuildIndex(beam.PTransform):
@@ -241,7 +233,6 @@ class BuildIndex(beam.PTransform):
         self.accelerator = accelerator
 
     def expand(self, pbegin):
-        from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_current_model
 
         job = self.job
         planned = (pbegin | "Plan" >> beam.Create([job.plan_path])
@@ -253,10 +244,10 @@ class BuildIndex(beam.PTransform):
             # in one stage, which would have to finish, holding every image's features, before
             # the model exists).
             sample, planned = split_training_sample(planned, job.training_sample)
-            sample = sample | "SpreadTrainingSample" >> beam.Reshuffle() | "SampleInputs" >> beam.Map(input_of)
+            sample = sample | "SpreadTrainingSample" >> beam.Reshuffle() | "SampleInputs" >> beam.Map(plan_lib.input_of)
         todo = planned | "SpreadPlan" >> beam.Reshuffle()
         fresh = (todo | "New" >> beam.Filter(has_action, plan_lib.EXTRACT)
-                 | "AsInputs" >> beam.Map(input_of))
+                 | "AsInputs" >> beam.Map(plan_lib.input_of))
         checked = (todo | "Maybe" >> beam.Filter(has_action, plan_lib.CHECK)
                    | "CheckContent" >> beam.ParDo(CheckContent(job.fetch)).with_outputs(DEAD_LETTER, SAME,
                                                                                        main="changed"))
@@ -273,7 +264,6 @@ class BuildIndex(beam.PTransform):
         elif job.mode == plan_lib.FIXED:
             model = pbegin | "GivenModel" >> beam.Create([self.model])
         else:
-            from delf_retrieval.index.segments import codebook_records
 
             current = {"codebooks": codebook_records(self.pointer), "training": self.pointer.get("training")}
             model = (pbegin | "Current" >> beam.Create([None])
@@ -318,7 +308,6 @@ class BuildIndex(beam.PTransform):
                 dead_letters=beam.pvalue.AsList(dead), new_error=beam.pvalue.AsSingleton(new_error))
         )
         if job.neighbours is not None:  # each new image searches the written version with its own rows
-            from transforms.neighbours import FindNeighbours
 
             edges = ([e[IMAGE_ROWS] for e in encoded] | "AllImageRows" >> beam.Flatten()
                      | "SpreadImageRows" >> beam.Reshuffle()
@@ -346,9 +335,6 @@ class WriteVersion(beam.DoFn):
         self.job = job
 
     def process(self, _, model, shard_records, merged_records, new_images, same_uris, dead_letters, new_error):
-        from delf_retrieval import storage
-        from delf_retrieval.build.encode import PublishRefused
-        from delf_retrieval.index import layout, segments
 
         job = self.job
         with StageTimer("publish"):
@@ -390,7 +376,6 @@ class WriteVersion(beam.DoFn):
         new version's tombstones; its restamps). A merged segment's image table takes this run's
         restamps; an image removed from a merged segment is tombstoned there unless the merge
         already dropped it."""
-        from delf_retrieval.index import merging, segments, shards
 
         job = self.job
         previous = {"files": job.previous_files}
@@ -442,7 +427,6 @@ class WriteVersion(beam.DoFn):
         """((segment, image id) of indexed images whose rows must go: deleted, changed or now
         rejected; (segment, image id, stamp) of images touched but unchanged). The segment is None
         for an image of a format-1 version (its rows are copied or dropped, not tombstoned)."""
-        from delf_retrieval.corpus import inputs
 
         removed, restamped = [], []
         for row in plan:
@@ -494,16 +478,13 @@ class PublishVersion(beam.DoFn):
         self.job = job
 
     def process(self, version, edges):
-        from delf_retrieval import storage
-        from delf_retrieval.index import layout, versions
 
         job = self.job
         manifest, report = version["manifest"], version["report"]
         with StageTimer("publish"):
             if job.neighbours is not None:
-                from transforms.neighbours import neighbour_table
 
-                table = neighbour_table(job, version, edges)
+                table = next_neighbour_table(job, version, edges)
                 manifest["files"]["neighbours"] = layout.write_table_file(
                     storage.join(job.root, job.build), NEIGHBOURS_FILE, table.to_table())
                 manifest["neighbours"] = job.neighbours.to_json()
@@ -523,9 +504,6 @@ class PublishVersion(beam.DoFn):
 def refuse_unless_publishable(job: plan_lib.BuildJob, indexed: int, dead_letters: list) -> None:
     """``encode.check_publishable``; a refused build keeps its dead-letter table in its folder (no
     manifest: the next run's pruning removes it), and the error names it."""
-    from delf_retrieval import storage
-    from delf_retrieval.build import encode
-    from delf_retrieval.index import layout, shards
 
     try:
         encode.check_publishable(job.listed, indexed, dead_letters, job.max_rejected_fraction)
@@ -538,8 +516,6 @@ def refuse_unless_publishable(job: plan_lib.BuildJob, indexed: int, dead_letters
 
 def write_version_files(job: plan_lib.BuildJob, dead_letters: list) -> dict:
     """The dead-letter table into the version folder, and the plan's record."""
-    from delf_retrieval import storage
-    from delf_retrieval.index import layout, shards
 
     folder = storage.join(job.root, job.build)
     return {

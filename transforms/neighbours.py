@@ -4,9 +4,15 @@ version's neighbour table (``delf_retrieval.expansion``), which queries use for 
 
 from __future__ import annotations
 
+
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
+from delf_retrieval import storage
+from delf_retrieval.index import layout, neighbour_table, segment_reader
+from delf_retrieval.query import expansion
+from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 from transforms.extract import StageTimer
 
 
@@ -22,10 +28,6 @@ class FindNeighbours(beam.DoFn):
         self.timing = StageTimer("neighbours")
 
     def process(self, element, version):
-        from delf_retrieval import storage
-        from delf_retrieval.index import segment_reader
-        from delf_retrieval.query import expansion
-        from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 
         image_id, rows = element
         try:
@@ -46,23 +48,16 @@ class FindNeighbours(beam.DoFn):
             yield image_id, n, c
 
 
-def neighbour_table(job, version: dict, edges: list[tuple]):
+def next_neighbour_table(job, version: dict, edges: list[tuple]):
     """The new version's table: the current version's (in an incremental build) without the edges
     of images searched again (``version["searched"]``) or no longer indexed (``version["removed"]``:
     deleted, or now rejected), plus this run's edges both ways, cut to ``k`` per image."""
-    import hashlib
 
-    import numpy as np
 
-    from delf_retrieval import storage
-    from delf_retrieval.index import layout, neighbour_table
 
     previous = neighbour_table.NeighbourTable.empty()
     if job.previous_neighbours is not None:
-        data = storage.read_bytes(layout.resolve(job.root, job.previous_neighbours["path"]))
-        if hashlib.sha256(data).hexdigest() != job.previous_neighbours["sha256"]:
-            raise layout.ShardError(f"{job.previous_neighbours['path']} does not match its SHA-256 in the manifest")
-        previous = neighbour_table.NeighbourTable.from_bytes(data)
+        previous = neighbour_table.NeighbourTable.from_bytes(layout.checked_read(job.root, job.previous_neighbours))
     found = np.asarray(edges, np.int64).reshape(-1, 3)
     gone = np.asarray(version["removed"], np.int64)
     return neighbour_table.update(previous, neighbour_table.NeighbourTable(found[:, 0], found[:, 1], found[:, 2]),

@@ -4,9 +4,17 @@ version (re-split by cell into the new shards), read the current model and measu
 
 from __future__ import annotations
 
+import io
+
 import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
+from delf_retrieval.build import encode, planning
+from delf_retrieval.corpus import images, inputs
+from delf_retrieval.corpus.inputs import FetchConfig, Fetcher
+from delf_retrieval.index import layout, shards
 from transforms.extract import internal_error, read_input
 
 SAME = "same"  # checked images whose content did not change (a touched file, a rewritten object)
@@ -18,20 +26,16 @@ class CheckContent(beam.DoFn):
     An input that cannot be read leaves as ``read_input``'s dead letter, as in extraction."""
 
     def __init__(self, fetch=None):
-        from delf_retrieval.corpus.inputs import FetchConfig
 
         self.fetch = fetch or FetchConfig()
         self.same = Metrics.counter("delf", "images_checked_unchanged")
         self.changed = Metrics.counter("delf", "images_checked_changed")
 
     def setup(self):
-        from delf_retrieval.corpus.inputs import Fetcher
 
         self.fetcher = Fetcher(self.fetch)
 
     def process(self, row):
-        from delf_retrieval.corpus import images
-        from transforms.index import input_of
 
         data, rejected = read_input(row["uri"], self.fetcher)
         if rejected is not None:
@@ -42,7 +46,7 @@ class CheckContent(beam.DoFn):
             yield beam.pvalue.TaggedOutput(SAME, row["uri"])
         else:
             self.changed.inc()
-            yield input_of(row)
+            yield planning.input_of(row)
 
 
 class CarryPostings(beam.DoFn):
@@ -57,10 +61,7 @@ class CarryPostings(beam.DoFn):
         self.rows = Metrics.counter("delf", "descriptors_carried")
 
     def setup(self):
-        import numpy as np
 
-        from delf_retrieval.build import planning
-        from delf_retrieval.corpus import inputs
 
         self.kept_ids = np.sort(np.asarray(
             [inputs.image_id(r["uri"]) for r in planning.read_plan(self.job.plan_path, (planning.KEEP,))], np.int64))
@@ -72,20 +73,10 @@ class CarryPostings(beam.DoFn):
             yield internal_error(record["path"], "carry", e)
 
     def _carry(self, record, same_uris):
-        import hashlib
-        import io
 
-        import numpy as np
-        import pyarrow.parquet as pq
 
-        from delf_retrieval import storage
-        from delf_retrieval.build import encode
-        from delf_retrieval.corpus import inputs
-        from delf_retrieval.index import layout, shards
 
-        data = storage.read_bytes(layout.resolve(self.job.root, record["path"]))
-        if hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise layout.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
+        data = layout.checked_read(self.job.root, record)
         table = pq.read_table(io.BytesIO(data))
         carried = np.union1d(self.kept_ids, np.asarray([inputs.image_id(u) for u in same_uris], np.int64))
         rows = np.flatnonzero(np.isin(table.column("image_id").to_numpy(), carried))
@@ -99,18 +90,8 @@ class CarryPostings(beam.DoFn):
 def read_model(root: str, current: dict):
     """The current version's ``TrainedModel``: its PCA + quantizer files (``current["codebooks"]``,
     ``segments.codebook_records`` of its pointer), checked, and its training record."""
-    import hashlib
 
-    from delf_retrieval import storage
-    from delf_retrieval.build import encode
-    from delf_retrieval.index import layout
-
-    files = {}
-    for name in ("pca", "quantizer"):
-        record = current["codebooks"][name]
-        files[name] = storage.read_bytes(layout.resolve(root, record["path"]))
-        if hashlib.sha256(files[name]).hexdigest() != record["sha256"]:
-            raise layout.ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
+    files = {name: layout.checked_read(root, current["codebooks"][name]) for name in ("pca", "quantizer")}
     return encode.TrainedModel.from_record(files["pca"], files["quantizer"], current.get("training"))
 
 
@@ -121,7 +102,6 @@ def read_current_model(_, root: str, current: dict):
 
 def drift_error(sample, model):
     """Quantization error of the new images' descriptors under the current codebooks (None if none)."""
-    from delf_retrieval.build import encode
 
     if sample is None:
         return None

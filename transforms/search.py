@@ -9,6 +9,12 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from delf_retrieval.corpus.inputs import read_image
+from delf_retrieval.extraction.extractor import Extractor
+from delf_retrieval.extraction.visualize import write_query_picture
+from delf_retrieval.index import layout
+from delf_retrieval.model import delf
+from delf_retrieval.query import retrieval
 from transforms.extract import DEAD_LETTER, ExtractImages, with_accelerator
 
 
@@ -33,7 +39,6 @@ class SearchIndex(beam.DoFn):
         self.answered = Metrics.counter("delf", "queries_answered")
 
     def setup(self):
-        from delf_retrieval.query import retrieval
 
         self.retriever = retrieval.open_index(self.index, self.config, **self.open_options)
 
@@ -52,13 +57,8 @@ class SearchIndex(beam.DoFn):
                           "error": None})
 
     def _picture(self, query: QueryImage, matches) -> None:
-        from delf_retrieval.corpus.inputs import read_image
-        from delf_retrieval.extraction.visualize import write_query_picture
 
         if self.extractor is None:
-            from delf_retrieval.extraction.extractor import Extractor
-            from delf_retrieval.model import delf
-            from delf_retrieval.query import retrieval
 
             model_config, extraction_config = retrieval.index_configs(self.retriever.reader.manifest)
             self.extractor = Extractor(delf.load(model_config), extraction_config)
@@ -93,8 +93,6 @@ class SearchQueries(beam.PTransform):
         self.accelerator = accelerator
 
     def expand(self, pbegin):
-        from delf_retrieval.index import layout
-        from delf_retrieval.query import retrieval
 
         # Queries are extracted exactly as the index was built.
         model_config, extraction_config = retrieval.index_configs(layout.read_manifest(self.index))

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
 from delf_retrieval.quantize import IndexParams
 from delf_retrieval.quantize import pca as pca_lib
+from delf_retrieval import storage
+from delf_retrieval.build import encode
+from delf_retrieval.corpus import inputs
+from delf_retrieval.index import shards
+import datetime
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import uuid
 
 # The modes of the one build.
 FULL = "full"  # extract every image; train PCA + quantizer on a sample of them first
@@ -79,7 +88,6 @@ def retrain_due(pointer: dict | None) -> bool:
 
 def _immutable(uri: str) -> bool:
     """http(s) URLs have no change marker: an indexed URL is taken as unchanged."""
-    from delf_retrieval.corpus import inputs
 
     return inputs.is_url(uri)
 
@@ -116,11 +124,14 @@ def plan_rows(listed: list[tuple[str, str | None, str | None]], previous_images:
     return rows, deleted
 
 
+def input_of(row: dict) -> inputs.InputImage:
+    """The input a plan row names, as the build reads it."""
+    return inputs.InputImage(row["uri"], row["label"])
+
+
 def check_unique_ids(rows: list[dict]) -> None:
     """Refuse a plan in which two listed uris share an image id (the 64-bit hash of the uri): the
     index could not tell their rows apart."""
-    from delf_retrieval.build import encode
-    from delf_retrieval.corpus import inputs
 
     ids: dict[int, str] = {}
     for row in rows:
@@ -164,7 +175,6 @@ class BuildPlan:
         the rows it acts on (checks, extractions, deletions), and the kept ones only when it copies
         their rows (a kept image's rows otherwise stay in its segment: a plan of a million kept
         images would be written every night for nothing)."""
-        import pyarrow as pa
 
         schema = pa.schema([("uri", pa.string()), ("label", pa.string()), ("stamp", pa.string()),
                             ("action", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -187,8 +197,6 @@ def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: Buil
     version); full and fixed builds from the extracted inputs x ``max_features``, an upper bound,
     once the model's cell count is known. ``keep_all``: the listing is the index's own images
     (a merge alone), all kept."""
-    from delf_retrieval.build import encode
-    from delf_retrieval.index import shards
 
     if mode not in MODES:
         raise ValueError(f"unknown build mode {mode!r}; one of {', '.join(MODES)}")
@@ -212,11 +220,6 @@ def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: Buil
 
 def read_plan(path: str, actions: tuple = ACTIONS) -> list[dict]:
     """The rows of a written plan whose action is one of ``actions``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from delf_retrieval import storage
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
     return table.filter(pc.is_in(table.column("action"), value_set=pa.array(list(actions)))).to_pylist()
@@ -224,7 +227,6 @@ def read_plan(path: str, actions: tuple = ACTIONS) -> list[dict]:
 
 def indexed_record(row: dict) -> dict:
     """The image-table record of a plan row whose image keeps its posting rows."""
-    from delf_retrieval.corpus import inputs
 
     return {"image_id": inputs.image_id(row["uri"]), "uri": row["uri"], "label": row["label"], "stamp": row["stamp"],
             **{k: row[k] for k in INDEXED_FIELDS}}
@@ -284,7 +286,5 @@ class BuildJob:
 
 def new_build_id() -> str:
     """Sortable and unique: the UTC time of the launch plus a random suffix."""
-    import datetime
-    import uuid
 
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from delf_retrieval import storage
+
 # Decoding never guesses at the rest of a truncated file.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -89,7 +91,6 @@ def content_hash(data: bytes) -> str:
 def read_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Read a local image file of at most ``max_bytes``: a missing, unreadable or non-regular file
     (FIFO, device, directory) is :class:`UnreadableImageError`, a larger one :class:`ImageTooLargeError`."""
-    from delf_retrieval import storage
 
     try:
         return storage.read_bounded(path, max_bytes)

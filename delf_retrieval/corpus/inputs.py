@@ -19,6 +19,7 @@ import urllib.request
 from typing import NamedTuple
 
 from delf_retrieval import storage
+from delf_retrieval.corpus import images
 from delf_retrieval.corpus.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 
 CSV_URL_COLUMNS = ("url", "path", "uri", "path_or_url")
@@ -384,7 +385,6 @@ def read_image_bytes(uri: str, fetcher: Fetcher | None = None, until: float | No
     size by the fetcher's :class:`FetchConfig` (an oversized input is ``ImageTooLargeError``, a
     missing or non-regular file ``UnreadableImageError``); ``until`` (time.monotonic()) is a
     caller's deadline, which bounds the reading too."""
-    from delf_retrieval.corpus import images
 
     fetcher = fetcher or Fetcher()
     if is_url(uri):
@@ -403,6 +403,5 @@ def read_image_bytes(uri: str, fetcher: Fetcher | None = None, until: float | No
 
 def read_image(uri: str, fetcher: Fetcher | None = None):
     """The decoded RGB image (H, W, 3) uint8 at a local path, gs:// uri or http(s) URL."""
-    from delf_retrieval.corpus import images
 
     return images.decode_image(read_image_bytes(uri, fetcher), name=uri)

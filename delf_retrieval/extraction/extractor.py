@@ -114,7 +114,7 @@ class Extractor:
     """
 
     def __init__(self, net, config: ExtractionConfig = ExtractionConfig()):
-        import tensorflow as tf
+        import tensorflow as tf  # heavy: imported on first use
 
         self.net = net
         self.config = config

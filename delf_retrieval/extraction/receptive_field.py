@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ReceptiveField:
@@ -14,7 +16,6 @@ class ReceptiveField:
 
     def centres(self, n: int):
         """Input pixel index of the centre of output positions 0..n-1."""
-        import numpy as np
 
         return self.start + self.stride * np.arange(n, dtype=np.float64)
 
@@ -26,7 +27,7 @@ def _geometry(layer):
     before is ``max(k - s, 0) // 2``. Inputs go through the network at sizes that are multiples of
     its total stride (see ``extract.bucket_size``), which makes this exact.
     """
-    from keras import layers
+    from keras import layers  # heavy: imported on first use
 
     if isinstance(layer, layers.ZeroPadding2D):
         (top, _), (left, _) = layer.padding
@@ -56,7 +57,7 @@ def _parents(layer):
 
 def compute(model, output_layer: str | None = None) -> ReceptiveField:
     """Receptive field of ``model``'s output (or of layer ``output_layer``) w.r.t. its input."""
-    import keras
+    import keras  # heavy: imported on first use
 
     fields: dict[str, ReceptiveField] = {}
 

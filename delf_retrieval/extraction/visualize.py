@@ -8,6 +8,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from delf_retrieval.corpus.inputs import read_image
 from delf_retrieval.extraction.features import Features
 
 
@@ -101,7 +102,6 @@ def picture_name(rank: int, query: str) -> str:
 def query_picture(image: np.ndarray, score_map: np.ndarray, matches: list, first_rank: int = 1) -> Image.Image:
     """:func:`matches_figure` of one query, reading each match's database image from its uri (shown
     as unreadable if it cannot be read)."""
-    from delf_retrieval.corpus.inputs import read_image
 
     database_images = []
     for match in matches:

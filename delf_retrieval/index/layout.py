@@ -157,18 +157,20 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def checked_read(directory: str, record: dict, checksum: bool) -> bytes | None:
-    """Check a listed file's size (and SHA-256 when ``checksum``); returns its bytes if it read them."""
+def checked_read(directory: str, record: dict, checksum: bool = True, where: str = "the manifest") -> bytes | None:
+    """The one checked read of a listed file: its size (and SHA-256 when ``checksum``) against its
+    record in ``where``; returns the bytes when it read them. A missing, truncated, replaced or
+    corrupt file is a ``ShardError`` naming it."""
     path = resolve(directory, record["path"])
     try:
         size = storage.size(path) if not checksum else None
         data = storage.read_bytes(path) if checksum else None
     except FileNotFoundError:
-        raise ShardError(f"{record['path']} is listed in the manifest but missing from {directory}") from None
+        raise ShardError(f"{record['path']} is listed in {where} but missing from {directory}") from None
     size = len(data) if checksum else size
     if size != record["bytes"]:
-        raise ShardError(f"{record['path']} has {size} bytes, the manifest says {record['bytes']} "
+        raise ShardError(f"{record['path']} has {size} bytes, {where} says {record['bytes']} "
                          "(truncated or replaced)")
     if checksum and hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise ShardError(f"{record['path']} does not match its SHA-256 in the manifest (corrupt)")
+        raise ShardError(f"{record['path']} does not match its SHA-256 in {where} (corrupt)")
     return data

@@ -14,6 +14,7 @@ from delf_retrieval.index import layout, shards
 from delf_retrieval.index.merge_policy import MergePolicy, SegmentStats
 from delf_retrieval.index.segments import (Restamps, SegmentRef, Tombstones, in_segment, read_segment, segment_images,
                                            segment_refs)
+from delf_retrieval.index.shards import shard_count
 
 
 def segment_stats(manifest: dict, tombstones: Tombstones) -> list[SegmentStats]:
@@ -43,7 +44,6 @@ def plan_merges(manifest: dict, tombstones: Tombstones, merge_id: str, rows_per_
     """The merges a run makes of a format-2 version whose tombstones (the run's deletions
     included) are ``tombstones``: those ``policy`` finds, or with ``max_segments`` those a merge on
     demand makes. Merged segments are named ``<merge_id>-m<i>``."""
-    from delf_retrieval.index.shards import shard_count
 
     stats = segment_stats(manifest, tombstones)
     chosen = policy.find_merges(stats) if max_segments is None else policy.forced_merges(stats, max_segments)

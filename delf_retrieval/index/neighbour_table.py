@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 NEIGHBOURS_FILE = "neighbours.parquet"
 
@@ -66,7 +67,6 @@ class NeighbourTable:
 
     @staticmethod
     def from_bytes(data: bytes) -> "NeighbourTable":
-        import pyarrow.parquet as pq
 
         return NeighbourTable.from_table(pq.read_table(io.BytesIO(data)))
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from delf_retrieval import storage
 from delf_retrieval.index import layout, shard_reader
+from delf_retrieval.index.neighbour_table import NeighbourTable
 from delf_retrieval.index.segments import (in_segment, index_root, is_segmented, read_restamps, read_segment,
                                            read_tombstones, segment_refs, with_restamps, without_images)
 from delf_retrieval.quantize.ivf import InvertedLists, Searcher
@@ -144,7 +145,6 @@ class SegmentedReader:
 
     def neighbours(self):
         """The version's neighbour table without edges from or to an image that is not live."""
-        from delf_retrieval.index.neighbour_table import NeighbourTable
 
         record = self.manifest["files"].get("neighbours")
         if record is None:

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from delf_retrieval import storage
 from delf_retrieval.index import layout, shards
 from delf_retrieval.index.layout import checked_read, read_manifest
+from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
 from delf_retrieval.quantize import Quantizer
 from delf_retrieval.quantize import pca as pca_lib
 
@@ -369,7 +370,6 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
     if dead_letters is not None:
         files["dead_letters"] = layout.write_table_file(directory, layout.DEAD_LETTERS_FILE, dead_letters)
     if neighbours is not None:
-        from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
 
         files["neighbours"] = layout.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
     return segmented_manifest(directory, layout.new_index_id(), quantizer, files, segments, tombstones,

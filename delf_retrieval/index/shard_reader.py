@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from delf_retrieval import storage
 from delf_retrieval.index.layout import (MANIFEST, ManifestError, ShardError, check_manifest_paths, checked_read,
                                          read_manifest, resolve)
+from delf_retrieval.index.neighbour_table import NeighbourTable
 from delf_retrieval.index.shards import unpacked_codes
 from delf_retrieval.quantize import Quantizer
 from delf_retrieval.quantize import pca as pca_lib
@@ -264,7 +265,6 @@ class IndexReader:
     def neighbours(self):
         """The version's verified-neighbour table (``expansion.NeighbourTable``), checked by
         SHA-256 and read once; None if the index was built without one."""
-        from delf_retrieval.index.neighbour_table import NeighbourTable
 
         record = self.manifest["files"].get("neighbours")
         if record is None:

@@ -67,7 +67,7 @@ def train_words(sample: np.ndarray, n_words: int = DEFAULT_WORDS, seed: int = 0)
 
 
 def _graph(vectors: np.ndarray):
-    import nmslib
+    import nmslib  # heavy: imported on first use
 
     graph = nmslib.init(method="hnsw", space="cosinesimil", data_type=nmslib.DataType.DENSE_VECTOR)
     graph.addDataPointBatch(vectors)
@@ -152,10 +152,7 @@ class ImageShortlist:
             path = layout.resolve(directory, meta["path"], f"{SHORTLIST_MANIFEST} files.{name}.path")
             if not storage.exists(path):  # replaced by a newer version's shortlist meanwhile
                 return None
-            payload = storage.read_bytes(path)
-            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
-                raise layout.ShardError(f"{meta['path']} does not match its SHA-256 in {SHORTLIST_MANIFEST} (corrupt)")
-            payloads[name] = payload
+            payloads[name] = layout.checked_read(directory, meta, where=SHORTLIST_MANIFEST)
         arrays = npz.read(io.BytesIO(payloads[VECTORS_FILE]), FORMAT_VERSION, "shortlist")
         graph = _graph(arrays["vectors"])
         with tempfile.TemporaryDirectory() as tmp:

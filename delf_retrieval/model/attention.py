@@ -12,8 +12,8 @@ def build(channels: int, seed: int = 0, name: str = "attention"):
 
     Initialised deterministically from ``seed``, so an untrained head is the same every run.
     """
-    import keras
-    from keras import layers
+    import keras  # heavy: imported on first use
+    from keras import layers  # heavy: imported on first use
 
     init = keras.initializers.GlorotUniform
     features = keras.Input(shape=(None, None, channels), name="features")

@@ -80,7 +80,7 @@ class DelfNet:
     """
 
     def __init__(self, config: ModelConfig, backbone, attention):
-        import keras
+        import keras  # heavy: imported on first use
 
         self.config = config
         self.backbone = backbone

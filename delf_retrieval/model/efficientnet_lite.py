@@ -123,8 +123,8 @@ def build(variant: str, include_top: bool = False):
 
     Layer names are stable: the torch converter and saved weights rely on them.
     """
-    import keras
-    from keras import layers
+    import keras  # heavy: imported on first use
+    from keras import layers  # heavy: imported on first use
 
     v = get(variant)
     inputs = keras.Input(shape=(None, None, 3), name="image")
@@ -266,7 +266,7 @@ def imagenet_classifier_head(variant: str, cache_dir: str, torch_path: str | Non
     so features as extraction computes them can be classified. Logits are pre-softmax and indexed
     by the standard ImageNet-1k class order.
     """
-    import keras
+    import keras  # heavy: imported on first use
 
     classifier = imagenet_classifier(variant, cache_dir, torch_path)
     return keras.Model(classifier.get_layer(get(variant).feature_layer).output, classifier.output,

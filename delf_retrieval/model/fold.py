@@ -7,7 +7,7 @@ import numpy as np
 
 def _pass_through_layer(name):
     """A layer that returns its input and accepts BatchNormalization's call arguments."""
-    from keras import layers
+    from keras import layers  # heavy: imported on first use
 
     class FoldedBatchNorm(layers.Layer):
         def call(self, inputs, training=None, mask=None):
@@ -27,8 +27,8 @@ def fold_batch_norm(model):
 
     Layer names are kept, so the folded model computes the same function with fewer ops.
     """
-    import keras
-    from keras import layers
+    import keras  # heavy: imported on first use
+    from keras import layers  # heavy: imported on first use
 
     convs = (layers.Conv2D, layers.DepthwiseConv2D)
     folded_bn = {l.name: _parent(l) for l in model.layers

@@ -14,8 +14,8 @@ STAGES = (("conv2", 64, 3), ("conv3", 128, 4), ("conv4", 256, 6))
 
 def build(layout: str = "keras", name: str = "resnet50"):
     """Build ResNet50 up to conv4_x; the output is layer :data:`FEATURE_LAYER`."""
-    import keras
-    from keras import layers
+    import keras  # heavy: imported on first use
+    from keras import layers  # heavy: imported on first use
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown ResNet50 layout {layout!r}; choose from {LAYOUTS}")

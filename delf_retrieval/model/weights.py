@@ -13,6 +13,9 @@ import urllib.request
 
 import numpy as np
 
+from delf_retrieval.model import attention as attention_head
+from delf_retrieval.model.resnet50 import slim_variable_prefix
+
 # The Keras ImageNet ResNet50 weights without the classifier (keras.applications publishes the md5).
 KERAS_RESNET50_NOTOP_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -90,7 +93,7 @@ def load_keras_h5_by_name(model, path: str) -> int:
     """Set ``model``'s layers from a legacy Keras HDF5 weights file (e.g. the ImageNet file), by layer
     name. Layers of the file absent from the model are ignored; a layer of the model with weights
     but absent from the file raises ``KeyError``. Returns the number of layers set."""
-    import h5py
+    import h5py  # heavy: imported on first use
 
     with h5py.File(path, "r") as f:
         group = f["model_weights"] if "model_weights" in f else f
@@ -143,10 +146,7 @@ def load_delf_v1_checkpoint(backbone, attention, prefix: str) -> None:
     ``backbone`` must be ResNet50 in the ``slim`` layout; ``attention`` our attention head. The
     attention's conv1 + BatchNorm is folded into one conv with bias (exact at inference).
     """
-    import tensorflow as tf
-
-    from delf_retrieval.model import attention as attention_head
-    from delf_retrieval.model.resnet50 import slim_variable_prefix
+    import tensorflow as tf  # heavy: imported on first use
 
     reader = tf.train.load_checkpoint(prefix)
     available = reader.get_variable_to_shape_map()

@@ -43,7 +43,7 @@ class CoarseQuantizer:
     @property
     def tree(self):
         if self._tree is None:
-            from scipy.spatial import cKDTree
+            from scipy.spatial import cKDTree  # heavy: imported on first use
 
             self._tree = cKDTree(self.centroids.astype(np.float64))
         return self._tree

@@ -89,7 +89,7 @@ class Searcher:
                 r.region_model, r.model_mean, r.model_rotation, r.model_codebooks, q.pq.codebooks,
                 lists.offsets, lists.codes, lists.ids, int(k))
         if kernel == "compiled":
-            from delf_retrieval.quantize import adc_kernel
+            from delf_retrieval.quantize import adc_kernel  # heavy: numba compiles the kernel on first use
 
             return adc_kernel.search(*args)
         if kernel == "numpy":

@@ -69,7 +69,7 @@ def fit(descriptors: np.ndarray, dim: int = DEFAULT_DIM) -> PCA:
     Uses scikit-learn's covariance eigendecomposition, which is exact and costs O(n D^2), so a
     sample of millions of 1024-D descriptors fits in minutes on one machine.
     """
-    from sklearn.decomposition import PCA as SkPCA
+    from sklearn.decomposition import PCA as SkPCA  # heavy: imported on first use
 
     x = l2_normalise(descriptors)
     if x.ndim != 2:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from delf_retrieval.extraction.extractor import Extractor
 from delf_retrieval.index import layout
+from delf_retrieval.model import delf
 from delf_retrieval.query import retrieval
 from delf_retrieval.query.matching import Match
 from delf_retrieval.query.retrieval import RetrievalConfig
@@ -104,8 +106,6 @@ def network_key(manifest: dict) -> str:
 
 def load_extractor(manifest: dict):
     """The Extractor of the network and settings the index was built with (from its manifest)."""
-    from delf_retrieval.extraction.extractor import Extractor
-    from delf_retrieval.model import delf
 
     model_config, extraction_config = retrieval.index_configs(manifest)
     return Extractor(delf.load(model_config), extraction_config)
@@ -117,7 +117,7 @@ _NUMBA_GUARD = threading.Lock()
 def _search_guard():
     """Numba's parallel kernels may run in several threads at once except on its workqueue layer
     (which aborts the process on concurrent use): there, searches take turns."""
-    import numba
+    import numba  # heavy: imported on first use
 
     try:
         layer = numba.threading_layer()

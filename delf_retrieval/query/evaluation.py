@@ -274,7 +274,7 @@ def _ticks(x_max: int) -> list[int]:
 
 def plot_gld_curve(curve: GldCurve, title: str = "", size: tuple[int, int] = (800, 560)):
     """The precision-vs-true-positives curve as a PIL image (white background, axes with ticks)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # heavy: imported on first use
 
     width, height = size
     left, right, top, bottom = 80, 30, 50, 70

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from delf_retrieval.index.neighbour_table import NeighbourConfig, NeighbourTable
+from delf_retrieval.query.matching import Match
 
 
 def search_neighbours(retriever, image_id: int, projected: np.ndarray, locations: np.ndarray,
@@ -47,7 +48,6 @@ def expand(matches: list, table: NeighbourTable, k: int, min_inliers: int, uri_o
     expansion images carry (images reached only through those edges join the answer). Scores are
     non-increasing down the answer. ``uri_of`` maps image ids to uris. Returns at most ``top``
     matches."""
-    from delf_retrieval.query.matching import Match
 
     pinned = [m for m in matches if m.verified and m.inliers >= min_inliers][:k]
     if not pinned:

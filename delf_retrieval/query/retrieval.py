@@ -9,8 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from delf_retrieval.extraction.extractor import ExtractionConfig
 from delf_retrieval.extraction.features import Features
+from delf_retrieval.index import segment_reader
+from delf_retrieval.index.shortlist import ImageShortlist
+from delf_retrieval.model import delf
 from delf_retrieval.query import verify
+from delf_retrieval.query.expansion import expand
 from delf_retrieval.query.matching import Match, count_votes, putative_matches
 
 RANK_BY = ("combined", "inliers", "votes")
@@ -179,7 +184,6 @@ class Retriever:
             matches.append(Match(int(images[pos]), uri, float(scores[pos]), int(inliers[pos]), int(votes[pos]),
                                  pos < verified, query_points, database_points))
         if config.expand:
-            from delf_retrieval.query.expansion import expand
 
             start = time.perf_counter()
             matches = expand(matches, self.neighbour_table, config.expand, config.expand_min_inliers, self.uri_of,
@@ -190,8 +194,6 @@ class Retriever:
 
 def index_configs(manifest: dict):
     """(ModelConfig, ExtractionConfig) the index was built with: queries must be extracted the same way."""
-    from delf_retrieval.extraction.extractor import ExtractionConfig
-    from delf_retrieval.model import delf
 
     model = manifest.get("model") or {}
     if "network" not in model or "extraction" not in model:
@@ -206,8 +208,6 @@ def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_sh
     whose pointer ``manifest`` was read from it: a server that must know which version it opened).
     The image shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at
     least ``shortlist_min_images`` images and a shortlist was built for it."""
-    from delf_retrieval.index import segment_reader
-    from delf_retrieval.index.shortlist import ImageShortlist
 
     if image_shortlist not in ("auto", "on", "off"):
         raise ValueError("image_shortlist must be auto, on or off")

@@ -83,7 +83,7 @@ def ransac_affine(src, dst, residual_threshold: float = 20.0, max_trials: int = 
     The first call in a process loads the compiled loop from numba's cache, or compiles it (seconds)
     where there is none yet.
     """
-    from delf_retrieval.query import ransac_kernel
+    from delf_retrieval.query import ransac_kernel  # heavy: numba compiles the kernel on first use
 
     src = np.ascontiguousarray(src, dtype=np.float64)
     dst = np.ascontiguousarray(dst, dtype=np.float64)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from delf_retrieval.extraction.extractor import Extractor
+
 DEFAULT_TARGET_FEATURES = 1000
 DEFAULT_CALIBRATION_IMAGES = 50
 
@@ -47,7 +49,6 @@ def threshold_for_target(score_lists: list[np.ndarray], target: int) -> float:
 def candidate_scores(net, images: list[np.ndarray], extraction) -> list[np.ndarray]:
     """Every candidate feature's score per image under an extraction config (all pyramid levels,
     no threshold, no top-K)."""
-    from delf_retrieval.extraction.extractor import Extractor
 
     config = dataclasses.replace(extraction, score_threshold=-np.inf, max_features=np.iinfo(np.int32).max)
     extractor = Extractor(net, config)

@@ -112,7 +112,7 @@ def list_tfrecords(files: list[str], num_classes: int | None = None) -> Labelled
 
 
 def _tfrecord_labels(files: list[str]):
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: imported on first use
 
     spec = {TFRECORD_LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
     for record in tf.data.TFRecordDataset(files):
@@ -140,7 +140,7 @@ def list_source(source: str, num_classes: int | None = None) -> LabelledImages:
 
 def write_tfrecords(images: LabelledImages, path: str) -> None:
     """Write labelled images (their encoded bytes, unchanged) as one TFRecord file."""
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: imported on first use
 
     with tf.io.TFRecordWriter(path) as writer:
         for uri, label in zip(images.uris, images.labels):
@@ -177,7 +177,7 @@ def load_images(images: LabelledImages, limit: int, seed: int = 0) -> list[np.nd
     """Up to ``limit`` decoded images of a training set (a seeded random sample of a listing, or the
     first records of TFRecords): the sample threshold calibration looks at."""
     if images.tfrecord_files:
-        import tensorflow as tf
+        import tensorflow as tf  # heavy: imported on first use
 
         spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
         records = tf.data.TFRecordDataset(images.tfrecord_files).take(limit)
@@ -190,7 +190,7 @@ def load_images(images: LabelledImages, limit: int, seed: int = 0) -> list[np.nd
 
 def center_square(image):
     """The largest central square of an (H, W, C) image tensor."""
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: imported on first use
 
     shape = tf.shape(image)
     side = tf.minimum(shape[0], shape[1])
@@ -201,7 +201,7 @@ def center_square(image):
 
 def normaliser(normalisation: dict):
     """The network's pixel normalisation (ModelConfig.normalisation) as a TF function of RGB floats."""
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: imported on first use
 
     mean = tf.constant(normalisation["mean"], tf.float32)
     std = tf.constant(normalisation["std"], tf.float32)
@@ -226,7 +226,7 @@ def make_dataset(images: LabelledImages, preprocessing: Preprocessing, batch_siz
     records used are not ``start_step x batch_size`` when the listing holds any. Every random crop
     and rescale draws from stateless generators keyed by the position or the step.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: imported on first use
 
     if images.tfrecord_files:
         spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),

@@ -52,7 +52,7 @@ class LoopResult:
 
 def make_strategy():
     """MirroredStrategy over all GPUs when there are several, otherwise the default strategy."""
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: imported on first use
 
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -61,7 +61,7 @@ def make_strategy():
 @contextlib.contextmanager
 def dtype_policy(name: str):
     """Build layers under a Keras dtype policy ("mixed_float16" on GPUs), then restore the old one."""
-    import keras
+    import keras  # heavy: imported on first use
 
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
@@ -72,7 +72,7 @@ def dtype_policy(name: str):
 
 
 def _optimizer(config: LoopConfig, mixed_precision: bool):
-    import keras
+    import keras  # heavy: imported on first use
 
     rate = config.learning_rate
     if config.schedule == "cosine":
@@ -87,8 +87,8 @@ def _optimizer(config: LoopConfig, mixed_precision: bool):
 def _scalar(tag: str, value, step: int) -> None:
     """A TensorBoard scalar written with TF alone (``tf.summary.scalar`` needs the tensorboard
     package; the event is the same: a float tensor tagged for the scalars plugin)."""
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
+    import tensorflow as tf  # heavy: imported on first use
+    from tensorflow.core.framework import summary_pb2  # heavy: imported on first use
 
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
@@ -107,8 +107,8 @@ def train(build_model, make_dataset, config: LoopConfig, workdir: str, resume: b
     run continues from its step. Loss, accuracy and learning rate go to ``workdir/logs``
     (TensorBoard) every ``log_every`` steps. ``strategy`` defaults to :func:`make_strategy`.
     """
-    import tensorflow as tf
-    from tqdm import tqdm
+    import tensorflow as tf  # heavy: imported on first use
+    from tqdm import tqdm  # heavy: imported on first use
 
     strategy = strategy or make_strategy()
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
