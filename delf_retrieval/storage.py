@@ -258,7 +258,6 @@ def stamps_under(prefix: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _local_guard(path: str):
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.guard", "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)

@@ -7,12 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import io
 import json
 import os
 import time
-
-import pyarrow.parquet as pq
 
 from delf_retrieval import storage
 from delf_retrieval.build import encode
@@ -20,7 +17,7 @@ from delf_retrieval.build import planning as plan_lib
 from delf_retrieval.build.planning import BuildConfig
 from delf_retrieval.corpus import inputs
 from delf_retrieval.extraction.extractor import ExtractionConfig
-from delf_retrieval.index import layout, merging, segments, versions
+from delf_retrieval.index import layout, segments, versions
 from delf_retrieval.index.neighbour_table import NeighbourConfig
 from delf_retrieval.model import delf
 from pipeline import build_quantizer, cli
@@ -126,57 +123,6 @@ def job_url(result, beam_args: list[str]) -> str | None:
     return f"https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id()}?project={cloud.project}"
 
 
-def previous_images(root: str, pointer: dict | None) -> list[dict]:
-    """The current version's live images, as records (none before the first version); those of a
-    format-2 version name the ``segment`` their rows are in."""
-
-
-
-    if pointer is None:
-        return []
-    if segments.is_segmented(pointer):
-        return segments.live_images(root, pointer).to_pylist()
-    table = pq.read_table(io.BytesIO(storage.read_bytes(layout.resolve(root, pointer["files"]["images"]["path"]))))
-    return table.to_pylist()
-
-
-def plan_segments(root: str, pointer: dict, plan, build_id: str, rows_per_shard: int, max_segments: int | None):
-    """(the current version's segments the new one keeps listing, this run's merges, the current
-    version's tombstones and restamps as file records) of an incremental run over a format-2
-    version: the merge policy weighs the segments with this run's deletions counted as
-    tombstones; ``max_segments`` (a merge on demand) merges down to that many instead."""
-
-    tombstones = segments.read_tombstones(root, pointer)
-    deleted: dict = {}
-    for row in plan.deleted:
-        deleted.setdefault(row["segment"], []).append(inputs.image_id(row["uri"]))
-    for segment, ids in deleted.items():
-        tombstones = tombstones.adding(segment, ids)
-    merges = merging.plan_merges(pointer, tombstones, build_id, rows_per_shard, max_segments=max_segments)
-    merged = {s for m in merges for s in m.source_ids}
-    kept = tuple(r for r in segments.segment_refs(pointer) if r.segment_id not in merged)
-    files = {k: pointer["files"][k] for k in ("tombstones", "restamps") if k in pointer["files"]}
-    return kept, tuple(merges), files
-
-
-def neighbour_settings(args: argparse.Namespace, mode: str, pointer: dict | None):
-    """(NeighbourConfig or None, the current version's neighbour table record or None): an
-    incremental build keeps the index's own table up to date; other builds follow the flags."""
-
-    if mode == plan_lib.INCREMENTAL:
-        if "neighbours" not in pointer:
-            if args.verified_neighbours:
-                raise cli.UsageError(f"{args.index} has no neighbour table to keep up to date: rebuild it with "
-                                     "--retrain --verified-neighbours K")
-            return None, None
-        return NeighbourConfig.from_json(pointer["neighbours"]), pointer["files"]["neighbours"]
-    if args.verified_neighbours < 0:
-        raise cli.UsageError("--verified-neighbours must be 0 (none) or more")
-    if not args.verified_neighbours:
-        return None, None
-    return NeighbourConfig(args.verified_neighbours, args.verified_min_inliers), None
-
-
 def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | None, token: str | None,
               lock_owner: str | None, local: bool, started: float):
     """Plan the build of ``mode`` and add its graph to ``pipeline``; returns the ``BuildJob``. The
@@ -196,8 +142,14 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
                       "preset": args.preset}
         config = config_from_args(args)
     model = read_model_folder(args.quantizer) if mode == plan_lib.FIXED else None
-    neighbours, previous_neighbours = neighbour_settings(args, mode, pointer)
-    previous = previous_images(args.index, pointer)
+    if args.verified_neighbours < 0:
+        raise cli.UsageError("--verified-neighbours must be 0 (none) or more")
+    if mode == plan_lib.INCREMENTAL and args.verified_neighbours and "neighbours" not in pointer:
+        raise cli.UsageError(f"{args.index} has no neighbour table to keep up to date: rebuild it with "
+                             "--retrain --verified-neighbours K")
+    neighbours, previous_neighbours = plan_lib.neighbour_settings(mode, pointer, args.verified_neighbours,
+                                                                  args.verified_min_inliers)
+    previous = plan_lib.previous_images(args.index, pointer)
     if args.input is None:  # a merge alone: the listing is the index's own images, all kept
         if mode != plan_lib.INCREMENTAL:
             raise cli.UsageError(f"{args.index}: a {mode} build needs --input")
@@ -215,7 +167,7 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
     build = f"{layout.BUILDS_DIR}/{build_id}"
     kept, merges, previous_files, codebooks = (), (), {}, {}
     if mode == plan_lib.INCREMENTAL and not carry:
-        kept, merges, previous_files = plan_segments(args.index, pointer, plan, build_id, config.rows_per_shard,
+        kept, merges, previous_files = plan_lib.plan_segments(args.index, pointer, plan, build_id, config.rows_per_shard,
                                                      getattr(args, "max_segments", None) if getattr(args, "merge", False)
                                                      else None)
         codebooks = segments.codebook_records(pointer)

@@ -99,7 +99,6 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fetch_config_from_args(args: argparse.Namespace):
-
     return FetchConfig(timeout=args.fetch_timeout, retries=args.fetch_retries, host_interval=args.host_interval,
                        max_bytes=args.max_input_bytes)
 
@@ -150,7 +149,6 @@ def check_retrieval_arguments(parser: argparse.ArgumentParser, args: argparse.Na
 
 
 def retrieval_config_from_args(args: argparse.Namespace):
-
     return RetrievalConfig(neighbours=args.neighbours, nprobe=args.nprobe, max_distance=args.max_distance,
                            shortlist=args.shortlist, top=args.top, residual_threshold=args.residual_threshold,
                            min_inliers=args.min_inliers, rank_by=args.rank_by, vote_weight=args.vote_weight,

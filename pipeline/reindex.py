@@ -77,7 +77,6 @@ def report_line(report: dict) -> str:
 
 
 def rollback(args) -> int:
-
     lock = cli.take_lock(args.index, args, True, "pipeline.reindex")
     try:
         before, _ = versions.current(args.index)

@@ -45,8 +45,6 @@ def parse_args(argv=None):
 def summary_table(manifest: dict, root: str, seconds: float) -> str:
     """Indexed, rejected by reason, descriptors, shards, bytes, wall time."""
 
-
-
     counts = manifest["counts"]
     rows = [("inputs", counts.get("inputs", "")), ("indexed", counts["images"]), ("rejected", counts["rejected"])]
     dead = manifest["files"].get("dead_letters")

@@ -41,7 +41,6 @@ def byte_size(text: str) -> int:
 
 
 def parse_args(argv=None):
-
     d = ServeConfig(index="")
     parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +88,6 @@ def read_token(path: str) -> str:
 
 
 def serve_config(args):
-
     return ServeConfig(index=args.index, host=args.host, port=args.port, workers=args.workers,
                        max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes,
                        request_timeout=args.request_timeout, reload_interval=args.reload_interval,

@@ -576,7 +576,6 @@ class Service:
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     async def matches_picture(self, request: Request):
-
         entry = self._recent(request)
         rank = request.query_params.get("rank")
         if rank is None:
@@ -589,7 +588,6 @@ class Service:
         return await self._picture(entry, lambda e: query_picture(e.image, e.score_map, chosen, first_rank=first))
 
     async def attention_picture(self, request: Request):
-
         entry = self._recent(request)
         return await self._picture(entry, lambda e: attention_overlay(Image.fromarray(e.image), e.score_map))
 

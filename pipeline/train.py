@@ -68,7 +68,6 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-
     defaults = STEP_DEFAULTS[args.step]
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     images = data.list_source(args.input, args.num_classes)

@@ -9,6 +9,7 @@ import pytest
 from delf_retrieval.build import encode, planning
 from delf_retrieval.corpus import inputs
 from delf_retrieval.index import layout, shards
+from delf_retrieval.index.neighbour_table import NeighbourConfig
 from delf_retrieval.quantize import IndexParams
 
 
@@ -160,3 +161,26 @@ def test_posting_rows_survive_the_shard_format_and_split_by_cell_range():
     joined = shards.PostingRows.concatenate(list(parts.values()), m)
     assert sorted(joined.image_ids.tolist()) == sorted(rows.image_ids.tolist())
     assert len(shards.PostingRows.concatenate([], m)) == 0
+
+
+def test_the_neighbour_settings_follow_the_index_in_an_incremental_build_and_k_otherwise():
+    assert planning.neighbour_settings(planning.FULL, None, 0, 10) == (None, None)
+    assert planning.neighbour_settings(planning.FULL, None, 20, 15) == (NeighbourConfig(20, 15), None)
+    record = {"path": "neighbours.parquet", "bytes": 1, "sha256": "0"}
+    pointer = {"neighbours": {"k": 7, "min_inliers": 12}, "files": {"neighbours": record}}
+    assert planning.neighbour_settings(planning.INCREMENTAL, pointer, 0, 10) == (NeighbourConfig(7, 12), record)
+    assert planning.neighbour_settings(planning.INCREMENTAL, {"files": {}}, 20, 10) == (None, None)
+
+
+def test_the_previous_images_of_a_format_1_index_are_read_checked(tmp_path):
+    table = shards.image_table([{"image_id": 1, "uri": "a.jpg", "width": 4, "height": 3, "num_features": 2,
+                                 "content_hash": "x"}])
+    record = layout.write_table_file(str(tmp_path), layout.IMAGES_FILE, table)
+    pointer = {"format_version": 1, "files": {"images": record}}
+    assert planning.previous_images(str(tmp_path), None) == []
+    assert [r["uri"] for r in planning.previous_images(str(tmp_path), pointer)] == ["a.jpg"]
+    data = bytearray((tmp_path / layout.IMAGES_FILE).read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / layout.IMAGES_FILE).write_bytes(bytes(data))
+    with pytest.raises(layout.ShardError, match="SHA-256"):
+        planning.previous_images(str(tmp_path), pointer)

@@ -118,7 +118,6 @@ class ReadImage(beam.DoFn):
     unreadable, oversized or unfetchable input -> dead letter."""
 
     def __init__(self, fetch=None, progress_total: int = 0):
-
         self.fetch = fetch or FetchConfig()
         self.progress_total = progress_total
         self.fetcher = None
@@ -126,7 +125,6 @@ class ReadImage(beam.DoFn):
         self.timing = StageTimer("read")
 
     def setup(self):
-
         self.fetcher = Fetcher(self.fetch)
         PROGRESS.configure(self.progress_total)
 
@@ -168,7 +166,6 @@ class DecodeImage(beam.DoFn):
         self.timing = StageTimer("decode")
 
     def process(self, element):
-
         key, data = element
         uri = getattr(key, "uri", key)
         with self.timing:
@@ -204,7 +201,6 @@ class ExtractFeatures(beam.DoFn):
         self.extractor = None  # built by the first batch: a worker (or a re-index) with none never loads it
 
     def _build(self):
-
         with StageTimer("model_load"):
             net = delf.load(delf.ModelConfig.from_json(dict(self.model_config)))
             self.extractor = Extractor(net, ExtractionConfig.from_json(self.extraction_config))

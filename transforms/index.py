@@ -36,7 +36,6 @@ class ReservoirFn(beam.CombineFn):
         self.timing = StageTimer("sample")
 
     def create_accumulator(self):
-
         return Reservoir(self.max_rows, self.seed)
 
     def add_input(self, reservoir, descriptors):
@@ -114,7 +113,6 @@ class EncodeImages(beam.DoFn):
         self.timing = StageTimer("encode")
 
     def process(self, element, model, descriptors=None):
-
         key, features, digest = element
         try:
             with self.timing:
@@ -192,7 +190,6 @@ class MergeShard(beam.DoFn):
         self.dropped = dropped_by_merges(self.job)
 
     def process(self, element):
-
         number, shard = element
         merge = self.job.merges[number]
         with StageTimer("merge"):
@@ -233,7 +230,6 @@ class BuildIndex(beam.PTransform):
         self.accelerator = accelerator
 
     def expand(self, pbegin):
-
         job = self.job
         planned = (pbegin | "Plan" >> beam.Create([job.plan_path])
                    | "ReadPlan" >> beam.FlatMap(plan_lib.read_plan, (plan_lib.CHECK, plan_lib.EXTRACT)))
@@ -335,7 +331,6 @@ class WriteVersion(beam.DoFn):
         self.job = job
 
     def process(self, _, model, shard_records, merged_records, new_images, same_uris, dead_letters, new_error):
-
         job = self.job
         with StageTimer("publish"):
             plan = plan_lib.read_plan(job.plan_path)
@@ -478,7 +473,6 @@ class PublishVersion(beam.DoFn):
         self.job = job
 
     def process(self, version, edges):
-
         job = self.job
         manifest, report = version["manifest"], version["report"]
         with StageTimer("publish"):

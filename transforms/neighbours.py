@@ -4,7 +4,6 @@ version's neighbour table (``delf_retrieval.expansion``), which queries use for 
 
 from __future__ import annotations
 
-
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -28,7 +27,6 @@ class FindNeighbours(beam.DoFn):
         self.timing = StageTimer("neighbours")
 
     def process(self, element, version):
-
         image_id, rows = element
         try:
             with self.timing:
@@ -52,8 +50,6 @@ def next_neighbour_table(job, version: dict, edges: list[tuple]):
     """The new version's table: the current version's (in an incremental build) without the edges
     of images searched again (``version["searched"]``) or no longer indexed (``version["removed"]``:
     deleted, or now rejected), plus this run's edges both ways, cut to ``k`` per image."""
-
-
 
     previous = neighbour_table.NeighbourTable.empty()
     if job.previous_neighbours is not None:

@@ -26,17 +26,14 @@ class CheckContent(beam.DoFn):
     An input that cannot be read leaves as ``read_input``'s dead letter, as in extraction."""
 
     def __init__(self, fetch=None):
-
         self.fetch = fetch or FetchConfig()
         self.same = Metrics.counter("delf", "images_checked_unchanged")
         self.changed = Metrics.counter("delf", "images_checked_changed")
 
     def setup(self):
-
         self.fetcher = Fetcher(self.fetch)
 
     def process(self, row):
-
         data, rejected = read_input(row["uri"], self.fetcher)
         if rejected is not None:
             yield rejected
@@ -61,8 +58,6 @@ class CarryPostings(beam.DoFn):
         self.rows = Metrics.counter("delf", "descriptors_carried")
 
     def setup(self):
-
-
         self.kept_ids = np.sort(np.asarray(
             [inputs.image_id(r["uri"]) for r in planning.read_plan(self.job.plan_path, (planning.KEEP,))], np.int64))
 
@@ -73,9 +68,6 @@ class CarryPostings(beam.DoFn):
             yield internal_error(record["path"], "carry", e)
 
     def _carry(self, record, same_uris):
-
-
-
         data = layout.checked_read(self.job.root, record)
         table = pq.read_table(io.BytesIO(data))
         carried = np.union1d(self.kept_ids, np.asarray([inputs.image_id(u) for u in same_uris], np.int64))

@@ -39,7 +39,6 @@ class SearchIndex(beam.DoFn):
         self.answered = Metrics.counter("delf", "queries_answered")
 
     def setup(self):
-
         self.retriever = retrieval.open_index(self.index, self.config, **self.open_options)
 
     def process(self, element):
@@ -57,7 +56,6 @@ class SearchIndex(beam.DoFn):
                           "error": None})
 
     def _picture(self, query: QueryImage, matches) -> None:
-
         if self.extractor is None:
 
             model_config, extraction_config = retrieval.index_configs(self.retriever.reader.manifest)
@@ -93,7 +91,6 @@ class SearchQueries(beam.PTransform):
         self.accelerator = accelerator
 
     def expand(self, pbegin):
-
         # Queries are extracted exactly as the index was built.
         model_config, extraction_config = retrieval.index_configs(layout.read_manifest(self.index))
         ranks = {uri: rank for rank, uri in reversed(list(enumerate(self.queries)))}

@@ -5,21 +5,24 @@ sized. The Beam build carries a plan out; nothing here imports Beam."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
+import uuid
 from dataclasses import dataclass, field
 
-from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
-from delf_retrieval.quantize import IndexParams
-from delf_retrieval.quantize import pca as pca_lib
-from delf_retrieval import storage
-from delf_retrieval.build import encode
-from delf_retrieval.corpus import inputs
-from delf_retrieval.index import shards
-import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import uuid
+
+from delf_retrieval import storage
+from delf_retrieval.build import encode
+from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
+from delf_retrieval.corpus import inputs
+from delf_retrieval.index import layout, merging, shards
+from delf_retrieval.index.neighbour_table import NeighbourConfig
+from delf_retrieval.index.segments import is_segmented, live_images, read_tombstones, segment_refs
+from delf_retrieval.quantize import IndexParams
+from delf_retrieval.quantize import pca as pca_lib
 
 # The modes of the one build.
 FULL = "full"  # extract every image; train PCA + quantizer on a sample of them first
@@ -230,6 +233,48 @@ def indexed_record(row: dict) -> dict:
 
     return {"image_id": inputs.image_id(row["uri"]), "uri": row["uri"], "label": row["label"], "stamp": row["stamp"],
             **{k: row[k] for k in INDEXED_FIELDS}}
+
+
+def previous_images(root: str, pointer: dict | None) -> list[dict]:
+    """The current version's live images, as records (none before the first version); those of a
+    format-2 version name the ``segment`` their rows are in. Files are read checked."""
+    if pointer is None:
+        return []
+    if is_segmented(pointer):
+        return live_images(root, pointer).to_pylist()
+    return pq.read_table(io.BytesIO(layout.checked_read(root, pointer["files"]["images"]))).to_pylist()
+
+
+def plan_segments(root: str, pointer: dict, plan: BuildPlan, build_id: str, rows_per_shard: int,
+                  max_segments: int | None) -> tuple[tuple, tuple, dict]:
+    """(the current version's segments the new one keeps listing, this run's merges, the current
+    version's tombstones and restamps as file records) of an incremental run over a format-2
+    version: the merge policy weighs the segments with this run's deletions counted as
+    tombstones; ``max_segments`` (a merge on demand) merges down to that many instead."""
+    tombstones = read_tombstones(root, pointer)
+    deleted: dict = {}
+    for row in plan.deleted:
+        deleted.setdefault(row["segment"], []).append(inputs.image_id(row["uri"]))
+    for segment, ids in deleted.items():
+        tombstones = tombstones.adding(segment, ids)
+    merges = merging.plan_merges(pointer, tombstones, build_id, rows_per_shard, max_segments=max_segments)
+    merged = {s for m in merges for s in m.source_ids}
+    kept = tuple(r for r in segment_refs(pointer) if r.segment_id not in merged)
+    files = {k: pointer["files"][k] for k in ("tombstones", "restamps") if k in pointer["files"]}
+    return kept, tuple(merges), files
+
+
+def neighbour_settings(mode: str, pointer: dict | None, k: int, min_inliers: int) -> tuple:
+    """(NeighbourConfig or None, the current version's neighbour table record or None): an
+    incremental build keeps the index's own table up to date (none if it has none); other builds
+    keep at most ``k`` neighbours per image (0: no table)."""
+    if mode == INCREMENTAL:
+        if "neighbours" not in pointer:
+            return None, None
+        return NeighbourConfig.from_json(pointer["neighbours"]), pointer["files"]["neighbours"]
+    if not k:
+        return None, None
+    return NeighbourConfig(k, min_inliers), None
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,6 @@ class NeighbourTable:
 
     @staticmethod
     def from_bytes(data: bytes) -> "NeighbourTable":
-
         return NeighbourTable.from_table(pq.read_table(io.BytesIO(data)))
 
 
