@@ -63,8 +63,22 @@ def configs_from_args(args: argparse.Namespace):
     return model_config, extraction
 
 
-def quiet_tensorflow() -> None:
+def quiet_tensorflow(debug: bool = False) -> None:
+    """Load TensorFlow without its start-up lines on stderr (absl's "All log messages before
+    absl::InitializeLog()", oneDNN's notice), which its log level does not reach: stderr is closed
+    while it loads. With ``debug`` it loads as it likes. Warnings of our own are untouched."""
+    if debug or "tensorflow" in sys.modules:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow  # noqa: F401  (heavy: loaded here, once, so that its start-up is silent)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 EXIT_FAILED = 1

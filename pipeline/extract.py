@@ -130,7 +130,7 @@ def parse_args(argv=None):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(args.debug)
     model_config, extraction_config = cli.configs_from_args(args)
     summary = main(model_config, extraction_config, args.inputs, args.output, args.visualize, args.overwrite,
                    progress=not args.no_progress)

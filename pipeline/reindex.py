@@ -91,7 +91,7 @@ def run(argv=None, test_pipeline=None) -> int:
     """The re-index job; ``test_pipeline`` (a Beam pipeline) lets tests supply their own."""
 
     args, beam_args = parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(args.debug)
     if args.rollback:
         return rollback(args)
 

@@ -72,7 +72,7 @@ def run(argv=None, test_pipeline=None) -> int:
     """The main job; ``test_pipeline`` (a Beam pipeline) lets tests supply their own."""
 
     args, beam_args = parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(args.debug)
     mode = plan_lib.FIXED if args.quantizer else plan_lib.FULL
     report = build.execute(args, beam_args, "pipeline.run", lambda pointer: mode, test_pipeline)
     if report is None:

@@ -18,10 +18,11 @@ import sys
 import time
 
 from delf_retrieval import storage
+from delf_retrieval.api import Index, to_rgb
 from delf_retrieval.corpus.images import ImageError
-from delf_retrieval.corpus.inputs import Fetcher, FetchError, read_image
+from delf_retrieval.corpus.inputs import FetchError
 from delf_retrieval.extraction.visualize import write_query_picture
-from delf_retrieval.query import engine, retrieval
+from delf_retrieval.query import retrieval
 from pipeline import cli
 from pipeline.build import make_pipeline
 from transforms.search import SearchQueries
@@ -57,22 +58,20 @@ def parse_args(argv=None):
 
 
 def search_locally(args) -> tuple[list, list]:
-    """Answer each query in this process, through the engine pipeline.serve answers with: (answers, failures)."""
-
+    """Answer each query in this process, through the ``Index`` pipeline.serve answers with: (answers, failures)."""
     # One-off queries read only the row groups they probe; a server holds the postings instead.
-    opened = engine.open_engine(engine.published(args.index), cli.engine_config_from_args(args, resident=False))
-    fetcher = Fetcher(cli.fetch_config_from_args(args))
+    index = Index(args.index, cli.engine_config_from_args(args, resident=False), cli.fetch_config_from_args(args))
     answers, failures = [], []
     timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
         try:
-            image = read_image(query, fetcher)
+            image = to_rgb(query, index.fetcher)
         except (ImageError, FetchError, OSError, ValueError) as e:
             failures.append((query, f"{type(e).__name__}: {e}"))
             answers.append((query, []))
             continue
         try:
-            answer = opened.answer(image)
+            answer = index.answer(image)
         except Exception as e:  # noqa: BLE001 - one query that fails must not lose the others
             failures.append((query, f"search failed: {type(e).__name__}: {e}"))
             answers.append((query, []))
@@ -81,7 +80,7 @@ def search_locally(args) -> tuple[list, list]:
             timings[stage] = timings.get(stage, 0.0) + seconds
         answers.append((query, answer.matches))
         if args.visualize:
-            write_query_picture(args.visualize, rank, query, image, opened.extractor.score_map(image),
+            write_query_picture(args.visualize, rank, query, image, index.engine.extractor.score_map(image),
                                 answer.matches[: args.visualize_top])
     n = max(len(answers) - len(failures), 1)
     print("seconds per query: " + ", ".join(f"{k} {v / n:.3f}" for k, v in timings.items()), file=sys.stderr)
@@ -123,7 +122,7 @@ class _Match:
 
 def run(argv=None) -> int:
     args, beam_args = parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(args.debug)
 
     start = time.time()
     answers, failures = search_with_beam(args, beam_args) if args.runner else search_locally(args)

@@ -126,7 +126,7 @@ def make_server(service, access_log: bool = True):
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(args.debug)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:

@@ -105,7 +105,7 @@ def main(args) -> int:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    cli.quiet_tensorflow()
+    cli.quiet_tensorflow(args.debug)
     return main(args)
 
 

@@ -408,10 +408,15 @@ def test_the_commands_answer_bad_input_with_one_line(hostile_build, tmp_path, ca
 
 
 def test_the_entry_point_itself_speaks_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline.search", "--index", str(tmp_path / "none"),
-                             "q.jpg"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    """One line and a hint, after TensorFlow has loaded (pipeline.search loads it first) without its
+    start-up lines; --debug adds the traceback."""
+    argv = [sys.executable, "-m", "pipeline.search", "--index", str(tmp_path / "none"), "q.jpg"]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("python -m pipeline.search: error: ") and "Traceback" not in result.stderr
+    assert [line.split(": ")[1] for line in result.stderr.splitlines()] == ["error", "hint"], result.stderr
+    debug = subprocess.run(argv + ["--debug"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
 # ---------------------------------------------------------------------------------------------
