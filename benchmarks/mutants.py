@@ -135,7 +135,7 @@ MUTANTS = (
     Mutant("average-precision-without-trapezoid", "delf_retrieval/query/evaluation.py",
            "return float(np.sum((precision_0 + precision_1) / 2.0) / n_positives)",
            "return float(np.sum(precision_1) / n_positives)",
-           ("tests/test_evaluate.py",)),
+           ("tests/test_evaluation.py",)),
     Mutant("gpu-hint-on-the-network-only", "transforms/index.py",
            "encoded.append(encode_images(features, model, job, descriptors, accelerator=self.accelerator))",
            "encoded.append(encode_images(features, model, job, descriptors))",
