@@ -149,7 +149,16 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
                              "--retrain --verified-neighbours K")
     neighbours, previous_neighbours = plan_lib.neighbour_settings(mode, pointer, args.verified_neighbours,
                                                                   args.verified_min_inliers)
-    previous = plan_lib.previous_images(args.index, pointer)
+    start = None
+    if mode == plan_lib.INCREMENTAL and segments.is_segmented(pointer):  # found damaged: left out, extracted again
+        scrub_bytes, scrub_fraction = getattr(args, "scrub_bytes", (None, plan_lib.DEFAULT_SCRUB_FRACTION))
+        start = plan_lib.checked_start(args.index, pointer, scrub_bytes, scrub_fraction, getattr(args, "repair", False))
+        if start.damaged and args.input is None:
+            raise cli.UsageError(f"{args.index}: segment {', '.join(sorted(start.damaged))} is damaged "
+                                 f"({next(iter(start.damaged.values()))}); repair it from the corpus: "
+                                 "python -m pipeline.reindex --input SRC --index ROOT --repair")
+        pointer = start.pointer
+    previous = start.previous if start else plan_lib.previous_images(args.index, pointer)
     if args.input is None:  # a merge alone: the listing is the index's own images, all kept
         if mode != plan_lib.INCREMENTAL:
             raise cli.UsageError(f"{args.index}: a {mode} build needs --input")
@@ -160,8 +169,11 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
             label_from_folder = os.path.abspath(args.input) == SAMPLE_CORPUS
         listed, repeats = inputs.list_stamped(args.input, label_from_folder, stat_objects=mode == plan_lib.INCREMENTAL)
     carry = mode == plan_lib.INCREMENTAL and not segments.is_segmented(pointer)
+    counts = pointer and pointer["counts"]
+    if start is not None:  # the live images and rows of the segments the run starts from
+        counts = {**counts, "images": len(start.previous), "descriptors": start.descriptors}
     plan = plan_lib.plan_build(mode, listed, repeats, config, extraction_config.max_features, previous,
-                               pointer and pointer["counts"], pointer and pointer["params"]["n_cells"],
+                               counts, pointer and pointer["params"]["n_cells"],
                                carry=carry, keep_all=args.input is None)
     build_id = plan_lib.new_build_id()
     build = f"{layout.BUILDS_DIR}/{build_id}"
@@ -182,8 +194,9 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         drift_threshold=getattr(args, "drift_threshold", plan_lib.DRIFT_THRESHOLD),
         drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours,
         previous_neighbours=previous_neighbours, carry=plan.carry, kept=plan.count(plan_lib.KEEP), segments=kept,
-        previous_descriptors=pointer["counts"]["descriptors"] if pointer else 0,
-        merges=merges, previous_files=previous_files, codebooks=codebooks)
+        previous_descriptors=counts["descriptors"] if counts else 0,
+        merges=merges, previous_files=previous_files, codebooks=codebooks,
+        scrub=start.scrub.to_json() if start else None, repaired=tuple(sorted(start.damaged)) if start else ())
     extract = functools.partial(
         ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, fetch=fetch,
         progress_total=plan.to_read if local and not args.no_progress else 0)

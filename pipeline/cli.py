@@ -178,6 +178,26 @@ def engine_config_from_args(args: argparse.Namespace, resident: bool, max_memory
                         resident=resident, **memory)
 
 
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def bytes_or_share(text: str) -> tuple[int | None, float]:
+    """A budget given as a size ("500M", "2G", "1000") or as a share of the whole ("10%"), as
+    (bytes or None, share): (None, 0.1) for "10%", (500 << 20, 0.0) for "500M"."""
+    if text.strip().endswith("%"):
+        try:
+            share = float(text.strip()[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 <= share <= 1:
+            raise argparse.ArgumentTypeError(f"not a share between 0% and 100%: {text}")
+        return None, share
+    match = SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size or a share: {text} (e.g. 10%, 500M, 2G)")
+    return int(float(match.group(1)) * (1 << (10 * " kmgt".index(match.group(2).lower() or " ")))), 0.0
+
+
 def flag(value: str) -> bool:
     """A boolean option's value as a Flex Template passes it (``--retrain=true``)."""
     if value.lower() in ("1", "true", "yes", "on"):

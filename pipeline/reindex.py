@@ -57,9 +57,18 @@ def parse_args(argv=None):
         help="merge segments now, down to --max-segments, dropping deleted rows (without --input: only that); "
              "otherwise a run merges when the merge policy says so")
     add("--max-segments", type=int, default=1, help="segments left by --merge (default %(default)s)")
+    add("--scrub-bytes", type=cli.bytes_or_share, default=(None, plan_lib.DEFAULT_SCRUB_FRACTION),
+        help="segment bytes each run verifies by SHA-256, round-robin from where the last run stopped: a size "
+             "(500M) or a share of the index (default 10%%: every byte within 10 runs); a segment found damaged "
+             "is left out and its images are extracted again from the corpus")
+    add("--repair", nargs="?", const=True, default=False, type=cli.flag,
+        help="verify every byte of every segment now, and extract the images of any damaged one again from the "
+             "corpus into this run's segment")
     args, beam_args = parser.parse_known_args(argv)
     if not args.rollback and not args.input and not args.merge:
         parser.error("--input is required (except with --rollback or --merge)")
+    if args.repair and not args.input:
+        parser.error("--repair extracts the damaged segments' images again: give --input")
     if args.max_segments < 1:
         parser.error("--max-segments must be at least 1")
     return args, beam_args
@@ -73,6 +82,7 @@ def report_line(report: dict) -> str:
             f"rejected {report['rejected']}, unchanged {report['unchanged']}; reused {report['reused']}, re-extracted "
             f"{report['re_extracted']}; drift {'n/a' if ratio is None else f'{ratio:.2f}'}"
             f"{' (retrain due)' if drift.get('retrain_due') else ''}; {report['segments']} segments"
+            f"{'; repaired damaged segment ' + ', '.join(report['repaired']) if report.get('repaired') else ''}"
             f"{f' ({merged} merged)' if merged else ''}; {report['wall_seconds']:.1f} s -> {report['build']}")
 
 

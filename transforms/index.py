@@ -16,7 +16,7 @@ from delf_retrieval.build import encode
 from delf_retrieval.build import planning as plan_lib
 from delf_retrieval.build.encode import PublishRefused, Reservoir, expected_descriptors
 from delf_retrieval.corpus import inputs
-from delf_retrieval.index import layout, merging, segments, shards, versions
+from delf_retrieval.index import layout, merging, scrub, segments, shards, versions
 from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
 from delf_retrieval.index.segments import codebook_records
 from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample, with_accelerator
@@ -357,6 +357,9 @@ class WriteVersion(beam.DoFn):
                 live_descriptors=self.live_descriptors(plan, same, shard_records, new_images), codebooks=codebooks)
             report = self.report(plan, same, indexed, new_images, dead_letters, manifest, new_error, model, written)
             manifest.update({"drift": report["drift"], "changes": {k: report[k] for k in CHANGE_COUNTS}})
+            if job.scrub is not None:  # where the next run's scrub goes on, and what this one found
+                manifest["scrub"] = job.scrub
+            report["repaired"] = list(job.repaired)
             manifest["counts"]["inputs"] = job.listed
             if manifest["counts"]["images"] != indexed:
                 raise PublishRefused(f"the new version would hold {manifest['counts']['images']} live images, but "
@@ -484,6 +487,7 @@ class PublishVersion(beam.DoFn):
                 manifest["neighbours"] = job.neighbours.to_json()
                 report["neighbour_edges"] = len(table)
             pointer = versions.publish(job.root, job.build, manifest, job.expected_token, deep=set(version["written"]))
+            scrub.clear_notes(job.root, pointer, job.scrub)
             report["previous"] = pointer.get("previous")
             report["pruned"] = versions.prune(job.root, keep=job.keep, protect={job.build})
             report["published"] = True

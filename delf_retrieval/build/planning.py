@@ -18,8 +18,9 @@ from delf_retrieval import storage
 from delf_retrieval.build import encode
 from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
 from delf_retrieval.corpus import inputs
-from delf_retrieval.index import layout, merging, shards
+from delf_retrieval.index import layout, merging, scrub, shards
 from delf_retrieval.index.neighbour_table import NeighbourConfig
+from delf_retrieval.index.scrub import ScrubReport
 from delf_retrieval.index.segments import is_segmented, live_images, read_tombstones, segment_refs
 from delf_retrieval.quantize import IndexParams
 from delf_retrieval.quantize import pca as pca_lib
@@ -245,6 +246,43 @@ def previous_images(root: str, pointer: dict | None) -> list[dict]:
     return pq.read_table(io.BytesIO(layout.checked_read(root, pointer["files"]["images"]))).to_pylist()
 
 
+@dataclass(frozen=True)
+class Start:
+    """What an incremental run over a format-2 version starts from once it has checked it: the
+    current version less its damaged segments (``pointer``), its live images (``previous``, the
+    damaged segments' not among them, so they are extracted again from the corpus like new ones),
+    their descriptors, and the scrub's findings."""
+
+    pointer: dict
+    previous: list
+    descriptors: int
+    scrub: ScrubReport
+
+    @property
+    def damaged(self) -> dict:
+        return self.scrub.damaged
+
+
+DEFAULT_SCRUB_FRACTION = 0.1  # of a version's segment bytes, verified by each run: all of them every 10 runs
+
+
+def checked_start(root: str, pointer: dict, scrub_bytes: int | None = None,
+                  scrub_fraction: float = DEFAULT_SCRUB_FRACTION, repair: bool = False) -> Start:
+    """Scrub ``scrub_bytes`` (None: ``scrub_fraction`` of the current version's segment bytes),
+    round-robin from where the last run stopped, plus every segment a reader noted as damaged
+    (``repair``: every byte of every segment), and read its live images; a segment found damaged
+    on the way is left out of the start."""
+    total = sum(r.size_bytes for r in segment_refs(pointer))
+    budget = total if repair else scrub_bytes if scrub_bytes is not None else int(scrub_fraction * total)
+    suspects = {r.segment_id for r in segment_refs(pointer)} if repair else scrub.noted_damage(root)
+    report = scrub.scrub(root, pointer, budget, (pointer.get("scrub") or {}).get("cursor"), suspects)
+    damaged = dict(report.damaged)
+    previous = live_images(root, pointer, damaged).to_pylist()
+    report = dataclasses.replace(report, damaged=damaged)
+    return Start(scrub.without_segments(pointer, set(damaged)), previous,
+                 sum(r["num_features"] for r in previous), report)
+
+
 def plan_segments(root: str, pointer: dict, plan: BuildPlan, build_id: str, rows_per_shard: int,
                   max_segments: int | None) -> tuple[tuple, tuple, dict]:
     """(the current version's segments the new one keeps listing, this run's merges, the current
@@ -319,6 +357,10 @@ class BuildJob:
     merges: tuple = ()
     previous_files: dict = field(default_factory=dict)
     codebooks: dict = field(default_factory=dict)  # the current version's shared model; empty: write the run's
+    # The scrub of the current version (``scrub.ScrubReport.to_json``, recorded in the new version so
+    # the next run goes on from its cursor) and the damaged segments this run leaves out and repairs.
+    scrub: dict | None = None
+    repaired: tuple = ()
 
     @property
     def segment_id(self) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from delf_retrieval.index import layout, shards
+from delf_retrieval.index import layout, scrub, shards
 from delf_retrieval.index.merge_policy import MergePolicy, SegmentStats
 from delf_retrieval.index.segments import (Restamps, SegmentRef, Tombstones, in_segment, read_segment, segment_images,
                                            segment_refs)
@@ -67,15 +67,20 @@ def merged_shard(root: str, merge: Merge, shard: int, dropped: Tombstones, n_cel
                  pq_bits: int) -> pa.Table:
     """The posting table of one shard of ``merge``: the rows of its sources in the shard's cell
     range, without images ``dropped`` names for their segment, in the order one segment stores
-    (an image's rows keep theirs). Each source shard read is checked against its SHA-256."""
+    (an image's rows keep theirs). Each source shard read is checked against its SHA-256 (a damaged one is
+    named and noted: ``scrub.reading``)."""
     first, end = cell_range(shard, n_cells, merge.num_shards)
     parts = []
     for ref in merge.sources:
         gone = dropped.of(ref.segment_id)
-        for record in read_segment(root, ref).shards:
+        with scrub.reading(root, ref.segment_id):
+            records = read_segment(root, ref).shards
+        for record in records:
             if record["last_cell"] < first or record["first_cell"] >= end:
                 continue
-            table = pq.read_table(io.BytesIO(layout.checked_read(root, in_segment(ref, record), checksum=True)))
+            with scrub.reading(root, ref.segment_id):
+                data = layout.checked_read(root, in_segment(ref, record), checksum=True)
+            table = pq.read_table(io.BytesIO(data))
             cells = table.column("cell").to_numpy()
             keep = (cells >= first) & (cells < end) & ~np.isin(table.column("image_id").to_numpy(), gone)
             if keep.any():

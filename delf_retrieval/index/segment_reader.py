@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from delf_retrieval import storage
-from delf_retrieval.index import layout, shard_reader
+from delf_retrieval.index import layout, scrub, shard_reader
 from delf_retrieval.index.neighbour_table import NeighbourTable
 from delf_retrieval.index.segments import (in_segment, index_root, is_segmented, read_restamps, read_segment,
                                            read_tombstones, segment_refs, with_restamps, without_images)
@@ -80,15 +80,16 @@ class SegmentedReader:
         if not self.refs:
             raise layout.ManifestError(f"{directory}: the version lists no segments")
         self.tombstones = read_tombstones(directory, manifest)
-        root = index_root(directory, manifest)
+        self.root = root = index_root(directory, manifest)
         self.segments: list[shard_reader.IndexReader] = []
         model = None
-        for ref in self.refs:
-            segment = read_segment(root, ref)
-            own = {"index_id": segment.index_id,
-                   "files": {**manifest["codebooks"], "images": in_segment(ref, segment.images)},
-                   "shards": [in_segment(ref, s) for s in segment.shards]}
-            reader = shard_reader.IndexReader(root, cache_bytes, manifest=own, model=model)
+        for s, ref in enumerate(self.refs):
+            with self._reading(s):
+                segment = read_segment(root, ref)
+                own = {"index_id": segment.index_id,
+                       "files": {**manifest["codebooks"], "images": in_segment(ref, segment.images)},
+                       "shards": [in_segment(ref, s) for s in segment.shards]}
+                reader = shard_reader.IndexReader(root, cache_bytes, manifest=own, model=model)
             model = (reader.quantizer, reader.pca)  # read and checked once, shared by every segment
             self.segments.append(reader)
         self.quantizer, self.pca = model
@@ -121,6 +122,10 @@ class SegmentedReader:
         self._share_cache(resident=False)
         self._images: pa.Table | None = None
         self._neighbours = None
+
+    def _reading(self, s: int):
+        """Reading segment ``s`` (``scrub.reading``: its damage named and noted)."""
+        return scrub.reading(self.root, self.refs[s].segment_id)
 
     def _share_cache(self, resident: bool) -> None:
         """Split ``cache_bytes``: the segments' row-group caches in proportion to their rows, and
@@ -166,7 +171,8 @@ class SegmentedReader:
         image ranks), sorted by (region, image rank), an image's rows in their stored order."""
         parts = []
         for s, reader in enumerate(self.segments):
-            regions, codes, rows, index = reader._cell_rows(cells)
+            with self._reading(s):
+                regions, codes, rows, index = reader._cell_rows(cells)
             ranks = self._ranks[s][index]
             if len(self._deleted[s]):
                 keep = ranks >= 0
@@ -237,7 +243,8 @@ class SegmentedReader:
         live_rows = 0
         for s, reader in enumerate(self.segments):
             for group in range(reader.num_row_groups):
-                index = reader._load_group(group)["image_index"]
+                with self._reading(s):
+                    index = reader._load_group(group)["image_index"]
                 live_rows += int((self._ranks[s][index] >= 0).sum())
         codes, ids = np.empty((live_rows, m), np.uint8), np.empty(live_rows, np.int64)
         ranks, counts = np.empty(live_rows, np.int32), np.zeros(n_regions, np.int64)
@@ -285,7 +292,12 @@ class SegmentedReader:
         (global row ids, image ids, decoded descriptors, keypoints), segment after segment;
         tombstoned rows dropped, groups left empty skipped."""
         for s, (reader, deleted) in enumerate(zip(self.segments, self._deleted)):
-            for block in reader.stored_rows():
+            blocks = reader.stored_rows()
+            while True:
+                with self._reading(s):
+                    block = next(blocks, None)
+                if block is None:
+                    break
                 if len(deleted):
                     block = block.take(~np.isin(block.image_ids, deleted))
                 if len(block):
@@ -307,7 +319,8 @@ class SegmentedReader:
         segment = np.searchsorted(self._offsets, flat[valid], side="right") - 1
         for s in np.unique(segment):
             where = valid[segment == s]
-            part = self.segments[int(s)].rows(flat[where] - self._offsets[s])
+            with self._reading(int(s)):
+                part = self.segments[int(s)].rows(flat[where] - self._offsets[s])
             out.image_ids[where], out.locations[where] = part.image_ids, part.locations
             out.scales[where], out.attentions[where] = part.scales, part.attentions
         shape = ids.shape

@@ -64,6 +64,16 @@ RESTAMPS_FILE = "restamps.parquet"
 RESTAMP_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64()), ("stamp", pa.string())])
 
 
+class DamagedSegment(layout.ShardError):
+    """A segment whose files fail their checks, named so that the user and the next run know which:
+    that run leaves it out and extracts its images again from the corpus."""
+
+    def __init__(self, segment_id: str, detail: str):
+        super().__init__(f"segment {segment_id} is damaged ({detail}); the next pipeline.reindex run repairs it "
+                         "from the corpus (--repair: now)")
+        self.segment_id = segment_id
+
+
 @dataclass(frozen=True)
 class SegmentRef:
     """A segment as a version manifest lists it: its manifest's path (from the index root), size and
@@ -249,14 +259,24 @@ def read_restamps(directory: str, manifest: dict) -> Restamps:
     return Restamps.from_table(pq.read_table(io.BytesIO(layout.checked_read(directory, record, checksum=True))))
 
 
-def live_images(root: str, manifest: dict) -> pa.Table:
+def live_images(root: str, manifest: dict, damaged: dict | None = None) -> pa.Table:
     """The live images of a format-2 version read from ``root`` (the pointer, or a manifest whose
     paths are from ``root``): each segment's image table without its tombstoned images, with the
-    version's restamps applied and a ``segment`` column naming where each image's rows are."""
+    version's restamps applied and a ``segment`` column naming where each image's rows are. With
+    ``damaged`` ({segment id: reason}), those segments are left out, and so is a segment whose
+    image table fails its check, which is added there instead of raising."""
     tombstones, restamps = read_tombstones(root, manifest), read_restamps(root, manifest)
     parts = [pa.Table.from_pylist([], schema=shards.IMAGE_SCHEMA.append(pa.field("segment", pa.string())))]
     for ref in segment_refs(manifest):
-        table = segment_images(root, ref, tombstones.of(ref.segment_id), restamps.stamps.get(ref.segment_id, {}))
+        if damaged is not None and ref.segment_id in damaged:
+            continue
+        try:
+            table = segment_images(root, ref, tombstones.of(ref.segment_id), restamps.stamps.get(ref.segment_id, {}))
+        except layout.IndexStorageError as e:
+            if damaged is None:
+                raise
+            damaged[ref.segment_id] = str(e)
+            continue
         parts.append(table.append_column("segment", pa.array(np.full(table.num_rows, ref.segment_id, object),
                                                              pa.string())))
     return pa.concat_tables(parts)
