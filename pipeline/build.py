@@ -63,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser, root_default: str | None, inp
                               "install-nvidia-driver' (run_dataflow.sh passes it)")
 
     neighbours = NeighbourConfig()
-    add("--verified-neighbours", type=int, default=0,
-        help="keep each image's verified neighbours (at most this many) for query expansion "
-             "(pipeline.search --expand); 0: no neighbour table (default %(default)s). Incremental runs keep the "
-             f"index's own setting (suggested: {neighbours.k})")
+    add("--verified-neighbours", type=int, default=neighbours.k,
+        help="keep each image's verified neighbours (at most this many) for query expansion, which "
+             "pipeline.search and pipeline.serve use by default; 0: no neighbour table (default %(default)s). "
+             "Incremental runs keep the index's own setting; one over an index without a table adds it")
     add("--verified-min-inliers", type=int, default=neighbours.min_inliers,
         help="RANSAC inliers a verified neighbour needs (default %(default)s)")
     add("--keep", type=int, default=2, help="old versions kept besides the current one (default %(default)s)")
@@ -144,9 +144,6 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
     model = read_model_folder(args.quantizer) if mode == plan_lib.FIXED else None
     if args.verified_neighbours < 0:
         raise cli.UsageError("--verified-neighbours must be 0 (none) or more")
-    if mode == plan_lib.INCREMENTAL and args.verified_neighbours and "neighbours" not in pointer:
-        raise cli.UsageError(f"{args.index} has no neighbour table to keep up to date: rebuild it with "
-                             "--retrain --verified-neighbours K")
     neighbours, previous_neighbours = plan_lib.neighbour_settings(mode, pointer, args.verified_neighbours,
                                                                   args.verified_min_inliers)
     start = None

@@ -57,11 +57,12 @@ def parse_args(argv=None):
     return args, beam_args
 
 
-def search_locally(args) -> tuple[list, list]:
-    """Answer each query in this process, through the ``Index`` pipeline.serve answers with: (answers, failures)."""
+def search_locally(args) -> tuple[list, list, set]:
+    """Answer each query in this process, through the ``Index`` pipeline.serve answers with:
+    (answers, failures, notes on how they were answered)."""
     # One-off queries read only the row groups they probe; a server holds the postings instead.
     index = Index(args.index, cli.engine_config_from_args(args, resident=False), cli.fetch_config_from_args(args))
-    answers, failures = [], []
+    answers, failures, notes = [], [], set()
     timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
         try:
@@ -79,15 +80,16 @@ def search_locally(args) -> tuple[list, list]:
         for stage, seconds in answer.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         answers.append((query, answer.matches))
+        notes.update(answer.notes)
         if args.visualize:
             write_query_picture(args.visualize, rank, query, image, index.engine.extractor.score_map(image),
                                 answer.matches[: args.visualize_top])
     n = max(len(answers) - len(failures), 1)
     print("seconds per query: " + ", ".join(f"{k} {v / n:.3f}" for k, v in timings.items()), file=sys.stderr)
-    return answers, failures
+    return answers, failures, notes
 
 
-def search_with_beam(args, beam_args) -> tuple[list, list]:
+def search_with_beam(args, beam_args) -> tuple[list, list, set]:
     """The same search as a Beam pipeline: workers write one JSON line per query beside
     ``--output`` (so on Dataflow it must be a gs:// path), read back here in query order."""
 
@@ -107,7 +109,7 @@ def search_with_beam(args, beam_args) -> tuple[list, list]:
     records.sort(key=lambda r: r["rank"])
     answers = [(r["query"], [_Match(m) for m in r["matches"]]) for r in records]
     failures = [(r["query"], r["error"]) for r in records if r.get("error")]
-    return answers, failures
+    return answers, failures, {note for r in records for note in r.get("notes", ())}
 
 
 class _Match:
@@ -125,9 +127,11 @@ def run(argv=None) -> int:
     cli.quiet_tensorflow(args.debug)
 
     start = time.time()
-    answers, failures = search_with_beam(args, beam_args) if args.runner else search_locally(args)
-    storage.write_bytes(args.output, json.dumps(retrieval.results_document(answers), indent=1).encode())
+    answers, failures, notes = search_with_beam(args, beam_args) if args.runner else search_locally(args)
+    storage.write_bytes(args.output, json.dumps(retrieval.results_document(answers, sorted(notes)), indent=1).encode())
     print(retrieval.results_table(answers))
+    for note in sorted(notes):
+        print(f"note: {note}", file=sys.stderr)
     for query, error in failures:
         print(f"query failed: {query}: {error}", file=sys.stderr)
     print(f"{len(answers)} queries ({len(failures)} failed) in {time.time() - start:.1f} s; results in {args.output}")

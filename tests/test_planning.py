@@ -169,7 +169,8 @@ def test_the_neighbour_settings_follow_the_index_in_an_incremental_build_and_k_o
     record = {"path": "neighbours.parquet", "bytes": 1, "sha256": "0"}
     pointer = {"neighbours": {"k": 7, "min_inliers": 12}, "files": {"neighbours": record}}
     assert planning.neighbour_settings(planning.INCREMENTAL, pointer, 0, 10) == (NeighbourConfig(7, 12), record)
-    assert planning.neighbour_settings(planning.INCREMENTAL, {"files": {}}, 20, 10) == (None, None)
+    assert planning.neighbour_settings(planning.INCREMENTAL, {"files": {}}, 20, 10) == (NeighbourConfig(20, 10), None)
+    assert planning.neighbour_settings(planning.INCREMENTAL, {"files": {}}, 0, 10) == (None, None)
 
 
 def test_the_previous_images_of_a_format_1_index_are_read_checked(tmp_path):

@@ -21,7 +21,9 @@ from delf_retrieval.corpus import inputs
 from delf_retrieval.corpus.images import load_image
 from delf_retrieval.extraction.extractor import ExtractionConfig, Extractor
 from delf_retrieval.index import layout, segment_reader, segments, shards, versions
+from delf_retrieval.index.neighbour_table import NeighbourConfig
 from delf_retrieval.model import delf
+from delf_retrieval.query import retrieval
 from pipeline import cli, reindex
 from tests.conftest import REPO_ROOT, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
 from tests.job_graph import encoding_waits_for_extraction, step_labels
@@ -475,3 +477,26 @@ def test_the_neighbour_table_is_built_kept_current_and_expands_queries(tmp_path,
     assert {matches[0]["uri"], matches[1]["uri"]} == {str(corpus / "lund/a.jpg"), str(corpus / "lund/copy.jpg")}
     with pytest.raises(cli.UsageError, match="verified-neighbours"):
         reindex_run(corpus, root, "--verified-neighbours", "-1", "--retrain")
+
+
+def test_an_index_without_a_neighbour_table_answers_with_a_note_and_gains_one_at_its_next_run(tmp_path, cache_dir):
+    from pipeline import search as search_cli
+
+    corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
+    assert reindex_run(corpus, root, "--verified-neighbours", "0") == 0
+    assert "neighbours" not in layout.read_manifest(str(root))
+    output = tmp_path / "results.json"
+    query = str(corpus / "berlin/a.jpg")
+    assert search_cli.run([query, "--index", str(root), "--output", str(output), "--expand", "3"]) == 0
+    document = json.loads(output.read_text())
+    assert document["notes"] == [retrieval.NO_NEIGHBOUR_TABLE] and document["results"][0]["matches"][0]["uri"] == query
+
+    assert reindex_run(corpus, root) == 0  # nothing changed; the default adds the table, every image searching
+    pointer = layout.read_manifest(str(root))
+    assert pointer["neighbours"] == NeighbourConfig().to_json() and last_report(root)["re_extracted"] == 0
+    table = segment_reader.open_reader(str(root)).neighbours()
+    ids = {name: inputs.image_id(str(corpus / name)) for name in BASE}
+    assert ids["berlin/b.jpg"] in table.of(ids["berlin/a.jpg"])[0]  # the cathedral's two photographs
+    assert set(table.image_ids) <= set(ids.values())
+    assert search_cli.run([query, "--index", str(root), "--output", str(output), "--expand", "3"]) == 0
+    assert "notes" not in json.loads(output.read_text())

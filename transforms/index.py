@@ -20,7 +20,7 @@ from delf_retrieval.index import layout, merging, scrub, segments, shards, versi
 from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
 from delf_retrieval.index.segments import codebook_records
 from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample, with_accelerator
-from transforms.neighbours import FindNeighbours, next_neighbour_table
+from transforms.neighbours import FindNeighbours, StoredImageRows, image_rows, next_neighbour_table, stored_shards
 from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_current_model
 
 IMAGES = "images"
@@ -304,8 +304,18 @@ class BuildIndex(beam.PTransform):
                 dead_letters=beam.pvalue.AsList(dead), new_error=beam.pvalue.AsSingleton(new_error))
         )
         if job.neighbours is not None:  # each new image searches the written version with its own rows
-
-            edges = ([e[IMAGE_ROWS] for e in encoded] | "AllImageRows" >> beam.Flatten()
+            searching = [e[IMAGE_ROWS] for e in encoded]
+            if job.mode == plan_lib.INCREMENTAL and job.previous_neighbours is None:
+                # The version gains its table: the kept images search too, with their stored rows.
+                searching.append(
+                    pbegin | "VersionOnce" >> beam.Create([None])
+                    | "StoredShards" >> beam.FlatMap(stored_shards, job, version=beam.pvalue.AsSingleton(version))
+                    | "SpreadStoredShards" >> beam.Reshuffle()
+                    | "StoredImageRows" >> beam.ParDo(StoredImageRows(job, index.pq_m, index.pq_bits),
+                                                      version=beam.pvalue.AsSingleton(version))
+                    | "GroupImageRows" >> beam.GroupByKey()
+                    | "ImageRows" >> beam.Map(image_rows, index.pq_m))
+            edges = (searching | "AllImageRows" >> beam.Flatten()
                      | "SpreadImageRows" >> beam.Reshuffle()
                      | "FindNeighbours" >> beam.ParDo(FindNeighbours(job), version=beam.pvalue.AsSingleton(version)))
         else:

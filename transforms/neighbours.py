@@ -4,12 +4,15 @@ version's neighbour table (``delf_retrieval.expansion``), which queries use for 
 
 from __future__ import annotations
 
+import io
+
 import apache_beam as beam
 import numpy as np
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from delf_retrieval import storage
-from delf_retrieval.index import layout, neighbour_table, segment_reader
+from delf_retrieval.index import layout, neighbour_table, scrub, segment_reader, segments, shards
 from delf_retrieval.query import expansion
 from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 from transforms.extract import StageTimer
@@ -44,6 +47,43 @@ class FindNeighbours(beam.DoFn):
             return
         for n, c in zip(neighbours.tolist(), inliers.tolist()):
             yield image_id, n, c
+
+
+def stored_shards(_, job, version: dict) -> list[tuple[dict, dict]]:
+    """(segment ref, shard record) of every posting shard the written version lists."""
+    root = job.root
+    return [(ref.to_json(), record) for ref in segments.segment_refs(version["manifest"])
+            for record in segments.read_segment(root, ref).shards]
+
+
+class StoredImageRows(beam.DoFn):
+    """(segment ref, shard record) of the written version -> (image id, (row position, PostingRows))
+    of each live image that did not search with its encoded rows in this run: so a version that
+    gains its neighbour table has every image search, the kept ones with their stored rows."""
+
+    def __init__(self, job, pq_m: int, pq_bits: int):
+        self.job, self.pq_m, self.pq_bits = job, pq_m, pq_bits
+
+    def process(self, element, version):
+        ref, record = segments.SegmentRef.from_json(element[0]), element[1]
+        folder = storage.join(self.job.root, self.job.build)
+        dropped = segments.read_tombstones(folder, version["manifest"]).of(ref.segment_id)
+        skip = np.union1d(dropped, np.asarray(version["searched"], np.int64))
+        with scrub.reading(self.job.root, ref.segment_id):
+            data = layout.checked_read(self.job.root, segments.in_segment(ref, record))
+        rows = shards.posting_rows(pq.read_table(io.BytesIO(data)), self.pq_m, self.pq_bits)
+        keep = np.flatnonzero(~np.isin(rows.image_ids, skip))
+        order = keep[np.argsort(rows.image_ids[keep], kind="stable")]
+        ids = rows.image_ids[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
+            yield int(ids[a]), ((ref.segment_id, record["path"], int(order[a])), rows.take(order[a:b]))
+
+
+def image_rows(element, pq_m: int):
+    """(image id, [(row position, PostingRows)]) -> (image id, PostingRows) in stored order."""
+    image_id, parts = element
+    return image_id, shards.PostingRows.concatenate([rows for _, rows in sorted(parts, key=lambda p: p[0])], pq_m)
 
 
 def next_neighbour_table(job, version: dict, edges: list[tuple]):

@@ -53,7 +53,7 @@ class SearchIndex(beam.DoFn):
         if self.visualize:
             self._picture(query, result.matches[: self.visualize_top])
         yield json.dumps({"rank": query.rank, "query": query.uri, "matches": [m.to_json() for m in result.matches],
-                          "error": None})
+                          "error": None, "notes": list(result.notes)})
 
     def _picture(self, query: QueryImage, matches) -> None:
         if self.extractor is None:

@@ -304,11 +304,10 @@ def plan_segments(root: str, pointer: dict, plan: BuildPlan, build_id: str, rows
 
 def neighbour_settings(mode: str, pointer: dict | None, k: int, min_inliers: int) -> tuple:
     """(NeighbourConfig or None, the current version's neighbour table record or None): an
-    incremental build keeps the index's own table up to date (none if it has none); other builds
-    keep at most ``k`` neighbours per image (0: no table)."""
-    if mode == INCREMENTAL:
-        if "neighbours" not in pointer:
-            return None, None
+    incremental build keeps the index's own table up to date; other builds, and an incremental one
+    over an index that has none yet (it gains one: every image searches), keep at most ``k``
+    neighbours per image (0: no table)."""
+    if mode == INCREMENTAL and "neighbours" in pointer:
         return NeighbourConfig.from_json(pointer["neighbours"]), pointer["files"]["neighbours"]
     if not k:
         return None, None

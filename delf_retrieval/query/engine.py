@@ -96,6 +96,7 @@ class Answer:
     matches: list[Match]
     timings: dict  # seconds per stage: extract, then the search's (shortlist, ann, voting, ransac[, expansion])
     num_descriptors: int
+    notes: tuple = ()  # how it was answered, when a user should know (no neighbour table to expand with)
 
 
 def network_key(manifest: dict) -> str:
@@ -161,7 +162,7 @@ class Engine:
         with _search_guard():
             result = retriever.search(features)
         timings.update(result.timings)
-        return Answer(result.matches, timings, result.num_descriptors)
+        return Answer(result.matches, timings, result.num_descriptors, result.notes)
 
     def image_record(self, image_id: int) -> dict | None:
         """The image table's row of ``image_id`` (None if the version has no such image)."""

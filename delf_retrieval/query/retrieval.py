@@ -71,14 +71,11 @@ class QueryResult:
     timings: dict  # seconds per stage: shortlist (with PCA), ann, voting, ransac
     num_descriptors: int
     num_putative: int
+    notes: tuple = ()  # what a user should know of how the query was answered
 
 
-def _neighbour_table(reader):
-    table = reader.neighbours()
-    if table is None:
-        raise ValueError(f"{reader.directory} has no neighbour table for query expansion: build the index with "
-                         "--verified-neighbours K (pipeline.run or pipeline.reindex --retrain)")
-    return table
+NO_NEIGHBOUR_TABLE = ("the index has no neighbour table: answered without query expansion (the next "
+                      "pipeline.reindex run adds one)")
 
 
 class Retriever:
@@ -97,7 +94,7 @@ class Retriever:
         order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[order]
         self._sorted_uris = np.asarray(images.column("uri").to_pylist(), dtype=object)[order]
-        self.neighbour_table = _neighbour_table(reader) if config.expand else None
+        self.neighbour_table = reader.neighbours() if config.expand else None
 
     def with_config(self, config: RetrievalConfig) -> "Retriever":
         """The same opened index answering with other settings (a request's own ``top``, ``rank_by``...):
@@ -107,7 +104,7 @@ class Retriever:
         other = copy.copy(self)
         other.config = config
         if config.expand and other.neighbour_table is None:
-            other.neighbour_table = _neighbour_table(self.reader)
+            other.neighbour_table = self.reader.neighbours()
         return other
 
     def uri_of(self, image_ids: np.ndarray) -> list[str]:
@@ -183,13 +180,15 @@ class Retriever:
             query_points, database_points = points.get(pos, (empty, empty))
             matches.append(Match(int(images[pos]), uri, float(scores[pos]), int(inliers[pos]), int(votes[pos]),
                                  pos < verified, query_points, database_points))
-        if config.expand:
-
+        notes = ()
+        if config.expand and self.neighbour_table is None:
+            notes = (NO_NEIGHBOUR_TABLE,)
+        elif config.expand:
             start = time.perf_counter()
             matches = expand(matches, self.neighbour_table, config.expand, config.expand_min_inliers, self.uri_of,
                              config.top)
             timings["expansion"] = time.perf_counter() - start
-        return QueryResult(matches, timings, len(projected), len(putative))
+        return QueryResult(matches, timings, len(projected), len(putative), notes)
 
 
 def index_configs(manifest: dict):
@@ -221,9 +220,13 @@ def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_sh
     return Retriever(reader, config, shortlist)
 
 
-def results_document(answers: list[tuple[str, list[Match]]]) -> dict:
-    """The results.json document: {"results": [{"query", "matches": [{uri, score, inliers, votes}]}]}."""
-    return {"results": [{"query": query, "matches": [m.to_json() for m in matches]} for query, matches in answers]}
+def results_document(answers: list[tuple[str, list[Match]]], notes=()) -> dict:
+    """The results.json document: {"results": [{"query", "matches": [{uri, score, inliers, votes}]}]},
+    with "notes" on how the queries were answered when there are any."""
+    document = {"results": [{"query": query, "matches": [m.to_json() for m in matches]} for query, matches in answers]}
+    if notes:
+        document["notes"] = list(notes)
+    return document
 
 
 def results_table(answers: list[tuple[str, list[Match]]], rows_per_query: int = 5) -> str:
