@@ -1,6 +1,8 @@
 """The plan of one index build: its settings (``BuildConfig``), its mode (full, fixed quantizer or
-incremental), what it does with each listed input (keep / check / extract) and how its shards are
-sized. The Beam build carries a plan out; nothing here imports Beam."""
+incremental), what it starts from (the current version's live images, checked, its damaged
+segments left out), what it does with each listed input (keep / check / extract / delete), the
+segments it keeps and merges, and how its shards are sized. The Beam build carries a plan out;
+nothing here imports Beam."""
 
 from __future__ import annotations
 

@@ -15,32 +15,14 @@ import pyarrow.parquet as pq
 from delf_retrieval import storage
 
 INDEX_FORMAT = "delf-retrieval-index"
-
-
 INDEX_FORMAT_VERSION = 1  # one set of shards; version 2 lists segments (delf_retrieval.segments)
-
-
 READABLE_FORMAT_VERSIONS = (1, 2)
-
-
 MANIFEST = "manifest.json"
-
-
 PCA_FILE = "pca.npz"
-
-
 QUANTIZER_FILE = "quantizer.npz"
-
-
 IMAGES_FILE = "images.parquet"
-
-
 DEAD_LETTERS_FILE = "dead_letters.parquet"
-
-
 POSTINGS_DIR = "postings"
-
-
 BUILDS_DIR = "builds"  # the pipeline writes each run under builds/<build id>/ and publishes it
 
 

@@ -11,8 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 NEIGHBOURS_FILE = "neighbours.parquet"
-
-
 SCHEMA = pa.schema([("image_id", pa.int64()), ("neighbour", pa.int64()), ("inliers", pa.int32())])
 
 

@@ -1,6 +1,7 @@
 """An index version as a list of immutable segments plus tombstones: the segment files and their
-manifests, the shared codebooks, the version manifest (format version 2) that lists them, the
-reader that searches them all as one index, and merging (the policy and the merged shards).
+manifests, the shared codebooks, the version manifest (format version 2) that lists them, reading
+its live images, writing it, and verifying any version (format 1 or 2). The reader that searches
+every segment as one index is ``segment_reader``; merging is ``merge_policy`` and ``merging``.
 
 Layout (``ROOT`` is an index directory, or the root of a versioned index)::
 
@@ -38,29 +39,13 @@ from delf_retrieval.quantize import Quantizer
 from delf_retrieval.quantize import pca as pca_lib
 
 SEGMENTS_FORMAT_VERSION = 2
-
-
 SEGMENT_FORMAT = "delf-retrieval-segment"
-
-
 SEGMENTS_DIR = "segments"
-
-
 CODEBOOKS_DIR = "codebooks"  # the PCA + quantizer of a training build, shared by the versions encoding with them
-
-
 SEGMENT_MANIFEST = "segment.json"
-
-
 TOMBSTONES_FILE = "tombstones.parquet"
-
-
 TOMBSTONE_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64())])
-
-
 RESTAMPS_FILE = "restamps.parquet"
-
-
 RESTAMP_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64()), ("stamp", pa.string())])
 
 

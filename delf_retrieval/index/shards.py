@@ -1,7 +1,8 @@
-"""The index on storage: Parquet posting shards grouped by cell, the image and dead-letter tables, the
-PCA and quantizer arrays, and the JSON manifest written last that publishes and verifies them all.
+"""Posting shards and their writer: Parquet rows grouped by cell (``PostingRows`` in, one file per
+contiguous cell range out), the image and dead-letter tables, shard sizing, and a whole format-1
+index written at once (its manifest, ``layout``, last).
 
-Layout of an index directory::
+Layout of a format-1 index directory (a segment holds the same image table and postings)::
 
     manifest.json                 written last: nothing is an index until it exists
     pca.npz, quantizer.npz        the trained projection and quantizer
@@ -35,8 +36,6 @@ from delf_retrieval.quantize import pca as pca_lib
 from delf_retrieval.quantize import pq as pq_lib
 
 ROWS_PER_GROUP = 65536
-
-
 IMAGE_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("num_features", pa.int32()), ("content_hash", pa.string()), ("label", pa.string()),

@@ -1,7 +1,7 @@
-"""Verified query expansion, database-side: each database image's verified neighbours, found once at
-index time by searching the index with the image's own stored rows (decoded PQ codes and their
-keypoints), kept as a table of the version, updated by re-index runs, and merged into a query's
-ranking (Chum et al., "Total Recall", ICCV 2007, with the neighbours precomputed)."""
+"""Verified query expansion: each database image's verified neighbours searched once at index time
+with the image's own stored rows (decoded PQ codes and their keypoints; the table they fill is
+``index.neighbour_table``), and merged into a query's ranking at query time (Chum et al., "Total
+Recall", ICCV 2007, with the neighbours precomputed)."""
 
 from __future__ import annotations
 
