@@ -295,7 +295,7 @@ def test_a_decompression_bomb_is_refused_within_a_few_megabytes(tmp_path):
     Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")  # 144 MP: 432 MB once decoded to RGB
     script = (
         "import resource, sys\n"
-        "from delf_retrieval import images\n"
+        "from delf_retrieval.corpus import images\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
