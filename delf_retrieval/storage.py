@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import glob as local_glob
 import hashlib
 import io
 import os
@@ -167,15 +166,18 @@ def upload(local_path: str, path: str) -> None:
     os.replace(temporary, path)
 
 
-def list_files(prefix: str) -> list[str]:
-    """Every file under a directory / object prefix, recursively, sorted."""
+def list_files(prefix: str, on_error=None) -> list[str]:
+    """Every file under a directory / object prefix, recursively, sorted. Locally, symbolic links to
+    folders are listed as names, never followed (so a link loop is one name, not a walk without end),
+    and ``on_error(OSError)`` hears of each folder that cannot be read (its files are not listed)."""
     if is_gcs(prefix):
         bucket, _, name = prefix[len(GCS_PREFIX):].partition("/")
         name = name.rstrip("/") + "/" if name else ""
         return sorted(f"{GCS_PREFIX}{bucket}/{b.name}" for b in _client().list_blobs(bucket, prefix=name))
     found = []
-    for root, _, names in os.walk(prefix):
+    for root, folders, names in os.walk(prefix, onerror=on_error):
         found += [os.path.join(root, n) for n in names]
+        found += [os.path.join(root, n) for n in folders if os.path.islink(os.path.join(root, n))]
     return sorted(found)
 
 
@@ -206,14 +208,20 @@ def _glob_regex(pattern: str) -> "re.Pattern":
     return re.compile("".join(out) + r"\Z")
 
 
-def glob(pattern: str) -> list[str]:
-    """Files matching a glob (``*``, ``?``, ``[..]``; ``**`` crosses folders), local or gs://, sorted."""
+def glob(pattern: str, on_error=None) -> list[str]:
+    """Files matching a glob (``*``, ``?``, ``[..]``; ``**`` crosses folders), local or gs://, sorted:
+    the names :func:`list_files` finds under the pattern's fixed part, matched the same way on both
+    (a local ``**`` never follows a symbolic link, so a link loop cannot list a file forty times)."""
 
-    if not is_gcs(pattern):
-        return sorted(p for p in local_glob.glob(pattern, recursive=True) if os.path.isfile(p))
     wildcard = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
     matcher = _glob_regex(pattern)
-    return [p for p in list_files(pattern[:wildcard].rsplit("/", 1)[0]) if matcher.match(p)]
+    if is_gcs(pattern):
+        return [p for p in list_files(pattern[:wildcard].rsplit("/", 1)[0]) if matcher.match(p)]
+    base = os.path.dirname(pattern[:wildcard])
+    found = list_files(base or os.curdir, on_error)
+    if not base:
+        found = [p[len(os.curdir) + 1:] for p in found]
+    return [p for p in found if matcher.match(p)]
 
 
 def stamp(path: str) -> str | None:

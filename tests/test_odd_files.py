@@ -1,0 +1,126 @@
+"""Odd files and failed runs: symbolic link loops, names that are not UTF-8 or too long and folders
+that cannot be read are one dead letter each, never a stopped build; a run that fails (a full disk)
+cleans up after itself; and damaged or mis-shaped index tables are a named error with exit 2."""
+
+import errno
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from delf_retrieval import storage
+from delf_retrieval.corpus import inputs
+from delf_retrieval.index import segment_reader, segments
+from pipeline import cli, reindex
+from pipeline import run as run_job
+from tests.conftest import SAMPLES, SMALL
+
+NAME_MAX = 255  # bytes in one name component (ext4, tmpfs, xfs)
+
+
+def dead_letters(root):
+    manifest = segments.verify(str(root))
+    table = pq.read_table(os.path.join(root, manifest["files"]["dead_letters"]["path"])).to_pylist()
+    return manifest, {d["uri"]: (d["stage"], d["reason"], d["error"]) for d in table}
+
+
+def indexed_uris(root):
+    return sorted(r["uri"] for r in segment_reader.open_reader(str(root)).images.to_pylist())
+
+
+@pytest.fixture(scope="module")
+def odd_corpus(tmp_path_factory):
+    """Five photographs (one under the longest name a folder takes) beside a folder link that
+    loops, a link to itself, two links to each other, a name that is not UTF-8, and a listing that
+    names the good ones and a name one byte past the limit."""
+    folder = tmp_path_factory.mktemp("odd") / "corpus"
+    folder.mkdir()
+    long_ok = "n" * (NAME_MAX - 4) + ".jpg"
+    good = {"a.jpg": ("berlin_cathedral", "01.jpg"), "b.jpg": ("lund_street", "01.jpg"),
+            "c.jpg": ("berlin_cathedral", "02.jpg"), "d.jpg": ("lund_street", "04.jpg"),
+            long_ok: ("lund_street", "03.jpg")}
+    for name, (scene, photo) in good.items():
+        shutil.copy(os.path.join(SAMPLES, scene, photo), folder / name)
+    os.symlink(folder, folder / "loop")  # a folder that contains itself
+    os.symlink("self.jpg", folder / "self.jpg")
+    os.symlink("ping.jpg", folder / "pong.jpg")
+    os.symlink("pong.jpg", folder / "ping.jpg")
+    with open(os.fsencode(str(folder)) + b"/caf\xe9.jpg", "wb") as f:
+        f.write(open(os.path.join(SAMPLES, "lund_street", "02.jpg"), "rb").read())
+    too_long = "x" * (NAME_MAX - 3) + ".jpg"  # 256 bytes: one past the limit
+    (folder.parent / "list.csv").write_text("path\n" + "".join(f"corpus/{n}\n" for n in good) + f"corpus/{too_long}\n")
+    return folder, sorted(str(folder / n) for n in good), too_long
+
+
+def test_listing_turns_each_odd_file_into_a_dead_letter(odd_corpus, monkeypatch):
+    folder, good, too_long = odd_corpus
+    listed, dead = inputs.list_stamped(str(folder))
+    assert [uri for uri, _, _ in listed] == good
+    reasons = {os.path.basename(d["uri"]): (d["reason"], d["error"]) for d in dead}
+    assert reasons == {"caf\\xe9.jpg": ("undecodable_name", "the file name is not UTF-8; rename the file to index it"),
+                       **{n: ("unreadable", "cannot stat: Too many levels of symbolic links")
+                          for n in ("self.jpg", "ping.jpg", "pong.jpg")}}
+    # A glob crosses no link: the looping folder lists nothing twice.
+    assert [u for u, _, _ in inputs.list_stamped(str(folder / "**" / "*.jpg"))[0]] == good
+    listed, dead = inputs.list_stamped(str(folder.parent / "list.csv"))
+    assert [u for u, _, _ in listed] == good
+    assert [(os.path.basename(d["uri"]), d["error"]) for d in dead] == [(too_long, "cannot stat: File name too long")]
+    # Permission denied (tests run as root, who is never denied): one file, then one folder.
+    real_stamp, real_scandir = storage.stamp, os.scandir
+
+    def denied(path):
+        if path.endswith("b.jpg"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_stamp(path)
+
+    monkeypatch.setattr(storage, "stamp", denied)
+    listed, dead = inputs.list_stamped(str(folder))
+    assert len(listed) == 4 and ("unreadable", "cannot stat: Permission denied") in {
+        (d["reason"], d["error"]) for d in dead if d["uri"].endswith("b.jpg")}
+    monkeypatch.setattr(storage, "stamp", real_stamp)
+    (folder / "sub").mkdir(exist_ok=True)
+
+    def scandir(path="."):
+        if str(path).endswith("sub"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    listed, dead = inputs.list_stamped(str(folder))
+    assert [u for u, _, _ in listed] == good
+    assert {"uri": str(folder / "sub"), "stage": "list", "reason": "unreadable",
+            "error": "folder not listed: Permission denied"} in dead
+    (folder / "sub").rmdir()
+
+
+def test_ids_of_names_that_are_not_utf8_come_from_their_bytes():
+    name = os.fsdecode(b"/photos/caf\xe9.jpg")
+    assert inputs.image_id(name) == inputs.image_id(os.fsdecode(b"/photos/caf\xe9.jpg"))
+    assert inputs.image_id(name) != inputs.image_id("/photos/café.jpg")
+    assert inputs.uri_bytes(name) == os.fsencode(name) and inputs.printable(name) == "/photos/caf\\xe9.jpg"
+    assert inputs.image_id("/photos/café.jpg") == inputs.image_id(os.fsdecode("/photos/café.jpg".encode()))
+
+
+def test_a_build_and_a_nightly_run_over_odd_files_index_the_good_ones(odd_corpus, tmp_path, cache_dir, capsys):
+    folder, good, too_long = odd_corpus
+    root = tmp_path / "index"
+    assert cli.main(run_job.run, ["--input", str(folder), "--output", str(root)] + SMALL) == 0
+    assert indexed_uris(root) == good
+    manifest, dead = dead_letters(root)
+    assert {os.path.basename(u): r[:2] for u, r in dead.items()} == {
+        "caf\\xe9.jpg": ("list", "undecodable_name"), "self.jpg": ("list", "unreadable"),
+        "ping.jpg": ("list", "unreadable"), "pong.jpg": ("list", "unreadable")}
+    assert manifest["counts"]["inputs"] == 9 and manifest["counts"]["rejected"] == 4
+
+    assert cli.main(reindex.run, ["--input", str(folder.parent / "list.csv"), "--index", str(root)] + SMALL) == 0
+    assert indexed_uris(root) == good
+    _, dead = dead_letters(root)
+    assert {os.path.basename(u): r for u, r in dead.items()} == {
+        too_long: ("list", "unreadable", "cannot stat: File name too long")}
+
+    assert cli.main(reindex.run, ["--input", str(folder), "--index", str(root)] + SMALL) == 0
+    assert indexed_uris(root) == good
+    _, dead = dead_letters(root)
+    assert {os.path.basename(u) for u in dead} == {"caf\\xe9.jpg", "self.jpg", "ping.jpg", "pong.jpg"}
+    assert "Traceback" not in capsys.readouterr().err
