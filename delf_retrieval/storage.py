@@ -148,11 +148,7 @@ def write_bytes(path: str, data: bytes) -> None:
     if is_gcs(path):
         _blob(path).upload_from_string(data)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
+    _replace_atomically(path, data=data)
 
 
 def upload(local_path: str, path: str) -> None:
@@ -160,10 +156,52 @@ def upload(local_path: str, path: str) -> None:
     if is_gcs(path):
         _blob(path).upload_from_filename(local_path)
         return
+    _replace_atomically(path, source=local_path)
+
+
+TEMPORARY_SUFFIX = ".tmp-"  # <path>.tmp-<random hex>: a local atomic write in progress
+
+
+def _replace_atomically(path: str, data: bytes | None = None, source: str | None = None) -> None:
+    """Write ``data`` (or a copy of the file ``source``) to a temporary name beside ``path``, then
+    rename it over ``path``; a write that fails (a full disk) removes its temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    shutil.copyfile(local_path, temporary)
-    os.replace(temporary, path)
+    temporary = f"{path}{TEMPORARY_SUFFIX}{uuid.uuid4().hex}"
+    try:
+        _fill(temporary, data, source)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def _fill(temporary: str, data: bytes | None, source: str | None) -> None:
+    """The one place a local file's bytes are written (a test's full disk fails it)."""
+    if source is not None:
+        shutil.copyfile(source, temporary)
+        return
+    with open(temporary, "wb") as f:
+        f.write(data)
+
+
+def remove_temporaries(path: str) -> list[str]:
+    """Delete what interrupted atomic writes of ``path`` left (``path.tmp-*``, local only: a gs://
+    upload leaves nothing); returns what it deleted. Only for a path no one is writing now."""
+    if is_gcs(path):
+        return []
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    gone = []
+    for leftover in names:
+        if leftover.startswith(name + TEMPORARY_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, leftover))
+                gone.append(os.path.join(folder, leftover))
+    return gone
 
 
 def list_files(prefix: str, on_error=None) -> list[str]:

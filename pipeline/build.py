@@ -124,9 +124,9 @@ def job_url(result, beam_args: list[str]) -> str | None:
 
 
 def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | None, token: str | None,
-              lock_owner: str | None, local: bool, started: float):
+              lock_owner: str | None, local: bool, started: float, build_id: str):
     """Plan the build of ``mode`` and add its graph to ``pipeline``; returns the ``BuildJob``. The
-    plan is written into the new version's folder, where the build's steps read it."""
+    plan is written into the new version's folder (``builds/<build_id>``), where the build's steps read it."""
 
     if mode == plan_lib.INCREMENTAL:  # the current version's network, extraction and index parameters
         model_info = pointer["model"]
@@ -163,7 +163,6 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
     plan = plan_lib.plan_build(mode, listed, repeats, config, extraction_config.max_features, previous,
                                pointer and pointer["counts"], pointer and pointer["params"]["n_cells"],
                                carry=carry, keep_all=args.input is None)
-    build_id = plan_lib.new_build_id()
     build = f"{layout.BUILDS_DIR}/{build_id}"
     kept, merges, previous_files, codebooks = (), (), {}, {}
     if mode == plan_lib.INCREMENTAL and not carry:
@@ -201,10 +200,11 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     # One writer per root at a time: publishing is a compare-and-swap against the version found
     # here, and old versions are pruned under the lock.
     lock = cli.take_lock(args.index, args, local, prog)
+    build_id = plan_lib.new_build_id()
     try:
         pointer, token = versions.current(args.index)
         mode = choose_mode(pointer)
-        job = add_build(pipeline, args, mode, pointer, token, lock.owner, local, started)
+        job = add_build(pipeline, args, mode, pointer, token, lock.owner, local, started, build_id)
         result = pipeline.run()
         report_path = storage.join(args.index, versions.REPORTS_DIR, f"{job.build_id}.json")
         if not local:
@@ -217,6 +217,10 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
         if not local and str(state).split(".")[-1] != "DONE":
             raise cli.JobFailed(f"the job ended in state {state}; the previous version (if any) is still the "
                                 "published one")
+    except Exception as error:
+        if lock is not None:  # still ours: no other run writes under the root
+            discard_failed_run(args.index, build_id, keep_dead_letters=isinstance(error, encode.PublishRefused))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -224,3 +228,24 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     if args.report:
         storage.write_bytes(args.report, json.dumps(report, indent=1, sort_keys=True).encode())
     return report
+
+
+def discard_failed_run(root: str, build_id: str, keep_dead_letters: bool = False) -> list[str]:
+    """Remove what a run that failed wrote (a full disk, a conflict, an error), so that the next run
+    starts from a clean root without anyone's help: its version folder, unless the pointer names it
+    (it published before failing), and every segment and model folder no kept version references.
+    ``keep_dead_letters``: a build refused for its rejects keeps its folder (the dead-letter table
+    its error names; the next run's pruning removes it). Call it only while holding the lock.
+    Returns what it deleted; a cleanup that fails itself is left to the next run's pruning."""
+    folder = versions.build_folder(build_id)
+    try:
+        pointer, _ = versions.current(root)
+        if pointer and folder in (pointer.get("build"), pointer.get("previous")):
+            return []
+        gone = []
+        if not keep_dead_letters:
+            storage.delete_tree(storage.join(root, folder))
+            gone.append(folder)
+        return gone + versions.prune_segments(root)
+    except (OSError, layout.IndexStorageError):
+        return []

@@ -11,10 +11,10 @@ import pytest
 
 from delf_retrieval import storage
 from delf_retrieval.corpus import inputs
-from delf_retrieval.index import segment_reader, segments
+from delf_retrieval.index import layout, segment_reader, segments, versions
 from pipeline import cli, reindex
 from pipeline import run as run_job
-from tests.conftest import SAMPLES, SMALL
+from tests.conftest import SAMPLES, SMALL, corpus_of, reindex_run
 
 NAME_MAX = 255  # bytes in one name component (ext4, tmpfs, xfs)
 
@@ -124,3 +124,59 @@ def test_a_build_and_a_nightly_run_over_odd_files_index_the_good_ones(odd_corpus
     _, dead = dead_letters(root)
     assert {os.path.basename(u) for u in dead} == {"caf\\xe9.jpg", "self.jpg", "ping.jpg", "pong.jpg"}
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that fails cleans up after itself
+
+
+def leftovers(root):
+    """Files of interrupted writes, the lock, unfinished version folders, and segment or model
+    folders that no kept version references."""
+    names = [os.path.relpath(os.path.join(d, n), root) for d, _, ns in os.walk(root) for n in ns]
+    referenced = set()
+    for build in [None] + versions.version_ids(str(root))[0]:
+        manifest = layout.read_manifest(str(root)) if build is None else versions.read_version(str(root), build)
+        referenced |= {ref.folder for ref in segments.segment_refs(manifest)}
+        referenced |= {r["path"].rsplit("/", 1)[0] for r in manifest.get("codebooks", {}).values()}
+    shared = versions.segment_folders(str(root)) + versions.segment_folders(str(root), segments.CODEBOOKS_DIR)
+    return ([n for n in names if storage.TEMPORARY_SUFFIX in n or n == versions.LOCK_FILE]
+            + versions.version_ids(str(root))[1] + sorted(set(shared) - referenced))
+
+
+def test_a_run_on_a_full_disk_removes_what_it_wrote_and_the_next_run_starts_clean(tmp_path, cache_dir, monkeypatch,
+                                                                                 capsys):
+    corpus = corpus_of(tmp_path / "corpus", {"a.jpg": ("berlin_cathedral", 0), "b.jpg": ("lund_street", 0),
+                                             "c.jpg": ("lund_street", 1)})
+    root = tmp_path / "index"
+    assert reindex_run(corpus, root) == 0
+    real_fill = storage._fill
+    failed = 0
+    for room in range(40):  # the disk fills after `room` writes: at the lock, the plan, a shard, ... the report
+        corpus_of(corpus, {f"new{room}.jpg": ("lund_street", 2 + room)})
+        before = layout.read_manifest(str(root))["build"]
+        writes = []
+
+        def full_disk(temporary, data, source):
+            writes.append(temporary)
+            if len(writes) > room:
+                with open(temporary, "wb") as f:
+                    f.write(b"the first blocks")
+                raise OSError(errno.ENOSPC, "No space left on device", temporary)
+            real_fill(temporary, data, source)
+
+        monkeypatch.setattr(storage, "_fill", full_disk)
+        status = cli.main(reindex.run, ["--input", str(corpus), "--index", str(root), "--keep", "2"] + SMALL)
+        monkeypatch.setattr(storage, "_fill", real_fill)
+        err = capsys.readouterr().err
+        assert leftovers(root) == [], (room, writes)
+        segments.verify(str(root))  # the pointer names a complete version: the old one, or this run's
+        if status == 0:
+            break
+        failed += 1
+        assert status == 1 and "Traceback" not in err
+        assert "error: no space left on device: " in err and "free some space" in err, err
+        published = any(w.startswith(str(root / layout.MANIFEST) + storage.TEMPORARY_SUFFIX) for w in writes[:room])
+        assert (layout.read_manifest(str(root))["build"] != before) == published  # failed after its publish, or not
+    assert failed >= 5 and status == 0  # every write failed once, then the run had room for all of them
+    assert reindex_run(corpus, root) == 0 and leftovers(root) == []
