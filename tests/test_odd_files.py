@@ -3,16 +3,18 @@ that cannot be read are one dead letter each, never a stopped build; a run that 
 cleans up after itself; and damaged or mis-shaped index tables are a named error with exit 2."""
 
 import errno
+import json
 import os
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from delf_retrieval import storage
 from delf_retrieval.corpus import inputs
 from delf_retrieval.index import layout, segment_reader, segments, versions
-from pipeline import cli, reindex
+from pipeline import cli, reindex, search
 from pipeline import run as run_job
 from tests.conftest import SAMPLES, SMALL, corpus_of, reindex_run
 
@@ -180,3 +182,129 @@ def test_a_run_on_a_full_disk_removes_what_it_wrote_and_the_next_run_starts_clea
         assert (layout.read_manifest(str(root))["build"] != before) == published  # failed after its publish, or not
     assert failed >= 5 and status == 0  # every write failed once, then the run had room for all of them
     assert reindex_run(corpus, root) == 0 and leftovers(root) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Index tables with a right checksum but a wrong shape: a named error, exit 2, one line
+
+
+@pytest.fixture(scope="module")
+def expandable(tmp_path_factory, cache_dir):
+    """A versioned index with a neighbour table, built once."""
+    base = tmp_path_factory.mktemp("shapes")
+    corpus = corpus_of(base / "corpus", {"a.jpg": ("lund_street", 0), "b.jpg": ("lund_street", 1),
+                                         "c.jpg": ("berlin_cathedral", 0), "d.jpg": ("lund_street", 2)})
+    assert reindex_run(corpus, base / "index", "--verified-neighbours", "3") == 0
+    return corpus, base / "index"
+
+
+def parquet_bytes(columns: dict) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def replace_listed(root, path: str, data: bytes) -> None:
+    """Replace the file at ``path`` (from the root) and record its new size and SHA-256 wherever it
+    is listed: the pointer and its version's manifest, or its segment's manifest (then that one's
+    record in turn)."""
+    (root / path).write_bytes(data)
+    record = layout.bytes_record("", data)
+    pointer = json.loads((root / layout.MANIFEST).read_text())
+    version = root / pointer["build"] / layout.MANIFEST
+    for manifest_path, prefix in ((root / layout.MANIFEST, ""), (version, pointer["build"] + "/")):
+        manifest = json.loads(manifest_path.read_text())
+        listed = list(manifest["files"].values()) + manifest["segments"]
+        for entry in listed:
+            if prefix + entry["path"] == path or entry["path"] == path:
+                entry.update(bytes=record["bytes"], sha256=record["sha256"])
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    for ref in segments.segment_refs(pointer):
+        own = json.loads((root / ref.path).read_text())
+        changed = False
+        for entry in [own["images"]] + own["shards"]:
+            if f"{ref.folder}/{entry['path']}" == path:
+                entry.update(bytes=record["bytes"], sha256=record["sha256"])
+                changed = True
+        if changed:
+            replace_listed(root, ref.path, json.dumps(own).encode())
+
+
+def one_error_line(capsys, prog):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"python -m {prog}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+SHAPES = {
+    "neighbours, columns renamed": ("neighbours", {"a": pa.array([1], pa.int64()), "b": pa.array([2], pa.int64())},
+                                    "has no column 'image_id'"),
+    "neighbours, ids as text": ("neighbours", {"image_id": ["1"], "neighbour": ["2"], "inliers": [3]},
+                                "column 'image_id' is string, not int64"),
+    "neighbours, an empty id": ("neighbours", {"image_id": pa.array([None], pa.int64()),
+                                               "neighbour": pa.array([2], pa.int64()),
+                                               "inliers": pa.array([3], pa.int32())}, "empty values"),
+    "neighbours, inliers past int32": ("neighbours", {"image_id": [1], "neighbour": [2], "inliers": [2 ** 40]},
+                                       "values outside int32"),
+    "tombstones, no segment": ("tombstones", {"image_id": [1]}, "has no column 'segment'"),
+    "image table, not Parquet": ("images", b"PAR1 not really PAR1", "is not a Parquet table"),
+    "image table, uri as numbers": ("images", {"image_id": [1], "uri": [7], "width": [1], "height": [1],
+                                               "num_features": [1], "content_hash": ["x"], "label": ["x"],
+                                               "stamp": ["x"]}, "column 'uri' is int64, not string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_a_table_of_the_wrong_shape_is_a_named_error_with_exit_2(expandable, tmp_path, case, capsys):
+    corpus, built = expandable
+    root = tmp_path / "index"
+    shutil.copytree(built, root)
+    pointer = layout.read_manifest(str(root))
+    which, columns, problem = SHAPES[case]
+    if which == "images":
+        ref = segments.segment_refs(pointer)[0]
+        path = f"{ref.folder}/{segments.read_segment(str(root), ref).images['path']}"
+    else:
+        path = pointer["files"][which]["path"]
+    replace_listed(root, path, columns if isinstance(columns, bytes) else parquet_bytes(columns))
+    query = os.path.join(SAMPLES, "lund_street", "05.jpg")
+    status = cli.main(search.run, ["--index", str(root), "--output", str(tmp_path / "r.json"), "--expand", "2", query])
+    line = one_error_line(capsys, "pipeline.search")
+    assert status == 2 and path in line and problem in line, line
+    if which != "neighbours":  # the nightly run reads the current version's tables before anything else
+        status = cli.main(reindex.run, ["--input", str(corpus), "--index", str(root)] + SMALL)
+        line = one_error_line(capsys, "pipeline.reindex")
+        assert status == 2 and path in line and problem in line, line
+        assert leftovers(root) == []
+
+
+def test_a_nightly_run_over_a_neighbour_table_of_the_wrong_shape_stops_with_exit_2(expandable, tmp_path, capsys):
+    corpus, built = expandable
+    root = tmp_path / "index"
+    shutil.copytree(built, root)
+    pointer = layout.read_manifest(str(root))
+    path = pointer["files"]["neighbours"]["path"]
+    replace_listed(root, path, parquet_bytes({"image_id": ["1"], "neighbour": ["2"], "inliers": [3]}))
+    grown = corpus_of(tmp_path / "corpus", {"e.jpg": ("lund_street", 3)})  # a new image: the run writes a segment
+    for name in os.listdir(corpus):
+        shutil.copy2(corpus / name, grown / name)
+    status = cli.main(reindex.run, ["--input", str(grown), "--index", str(root)] + SMALL)
+    line = one_error_line(capsys, "pipeline.reindex")
+    assert status == 2 and path in line and "column 'image_id' is string, not int64" in line, line
+    assert layout.read_manifest(str(root))["build"] == pointer["build"] and leftovers(root) == []
+
+
+def test_a_segment_manifest_with_a_malformed_record_is_a_named_error(expandable, tmp_path, capsys):
+    _, built = expandable
+    root = tmp_path / "index"
+    shutil.copytree(built, root)
+    ref = segments.segment_refs(layout.read_manifest(str(root)))[0]
+    own = json.loads((root / ref.path).read_text())
+    del own["images"]["sha256"]
+    replace_listed(root, ref.path, json.dumps(own).encode())
+    query = os.path.join(SAMPLES, "lund_street", "05.jpg")
+    assert cli.main(search.run, ["--index", str(root), "--output", str(tmp_path / "r.json"), query]) == 2
+    line = one_error_line(capsys, "pipeline.search")
+    assert ref.path in line and "images is not a file record" in line, line

@@ -22,13 +22,11 @@ read as it always was, by :class:`~delf_retrieval.index.shard_reader.IndexReader
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from delf_retrieval import storage
 from delf_retrieval.index import layout, shards
@@ -124,6 +122,8 @@ class Segment:
             raise layout.ManifestError(f"{where}: unreadable segment manifest ({e})") from None
         for name, r in [("images", segment.images)] + [(f"shards[{i}]", s) for i, s in enumerate(segment.shards)]:
             layout.check_relative(r.get("path"), f"{name}.path", where)
+            if not all(isinstance(r.get(key), kind) for key, kind in (("bytes", int), ("sha256", str), ("rows", int))):
+                raise layout.ManifestError(f"{where}: {name} is not a file record (path, bytes, sha256 and rows)")
         return segment
 
 
@@ -239,14 +239,16 @@ def read_tombstones(directory: str, manifest: dict) -> Tombstones:
     record = manifest["files"].get("tombstones")
     if record is None:
         return Tombstones()
-    return Tombstones.from_table(pq.read_table(io.BytesIO(layout.checked_read(directory, record, checksum=True))))
+    return Tombstones.from_table(layout.read_table(layout.checked_read(directory, record, checksum=True),
+                                                   TOMBSTONE_SCHEMA, record["path"], not_null=TOMBSTONE_SCHEMA.names))
 
 
 def read_restamps(directory: str, manifest: dict) -> Restamps:
     record = manifest["files"].get("restamps")
     if record is None:
         return Restamps()
-    return Restamps.from_table(pq.read_table(io.BytesIO(layout.checked_read(directory, record, checksum=True))))
+    return Restamps.from_table(layout.read_table(layout.checked_read(directory, record, checksum=True),
+                                                 RESTAMP_SCHEMA, record["path"], not_null=("segment", "image_id")))
 
 
 def live_images(root: str, manifest: dict) -> pa.Table:
@@ -266,7 +268,9 @@ def segment_images(root: str, ref: SegmentRef, dropped: np.ndarray = np.zeros(0,
                    restamped: dict | None = None) -> pa.Table:
     """A segment's image table (checked) without the ``dropped`` image ids, ``restamped`` stamps applied."""
     segment = read_segment(root, ref)
-    table = pq.read_table(io.BytesIO(layout.checked_read(root, in_segment(ref, segment.images), checksum=True)))
+    record = in_segment(ref, segment.images)
+    table = layout.read_table(layout.checked_read(root, record, checksum=True), shards.IMAGE_SCHEMA, record["path"],
+                              not_null=("image_id", "uri"))
     return with_restamps(without_images(table, dropped), restamped)
 
 

@@ -4,7 +4,6 @@ its resident lists, and the rows it hands to the query side."""
 from __future__ import annotations
 
 import functools
-import io
 import struct
 import threading
 import zlib
@@ -17,9 +16,9 @@ import pyarrow.parquet as pq
 
 from delf_retrieval import storage
 from delf_retrieval.index.layout import (MANIFEST, ManifestError, ShardError, check_manifest_paths, checked_read,
-                                         read_manifest, resolve)
+                                         read_manifest, read_table, resolve)
 from delf_retrieval.index.neighbour_table import NeighbourTable
-from delf_retrieval.index.shards import unpacked_codes
+from delf_retrieval.index.shards import IMAGE_SCHEMA, unpacked_codes
 from delf_retrieval.quantize import Quantizer
 from delf_retrieval.quantize import pca as pca_lib
 from delf_retrieval.quantize.ivf import InvertedLists, Searcher, expand_ranges
@@ -154,7 +153,8 @@ class IndexReader:
     @property
     def images(self) -> pa.Table:
         if self._images is None:
-            self._images = pq.read_table(io.BytesIO(self._images_bytes))
+            self._images = read_table(self._images_bytes, IMAGE_SCHEMA, self.manifest["files"]["images"]["path"],
+                                      not_null=("image_id", "uri"))
         return self._images
 
     def _load_group(self, group: int) -> dict:
@@ -270,7 +270,8 @@ class IndexReader:
         if record is None:
             return None
         if self._neighbours is None:
-            self._neighbours = NeighbourTable.from_bytes(checked_read(self.directory, record, checksum=True))
+            self._neighbours = NeighbourTable.from_bytes(checked_read(self.directory, record, checksum=True),
+                                                         record["path"])
         return self._neighbours
 
     @property
