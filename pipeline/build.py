@@ -218,7 +218,7 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
             raise cli.JobFailed(f"the job ended in state {state}; the previous version (if any) is still the "
                                 "published one")
     except Exception as error:
-        if lock is not None:  # still ours: no other run writes under the root
+        if lock is not None and still_held(lock):  # no other run writes under the root
             discard_failed_run(args.index, build_id, keep_dead_letters=isinstance(error, encode.PublishRefused))
         raise
     finally:
@@ -228,6 +228,15 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     if args.report:
         storage.write_bytes(args.report, json.dumps(report, indent=1, sort_keys=True).encode())
     return report
+
+
+def still_held(lock) -> bool:
+    """Whether the lock file still names this run (a job's publish step releases it itself)."""
+    data, _ = storage.read_with_token(lock.path)
+    try:
+        return data is not None and json.loads(data).get("owner") == lock.owner
+    except (ValueError, AttributeError):
+        return False
 
 
 def discard_failed_run(root: str, build_id: str, keep_dead_letters: bool = False) -> list[str]:

@@ -181,6 +181,10 @@ def test_a_run_on_a_full_disk_removes_what_it_wrote_and_the_next_run_starts_clea
         published = any(w.startswith(str(root / layout.MANIFEST) + storage.TEMPORARY_SUFFIX) for w in writes[:room])
         assert (layout.read_manifest(str(root))["build"] != before) == published  # failed after its publish, or not
     assert failed >= 5 and status == 0  # every write failed once, then the run had room for all of them
+    # A writer killed mid-write leaves its temporary files beside the lock and the pointer: they do
+    # not stop the next run, which removes them.
+    for name in (versions.LOCK_FILE, layout.MANIFEST):
+        (root / f"{name}{storage.TEMPORARY_SUFFIX}0123abcd").write_bytes(b"{\"owner\": \"killed\"")
     assert reindex_run(corpus, root) == 0 and leftovers(root) == []
 
 
