@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import glob as local_glob
 import hashlib
 import io
 import os
@@ -149,11 +148,7 @@ def write_bytes(path: str, data: bytes) -> None:
     if is_gcs(path):
         _blob(path).upload_from_string(data)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
+    _replace_atomically(path, data=data)
 
 
 def upload(local_path: str, path: str) -> None:
@@ -161,21 +156,66 @@ def upload(local_path: str, path: str) -> None:
     if is_gcs(path):
         _blob(path).upload_from_filename(local_path)
         return
+    _replace_atomically(path, source=local_path)
+
+
+TEMPORARY_SUFFIX = ".tmp-"  # <path>.tmp-<random hex>: a local atomic write in progress
+
+
+def _replace_atomically(path: str, data: bytes | None = None, source: str | None = None) -> None:
+    """Write ``data`` (or a copy of the file ``source``) to a temporary name beside ``path``, then
+    rename it over ``path``; a write that fails (a full disk) removes its temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    shutil.copyfile(local_path, temporary)
-    os.replace(temporary, path)
+    temporary = f"{path}{TEMPORARY_SUFFIX}{uuid.uuid4().hex}"
+    try:
+        _fill(temporary, data, source)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
-def list_files(prefix: str) -> list[str]:
-    """Every file under a directory / object prefix, recursively, sorted."""
+def _fill(temporary: str, data: bytes | None, source: str | None) -> None:
+    """The one place a local file's bytes are written (a test's full disk fails it)."""
+    if source is not None:
+        shutil.copyfile(source, temporary)
+        return
+    with open(temporary, "wb") as f:
+        f.write(data)
+
+
+def remove_temporaries(path: str) -> list[str]:
+    """Delete what interrupted atomic writes of ``path`` left (``path.tmp-*``, local only: a gs://
+    upload leaves nothing); returns what it deleted. Only for a path no one is writing now."""
+    if is_gcs(path):
+        return []
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    gone = []
+    for leftover in names:
+        if leftover.startswith(name + TEMPORARY_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, leftover))
+                gone.append(os.path.join(folder, leftover))
+    return gone
+
+
+def list_files(prefix: str, on_error=None) -> list[str]:
+    """Every file under a directory / object prefix, recursively, sorted. Locally, symbolic links to
+    folders are listed as names, never followed (so a link loop is one name, not a walk without end),
+    and ``on_error(OSError)`` hears of each folder that cannot be read (its files are not listed)."""
     if is_gcs(prefix):
         bucket, _, name = prefix[len(GCS_PREFIX):].partition("/")
         name = name.rstrip("/") + "/" if name else ""
         return sorted(f"{GCS_PREFIX}{bucket}/{b.name}" for b in _client().list_blobs(bucket, prefix=name))
     found = []
-    for root, _, names in os.walk(prefix):
+    for root, folders, names in os.walk(prefix, onerror=on_error):
         found += [os.path.join(root, n) for n in names]
+        found += [os.path.join(root, n) for n in folders if os.path.islink(os.path.join(root, n))]
     return sorted(found)
 
 
@@ -206,14 +246,20 @@ def _glob_regex(pattern: str) -> "re.Pattern":
     return re.compile("".join(out) + r"\Z")
 
 
-def glob(pattern: str) -> list[str]:
-    """Files matching a glob (``*``, ``?``, ``[..]``; ``**`` crosses folders), local or gs://, sorted."""
+def glob(pattern: str, on_error=None) -> list[str]:
+    """Files matching a glob (``*``, ``?``, ``[..]``; ``**`` crosses folders), local or gs://, sorted:
+    the names :func:`list_files` finds under the pattern's fixed part, matched the same way on both
+    (a local ``**`` never follows a symbolic link, so a link loop cannot list a file forty times)."""
 
-    if not is_gcs(pattern):
-        return sorted(p for p in local_glob.glob(pattern, recursive=True) if os.path.isfile(p))
     wildcard = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
     matcher = _glob_regex(pattern)
-    return [p for p in list_files(pattern[:wildcard].rsplit("/", 1)[0]) if matcher.match(p)]
+    if is_gcs(pattern):
+        return [p for p in list_files(pattern[:wildcard].rsplit("/", 1)[0]) if matcher.match(p)]
+    base = os.path.dirname(pattern[:wildcard])
+    found = list_files(base or os.curdir, on_error)
+    if not base:
+        found = [p[len(os.curdir) + 1:] for p in found]
+    return [p for p in found if matcher.match(p)]
 
 
 def stamp(path: str) -> str | None:

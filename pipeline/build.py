@@ -124,9 +124,9 @@ def job_url(result, beam_args: list[str]) -> str | None:
 
 
 def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | None, token: str | None,
-              lock_owner: str | None, local: bool, started: float):
+              lock_owner: str | None, local: bool, started: float, build_id: str):
     """Plan the build of ``mode`` and add its graph to ``pipeline``; returns the ``BuildJob``. The
-    plan is written into the new version's folder, where the build's steps read it."""
+    plan is written into the new version's folder (``builds/<build_id>``), where the build's steps read it."""
 
     if mode == plan_lib.INCREMENTAL:  # the current version's network, extraction and index parameters
         model_info = pointer["model"]
@@ -172,7 +172,6 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
     plan = plan_lib.plan_build(mode, listed, repeats, config, extraction_config.max_features, previous,
                                counts, pointer and pointer["params"]["n_cells"],
                                carry=carry, keep_all=args.input is None)
-    build_id = plan_lib.new_build_id()
     build = f"{layout.BUILDS_DIR}/{build_id}"
     kept, merges, previous_files, codebooks = (), (), {}, {}
     if mode == plan_lib.INCREMENTAL and not carry:
@@ -211,10 +210,11 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     # One writer per root at a time: publishing is a compare-and-swap against the version found
     # here, and old versions are pruned under the lock.
     lock = cli.take_lock(args.index, args, local, prog)
+    build_id = plan_lib.new_build_id()
     try:
         pointer, token = versions.current(args.index)
         mode = choose_mode(pointer)
-        job = add_build(pipeline, args, mode, pointer, token, lock.owner, local, started)
+        job = add_build(pipeline, args, mode, pointer, token, lock.owner, local, started, build_id)
         result = pipeline.run()
         report_path = storage.join(args.index, versions.REPORTS_DIR, f"{job.build_id}.json")
         if not local:
@@ -227,6 +227,10 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
         if not local and str(state).split(".")[-1] != "DONE":
             raise cli.JobFailed(f"the job ended in state {state}; the previous version (if any) is still the "
                                 "published one")
+    except Exception as error:
+        if lock is not None and lock.still_held():  # no other run writes under the root
+            versions.discard_failed_run(args.index, build_id, keep_dead_letters=isinstance(error, encode.PublishRefused))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -234,3 +238,4 @@ def execute(args: argparse.Namespace, beam_args: list[str], prog: str, choose_mo
     if args.report:
         storage.write_bytes(args.report, json.dumps(report, indent=1, sort_keys=True).encode())
     return report
+

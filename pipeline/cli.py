@@ -8,6 +8,7 @@ Exit statuses: 0 done; 1 failed (an internal error, a build not published); 2 ba
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import sys
 import traceback
 import uuid
 
+from delf_retrieval import storage
 from delf_retrieval.build import encode
 from delf_retrieval.build.encode import DEFAULT_MAX_REJECTED_FRACTION
 from delf_retrieval.corpus import images, inputs
@@ -231,6 +233,9 @@ def take_lock(root: str, args: argparse.Namespace, local: bool, prog: str):
     lock = versions.RunLock(root, args.lock_ttl, owner=uuid.uuid4().hex, track_pid=local).acquire()
     if lock.broke:
         print(f"{prog}: broke a stale lock {json.dumps(lock.broke, sort_keys=True)}", file=sys.stderr)
+    # What a killed writer left half-written beside the lock and the pointer (no one else writes them now).
+    for path in (lock.path, storage.join(root, layout.MANIFEST)):
+        storage.remove_temporaries(path)
     return lock
 
 
@@ -260,6 +265,11 @@ def describe(error: BaseException) -> tuple[int, str, str | None]:
         return EXIT_USAGE, text, "check the path"
     if isinstance(error, images.ImageError):
         return EXIT_USAGE, line, None
+    if getattr(error, "errno", None) == errno.ENOSPC or f"[Errno {errno.ENOSPC}]" in line:
+        where = getattr(error, "filename", None) or line.rsplit(": ", 1)[-1]
+        return EXIT_FAILED, f"no space left on device: {where}", ("free some space and run again: a run that "
+                                                                 "fails removes what it wrote, and the previous "
+                                                                 "version (if any) still serves")
     return EXIT_FAILED, f"internal error: {type(error).__name__}: {line}", "run again with --debug for the traceback"
 
 

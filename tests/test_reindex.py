@@ -151,11 +151,11 @@ def test_a_run_failing_at_publish_leaves_the_previous_version_serving(built, tmp
     assert segments.verify(str(root))["build"] == first["build"]
     assert segment_reader.open_reader(str(root)).num_rows == first["counts"]["descriptors"]
     complete, incomplete = versions.version_ids(str(root))
-    assert complete == [first["build"]] and len(incomplete) == 1  # the failed run's folder, never published
+    assert complete == [first["build"]] and incomplete == []  # the failed run removed its own folder
     assert not os.path.exists(root / versions.LOCK_FILE)  # released
     assert reindex_run(corpus, root) == 0
     report = last_report(root)
-    assert report["previous"] == first["build"] and report["pruned"] == incomplete
+    assert report["previous"] == first["build"] and report["pruned"] == []
     assert report["unchanged"] == 4 and report["re_extracted"] == 0
 
 

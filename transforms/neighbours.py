@@ -93,7 +93,8 @@ def next_neighbour_table(job, version: dict, edges: list[tuple]):
 
     previous = neighbour_table.NeighbourTable.empty()
     if job.previous_neighbours is not None:
-        previous = neighbour_table.NeighbourTable.from_bytes(layout.checked_read(job.root, job.previous_neighbours))
+        previous = neighbour_table.NeighbourTable.from_bytes(layout.checked_read(job.root, job.previous_neighbours),
+                                                             job.previous_neighbours["path"])
     found = np.asarray(edges, np.int64).reshape(-1, 3)
     gone = np.asarray(version["removed"], np.int64)
     return neighbour_table.update(previous, neighbour_table.NeighbourTable(found[:, 0], found[:, 1], found[:, 2]),

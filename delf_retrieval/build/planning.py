@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import io
 import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from delf_retrieval import storage
 from delf_retrieval.build import encode
@@ -45,6 +43,9 @@ DRIFT_THRESHOLD = 1.5  # retrain when new descriptors' quantization error exceed
 DRIFT_SAMPLE = 100_000  # new descriptors an incremental build samples to measure it
 PLAN_FIELDS = ("uri", "label", "stamp", "action", "width", "height", "num_features", "content_hash", "segment")
 INDEXED_FIELDS = ("width", "height", "num_features", "content_hash")  # what a kept row brings from the index
+PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.string()), ("stamp", pa.string()),
+                         ("action", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                         ("num_features", pa.int32()), ("content_hash", pa.string()), ("segment", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -182,12 +183,8 @@ class BuildPlan:
         their rows (a kept image's rows otherwise stay in its segment: a plan of a million kept
         images would be written every night for nothing)."""
 
-        schema = pa.schema([("uri", pa.string()), ("label", pa.string()), ("stamp", pa.string()),
-                            ("action", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                            ("num_features", pa.int32()), ("content_hash", pa.string()),
-                            ("segment", pa.string())])
         rows = [r for r in self.rows if self.carry or r["action"] != KEEP] + self.deleted
-        return pa.Table.from_pylist(rows, schema=schema)
+        return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
 
 
 def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: BuildConfig, max_features: int,
@@ -225,9 +222,10 @@ def plan_build(mode: str, listed: list[tuple], repeats: list[dict], config: Buil
 
 
 def read_plan(path: str, actions: tuple = ACTIONS) -> list[dict]:
-    """The rows of a written plan whose action is one of ``actions``."""
+    """The rows of a written plan whose action is one of ``actions`` (its columns checked: a
+    ``ShardError`` naming the file)."""
 
-    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    table = layout.read_table(storage.read_bytes(path), PLAN_SCHEMA, path, not_null=("uri", "action"))
     return table.filter(pc.is_in(table.column("action"), value_set=pa.array(list(actions)))).to_pylist()
 
 
@@ -245,7 +243,9 @@ def previous_images(root: str, pointer: dict | None) -> list[dict]:
         return []
     if is_segmented(pointer):
         return live_images(root, pointer).to_pylist()
-    return pq.read_table(io.BytesIO(layout.checked_read(root, pointer["files"]["images"]))).to_pylist()
+    record = pointer["files"]["images"]
+    return layout.read_table(layout.checked_read(root, record), shards.IMAGE_SCHEMA, record["path"],
+                             not_null=("image_id", "uri")).to_pylist()
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,37 @@ class ListingError(ValueError):
 
 
 def image_id(uri: str) -> int:
-    """A stable 63-bit id from the uri: re-runs and parallel workers agree without coordination.
-    The chance of any collision is n^2 / 2^64: 5e-8 for a million images."""
-    return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "big") >> 1
+    """A stable 63-bit id from the uri's bytes (:func:`uri_bytes`): re-runs and parallel workers agree
+    without coordination. The chance of any collision is n^2 / 2^64: 5e-8 for a million images."""
+    return int.from_bytes(hashlib.sha256(uri_bytes(uri)).digest()[:8], "big") >> 1
+
+
+def uri_bytes(uri: str) -> bytes:
+    """The bytes a uri names: its UTF-8, and for a file name that is not UTF-8 (which os.walk gives
+    surrogate-escaped) the name's own bytes, as ``os.fsencode`` gives them on POSIX."""
+    try:
+        return uri.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return uri.encode("utf-8", "surrogatepass")
+
+
+def is_text(uri: str) -> bool:
+    """Whether a uri is UTF-8 text, as the index's tables (Parquet, JSON) store it."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(uri: str) -> str:
+    """A uri as text any table takes: the bytes of a name that is not UTF-8 as ``\\xNN`` escapes."""
+    return uri_bytes(uri).decode("utf-8", "backslashreplace")
+
+
+def listing_dead_letter(uri: str, reason: str, error: str) -> dict:
+    """The dead-letter record of an input refused while listing (stage ``list``)."""
+    return {"uri": printable(uri), "stage": "list", "reason": reason, "error": error}
 
 
 def _csv_rows(text: str, name: str) -> list[tuple[int, list[str]]]:
@@ -118,39 +146,46 @@ def unique_inputs(images: list[InputImage]) -> tuple[list[InputImage], list[dict
             continue
         conflict = (f"with another label ({image.label!r}; indexed with {seen.label!r})"
                     if image.label != seen.label else "with the same label")
-        repeats.append({"uri": image.uri, "stage": "list", "reason": "duplicate",
-                        "error": f"listed again {conflict}; indexed once"})
+        repeats.append(listing_dead_letter(image.uri, "duplicate", f"listed again {conflict}; indexed once"))
     return list(first.values()), repeats
 
 
 def list_source(source: str, label_from_folder: bool = False) -> tuple[list, list[dict]]:
-    """(the unique images of a source, dead letters of the uris listed again): a listing CSV/TXT
-    (local or gs://; relative paths resolve against its folder), a folder (searched recursively)
-    or a glob."""
+    """(the unique images of a source, dead letters of what could not be listed: uris listed again,
+    names that are not UTF-8, folders that cannot be read): a listing CSV/TXT (local or gs://;
+    relative paths resolve against its folder), a folder (searched recursively) or a glob."""
     if source.lower().endswith(LISTING_EXTENSIONS):
         base = listing_folder(source)
         rows = parse_csv(storage.read_bytes(source).decode("utf-8-sig", errors="replace"), name=source)
         return unique_inputs([InputImage(resolve_uri(r.uri, base), r.label) for r in rows])
+    refused = []
+
+    def unreadable_folder(error: OSError):
+        refused.append(listing_dead_letter(str(error.filename or source), "unreadable",
+                                           f"folder not listed: {error.strerror or error}"))
+
     if any(c in source for c in "*?["):
-        paths = storage.glob(source)
+        paths = storage.glob(source, on_error=unreadable_folder)
     else:
         if not storage.is_gcs(source) and not os.path.isdir(source):
             raise FileNotFoundError(f"{source}: no such folder or listing")
-        paths = storage.list_files(source)
+        paths = storage.list_files(source, on_error=unreadable_folder)
     paths = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
+    refused += [listing_dead_letter(p, "undecodable_name", "the file name is not UTF-8; rename the file to index it")
+                for p in paths if not is_text(p)]
     label = (lambda p: os.path.basename(os.path.dirname(p))) if label_from_folder else (lambda p: None)
-    return [InputImage(p, label(p)) for p in paths], []
+    return [InputImage(p, label(p)) for p in paths if is_text(p)], refused
 
 
 def list_stamped(source: str, label_from_folder: bool = False, stat_objects: bool = True
                  ) -> tuple[list[tuple[str, str | None, str | None]], list[dict]]:
     """What every build lists: ((uri, label, stamp) of each unique image of the source, dead
-    letters of the uris listed again). The stamp is ``storage.stamp``'s change marker: from one
+    letters of what it refused: uris listed again, names that are not UTF-8, files it cannot stat). The stamp is ``storage.stamp``'s change marker: from one
     bucket listing for gs:// folders and globs, a stat per local file, a request per gs:// object
     named by a listing CSV (only with ``stat_objects``: a build that extracts everything skips
     them, and the next incremental run reads those images to check them), and None for http(s)
     URLs, which are taken as immutable."""
-    images, repeats = list_source(source, label_from_folder)
+    images, refused = list_source(source, label_from_folder)
     bulk = {}
     if storage.is_gcs(source) and not source.lower().endswith(LISTING_EXTENSIONS):
         wildcard = min((source.find(c) for c in "*?[" if c in source), default=-1)
@@ -160,9 +195,13 @@ def list_stamped(source: str, label_from_folder: bool = False, stat_objects: boo
         if is_url(image.uri) or (storage.is_gcs(image.uri) and image.uri not in bulk and not stat_objects):
             stamp = None
         else:
-            stamp = bulk.get(image.uri) or storage.stamp(image.uri)
+            try:
+                stamp = bulk.get(image.uri) or storage.stamp(image.uri)
+            except OSError as e:  # a link loop, a name too long, permission denied: this file only
+                refused.append(listing_dead_letter(image.uri, "unreadable", f"cannot stat: {e.strerror or e}"))
+                continue
         out.append((image.uri, image.label, stamp))
-    return out, repeats
+    return out, refused
 
 
 def is_url(uri: str) -> bool:

@@ -35,7 +35,13 @@ class ManifestError(IndexStorageError):
 
 
 class ShardError(IndexStorageError):
-    """A file the manifest lists is missing, truncated, corrupt, or belongs to another index."""
+    """A file the manifest lists is missing, truncated, corrupt, of the wrong shape, or belongs to
+    another index."""
+
+
+class DamagedFile(ShardError):
+    """A listed file whose bytes are not the ones recorded: missing, truncated, or failing its
+    SHA-256 or CRC-32 (bit rot, a replaced file). What a scrub looks for and a repair mends."""
 
 
 def sha256_of_file(local_path: str) -> str:
@@ -143,16 +149,46 @@ def checked_read(directory: str, record: dict, checksum: bool = True, where: str
     """The one checked read of a listed file: its size (and SHA-256 when ``checksum``) against its
     record in ``where``; returns the bytes when it read them. A missing, truncated, replaced or
     corrupt file is a ``ShardError`` naming it."""
+    if (not isinstance(record, dict) or not isinstance(record.get("bytes"), int)
+            or (checksum and not isinstance(record.get("sha256"), str))):
+        raise ManifestError(f"{where}: a file record is malformed (path, bytes and sha256 needed): {record!r}")
     path = resolve(directory, record["path"])
     try:
         size = storage.size(path) if not checksum else None
         data = storage.read_bytes(path) if checksum else None
     except FileNotFoundError:
-        raise ShardError(f"{record['path']} is listed in {where} but missing from {directory}") from None
+        raise DamagedFile(f"{record['path']} is listed in {where} but missing from {directory}") from None
     size = len(data) if checksum else size
     if size != record["bytes"]:
-        raise ShardError(f"{record['path']} has {size} bytes, {where} says {record['bytes']} "
+        raise DamagedFile(f"{record['path']} has {size} bytes, {where} says {record['bytes']} "
                          "(truncated or replaced)")
     if checksum and hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise ShardError(f"{record['path']} does not match its SHA-256 in {where} (corrupt)")
+        raise DamagedFile(f"{record['path']} does not match its SHA-256 in {where} (corrupt)")
     return data
+
+
+def read_table(data: bytes, schema: pa.Schema, where: str, not_null: tuple = ()) -> pa.Table:
+    """An index table's Parquet bytes (already checked against their record) read as a table that
+    has every column of ``schema`` with its type (an integer column of another width is cast), and
+    no null in the ``not_null`` columns; otherwise a ``ShardError`` naming ``where`` and what is
+    wrong. A file with the right checksum can still be the wrong file: written by a foreign tool,
+    another version, or by hand."""
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ShardError(f"{where} is not a Parquet table ({e})") from None
+    for expected in schema:
+        if expected.name not in table.schema.names:
+            raise ShardError(f"{where} has no column {expected.name!r} (its columns: {', '.join(table.schema.names)})")
+        index = table.schema.get_field_index(expected.name)
+        found = table.schema.field(index).type
+        if found != expected.type:
+            if not (pa.types.is_integer(found) and pa.types.is_integer(expected.type)):
+                raise ShardError(f"{where}: column {expected.name!r} is {found}, not {expected.type}")
+            try:
+                table = table.set_column(index, expected.name, table.column(index).cast(expected.type))
+            except pa.ArrowInvalid:
+                raise ShardError(f"{where}: column {expected.name!r} holds values outside {expected.type}") from None
+        if expected.name in not_null and table.column(index).null_count:
+            raise ShardError(f"{where}: column {expected.name!r} has {table.column(index).null_count} empty values")
+    return table

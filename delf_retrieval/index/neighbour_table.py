@@ -3,12 +3,12 @@ its file, and its upkeep by re-index runs."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from delf_retrieval.index import layout
 
 NEIGHBOURS_FILE = "neighbours.parquet"
 SCHEMA = pa.schema([("image_id", pa.int64()), ("neighbour", pa.int64()), ("inliers", pa.int32())])
@@ -64,8 +64,9 @@ class NeighbourTable:
         return NeighbourTable(*(table.column(n).to_numpy() for n in ("image_id", "neighbour", "inliers")))
 
     @staticmethod
-    def from_bytes(data: bytes) -> "NeighbourTable":
-        return NeighbourTable.from_table(pq.read_table(io.BytesIO(data)))
+    def from_bytes(data: bytes, where: str = NEIGHBOURS_FILE) -> "NeighbourTable":
+        """The table in a file's bytes, its columns checked (a ``ShardError`` naming ``where``)."""
+        return NeighbourTable.from_table(layout.read_table(data, SCHEMA, where, not_null=SCHEMA.names))
 
 
 def cut(edges: NeighbourTable, k: int) -> NeighbourTable:

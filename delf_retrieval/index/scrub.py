@@ -39,7 +39,7 @@ def segment_files(root: str, manifest: dict) -> tuple[list[tuple[str, str, dict]
     for ref in segment_refs(manifest):
         try:
             segment = read_segment(root, ref)
-        except layout.IndexStorageError as e:
+        except layout.DamagedFile as e:
             damaged[ref.segment_id] = str(e)
             continue
         for record in (segment.images,) + segment.shards:
@@ -70,7 +70,7 @@ def scrub(root: str, manifest: dict, budget_bytes: int, cursor: str | None = Non
             continue
         try:
             layout.checked_read(root, record, checksum=True)
-        except layout.IndexStorageError as e:
+        except layout.DamagedFile as e:
             damaged[segment_id] = str(e)
     return ScrubReport(tuple(key for key, _, _ in chosen + extra), sum(r["bytes"] for _, _, r in chosen + extra),
                        damaged, chosen[-1][0] if chosen else cursor, total, tuple(sorted(suspects)))
@@ -95,7 +95,7 @@ def reading(root: str, segment_id: str):
         yield
     except DamagedSegment:
         raise
-    except layout.ShardError as e:
+    except layout.DamagedFile as e:
         note_damage(root, segment_id, str(e))
         raise DamagedSegment(segment_id, str(e)) from e
 

@@ -155,7 +155,7 @@ class SegmentedReader:
         if record is None:
             return None
         if self._neighbours is None:
-            table = NeighbourTable.from_bytes(layout.checked_read(self.directory, record, checksum=True))
+            table = NeighbourTable.from_bytes(layout.checked_read(self.directory, record, checksum=True), record["path"])
             keep = np.isin(table.image_ids, self._live_ids) & np.isin(table.neighbours, self._live_ids)
             self._neighbours = NeighbourTable(table.image_ids[keep], table.neighbours[keep], table.inliers[keep])
         return self._neighbours

@@ -23,13 +23,11 @@ read as it always was, by :class:`~delf_retrieval.index.shard_reader.IndexReader
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from delf_retrieval import storage
 from delf_retrieval.index import layout, shards
@@ -49,7 +47,7 @@ RESTAMPS_FILE = "restamps.parquet"
 RESTAMP_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64()), ("stamp", pa.string())])
 
 
-class DamagedSegment(layout.ShardError):
+class DamagedSegment(layout.DamagedFile):
     """A segment whose files fail their checks, named so that the user and the next run know which:
     that run leaves it out and extracts its images again from the corpus."""
 
@@ -119,6 +117,8 @@ class Segment:
             raise layout.ManifestError(f"{where}: unreadable segment manifest ({e})") from None
         for name, r in [("images", segment.images)] + [(f"shards[{i}]", s) for i, s in enumerate(segment.shards)]:
             layout.check_relative(r.get("path"), f"{name}.path", where)
+            if not all(isinstance(r.get(key), kind) for key, kind in (("bytes", int), ("sha256", str), ("rows", int))):
+                raise layout.ManifestError(f"{where}: {name} is not a file record (path, bytes, sha256 and rows)")
         return segment
 
 
@@ -234,14 +234,16 @@ def read_tombstones(directory: str, manifest: dict) -> Tombstones:
     record = manifest["files"].get("tombstones")
     if record is None:
         return Tombstones()
-    return Tombstones.from_table(pq.read_table(io.BytesIO(layout.checked_read(directory, record, checksum=True))))
+    return Tombstones.from_table(layout.read_table(layout.checked_read(directory, record, checksum=True),
+                                                   TOMBSTONE_SCHEMA, record["path"], not_null=TOMBSTONE_SCHEMA.names))
 
 
 def read_restamps(directory: str, manifest: dict) -> Restamps:
     record = manifest["files"].get("restamps")
     if record is None:
         return Restamps()
-    return Restamps.from_table(pq.read_table(io.BytesIO(layout.checked_read(directory, record, checksum=True))))
+    return Restamps.from_table(layout.read_table(layout.checked_read(directory, record, checksum=True),
+                                                 RESTAMP_SCHEMA, record["path"], not_null=("segment", "image_id")))
 
 
 def live_images(root: str, manifest: dict, damaged: dict | None = None) -> pa.Table:
@@ -257,7 +259,7 @@ def live_images(root: str, manifest: dict, damaged: dict | None = None) -> pa.Ta
             continue
         try:
             table = segment_images(root, ref, tombstones.of(ref.segment_id), restamps.stamps.get(ref.segment_id, {}))
-        except layout.IndexStorageError as e:
+        except layout.DamagedFile as e:
             if damaged is None:
                 raise
             damaged[ref.segment_id] = str(e)
@@ -271,7 +273,9 @@ def segment_images(root: str, ref: SegmentRef, dropped: np.ndarray = np.zeros(0,
                    restamped: dict | None = None) -> pa.Table:
     """A segment's image table (checked) without the ``dropped`` image ids, ``restamped`` stamps applied."""
     segment = read_segment(root, ref)
-    table = pq.read_table(io.BytesIO(layout.checked_read(root, in_segment(ref, segment.images), checksum=True)))
+    record = in_segment(ref, segment.images)
+    table = layout.read_table(layout.checked_read(root, record, checksum=True), shards.IMAGE_SCHEMA, record["path"],
+                              not_null=("image_id", "uri"))
     return with_restamps(without_images(table, dropped), restamped)
 
 

@@ -4,7 +4,6 @@ its resident lists, and the rows it hands to the query side."""
 from __future__ import annotations
 
 import functools
-import io
 import struct
 import threading
 import zlib
@@ -16,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from delf_retrieval import storage
-from delf_retrieval.index.layout import (MANIFEST, ManifestError, ShardError, check_manifest_paths, checked_read,
-                                         read_manifest, resolve)
+from delf_retrieval.index.layout import (MANIFEST, DamagedFile, ManifestError, check_manifest_paths, checked_read,
+                                         read_manifest, read_table, resolve)
 from delf_retrieval.index.neighbour_table import NeighbourTable
-from delf_retrieval.index.shards import unpacked_codes
+from delf_retrieval.index.shards import IMAGE_SCHEMA, unpacked_codes
 from delf_retrieval.quantize import Quantizer
 from delf_retrieval.quantize import pca as pca_lib
 from delf_retrieval.quantize.ivf import InvertedLists, Searcher, expand_ranges
@@ -31,10 +30,10 @@ def _read_footer(path: str, size: int) -> tuple[int, bytes]:
     """(offset, bytes) of a Parquet file's footer: metadata, its length and the magic, at the end."""
     tail = storage.read_bytes(path, size - 8, 8)
     if len(tail) != 8 or tail[4:] != b"PAR1":
-        raise ShardError(f"{path} is not a complete Parquet file (no footer magic)")
+        raise DamagedFile(f"{path} is not a complete Parquet file (no footer magic)")
     length = struct.unpack("<I", tail[:4])[0] + 8
     if length > size:
-        raise ShardError(f"{path}: footer length {length} exceeds the file size {size}")
+        raise DamagedFile(f"{path}: footer length {length} exceeds the file size {size}")
     return size - length, storage.read_bytes(path, size - length, length)
 
 
@@ -131,12 +130,12 @@ class IndexReader:
                 # The footer alone parses as a file: the magic, then the footer (which ends in it).
                 metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer[1]))
             except (OSError, pa.ArrowException) as e:
-                raise ShardError(f"{shard['path']}: unreadable Parquet footer ({e})") from e
+                raise DamagedFile(f"{shard['path']}: unreadable Parquet footer ({e})") from e
             self._shard_paths.append(path), self._footers.append(footer), self._metadata.append(metadata)
             if (metadata.metadata or {}).get(b"index_id", b"").decode() != self.manifest["index_id"]:
-                raise ShardError(f"{shard['path']} belongs to another index (index_id differs)")
+                raise DamagedFile(f"{shard['path']} belongs to another index (index_id differs)")
             if metadata.num_rows != shard["rows"] or metadata.num_row_groups != len(shard["row_groups"]):
-                raise ShardError(f"{shard['path']} has {metadata.num_rows} rows in {metadata.num_row_groups} "
+                raise DamagedFile(f"{shard['path']} has {metadata.num_rows} rows in {metadata.num_row_groups} "
                                  f"row groups, the manifest says {shard['rows']} in {len(shard['row_groups'])}")
             cell_column = metadata.schema.to_arrow_schema().get_field_index("cell")
             for g in range(metadata.num_row_groups):
@@ -154,7 +153,8 @@ class IndexReader:
     @property
     def images(self) -> pa.Table:
         if self._images is None:
-            self._images = pq.read_table(io.BytesIO(self._images_bytes))
+            self._images = read_table(self._images_bytes, IMAGE_SCHEMA, self.manifest["files"]["images"]["path"],
+                                      not_null=("image_id", "uri"))
         return self._images
 
     def _load_group(self, group: int) -> dict:
@@ -168,7 +168,7 @@ class IndexReader:
         # One ranged read per row group; Parquet then parses it with the footer read on open.
         data = storage.read_bytes(self._shard_paths[s], record["offset"], record["length"])
         if len(data) != record["length"] or zlib.crc32(data) != record["crc32"]:
-            raise ShardError(f"{shard['path']} row group {g} does not match its CRC-32 in the manifest (corrupt)")
+            raise DamagedFile(f"{shard['path']} row group {g} does not match its CRC-32 in the manifest (corrupt)")
         view = storage.RangeFile(shard["bytes"], dict([self._footers[s], (record["offset"], data)]))
         table = pq.ParquetFile(view, metadata=self._metadata[s]).read_row_group(g)
         params = self.quantizer.params
@@ -270,7 +270,8 @@ class IndexReader:
         if record is None:
             return None
         if self._neighbours is None:
-            self._neighbours = NeighbourTable.from_bytes(checked_read(self.directory, record, checksum=True))
+            self._neighbours = NeighbourTable.from_bytes(checked_read(self.directory, record, checksum=True),
+                                                         record["path"])
         return self._neighbours
 
     @property

@@ -311,6 +311,14 @@ class RunLock:
                 pass  # someone else broke or renewed it: look again
         raise LockHeld(None, self.path)
 
+    def still_held(self) -> bool:
+        """Whether the lock file still names this run (a job's publish step releases it itself)."""
+        data, _ = storage.read_with_token(self.path)
+        try:
+            return data is not None and json.loads(data).get("owner") == self.owner
+        except (ValueError, AttributeError):
+            return False
+
     def release(self) -> bool:
         """Delete the lock if it is still this run's; False if it was not (broken by another run)."""
         return release_lock(self.path, self.owner)
@@ -337,3 +345,24 @@ def release_lock(path: str, owner: str) -> bool:
     except storage.PreconditionFailed:
         return False
     return True
+
+
+def discard_failed_run(root: str, build_id: str, keep_dead_letters: bool = False) -> list[str]:
+    """Remove what a run that failed wrote (a full disk, a conflict, an error), so that the next run
+    starts from a clean root without anyone's help: its version folder, unless the pointer names it
+    (it published before failing), and every segment and model folder no kept version references.
+    ``keep_dead_letters``: a build refused for its rejects keeps its folder (the dead-letter table
+    its error names; the next run's pruning removes it). Call it only while holding the lock.
+    Returns what it deleted; a cleanup that fails itself is left to the next run's pruning."""
+    folder = build_folder(build_id)
+    try:
+        pointer, _ = current(root)
+        if pointer and folder in (pointer.get("build"), pointer.get("previous")):
+            return []
+        gone = []
+        if not keep_dead_letters:
+            storage.delete_tree(storage.join(root, folder))
+            gone.append(folder)
+        return gone + prune_segments(root)
+    except (OSError, layout.IndexStorageError):
+        return []
