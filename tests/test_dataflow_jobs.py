@@ -35,9 +35,10 @@ STEPS = {
     "full build": BUILD_STEPS | {"TrainingSampleImages", "TrainingSampleRest", "SpreadTrainingSample", "SampleInputs",
                                  "ExtractTrainingSample", "TrainingPerImage", "TrainingMeanPerImage",
                                  "TrainingDescriptors", "TrainingReservoir", "Train", "EncodeTrainingSample", "NoDrift",
-                                 "DescriptorBound", "NoNeighbours"},
+                                 "DescriptorBound", "AllImageRows", "SpreadImageRows", "FindNeighbours"},
+    # Every build keeps the neighbour table by default (--verified-neighbours 0: "NoNeighbours" instead).
     "fixed-quantizer build": BUILD_STEPS | {"GivenModel", "Descriptors", "Sample", "Drift", "DescriptorBound",
-                                            "NoNeighbours"},
+                                            "AllImageRows", "SpreadImageRows", "FindNeighbours"},
     # Shards sized from the current version's (no DescriptorBound); its neighbour table kept up to date;
     # no rows copied (its segment is referenced) and, with one segment, nothing to merge.
     "nightly re-index": BUILD_STEPS | {"Current", "ReadModel", "Descriptors", "Sample", "Drift", "AllImageRows",

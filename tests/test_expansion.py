@@ -117,8 +117,13 @@ def test_expansion_pins_the_expanding_images_and_ranks_the_rest_by_gained_inlier
     assert expansion.expand(weak, table, 2, 10, lambda ids: ids, top=10) == weak
 
 
-def test_a_retriever_expands_with_the_index_table_and_refuses_an_index_without_one(paired_index, tmp_path):
-    with pytest.raises(ValueError, match="no neighbour table"):
-        retrieval.Retriever(paired_index, retrieval.RetrievalConfig(expand=3))
+def test_a_retriever_expands_with_the_index_table_and_notes_an_index_without_one(paired_index, tmp_path):
+    plain = retrieval.Retriever(paired_index, retrieval.RetrievalConfig(expand=0))
+    noted = retrieval.Retriever(paired_index, retrieval.RetrievalConfig(expand=3))
+    block = next(paired_index.stored_rows())
+    query = block.take(block.image_ids == block.image_ids[0])
+    without, asked = (r.search_projected(query.descriptors, query.locations) for r in (plain, noted))
+    assert asked.notes == (retrieval.NO_NEIGHBOUR_TABLE,) and without.notes == ()
+    assert [(m.image_id, m.score) for m in asked.matches] == [(m.image_id, m.score) for m in without.matches]
     with pytest.raises(ValueError, match="expand"):
         retrieval.RetrievalConfig(expand=-1)
