@@ -56,8 +56,16 @@ def parse_args(argv=None):
                    help="largest request body (default %(default)s)")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds a request may take in all, then 504 (default %(default)s)")
+    g.add_argument("--max-requests", type=int, default=d.max_requests,
+                   help="requests being answered at once; beyond, 503 (default %(default)s; idle connections "
+                        "do not count)")
     g.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="connections and requests at once; beyond, 503 (default %(default)s)")
+                   help="open connections; beyond, the one idle longest is closed (default %(default)s)")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection may take to send a request's head; a connection answering "
+                        "nothing is closed after it (default %(default)s)")
+    g.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                   help="seconds an idle keep-alive connection is kept (default %(default)s)")
     g.add_argument("--max-memory", type=byte_size, default=d.engine.max_memory,
                    help="hold the postings in memory when they fit in this (default %(default)s bytes); else read "
                         "them per query through a cache of this size. A switch holds two versions for a while")
@@ -94,7 +102,9 @@ def serve_config(args):
     return ServeConfig(index=args.index, host=args.host, port=args.port, workers=args.workers,
                        max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes,
                        request_timeout=args.request_timeout, reload_interval=args.reload_interval,
-                       drain_timeout=args.drain_timeout, max_connections=args.max_connections,
+                       drain_timeout=args.drain_timeout, max_requests=args.max_requests,
+                       max_connections=args.max_connections, header_timeout=args.header_timeout,
+                       keep_alive_timeout=args.keep_alive_timeout,
                        token=read_token(args.token_file) if args.token_file else None,
                        recent_queries=args.recent_queries,
                        engine=cli.engine_config_from_args(args, resident=True, max_memory=args.max_memory),
@@ -105,6 +115,8 @@ def make_server(service, access_log: bool = True):
     """A uvicorn server whose first SIGTERM or SIGINT drains the service before it stops (a second
     one is uvicorn's own: stop now)."""
     import uvicorn
+
+    from pipeline.service.connections import protocol
 
     config = service.config
 
@@ -121,8 +133,10 @@ def make_server(service, access_log: bool = True):
                             config.drain_timeout)
             self.should_exit = True
 
+    # No limit_concurrency: uvicorn's counts idle connections; the protocol bounds those, Guard the requests.
     uv = uvicorn.Config(service.app, host=config.host, port=config.port, log_config=None, access_log=access_log,
-                        limit_concurrency=config.max_connections, timeout_keep_alive=5,
+                        http=protocol(config.header_timeout, config.max_connections),
+                        timeout_keep_alive=config.keep_alive_timeout,
                         timeout_graceful_shutdown=max(config.drain_timeout, 1.0), lifespan="on")
     return DrainingServer(uv)
 
@@ -137,12 +151,37 @@ def run(argv=None) -> int:
         config = serve_config(args)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    check_index(config.index)
+    sock = listen(config.host, config.port)  # both before the network and the index load: a wrong start fails now
     service = Service(config)
-    log.info("serving %s on http://%s:%d/ (%d workers, queue %d%s)", config.index, config.host, config.port,
+    port = sock.getsockname()[1]
+    log.info("serving %s on http://%s:%d/ (%d workers, queue %d%s)", config.index, config.host, port,
              config.workers, config.max_queue, ", bearer token required" if config.token else "")
-    make_server(service, access_log=args.access_log).run()
+    with sock:
+        make_server(service, access_log=args.access_log).run(sockets=[sock])
     log.info("stopped")
     return 0
+
+
+def check_index(root: str) -> None:
+    """A usage error unless an index is published at ``root``."""
+    from delf_retrieval import versions
+
+    try:
+        pointer, _ = versions.current(root)
+    except (FileNotFoundError, NotADirectoryError):
+        pointer = None
+    if pointer is None:
+        raise cli.UsageError(f"{root}: no index is published there (no manifest.json at its root)")
+
+
+def listen(host: str, port: int):
+    from pipeline.service.connections import listening_socket
+
+    try:
+        return listening_socket(host, port)
+    except OSError as e:
+        raise cli.UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ class ServeConfig:
     request_timeout: float = 30.0  # a request's whole time (body, fetch, queue, extraction, search); then 504
     reload_interval: float = 60.0  # seconds between looks at the root's pointer
     drain_timeout: float = 30.0  # on SIGTERM, the longest wait for requests in flight
-    max_connections: int = 64  # connections and requests at once (uvicorn answers 503 beyond)
+    max_requests: int = 64  # requests being answered at once; beyond, 503 (idle connections do not count)
+    max_connections: int = 1024  # open connections; beyond, the one idle longest is closed
+    header_timeout: float = 10.0  # a connection answering no request is closed after this, unless one arrives
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this (uvicorn's)
     token: str | None = field(default=None, repr=False)  # bearer token of the API (None: no auth)
     recent_queries: int = 32  # queries whose pictures can be drawn afterwards
     pictured_matches: int = 50  # matches of a recent query kept with their inliers, for pictures
@@ -44,11 +47,13 @@ class ServeConfig:
     limits: QueryLimits = QueryLimits()
 
     def __post_init__(self):
-        for name in ("workers", "max_upload_bytes", "max_connections", "recent_queries", "visualize_top",
-                     "thumbnail_side", "thumbnails_kept"):
+        for name in ("workers", "max_upload_bytes", "max_requests", "max_connections", "recent_queries",
+                     "visualize_top", "thumbnail_side", "thumbnails_kept"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0 or self.pictured_matches < 0:
             raise ValueError("max_queue and pictured_matches must be >= 0")
         if not (self.request_timeout > 0 and self.reload_interval > 0 and self.drain_timeout >= 0):
             raise ValueError("request_timeout and reload_interval must be > 0, drain_timeout >= 0")
+        if not (self.header_timeout > 0 and self.keep_alive_timeout > 0):
+            raise ValueError("header_timeout and keep_alive_timeout must be > 0")

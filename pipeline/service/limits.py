@@ -1,4 +1,5 @@
-"""What a request must pass before a route sees it: draining, the bearer token, the body cap (Guard)."""
+"""What a request must pass before a route sees it: draining, the request limit, the bearer token and
+the body cap (Guard)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ DRAINING_PATHS = ("/healthz", "/readyz", "/metrics")  # still answered while dra
 
 
 class Guard:
-    """Pure ASGI middleware: draining (503), the bearer token (401) and the body cap (413: by
-    Content-Length at once, else as soon as the bytes received pass it). ``service`` gives its
-    ``config`` and ``draining``."""
+    """Pure ASGI middleware: draining (503), more than ``max_requests`` being answered (503), the
+    bearer token (401) and the body cap (413: by Content-Length at once, else as soon as the bytes
+    received pass it). ``service`` gives its ``config``, ``draining`` and ``in_flight`` (which
+    counts this request: Observe is outside)."""
 
     def __init__(self, app, service):
         self.app, self.service = app, service
         self.max_bytes = service.config.max_upload_bytes
+        self.max_requests = service.config.max_requests
         self.token = service.config.token.encode() if service.config.token else None
 
     async def __call__(self, scope, receive, send):
@@ -28,6 +31,9 @@ class Guard:
         if self.service.draining and path not in DRAINING_PATHS:
             response = error_response(503, "shutting_down", "the server is shutting down",
                                       {"Retry-After": "5", "Connection": "close"})
+        elif self.service.in_flight > self.max_requests and path not in DRAINING_PATHS:
+            response = error_response(503, "busy", f"more than {self.max_requests} requests at once; try again "
+                                      "shortly", {"Retry-After": "1"})
         elif self.token is not None and path not in OPEN_PATHS and not self._authorised(headers):
             response = error_response(401, "unauthorized", "a valid bearer token is required",
                                       {"WWW-Authenticate": "Bearer"})
