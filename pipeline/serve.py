@@ -77,6 +77,9 @@ def parse_args(argv=None):
     g.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                    help="on SIGTERM, the longest wait for requests in flight (default %(default)s)")
     g = parser.add_argument_group("access")
+    g.add_argument("--allow-url", action="append", default=[], metavar="URL",
+                   help="what query URLs may reach beyond public http(s) addresses (repeatable): gs://BUCKET/PREFIX "
+                        "(read with this server's credentials), http(s)://HOST, http(s)://NETWORK/BITS")
     g.add_argument("--token-file", help="a file holding the bearer token the API requires (all but / and /healthz)")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log each request (default on)")
@@ -106,7 +109,7 @@ def serve_config(args):
                        max_connections=args.max_connections, header_timeout=args.header_timeout,
                        keep_alive_timeout=args.keep_alive_timeout,
                        token=read_token(args.token_file) if args.token_file else None,
-                       recent_queries=args.recent_queries,
+                       recent_queries=args.recent_queries, allow_url=tuple(args.allow_url),
                        engine=cli.engine_config_from_args(args, resident=True, max_memory=args.max_memory),
                        fetch=cli.fetch_config_from_args(args))
 

@@ -57,8 +57,10 @@ def service_client(following, **settings):
 @pytest.fixture(scope="module")
 def client(following):
     # Two workers: a query held in flight (below) leaves one for the others; time for a re-index meanwhile.
+    # Loopback test servers and the GCS emulator's queries/ are admitted, as --allow-url would.
     service, test_client = service_client(following, workers=2, max_queue=2, max_upload_bytes=2 << 20,
-                                          request_timeout=180.0)
+                                          request_timeout=180.0,
+                                          allow_url=("http://127.0.0.1", "gs://test-bucket/queries/"))
     with test_client:
         yield service, test_client
 
@@ -187,7 +189,7 @@ def test_a_full_queue_is_503_with_retry_after_and_a_late_answer_504(following, m
 
 
 def test_a_url_that_never_answers_is_504_and_frees_its_worker(following):
-    service, http = service_client(following, workers=1, request_timeout=2.0)
+    service, http = service_client(following, workers=1, request_timeout=2.0, allow_url=("http://127.0.0.1",))
     with socket.socket() as silent, http:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)  # accepts connections, never answers
@@ -207,7 +209,20 @@ def test_a_gs_url_is_read_as_the_build_reads_it(client, gcs_emulator):
     answer = http.post("/v1/search", json={"url": f"{gcs_emulator}/queries/berlin.jpg", "top": 1})
     assert answer.status_code == 200 and answer.json()["matches"][0]["uri"].endswith("berlin/a.jpg")
     missing = http.post("/v1/search", json={"url": f"{gcs_emulator}/queries/absent.jpg"})
-    assert (missing.status_code, missing.json()["error"]) == (400, "unreadable")
+    assert (missing.status_code, missing.json()["error"]) == (422, "fetch_failed")
+    assert missing.json()["detail"] == f"could not fetch {gcs_emulator}/queries/absent.jpg"
+    outside = http.post("/v1/search", json={"url": f"{gcs_emulator}/other/berlin.jpg"})
+    assert (outside.status_code, outside.json()["error"]) == (400, "url_refused")
+
+
+def test_by_default_a_url_query_reaches_only_public_addresses(following):
+    _, http = service_client(following)
+    with serving(os.path.dirname(os.path.dirname(QUERY))) as (base, _), http:
+        port = base.rsplit(":", 1)[1]
+        for host in ("127.0.0.1", "2130706433", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "localhost"):
+            refused = http.post("/v1/search", json={"url": f"http://{host}:{port}/berlin_cathedral/02.jpg"})
+            assert (refused.status_code, refused.json()["error"]) == (400, "url_refused"), refused.text
+        assert http.post("/v1/search", json={"url": "gs://test-bucket/queries/a.jpg"}).json()["error"] == "url_refused"
 
 
 def test_the_token_guards_everything_but_the_page_and_healthz(following):

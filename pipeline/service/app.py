@@ -34,13 +34,14 @@ from pipeline.service.limits import Guard
 from pipeline.service.metrics import Metrics, Observe
 from pipeline.service.pool import Pool
 from pipeline.service.queries import read_query, request_config
+from pipeline.service.urls import ServiceFetcher, UrlPolicy
 
 log = logging.getLogger("pipeline.serve")
 
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static", "index.html")
 PICTURE_SIDE = 1024  # the long side a recent query is kept at, for its pictures
 # The HTTP status of each typed input error (images.ImageError.reason, inputs.FetchError.reason).
-STATUS_OF_REASON = {"too_large": 413, "unsupported": 415, "fetch_failed": 422}
+STATUS_OF_REASON = {"too_large": 413, "unsupported": 415, "fetch_failed": 422, "url_refused": 400}
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Service:
         self.light = Pool("thumbnail", 2, 32)
         self.recent = Recent(config.recent_queries)
         self.thumbnails = Recent(config.thumbnails_kept)
-        self.fetcher = inputs.Fetcher(config.fetch)
+        self.fetcher = inputs.Fetcher(config.fetch)  # the index's own images (thumbnails), as the build reads them
+        self.url_fetcher = ServiceFetcher(UrlPolicy(config.allow_url), config.fetch)  # queries' URLs: public only
         self.in_flight = 0
         self.draining = False
         self.started = time.time()
@@ -157,7 +159,7 @@ class Service:
         start = time.perf_counter()
         if url is not None:
             try:
-                data = inputs.read_image_bytes(url, self.fetcher, until=deadline.end)
+                data = self.url_fetcher.read(url, until=deadline.end)
             except inputs.FetchError:
                 deadline.check("fetching")  # cut off by the request's own deadline: 504, not the URL's fault
                 raise
@@ -238,7 +240,8 @@ class Service:
             except Pool.QueueFull as e:
                 raise busy("queue_full", f"too many thumbnails at once ({e})") from None
             except (images.ImageError, inputs.FetchError, OSError) as e:
-                raise ApiError(502, "image_unreadable", f"the indexed image cannot be read now: {e}") from None
+                log.warning("thumbnail of image %s: %s", image_id, e)  # the remote's words stay in the log
+                raise ApiError(502, "image_unreadable", "the indexed image cannot be read now") from None
             self.thumbnails.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 

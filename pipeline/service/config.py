@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from delf_retrieval import inputs
 from delf_retrieval.engine import EngineConfig
+from pipeline.service.urls import UrlPolicy
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ServeConfig:
     engine: EngineConfig = EngineConfig()
     fetch: inputs.FetchConfig = inputs.FetchConfig()
     limits: QueryLimits = QueryLimits()
+    allow_url: tuple[str, ...] = ()  # what query URLs may reach beyond public http(s) (urls.UrlPolicy)
 
     def __post_init__(self):
         for name in ("workers", "max_upload_bytes", "max_requests", "max_connections", "recent_queries",
@@ -55,5 +57,6 @@ class ServeConfig:
             raise ValueError("max_queue and pictured_matches must be >= 0")
         if not (self.request_timeout > 0 and self.reload_interval > 0 and self.drain_timeout >= 0):
             raise ValueError("request_timeout and reload_interval must be > 0, drain_timeout >= 0")
+        UrlPolicy(self.allow_url)  # its entries are checked now (AllowUrlError is a ValueError)
         if not (self.header_timeout > 0 and self.keep_alive_timeout > 0):
             raise ValueError("header_timeout and keep_alive_timeout must be > 0")
