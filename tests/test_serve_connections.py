@@ -139,3 +139,23 @@ def test_requests_beyond_the_limit_are_503_but_probes_answer(tmp_path):
         finally:
             service.in_flight = 0
         assert http.get("/").status_code == 200
+
+
+def test_metrics_labels_stay_few_whatever_methods_and_paths_clients_invent(tmp_path):
+    service = unloaded_service(tmp_path, token="t0ken")
+    with TestClient(service.app) as http:
+        auth = {"Authorization": "Bearer t0ken"}
+
+        def invent(first, last):
+            for i in range(first, last):
+                http.request(f"INVENTED{i}", f"/no/such/path/{i}")
+                http.request(f"X{i}", "/healthz")
+            return http.get("/metrics", headers=auth).text
+
+        http.get("/metrics", headers=auth)
+        before = len(invent(0, 10))  # each kind of answer seen once (the scrape too): its series exist
+        metrics = invent(10, 300)
+        assert "INVENTED" not in metrics and "/no/such" not in metrics
+        assert 'delf_http_requests_total{method="other",route="unmatched",status="401"} 300.0' in metrics
+        assert 'delf_http_requests_total{method="other",route="/healthz",status="405"} 300.0' in metrics
+        assert len(metrics) < before + 200, len(metrics) - before  # counts grew, series did not

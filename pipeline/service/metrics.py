@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from delf_retrieval.live import LiveIndex
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # labels; any other is "other"
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
@@ -57,7 +58,8 @@ class _IndexCollector:
 
 class Observe:
     """Pure ASGI middleware, outermost of ours: counts the requests in flight, and each answer by
-    route template (never the raw path: labels stay few) and status."""
+    route template (never the raw path), method (one of METHODS, else "other") and status, so the
+    labels stay few whatever clients send."""
 
     def __init__(self, app, service):
         self.app, self.service = app, service
@@ -80,5 +82,6 @@ class Observe:
         finally:
             self.service.in_flight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.requests.labels(route, scope["method"], str(status["code"])).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            metrics.requests.labels(route, method, str(status["code"])).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
