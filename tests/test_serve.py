@@ -139,9 +139,11 @@ def test_bad_input_gets_a_typed_4xx_and_the_server_keeps_serving(client):
                            ({"rank_by": "magic"}, "rank_by"), ({"colour": "red"}, "unknown option")):
         response = upload(http, QUERY, **options)
         assert response.status_code == 400 and words in response.json()["detail"], response.text
-    assert http.post("/v1/search", content=b"{", headers={"content-type": "application/json"}).json()["error"] == "bad_json"
+    as_json = {"content-type": "application/json"}
+    assert http.post("/v1/search", content=b"{", headers=as_json).json()["error"] == "bad_json"
     assert http.post("/v1/search", json={"url": "/etc/passwd"}).json()["error"] == "bad_url"
-    assert http.post("/v1/search", json={"url": "http://127.0.0.1:9/x.jpg", "top": True}).json()["error"] == "bad_option"
+    assert http.post("/v1/search", json={"url": "http://127.0.0.1:9/x.jpg", "top": True}).json()["error"] \
+        == "bad_option"
     assert http.post("/v1/search", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
     assert http.get("/v1/search").status_code == 405
     # Still serving: a URL query (the build's fetcher) answers as the upload did.
@@ -328,3 +330,73 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
     finally:
         storage.write_bytes(os.path.join(index, shards.MANIFEST), json.dumps(pointer).encode())
     assert following.poll() == "unchanged"
+
+
+def hostile_requests(query_id: str):
+    """(name, method, path, request kwargs) of inputs that must each get a 4xx, on every route."""
+    huge = "9" * 5000
+    nested = b"[" * 100_000 + b"]" * 100_000
+    refused = "http://10.0.0.1/a.jpg"  # never fetched: refused by the policy before any connection
+    as_json = {"headers": {"content-type": "application/json"}}
+
+    def raw(options: bytes) -> dict:
+        return {"content": b'{"url": "' + refused.encode() + b'", ' + options + b"}", **as_json}
+
+    cases = [
+        ("image id of 5000 digits", "GET", f"/v1/images/{huge}", {}),
+        ("thumbnail of 5000 digits", "GET", f"/v1/images/{huge}/thumbnail", {}),
+        ("image id past 63 bits", "GET", "/v1/images/18446744073709551616", {}),
+        ("negative image id", "GET", "/v1/images/-1", {}),
+        ("image id not a number", "GET", "/v1/images/%F0%9F%98%80", {}),
+        ("long query id", "GET", f"/v1/matches/{'a' * 5000}.png", {}),
+        ("rank in superscript", "GET", f"/v1/matches/{query_id}.png?rank=%C2%B2", {}),
+        ("rank of 30 digits", "GET", f"/v1/matches/{query_id}.png?rank={'9' * 30}", {}),
+        ("rank negative", "GET", f"/v1/matches/{query_id}.png?rank=-1", {}),
+        ("attention of nothing", "GET", "/v1/attention/%00.png", {}),
+        ("JSON nested 100k deep", "POST", "/v1/search", {"content": nested, **as_json}),
+        ("JSON of 5000-digit number", "POST", "/v1/search", raw(b'"seed": ' + huge.encode())),
+        ("JSON not UTF-8", "POST", "/v1/search", {"content": b'{"url": "\xff\xfe"}', **as_json}),
+        ("JSON Infinity", "POST", "/v1/search", raw(b'"max_distance": 1e999')),
+        ("JSON NaN", "POST", "/v1/search", raw(b'"vote_weight": NaN')),
+        ("url of 100k characters", "POST", "/v1/search", {"json": {"url": "http://" + "a" * 100_000 + "/x.jpg"}}),
+        ("url with a newline", "POST", "/v1/search", {"json": {"url": "http://example.org/a\r\nHost: x"}}),
+        ("url of another scheme", "POST", "/v1/search", {"json": {"url": "file:///etc/passwd"}}),
+        ("unknown option of 10k characters", "POST", "/v1/search", {"json": {"url": refused, "x" * 10_000: 1}}),
+        ("rank_by of 10k characters", "POST", "/v1/search", {"json": {"url": refused, "rank_by": "x" * 10_000}}),
+        ("option as a list", "POST", "/v1/search", {"json": {"url": refused, "top": [1] * 1000}}),
+        ("form without image", "POST", "/v1/search", {"data": {"top": "3"}, "files": {"other": ("a", b"x")}}),
+    ]
+    bad_values = {"nprobe": [-5, 0, 257], "seed": [1e23, 10**23, -1, 2**32], "top": [0, 10**30, -1],
+                  "neighbours": [0, 101], "shortlist": [-1, 1001], "expand": [-1, 101], "expand_min_inliers": [0],
+                  "min_inliers": [-1, 10**9], "max_distance": [-1.0, 0, 100.0],
+                  "residual_threshold": [0, -3.0, 1e12], "vote_weight": [-1.0, 1e300]}
+    for name, values in bad_values.items():
+        for value in values:
+            cases.append((f"JSON {name}={value!r}", "POST", "/v1/search", {"json": {"url": refused, name: value}}))
+            cases.append((f"form {name}={value!r}", "POST", "/v1/search",
+                          {"data": {name: str(value)}, "files": {"image": ("q.jpg", b"not read", "image/jpeg")}}))
+    for text in ("nan", "inf", "-inf", "1e400", "9" * 5000, "0x10", ""):
+        cases.append((f"form seed={text[:10]!r}", "POST", "/v1/search",
+                      {"data": {"seed": text}, "files": {"image": ("q.jpg", b"x", "image/jpeg")}}))
+        cases.append((f"form max_distance={text[:10]!r}", "POST", "/v1/search",
+                      {"data": {"max_distance": text}, "files": {"image": ("q.jpg", b"x", "image/jpeg")}}))
+    return cases
+
+
+def test_no_hostile_input_reaches_a_500_on_any_route(client):
+    service, http = client
+    query_id = upload(http, QUERY, top=1).json()["query_id"]
+    answers = {}
+    for name, method, path, kwargs in hostile_requests(query_id):
+        response = http.request(method, path, **kwargs)
+        answers[name] = (response.status_code, response.json()["error"] if response.content[:1] == b"{" else "")
+    wrong = {name: answer for name, answer in answers.items() if not 400 <= answer[0] < 500}
+    assert not wrong, wrong
+    option_cases = [name for name in answers if name.startswith(("JSON ", "form ")) and "=" in name]
+    assert all(answers[name] == (400, "bad_option") for name in option_cases), \
+        {name: answers[name] for name in option_cases if answers[name] != (400, "bad_option")}
+    nprobe = http.post("/v1/search", json={"url": "http://10.0.0.1/a.jpg", "nprobe": 0}).json()
+    assert nprobe["detail"] == "nprobe must be at least 1"
+    assert answers["JSON nested 100k deep"] == (400, "bad_json")
+    assert answers["image id of 5000 digits"] == (404, "not_found")
+    assert upload(http, QUERY, top=1).status_code == 200  # and it still serves

@@ -1,10 +1,14 @@
 """The service's connections on a real loopback socket (uvicorn, as pipeline.serve runs it): idle and
 dripping sockets are closed after the header timeout and never keep a real client from an answer,
-a flood of idle sockets is cut back to the connection cap, and requests beyond the limit are 503."""
+a flood of idle sockets is cut back to the connection cap, requests beyond the limit are 503, the
+metrics' labels stay few, and a wrong start (no index, a busy port) is one line before anything loads."""
 
 import contextlib
 import http.client
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +21,7 @@ from delf_retrieval.live import LiveIndex  # noqa: E402
 from pipeline.serve import make_server  # noqa: E402
 from pipeline.service import Service, ServeConfig  # noqa: E402
 from pipeline.service.connections import listening_socket  # noqa: E402
+from tests.conftest import REPO_ROOT  # noqa: E402
 
 
 def unloaded_service(root, **settings) -> Service:
@@ -159,3 +164,25 @@ def test_metrics_labels_stay_few_whatever_methods_and_paths_clients_invent(tmp_p
         assert 'delf_http_requests_total{method="other",route="unmatched",status="401"} 300.0' in metrics
         assert 'delf_http_requests_total{method="other",route="/healthz",status="405"} 300.0' in metrics
         assert len(metrics) < before + 200, len(metrics) - before  # counts grew, series did not
+
+
+def serve_command(*argv):
+    return subprocess.run([sys.executable, "-m", "pipeline.serve", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": REPO_ROOT}, timeout=120)
+
+
+def test_a_missing_index_or_a_busy_port_is_a_one_line_error_before_anything_loads(built, tmp_path):
+    missing = serve_command("--index", str(tmp_path / "nothing-here"), "--port", "0")
+    assert missing.returncode == 2 and "no index is published there" in missing.stderr.splitlines()[0]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        taken = serve_command("--index", str(built[1]), "--port", str(port))
+    assert taken.returncode == 2, taken.stderr
+    assert taken.stderr.splitlines()[0] == (f"python -m pipeline.serve: error: cannot listen on 127.0.0.1:{port}: "
+                                            "Address already in use")
+    assert time.monotonic() - start < 30 and "Traceback" not in taken.stderr  # the network was never loaded
+    bad = serve_command("--index", str(built[1]), "--port", "0", "--allow-url", "ftp://x")
+    assert bad.returncode == 2 and "--allow-url ftp://x" in bad.stderr

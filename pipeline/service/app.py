@@ -9,6 +9,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -39,6 +40,8 @@ from pipeline.service.urls import ServiceFetcher, UrlPolicy
 log = logging.getLogger("pipeline.serve")
 
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static", "index.html")
+IMAGE_ID = re.compile(r"[0-9]{1,19}")  # image ids are 63-bit
+RANK = re.compile(r"[0-9]{1,6}")
 PICTURE_SIDE = 1024  # the long side a recent query is kept at, for its pictures
 # The HTTP status of each typed input error (images.ImageError.reason, inputs.FetchError.reason).
 STATUS_OF_REASON = {"too_large": 413, "unsupported": 415, "fetch_failed": 422, "url_refused": 400}
@@ -212,10 +215,11 @@ class Service:
     def _image(self, request: Request):
         """(engine, image id, record) of the image the path names, in the serving version; 404 if absent."""
         engine = self.engine()
-        image_id = request.path_params["image_id"]
-        record = engine.image_record(image_id)
+        text = request.path_params["image_id"]
+        record = engine.image_record(int(text)) if IMAGE_ID.fullmatch(text) and int(text) < 2**63 else None
         if record is None:
-            raise ApiError(404, "not_found", f"version {engine.version.name} has no image {image_id}")
+            raise ApiError(404, "not_found", f"version {engine.version.name} has no image {text[:40]}")
+        image_id = int(text)
         return engine, image_id, record
 
     async def image_record(self, request: Request):
@@ -249,8 +253,8 @@ class Service:
         query_id = request.path_params["query_id"]
         entry = self.recent.get(query_id)
         if entry is None:
-            raise ApiError(404, "not_found", f"no recent query {query_id!r} (the last {self.config.recent_queries} "
-                                             "are kept)")
+            raise ApiError(404, "not_found", f"no recent query {query_id[:40]!r} (the last "
+                                             f"{self.config.recent_queries} are kept)")
         return entry
 
     async def _picture(self, entry: RecentQuery, draw) -> Response:
@@ -273,7 +277,7 @@ class Service:
         if rank is None:
             chosen, first = entry.matches[: self.config.visualize_top], 1
         else:
-            if not rank.isdigit() or not 1 <= int(rank) <= len(entry.matches):
+            if not RANK.fullmatch(rank) or not 1 <= int(rank) <= len(entry.matches):
                 raise ApiError(404, "not_found", f"rank must be 1 to {len(entry.matches)} (the matches kept with "
                                                  "their inliers)")
             chosen, first = [entry.matches[int(rank) - 1]], int(rank)
@@ -305,8 +309,8 @@ class Service:
                               e.headers)
 
     async def _internal(self, request, e: Exception):
-        log.exception("internal error answering %s %s", request.method, request.url.path, exc_info=e)
-        return error_response(500, "internal_error", f"{type(e).__name__}: {e}")
+        log.exception("internal error answering %s %s", request.method, request.url.path[:200], exc_info=e)
+        return error_response(500, "internal_error", "the server failed to answer; its log says why")
 
     def _build_app(self) -> Starlette:
         @contextlib.asynccontextmanager
@@ -327,8 +331,8 @@ class Service:
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics_route),
             Route("/v1/search", self.search, methods=["POST"]),
-            Route("/v1/images/{image_id:int}", self.image_record),
-            Route("/v1/images/{image_id:int}/thumbnail", self.thumbnail),
+            Route("/v1/images/{image_id}", self.image_record),  # ids checked by _image, not by a convertor
+            Route("/v1/images/{image_id}/thumbnail", self.thumbnail),
             Route("/v1/matches/{query_id}.png", self.matches_picture),
             Route("/v1/attention/{query_id}.png", self.attention_picture),
         ]

@@ -19,6 +19,17 @@ from pipeline.service.errors import ApiError
 REQUEST_OPTIONS = ("top", "rank_by", "vote_weight", "shortlist", "neighbours", "nprobe", "max_distance",
                    "min_inliers", "residual_threshold", "expand", "expand_min_inliers", "seed")
 URL_SCHEMES = ("http://", "https://", "gs://")
+# The values a request may give each numeric option, (lowest, highest); None: QueryLimits' bound.
+# Wider than any useful setting, narrow enough that no value makes the engine fail.
+OPTION_RANGES = {"top": (1, None), "shortlist": (0, None), "neighbours": (1, None), "nprobe": (1, None),
+                 "expand": (0, None), "max_distance": (1e-6, 4.0), "min_inliers": (0, 100_000),
+                 "residual_threshold": (1e-3, 10_000.0), "vote_weight": (0.0, 1e6),
+                 "expand_min_inliers": (1, 100_000), "seed": (0, 2**32 - 1)}
+
+
+def _shown(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return repr(text[:40] + "..." if len(text) > 40 else text) if isinstance(value, str) else text[:40]
 
 
 def _option_value(name: str, value, default, from_form: bool):
@@ -28,12 +39,17 @@ def _option_value(name: str, value, default, from_form: bool):
         try:
             value = kind(value)
         except ValueError:
-            raise ApiError(400, "bad_option", f"{name} must be {kind.__name__}, not {value!r}") from None
+            raise ApiError(400, "bad_option", f"{name} must be {kind.__name__}, not {_shown(value)}") from None
     elif isinstance(value, bool) or not (isinstance(value, kind) or (kind is float and isinstance(value, int))):
-        raise ApiError(400, "bad_option", f"{name} must be {kind.__name__}, not {json.dumps(value)}")
-    if kind is float and not math.isfinite(value):
-        raise ApiError(400, "bad_option", f"{name} must be finite")
-    return float(value) if kind is float else value
+        raise ApiError(400, "bad_option", f"{name} must be {kind.__name__}, not {_shown(value)}")
+    if kind is float:
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ApiError(400, "bad_option", f"{name} must be finite")
+    return value
 
 
 def request_config(options: dict, defaults: RetrievalConfig, limits: QueryLimits, from_form: bool) -> RetrievalConfig:
@@ -41,16 +57,20 @@ def request_config(options: dict, defaults: RetrievalConfig, limits: QueryLimits
     changes = {}
     for name, value in options.items():
         if name not in REQUEST_OPTIONS:
-            raise ApiError(400, "bad_option", f"unknown option {name!r} (options: {', '.join(REQUEST_OPTIONS)})")
+            raise ApiError(400, "bad_option", f"unknown option {_shown(name)} (options: {', '.join(REQUEST_OPTIONS)})")
         value = _option_value(name, value, getattr(defaults, name), from_form)
-        limit = getattr(limits, name, None)
-        if limit is not None and value > limit:
-            raise ApiError(400, "bad_option", f"{name} may be at most {limit}")
+        if name in OPTION_RANGES:
+            low, high = OPTION_RANGES[name]
+            high = getattr(limits, name) if high is None else high
+            if value > high:
+                raise ApiError(400, "bad_option", f"{name} may be at most {high}")
+            if value < low:
+                raise ApiError(400, "bad_option", f"{name} must be at least {low}")
         changes[name] = value
     try:
         return dataclasses.replace(defaults, **changes)
     except ValueError as e:
-        raise ApiError(400, "bad_option", str(e)) from None
+        raise ApiError(400, "bad_option", str(e)[:200]) from None
 
 
 async def read_query(request: Request, deadline: Deadline) -> tuple[dict, bytes | None, str | None, str]:
@@ -71,7 +91,9 @@ async def read_query(request: Request, deadline: Deadline) -> tuple[dict, bytes 
             try:
                 body = json.loads(await asyncio.wait_for(request.body(), deadline.remaining()))
             except ValueError as e:
-                raise ApiError(400, "bad_json", f"the body is not JSON: {e}") from None
+                raise ApiError(400, "bad_json", f"the body is not JSON: {str(e)[:200]}") from None
+            except RecursionError:
+                raise ApiError(400, "bad_json", "the body is JSON nested too deep") from None
             if not isinstance(body, dict) or not isinstance(body.get("url"), str):
                 raise ApiError(400, "no_image", "a JSON search needs {\"url\": \"http(s):// or gs:// ...\"}")
             url = body.pop("url")
