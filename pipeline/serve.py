@@ -4,7 +4,7 @@
 
 Loads the network and the index's current version once (postings in memory when they fit in
 ``--max-memory``), then answers ``POST /v1/search`` (a multipart image upload, or JSON with an
-http(s)/gs:// URL; options as pipeline.search's, per request) with the records of results.json,
+http(s) URL; options as pipeline.search's, per request) with the records of results.json,
 the seconds by stage and the version that answered. Also ``GET /v1/images/{id}``, the pictures of
 recent queries, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and the page at ``/``.
 
@@ -12,8 +12,10 @@ Every ``--reload-interval`` seconds it reads the root's pointer; a newly publish
 opened and checked beside the serving one, then served; queries in flight finish on their own
 version; a version that fails to open is logged and not served. At most ``--workers`` queries run
 and ``--max-queue`` wait (beyond: 503 with Retry-After); bodies are capped; each request has a
-deadline (504). SIGTERM drains: requests in flight finish, new ones get 503, then it exits 0.
-Details: docs/serve.md.
+deadline (504); a connection that sends no complete request within ``--header-timeout`` is
+closed. Query URLs reach public http(s) addresses only, unless ``--allow-url`` admits more.
+SIGTERM drains: requests in flight finish, new ones get 503, then it exits 0. Details:
+docs/serve.md.
 """
 
 from __future__ import annotations
