@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import socket
 import threading
+import time
 
 import pytest
 
@@ -188,3 +189,35 @@ def test_errors_never_repeat_the_remote_status_or_reason():
     with pytest.raises(inputs.FetchError) as caught:
         ServiceFetcher(UrlPolicy(("http://127.0.0.1",)), FETCH).read(f"http://127.0.0.1:{unused}/a.jpg")
     assert str(caught.value) == f"could not fetch http://127.0.0.1:{unused}/a.jpg"
+
+
+def test_a_path_outside_ascii_is_sent_quoted():
+    with hops({"/%C3%A9t%C3%A9.jpg?a=1": (200, {}, b"summer")}) as (port, _):
+        assert ServiceFetcher(UrlPolicy(("http://127.0.0.1",)), FETCH).read(
+            f"http://127.0.0.1:{port}/été.jpg?a=1") == b"summer"
+
+
+def test_a_dripping_server_is_cut_off_at_the_callers_deadline():
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+
+        def drip():
+            connection, _ = listener.accept()
+            with connection:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000:
+                    if stop.wait(0.05):
+                        return
+                    with contextlib.suppress(OSError):
+                        connection.send(bytes([byte]))
+
+        threading.Thread(target=drip, daemon=True).start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(inputs.FetchError, match="^could not fetch"):
+                ServiceFetcher(UrlPolicy(("http://127.0.0.1",)), FETCH).read(
+                    f"http://127.0.0.1:{listener.getsockname()[1]}/a.jpg", until=time.monotonic() + 1.5)
+            assert time.monotonic() - start < 2.5
+        finally:
+            stop.set()

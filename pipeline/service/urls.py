@@ -119,7 +119,8 @@ class UrlPolicy:
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             host = parts.hostname or ""
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            path = urllib.parse.quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                                      safe="/?&=%:@!$'()*+,;~-._[]")
         except ValueError:
             raise UrlRefused(f"refused: {url[:200]} (a bad port)") from None
         if not host or any(ord(c) <= 32 or ord(c) == 127 for c in url):
@@ -142,25 +143,61 @@ class UrlPolicy:
         return Target(url, parts.scheme, host, port, path, tuple(addresses))
 
 
+class _Cutoff:
+    """The end of one GET: when it passes, its socket is shut down, so a read blocked on a server
+    that drips returns at once (closing from another thread would pull the file from under it)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shut(sock)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class _Pinned:
     """http.client connections to the address the policy checked, with the URL's host in the Host
     header and in TLS (SNI and the certificate's name): DNS is asked once, never again."""
 
     class HTTP(http.client.HTTPConnection):
-        def __init__(self, target: Target, address: str, timeout: float):
+        def __init__(self, target: Target, address: str, timeout: float, cutoff: _Cutoff):
             super().__init__(target.host, target.port, timeout=timeout)
-            self.address = address
+            self.address, self.cutoff = address, cutoff
 
         def connect(self):
-            self.sock = socket.create_connection((self.address, self.port), self.timeout)
+            self.sock = self.cutoff.watch(socket.create_connection((self.address, self.port), self.timeout))
 
     class HTTPS(http.client.HTTPSConnection):
-        def __init__(self, target: Target, address: str, timeout: float):
+        def __init__(self, target: Target, address: str, timeout: float, cutoff: _Cutoff):
             super().__init__(target.host, target.port, timeout=timeout, context=ssl.create_default_context())
-            self.address = address
+            self.address, self.cutoff = address, cutoff
 
         def connect(self):
-            sock = socket.create_connection((self.address, self.port), self.timeout)
+            sock = self.cutoff.watch(socket.create_connection((self.address, self.port), self.timeout))
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -203,8 +240,10 @@ class ServiceFetcher:
             except _Status as e:
                 if e.status not in RETRIED:
                     break
-            except (OSError, http.client.HTTPException, ssl.SSLError):
-                pass
+            except (images.ImageTooLargeError, inputs.FetchError):
+                raise  # our own size cap, a refusal: said as they are
+            except (OSError, http.client.HTTPException, ValueError):
+                pass  # whatever the remote did (ssl errors are OSErrors; a bad header a ValueError)
         raise inputs.FetchError(f"could not fetch {url[:200]}")
 
     def _follow(self, url: str, end: float) -> bytes:
@@ -228,15 +267,13 @@ class ServiceFetcher:
             if remaining <= 0:
                 raise TimeoutError()
             kind = _Pinned.HTTPS if target.scheme == "https" else _Pinned.HTTP
-            connection = kind(target, address, remaining)
-            timer = threading.Timer(remaining, connection.close)  # a dripping server is cut off at the end
-            timer.daemon = True
-            timer.start()
+            cutoff = _Cutoff(remaining)  # a dripping server is cut off at the end
+            connection = kind(target, address, remaining, cutoff)
             try:
                 connection.request("GET", target.path, headers={"User-Agent": self.config.user_agent,
                                                                 "Accept": "image/*"})
                 response = connection.getresponse()
-                if response.status in REDIRECTS or response.status != 200:
+                if response.status != 200:
                     return response.status, response.getheader("Location"), b""
                 length = response.getheader("Content-Length")
                 if length and length.isdigit() and int(length) > self.config.max_bytes:
@@ -244,12 +281,12 @@ class ServiceFetcher:
                 body = response.read(self.config.max_bytes + 1)
                 if len(body) > self.config.max_bytes:
                     raise images.ImageTooLargeError(f"{target.url[:200]}: larger than {self.config.max_bytes} bytes")
-                if time.monotonic() >= end:
+                if cutoff.expired:  # the body may end early without an error once its socket is shut
                     raise TimeoutError()
                 return 200, None, body
             except (ConnectionError, socket.timeout) as e:
                 last = e
             finally:
-                timer.cancel()
+                cutoff.cancel()
                 connection.close()
         raise last
