@@ -36,7 +36,7 @@ class ServerProcess:
         self.log_path = log_path
         argv = [sys.executable, "-m", "pipeline.serve", "--index", str(root), "--port", str(self.port),
                 "--reload-interval", "0.5", "--workers", "1", "--max-queue", "6", "--no-access-log",
-                "--request-timeout", "300", *extra]  # four queued queries on a loaded machine: no 504
+                "--request-timeout", "300", "--drain-timeout", "300", *extra]  # a loaded machine: no 504, no cut drain
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT},
                                             stdout=log, stderr=subprocess.STDOUT)
