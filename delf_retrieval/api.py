@@ -61,11 +61,13 @@ class Index:
     with); :meth:`start` begins following, as ``pipeline.serve`` does."""
 
     def __init__(self, root: str, config: EngineConfig = EngineConfig(), fetch: FetchConfig = FetchConfig(),
-                 follow: bool = False, reload_interval: float = 60.0):
+                 follow: bool = False, reload_interval: float = 60.0, live: LiveIndex | None = None):
+        """``live``: a follower to answer through (``follow`` implied), started and stopped by its owner."""
         self.root = root
         self.config = config
         self.fetcher = Fetcher(fetch)
-        self.live = LiveIndex(root, config, reload_interval) if follow else None
+        follow = follow or live is not None
+        self.live = live if live is not None else LiveIndex(root, config, reload_interval) if follow else None
         self._engine = None if follow else engine_lib.open_engine(engine_lib.published(root), config)
 
     @property
@@ -82,10 +84,12 @@ class Index:
         if self.live is not None:
             self.live.stop()
 
-    def answer(self, image, config: RetrievalConfig | None = None, deadline: Deadline | None = None) -> Answer:
+    def answer(self, image, config: RetrievalConfig | None = None, deadline: Deadline | None = None,
+               engine: engine_lib.Engine | None = None) -> Answer:
         """One query with every stage's seconds: :meth:`search`'s answer, with the image already
-        an RGB array or anything :func:`to_rgb` reads."""
-        engine = self.engine
+        an RGB array or anything :func:`to_rgb` reads. ``engine``: the version to answer with, as
+        the caller took it from :attr:`engine` (default: the one answering now)."""
+        engine = engine or self.engine
         if engine is None:
             raise LookupError(f"{self.root}: no version is open yet")
         return engine.answer(to_rgb(image, self.fetcher), config, deadline)

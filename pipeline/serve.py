@@ -4,7 +4,7 @@
 
 Loads the network and the index's current version once (postings in memory when they fit in
 ``--max-memory``), then answers ``POST /v1/search`` (a multipart image upload, or JSON with an
-http(s)/gs:// URL; options as pipeline.search's, per request) with the records of results.json,
+http(s) URL; options as pipeline.search's, per request) with the records of results.json,
 the seconds by stage and the version that answered. Also ``GET /v1/images/{id}``, the pictures of
 recent queries, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and the page at ``/``.
 
@@ -12,8 +12,10 @@ Every ``--reload-interval`` seconds it reads the root's pointer; a newly publish
 opened and checked beside the serving one, then served; queries in flight finish on their own
 version; a version that fails to open is logged and not served. At most ``--workers`` queries run
 and ``--max-queue`` wait (beyond: 503 with Retry-After); bodies are capped; each request has a
-deadline (504). SIGTERM drains: requests in flight finish, new ones get 503, then it exits 0.
-Details: docs/serve.md.
+deadline (504); a connection that sends no complete request within ``--header-timeout`` is
+closed. Query URLs reach public http(s) addresses only, unless ``--allow-url`` admits more.
+SIGTERM drains: requests in flight finish, new ones get 503, then it exits 0. Details:
+docs/serve.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import threading
 
 from pipeline import cli
 from pipeline.service import ServeConfig, Service
+from delf_retrieval import versions
+from pipeline.service.connections import listening_socket
+from pipeline.service.connections import protocol
 
 log = logging.getLogger("pipeline.serve")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -55,8 +60,16 @@ def parse_args(argv=None):
                    help="largest request body (default %(default)s)")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds a request may take in all, then 504 (default %(default)s)")
+    g.add_argument("--max-requests", type=int, default=d.max_requests,
+                   help="requests being answered at once; beyond, 503 (default %(default)s; idle connections "
+                        "do not count)")
     g.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="connections and requests at once; beyond, 503 (default %(default)s)")
+                   help="open connections; beyond, the one idle longest is closed (default %(default)s)")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection may take to send a request's head; a connection answering "
+                        "nothing is closed after it (default %(default)s)")
+    g.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                   help="seconds an idle keep-alive connection is kept (default %(default)s)")
     g.add_argument("--max-memory", type=byte_size, default=d.engine.max_memory,
                    help="hold the postings in memory when they fit in this (default %(default)s bytes); else read "
                         "them per query through a cache of this size. A switch holds two versions for a while")
@@ -68,6 +81,9 @@ def parse_args(argv=None):
     g.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                    help="on SIGTERM, the longest wait for requests in flight (default %(default)s)")
     g = parser.add_argument_group("access")
+    g.add_argument("--allow-url", action="append", default=[], metavar="URL",
+                   help="what query URLs may reach beyond public http(s) addresses (repeatable): gs://BUCKET/PREFIX "
+                        "(read with this server's credentials), http(s)://HOST, http(s)://NETWORK/BITS")
     g.add_argument("--token-file", help="a file holding the bearer token the API requires (all but / and /healthz)")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log each request (default on)")
@@ -91,9 +107,11 @@ def serve_config(args):
     return ServeConfig(index=args.index, host=args.host, port=args.port, workers=args.workers,
                        max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes,
                        request_timeout=args.request_timeout, reload_interval=args.reload_interval,
-                       drain_timeout=args.drain_timeout, max_connections=args.max_connections,
+                       drain_timeout=args.drain_timeout, max_requests=args.max_requests,
+                       max_connections=args.max_connections, header_timeout=args.header_timeout,
+                       keep_alive_timeout=args.keep_alive_timeout,
                        token=read_token(args.token_file) if args.token_file else None,
-                       recent_queries=args.recent_queries,
+                       recent_queries=args.recent_queries, allow_url=tuple(args.allow_url),
                        engine=cli.engine_config_from_args(args, resident=True, max_memory=args.max_memory),
                        fetch=cli.fetch_config_from_args(args))
 
@@ -118,8 +136,10 @@ def make_server(service, access_log: bool = True):
                             config.drain_timeout)
             self.should_exit = True
 
+    # No limit_concurrency: uvicorn's counts idle connections; the protocol bounds those, Guard the requests.
     uv = uvicorn.Config(service.app, host=config.host, port=config.port, log_config=None, access_log=access_log,
-                        limit_concurrency=config.max_connections, timeout_keep_alive=5,
+                        http=protocol(config.header_timeout, config.max_connections),
+                        timeout_keep_alive=config.keep_alive_timeout,
                         timeout_graceful_shutdown=max(config.drain_timeout, 1.0), lifespan="on")
     return DrainingServer(uv)
 
@@ -133,12 +153,35 @@ def run(argv=None) -> int:
         config = serve_config(args)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    check_index(config.index)
+    sock = listen(config.host, config.port)  # both before the network and the index load: a wrong start fails now
     service = Service(config)
-    log.info("serving %s on http://%s:%d/ (%d workers, queue %d%s)", config.index, config.host, config.port,
+    port = sock.getsockname()[1]
+    log.info("serving %s on http://%s:%d/ (%d workers, queue %d%s)", config.index, config.host, port,
              config.workers, config.max_queue, ", bearer token required" if config.token else "")
-    make_server(service, access_log=args.access_log).run()
+    with sock:
+        make_server(service, access_log=args.access_log).run(sockets=[sock])
     log.info("stopped")
     return 0
+
+
+def check_index(root: str) -> None:
+    """A usage error unless an index is published at ``root``."""
+
+    try:
+        pointer, _ = versions.current(root)
+    except (FileNotFoundError, NotADirectoryError):
+        pointer = None
+    if pointer is None:
+        raise cli.UsageError(f"{root}: no index is published there (no manifest.json at its root)")
+
+
+def listen(host: str, port: int):
+
+    try:
+        return listening_socket(host, port)
+    except OSError as e:
+        raise cli.UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

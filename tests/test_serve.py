@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from delf_retrieval import storage
-from delf_retrieval.index import layout, versions
+from delf_retrieval.index import layout, scrub, segments, versions
 from delf_retrieval.query import engine, live
 from pipeline import search
 from tests.conftest import corpus_of, reindex_run, sample_path, serving
@@ -59,8 +59,10 @@ def service_client(following, **settings):
 @pytest.fixture(scope="module")
 def client(following):
     # Two workers: a query held in flight (below) leaves one for the others; time for a re-index meanwhile.
+    # Loopback test servers and the GCS emulator's queries/ are admitted, as --allow-url would.
     service, test_client = service_client(following, workers=2, max_queue=2, max_upload_bytes=2 << 20,
-                                          request_timeout=180.0)
+                                          request_timeout=180.0,
+                                          allow_url=("http://127.0.0.1", "gs://test-bucket/queries/"))
     with test_client:
         yield service, test_client
 
@@ -139,9 +141,11 @@ def test_bad_input_gets_a_typed_4xx_and_the_server_keeps_serving(client):
                            ({"rank_by": "magic"}, "rank_by"), ({"colour": "red"}, "unknown option")):
         response = upload(http, QUERY, **options)
         assert response.status_code == 400 and words in response.json()["detail"], response.text
-    assert http.post("/v1/search", content=b"{", headers={"content-type": "application/json"}).json()["error"] == "bad_json"
+    as_json = {"content-type": "application/json"}
+    assert http.post("/v1/search", content=b"{", headers=as_json).json()["error"] == "bad_json"
     assert http.post("/v1/search", json={"url": "/etc/passwd"}).json()["error"] == "bad_url"
-    assert http.post("/v1/search", json={"url": "http://127.0.0.1:9/x.jpg", "top": True}).json()["error"] == "bad_option"
+    assert http.post("/v1/search", json={"url": "http://127.0.0.1:9/x.jpg", "top": True}).json()["error"] \
+        == "bad_option"
     assert http.post("/v1/search", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
     assert http.get("/v1/search").status_code == 405
     # Still serving: a URL query (the build's fetcher) answers as the upload did.
@@ -189,7 +193,7 @@ def test_a_full_queue_is_503_with_retry_after_and_a_late_answer_504(following, m
 
 
 def test_a_url_that_never_answers_is_504_and_frees_its_worker(following):
-    service, http = service_client(following, workers=1, request_timeout=2.0)
+    service, http = service_client(following, workers=1, request_timeout=2.0, allow_url=("http://127.0.0.1",))
     with socket.socket() as silent, http:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)  # accepts connections, never answers
@@ -209,7 +213,20 @@ def test_a_gs_url_is_read_as_the_build_reads_it(client, gcs_emulator):
     answer = http.post("/v1/search", json={"url": f"{gcs_emulator}/queries/berlin.jpg", "top": 1})
     assert answer.status_code == 200 and answer.json()["matches"][0]["uri"].endswith("berlin/a.jpg")
     missing = http.post("/v1/search", json={"url": f"{gcs_emulator}/queries/absent.jpg"})
-    assert (missing.status_code, missing.json()["error"]) == (400, "unreadable")
+    assert (missing.status_code, missing.json()["error"]) == (422, "fetch_failed")
+    assert missing.json()["detail"] == f"could not fetch {gcs_emulator}/queries/absent.jpg"
+    outside = http.post("/v1/search", json={"url": f"{gcs_emulator}/other/berlin.jpg"})
+    assert (outside.status_code, outside.json()["error"]) == (400, "url_refused")
+
+
+def test_by_default_a_url_query_reaches_only_public_addresses(following):
+    _, http = service_client(following)
+    with serving(os.path.dirname(os.path.dirname(QUERY))) as (base, _), http:
+        port = base.rsplit(":", 1)[1]
+        for host in ("127.0.0.1", "2130706433", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "localhost"):
+            refused = http.post("/v1/search", json={"url": f"http://{host}:{port}/berlin_cathedral/02.jpg"})
+            assert (refused.status_code, refused.json()["error"]) == (400, "url_refused"), refused.text
+        assert http.post("/v1/search", json={"url": "gs://test-bucket/queries/a.jpg"}).json()["error"] == "url_refused"
 
 
 def test_the_token_guards_everything_but_the_page_and_healthz(following):
@@ -315,3 +332,97 @@ def test_a_version_that_fails_to_open_is_not_served_and_the_serving_one_stays(cl
     finally:
         storage.write_bytes(os.path.join(index, layout.MANIFEST), json.dumps(pointer).encode())
     assert following.poll() == "unchanged"
+
+
+def hostile_requests(query_id: str):
+    """(name, method, path, request kwargs) of inputs that must each get a 4xx, on every route."""
+    huge = "9" * 5000
+    nested = b"[" * 100_000 + b"]" * 100_000
+    refused = "http://10.0.0.1/a.jpg"  # never fetched: refused by the policy before any connection
+    as_json = {"headers": {"content-type": "application/json"}}
+
+    def raw(options: bytes) -> dict:
+        return {"content": b'{"url": "' + refused.encode() + b'", ' + options + b"}", **as_json}
+
+    cases = [
+        ("image id of 5000 digits", "GET", f"/v1/images/{huge}", {}),
+        ("thumbnail of 5000 digits", "GET", f"/v1/images/{huge}/thumbnail", {}),
+        ("image id past 63 bits", "GET", "/v1/images/18446744073709551616", {}),
+        ("negative image id", "GET", "/v1/images/-1", {}),
+        ("image id not a number", "GET", "/v1/images/%F0%9F%98%80", {}),
+        ("long query id", "GET", f"/v1/matches/{'a' * 5000}.png", {}),
+        ("rank in superscript", "GET", f"/v1/matches/{query_id}.png?rank=%C2%B2", {}),
+        ("rank of 30 digits", "GET", f"/v1/matches/{query_id}.png?rank={'9' * 30}", {}),
+        ("rank negative", "GET", f"/v1/matches/{query_id}.png?rank=-1", {}),
+        ("attention of nothing", "GET", "/v1/attention/%00.png", {}),
+        ("JSON nested 100k deep", "POST", "/v1/search", {"content": nested, **as_json}),
+        ("JSON of 5000-digit number", "POST", "/v1/search", raw(b'"seed": ' + huge.encode())),
+        ("JSON not UTF-8", "POST", "/v1/search", {"content": b'{"url": "\xff\xfe"}', **as_json}),
+        ("JSON Infinity", "POST", "/v1/search", raw(b'"max_distance": 1e999')),
+        ("JSON NaN", "POST", "/v1/search", raw(b'"vote_weight": NaN')),
+        ("url of 100k characters", "POST", "/v1/search", {"json": {"url": "http://" + "a" * 100_000 + "/x.jpg"}}),
+        ("url with a newline", "POST", "/v1/search", {"json": {"url": "http://example.org/a\r\nHost: x"}}),
+        ("url of another scheme", "POST", "/v1/search", {"json": {"url": "file:///etc/passwd"}}),
+        ("unknown option of 10k characters", "POST", "/v1/search", {"json": {"url": refused, "x" * 10_000: 1}}),
+        ("rank_by of 10k characters", "POST", "/v1/search", {"json": {"url": refused, "rank_by": "x" * 10_000}}),
+        ("option as a list", "POST", "/v1/search", {"json": {"url": refused, "top": [1] * 1000}}),
+        ("form without image", "POST", "/v1/search", {"data": {"top": "3"}, "files": {"other": ("a", b"x")}}),
+    ]
+    bad_values = {"nprobe": [-5, 0, 257], "seed": [1e23, 10**23, -1, 2**32], "top": [0, 10**30, -1],
+                  "neighbours": [0, 101], "shortlist": [-1, 1001], "expand": [-1, 101], "expand_min_inliers": [0],
+                  "min_inliers": [-1, 10**9], "max_distance": [-1.0, 0, 100.0],
+                  "residual_threshold": [0, -3.0, 1e12], "vote_weight": [-1.0, 1e300]}
+    for name, values in bad_values.items():
+        for value in values:
+            cases.append((f"JSON {name}={value!r}", "POST", "/v1/search", {"json": {"url": refused, name: value}}))
+            cases.append((f"form {name}={value!r}", "POST", "/v1/search",
+                          {"data": {name: str(value)}, "files": {"image": ("q.jpg", b"not read", "image/jpeg")}}))
+    for text in ("nan", "inf", "-inf", "1e400", "9" * 5000, "0x10", ""):
+        cases.append((f"form seed={text[:10]!r}", "POST", "/v1/search",
+                      {"data": {"seed": text}, "files": {"image": ("q.jpg", b"x", "image/jpeg")}}))
+        cases.append((f"form max_distance={text[:10]!r}", "POST", "/v1/search",
+                      {"data": {"max_distance": text}, "files": {"image": ("q.jpg", b"x", "image/jpeg")}}))
+    return cases
+
+
+def test_no_hostile_input_reaches_a_500_on_any_route(client):
+    service, http = client
+    query_id = upload(http, QUERY, top=1).json()["query_id"]
+    answers = {}
+    for name, method, path, kwargs in hostile_requests(query_id):
+        response = http.request(method, path, **kwargs)
+        answers[name] = (response.status_code, response.json()["error"] if response.content[:1] == b"{" else "")
+    wrong = {name: answer for name, answer in answers.items() if not 400 <= answer[0] < 500}
+    assert not wrong, wrong
+    option_cases = [name for name in answers if name.startswith(("JSON ", "form ")) and "=" in name]
+    assert all(answers[name] == (400, "bad_option") for name in option_cases), \
+        {name: answers[name] for name in option_cases if answers[name] != (400, "bad_option")}
+    nprobe = http.post("/v1/search", json={"url": "http://10.0.0.1/a.jpg", "nprobe": 0}).json()
+    assert nprobe["detail"] == "nprobe must be at least 1"
+    assert answers["JSON nested 100k deep"] == (400, "bad_json")
+    assert answers["image id of 5000 digits"] == (404, "not_found")
+    assert upload(http, QUERY, top=1).status_code == 200  # and it still serves
+
+
+def test_a_damaged_segment_is_named_in_one_line_and_noted_for_the_next_run(built, tmp_path):
+    """A row group that fails its CRC-32: the version is refused when its probe reads it, /readyz and
+    the log name the segment in one line, and a note is left for the nightly run that repairs it."""
+    root = tmp_path / "index"
+    shutil.copytree(built[1], root)
+    (ref,) = segments.segment_refs(layout.read_manifest(str(root)))
+    shard = segments.read_segment(str(root), ref).shards[0]
+    path = root / ref.folder / shard["path"]
+    data = bytearray(path.read_bytes())
+    group = shard["row_groups"][0]
+    for i in range(group["offset"] + 16, group["offset"] + 24):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    index = live.LiveIndex(str(root), engine.EngineConfig(resident=False), interval=3600)
+    assert index.poll() == "failed"
+    assert f"segment {ref.segment_id} is damaged" in index.last_error and "\n" not in index.last_error
+    assert scrub.noted_damage(str(root)) == {ref.segment_id}
+    service = Service(ServeConfig(index=str(root)), live=index)
+    with TestClient(service.app) as damaged:
+        ready = damaged.get("/readyz")
+        assert ready.status_code == 503 and f"segment {ref.segment_id} is damaged" in ready.json()["reason"]
+        assert upload(damaged, QUERY).status_code == 503
