@@ -135,13 +135,13 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-distance", type=float, default=d.max_distance,
                    help="L2 distance (unit descriptors) beyond which a neighbour is not a match")
     g.add_argument("--rank-by", choices=RANK_BY, default=d.rank_by,
-                   help="combined (default: inliers + --vote-weight x votes), votes (ties broken by "
-                        "inliers), or inliers (the paper)")
+                   help="votes (default; ties broken by inliers), combined (inliers + --vote-weight x "
+                        "votes), or inliers (the paper)")
     g.add_argument("--vote-weight", type=float, default=d.vote_weight)
     g.add_argument("--expand", type=int, default=d.expand,
                    help="verified query expansion: the top K verified matches bring in their stored "
-                        "neighbours (the index needs a neighbour table: --verified-neighbours at build "
-                        "time); 0 is off (default %(default)s)")
+                        "neighbours (from the index's neighbour table, which every build keeps; an index "
+                        "without one answers without expansion, with a note); 0 is off (default %(default)s)")
     g.add_argument("--expand-min-inliers", type=int, default=d.expand_min_inliers,
                    help="inliers a match needs to expand the query (default %(default)s)")
     g.add_argument("--min-inliers", type=int, default=d.min_inliers)

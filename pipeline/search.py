@@ -5,8 +5,9 @@
 
 Per query: extract features with the network the index was built with -> PCA -> per-descriptor
 ANN -> votes per database image -> RANSAC verification of the shortlist -> ranked by the score
-(``--rank-by``: inliers + 2 x votes by default, votes, or inliers). Writes results.json ({"results": [{"query", "matches": [{"uri", "score", "inliers",
-"votes"}]}]}, best first) and prints a table. With ``--runner`` the same search runs as a Beam
+(``--rank-by``: votes by default, inliers + w x votes, or inliers) -> verified expansion with the
+index's neighbour table (``--expand``). Writes results.json ({"results": [{"query", "matches":
+[{"uri", "score", "inliers", "votes"}]}]}, best first) and prints a table. With ``--runner`` the same search runs as a Beam
 pipeline (for many queries: extraction spreads over workers, each opens the index once).
 """
 

@@ -19,7 +19,7 @@ class NeighbourConfig:
     """The index-time cut: at most ``k`` neighbours per image, each verified with at least
     ``min_inliers`` RANSAC inliers."""
 
-    k: int = 20
+    k: int = 40
     min_inliers: int = 10
 
     def __post_init__(self):
