@@ -299,14 +299,25 @@ def score_settings(data: dict, grid: list, min_inliers: int, searches: dict | No
     searches = searches or data["searches"]
     tables = {(k, m): sweep.table(data["edges"], k, m) for k, m in {s.table for s in grid if s.table}}
     uri_of, top = data["retriever"].uri_of, data["retriever"].config.top
+    memo = {}
     out, by_rule = {}, {}
     for s in grid:
         by_rule.setdefault(s.rule, []).append(s)
-    for (rank_by, weight), members in by_rule.items():
-        ordered = {q: sweep.rank_matches(searches[q], rank_by, weight, min_inliers) for q in data["queries"]}
+    protocols = data["protocols"]
+    scored = set().union(*(p.queries for p in protocols.values()))  # the queries with positives somewhere
+    for rule, members in by_rule.items():
+        ordered = {q: sweep.rank_matches(searches[q], *rule, min_inliers) for q in scored}
         for s in members:
-            rankings = {q: sweep.ranking(ordered[q], s, tables, uri_of, top, q) for q in data["queries"]}
-            out[s] = {name: p.score(rankings) for name, p in data["protocols"].items()}
+            per_query = {}
+            for q in scored:
+                key = (q, sweep.answer_key(ordered[q], s, rule))
+                if key not in memo:  # settings that answer alike are scored once
+                    uris = sweep.ranking(ordered[q], s, tables, uri_of, top, q)
+                    memo[key] = {name: p.score_one(q, uris) for name, p in protocols.items() if q in p.positive}
+                per_query[q] = memo[key]
+            # in each protocol's own query order (its scene means pair them with its queries)
+            out[s] = {name: (np.array([per_query[q][name][0] for q in p.queries]),
+                             np.array([per_query[q][name][1] for q in p.queries])) for name, p in protocols.items()}
     return out
 
 

@@ -102,6 +102,19 @@ def table(edges: np.ndarray, k: int, min_inliers: int):
     return expansion.cut(expansion.symmetric(e[:, 0], e[:, 1], e[:, 2]), k)
 
 
+def answer_key(ordered: list, setting: Setting, rule_key) -> tuple:
+    """What a query's answer under ``setting`` depends on, given ``ordered`` (its matches ranked by
+    the setting's rule, keyed ``rule_key``): ``expansion.expand`` pins the top K verified matches with
+    >= T inliers, in their order, and ranks every other image by its own inliers plus the edges' -
+    not by the rule. So two settings with the same table and the same pinned images answer alike;
+    with none pinned (or no expansion) the answer is ``ordered`` itself."""
+    if setting.table:
+        pinned = tuple(m.image_id for m in ordered if m.verified and m.inliers >= setting.expand_min)[:setting.expand]
+        if pinned:
+            return ("expanded", setting.table, pinned)
+    return ("ranked", rule_key)
+
+
 def ranking(ordered: list, setting: Setting, tables: dict, uri_of, top: int, query: str) -> list[str]:
     """The uris of a query's answer under ``setting`` (``ordered``: its matches ranked by the
     setting's rule), expanded as ``Retriever.search`` expands (``expansion.expand``), the query
@@ -123,20 +136,22 @@ class Protocol:
         parsed = evaluate.parse_ground_truth(truth)
         self.name = name
         self.queries = [q for q, t in parsed.items() if t.positives]
+        self.positive = set(self.queries)
         self.truth = parsed
         self.scene_of = scene_of
 
     def score(self, rankings: dict) -> tuple[np.ndarray, np.ndarray]:
         """(AP, P@10) per query of ``self.queries``."""
+        scored = [self.score_one(q, rankings.get(q, [])) for q in self.queries]
+        return np.array([s[0] for s in scored]), np.array([s[1] for s in scored])
+
+    def score_one(self, query: str, ranking: list[str]) -> tuple[float, float]:
+        """(AP, P@10) of one query's ranking (uris, best first)."""
         from delf_retrieval import evaluate
 
-        ap, p10 = np.zeros(len(self.queries)), np.zeros(len(self.queries))
-        for i, q in enumerate(self.queries):
-            t = self.truth[q]
-            ranks = evaluate.positive_ranks(rankings.get(q, []), t)
-            ap[i] = evaluate.average_precision(ranks, len(t.positives))
-            p10[i] = evaluate.precision_at(ranks, 10)
-        return ap, p10
+        t = self.truth[query]
+        ranks = evaluate.positive_ranks(ranking, t)
+        return evaluate.average_precision(ranks, len(t.positives)), evaluate.precision_at(ranks, 10)
 
     def scene_mean(self, ap: np.ndarray) -> float | None:
         """The mean over scenes of each scene's mean AP (None without scenes)."""
