@@ -246,6 +246,29 @@ def search_all(retriever, features: dict, ids: dict, paths: list) -> tuple[dict,
     return searches, {k: float(np.mean(v)) for k, v in timings.items()}
 
 
+def searched(path: str, run, key) -> tuple:
+    """``run()``'s (searches, timings, edges, neighbour seconds), kept in ``path`` for the next run
+    with the same ``key`` (retrieval config, queries, image ids): the searches are the slow part."""
+    import hashlib
+    import pickle
+
+    from delf_retrieval.retrieval import Match
+
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            kept = pickle.load(f)
+        if kept["key"] == digest:
+            searches = {p: [Match(*m) for m in ms] for p, ms in kept["searches"].items()}
+            return searches, kept["timings"], kept["edges"], kept["neighbour_seconds"]
+    searches, timings, edges, neighbour_seconds = run()
+    with open(path, "wb") as f:
+        pickle.dump({"key": digest, "searches": {p: [(m.image_id, m.uri, m.score, m.inliers, m.votes, m.verified)
+                                                     for m in ms] for p, ms in searches.items()},
+                     "timings": timings, "edges": edges, "neighbour_seconds": neighbour_seconds}, f)
+    return searches, timings, edges, neighbour_seconds
+
+
 def prepare(set_name, root, rows, database, queries, preset, cache, config) -> dict:
     """Everything the sweep needs of one set: the queries' searches (one each), the raw verified
     neighbour edges of every database image, the protocols, and the figures that do not depend on
@@ -260,8 +283,10 @@ def prepare(set_name, root, rows, database, queries, preset, cache, config) -> d
     retriever = retrieval.Retriever(reader, config)
     # dev's distractors query too, for GLD+dq (hard's are never queries: the set's protocol).
     distractors = [p for p, s in database if s is None] if set_name == "dev" else []
-    searches, timings = search_all(retriever, features, ids, queries + distractors)
-    edges, neighbour_seconds = sweep.raw_edges(reader, retriever, sorted(ids.values()))
+    searches, timings, edges, neighbour_seconds = searched(
+        os.path.join(cache, f"searches-{set_name}-{label}-{len(database)}-{len(queries)}.pkl"),
+        lambda: search_all(retriever, features, ids, queries + distractors) + sweep.raw_edges(
+            reader, retriever, sorted(ids.values())), (config, queries + distractors, sorted(ids.items())))
     truths = protocols(set_name, root, rows, database, queries)
     first = next(iter(truths.values()))  # dev, train: the only one; hard: medium (every true match)
     positives = {q: first.truth[q].positives if q in first.truth else frozenset() for q in queries}
