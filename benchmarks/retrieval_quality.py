@@ -1,4 +1,4 @@
-"""Retrieval quality on two sets of real photographs, side by side, for every ranking rule:
+"""Retrieval quality on three sets of real photographs, and the sweep that picks the retrieval defaults:
 
 - dev (../shared/data/landmarks-dev): every scene image queries an index of all the other images
   plus the distractors (relevant = the other images of its scene);
@@ -6,25 +6,40 @@
   image within each landmark, the same for every run: per landmark the ``--train-queries`` images
   with the smallest hash of their path query, and the next ``--train-database`` (by the same hash)
   form the database with the queries left out (relevant = the database images of its landmark).
+- hard (../shared/data/landmarks-hard, 177 photos of 15 structures from clearly different
+  viewpoints, 162 distractors): all 339 images indexed, every group photo queries with itself
+  excluded, scored under both of the set's protocols (Revisited-Oxford Medium and Hard:
+  ``gt_medium.json``, ``gt_hard.json``, positives and junk); decisions use Hard. Beside mAP, the
+  mean over scenes (each scene's mean AP first; two groups hold 44% of the queries).
+- train-heldout: the train split restricted to the half of the landmarks that
+  ``train_attention_model.py`` leaves out of training (``landmark_halves``).
 
-- train-heldout: the same split restricted to the half of the landmarks that
-  ``train_attention_model.py`` leaves out of training (``landmark_halves``): the set on which a
-  model trained on landmarks-train is validated.
-
-    python benchmarks/retrieval_quality.py [--quick] [--sets dev,train,train-heldout] [--presets lite,resnet50]
-        [--models DIR,...] [--no-sift]
+    python benchmarks/retrieval_quality.py [--quick] [--sets dev,train,hard] [--presets lite,resnet50]
+        [--models DIR,...] [--no-sift] [--max-distances 0.8,1.0] [--json FILE] [--markdown FILE]
 
 ``--models`` adds trained model folders (``pipeline.train`` output, or a head-only folder such as
 ``models/lite0-attention``), each extracted with the lite preset's pyramid and feature budget.
 
-Per preset: features of all images (cached under bench_results/cache/), one index of everything
-(default IndexParams, as the pipeline builds it), then each query searches with itself excluded
-(``Retriever.search(among=...)``: its rows are not scanned; the PCA and quantizer were trained with
-it, a small leak). One search per query gives the votes and RANSAC inliers of the shortlist;
-the ranking rules are then compared on the same figures: votes alone (no verification), inliers
-alone (the paper), and inliers + w x votes for several w, each paired per query against votes.
+Per preset and set: features of all images (cached under bench_results/cache/), one index of the
+database (default IndexParams, as the pipeline builds it), then each query searches once with
+itself excluded (``Retriever.search(among=...)``: its rows are not scanned; the PCA and quantizer
+were trained with it, a small leak), with ``RetrievalConfig``'s defaults but ``top`` = the whole
+database. Every database image is also searched once with its own stored rows, as the build's
+neighbour stage does, keeping all its verified neighbours (>= 1 inlier): the neighbour table of any
+(k, min inliers) is cut from that list exactly as the build cuts it.
+
+The sweep (``retrieval_sweep.py``) then re-ranks the same searches offline for every setting:
+rank_by (votes, inliers, combined = inliers + vote_weight x votes), and, with a neighbour table of
+k verified neighbours per image at >= min inliers, verified query expansion (the top K verified
+matches with >= T inliers expand the query, ``expansion.expand`` as ``Retriever.search`` calls it).
+Per set: mAP, mP@10 and the paired per-query AP difference from today's default (RetrievalConfig's
+rank_by and vote_weight, no neighbour table, no expansion) with its standard error. The decision:
+the best mean mAP over the sets among the settings that lose at most ``--max-loss`` (one mAP point)
+against the default on every set. ``--max-distances`` re-searches the queries with other ANN
+match distances and scores the default and the chosen setting with them (paired against 0.9).
+
 mAP and mP@k come from ``delf_retrieval.query.evaluation`` (Revisited-Oxford protocol); GLD is the
-Google-Landmarks micro-AP, and GLD+dq the same with the 40 distractors also querying (no positives).
+Google-Landmarks micro-AP, and GLD+dq the same with dev's 40 distractors also querying (no positives).
 
 The classical baseline users would otherwise pick: OpenCV SIFT (same images, long side 1024,
 the 1000 strongest keypoints as ours keeps 1000 features), Lowe's ratio test 0.8, affine RANSAC (``cv2.estimateAffine2D``, 20 px, 1000 iterations), brute
@@ -51,12 +66,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 LANDMARKS_DEV = os.path.join(os.path.dirname(ROOT), "shared", "data", "landmarks-dev")
-RESULTS = os.path.join(ROOT, "bench_results")
-VOTE_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
 LANDMARKS_TRAIN = os.path.join(os.path.dirname(ROOT), "shared", "data", "landmarks-train")
-from train_attention_model import landmark_halves  # noqa: E402  (benchmarks/ is on the path)
+LANDMARKS_HARD = os.path.join(os.path.dirname(ROOT), "shared", "data", "landmarks-hard")
+RESULTS = os.path.join(ROOT, "bench_results")
+# The sweep's grid: combined-score weights, neighbour tables (k per image, min inliers), expansion (K, T).
+VOTE_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+TABLE_KS = (10, 20, 40)
+TABLE_MINS = (10, 15, 20, 30)
+EXPAND_KS = (1, 3, 5, 10)
+EXPAND_TS = (10, 15, 20, 30)
+DECIDING = {"dev": "standard", "train": "standard", "train-heldout": "standard", "hard": "hard"}
+
+import retrieval_sweep as sweep  # noqa: E402  (benchmarks/ is on the path)
+from train_attention_model import landmark_halves  # noqa: E402
 
 
 def dataset(root: str, quick: bool) -> list[tuple[str, str | None]]:
@@ -90,15 +112,35 @@ def train_split(root: str, queries: int, database: int, landmarks: int | None = 
 
 def evaluation_set(name: str, args):
     """(root, every row (path, label), database rows, queries): the queries search the database;
-    on dev they are its scene images, each with itself excluded."""
-    if name == "dev":
-        rows = dataset(args.data, args.quick)
-        return args.data, rows, rows, [p for p, s in rows if s]
+    on dev and hard they are its scene images, each with itself excluded."""
+    if name in ("dev", "hard"):
+        root = args.data if name == "dev" else args.hard_data
+        rows = dataset(root, args.quick)
+        return root, rows, rows, [p for p, s in rows if s]
     queries, database = (2, 10) if args.quick else (args.train_queries, args.train_database)
     among = set(landmark_halves(args.train_data)[1]) if name == "train-heldout" else None
     db, query_paths = train_split(args.train_data, queries, database, 6 if args.quick else None, among)
     label = dict(db) | {p: l for p, l in _labels(args.train_data).items() if p in set(query_paths)}
     return args.train_data, db + [(p, label[p]) for p in query_paths], db, query_paths
+
+
+def protocols(name: str, root: str, rows: list, database: list, queries: list) -> dict:
+    """The set's ground truths as ``retrieval_sweep.Protocol``s: dev and train one ("standard": the
+    other database images of the query's label); hard its two files ("medium", "hard"), restricted
+    to the images indexed (a --quick run indexes a few scenes)."""
+    label_of = dict(rows)
+    if name != "hard":
+        return {"standard": sweep.Protocol("standard", ground_truth(label_of, database, queries))}
+    indexed, asked = {p for p, _ in database}, set(queries)
+    out = {}
+    for protocol in ("medium", "hard"):
+        with open(os.path.join(root, f"gt_{protocol}.json")) as f:
+            truth = json.load(f)
+        truth = {"queries": [{"query": q["query"], "positives": [p for p in q["positives"] if p in indexed],
+                              "junk": [p for p in q["junk"] if p in indexed]}
+                             for q in truth["queries"] if q["query"] in asked]}
+        out[protocol] = sweep.Protocol(protocol, truth, scene_of=label_of)
+    return out
 
 
 def _labels(root: str) -> dict:
@@ -137,12 +179,11 @@ def network(spec: str) -> tuple[str, object, object]:
 def extract_all(root, rows, preset, cache, timed: int = 5, set_name: str = "dev") -> tuple[dict, float]:
     """Features of every image (cached, one .npz per image), and the seconds per image of
     extraction, timed afresh on ``timed`` images (spread over the set)."""
-    from delf_retrieval.corpus.images import load_image
     from delf_retrieval.extraction.extractor import Extractor
     from delf_retrieval.extraction.features import Features
+    from delf_retrieval.corpus.images import load_image
     from delf_retrieval.model import delf
-    from pipeline.extract import main as extract_main
-    from pipeline.extract import output_names
+    from pipeline.extract import main as extract_main, output_names
 
     label, model_config, extraction_config = network(preset)
     images = "train" if set_name == "train-heldout" else set_name  # the same photos, one cache
@@ -165,7 +206,8 @@ def build_index(features: dict, directory: str):
     from delf_retrieval import quantize
     from delf_retrieval.build import encode
     from delf_retrieval.corpus import inputs
-    from delf_retrieval.index import shard_reader, shards
+    from delf_retrieval.index import shard_reader
+    from delf_retrieval.index import shards
 
     raw = np.concatenate([f.descriptors for f in features.values()])
     projection, quantizer = encode.train(raw, quantize.IndexParams(), expected_count=len(raw))
@@ -175,50 +217,6 @@ def build_index(features: dict, directory: str):
                                  "num_features": len(f), "content_hash": ""} for uri, f in features.items()])
     encode.write(directory, encoded, table, projection, quantizer)
     return shard_reader.IndexReader(directory), ids
-
-
-def rank(matches, rule: str, weight: float, min_inliers: int, expansion=None, query: str | None = None) -> list[dict]:
-    """Re-rank one search's matches (verified first) by a rule, as results.json matches; with
-    ``expansion`` = (table, K, T, uri_of) the re-ranked matches are then expanded as
-    ``Retriever.search`` does (``delf_retrieval.query.expansion.expand``), the query itself left out
-    (a dev query is a database image, which its neighbours' edges lead back to)."""
-    from delf_retrieval.query import expansion
-    from delf_retrieval.query.matching import Match
-
-    def score(m):
-        inliers = m.inliers if m.inliers >= min_inliers else 0
-        return {"votes": m.votes, "inliers": inliers, "combined": inliers + weight * m.votes}[rule]
-    ordered = sorted(matches, key=lambda m: (not m.verified, -score(m), -m.votes, m.image_id))
-    ordered = [Match(m.image_id, m.uri, float(score(m)), m.inliers, m.votes, m.verified) for m in ordered]
-    if expansion is not None:
-        table, k, t, uri_of = expansion
-        ordered = [m for m in expansion.expand(ordered, table, k, t, uri_of, len(ordered)) if m.uri != query]
-    return [{"uri": m.uri, "score": float(m.score), "inliers": m.inliers, "votes": m.votes} for m in ordered]
-
-
-EXPANSIONS = ((3, 10), (3, 15), (5, 10), (5, 20), (1, 10))  # (K, T) at query time
-TABLE = (20, 10)  # the neighbour table: k per image, min inliers
-
-
-def neighbour_table(reader, retriever, database_ids) -> tuple:
-    """Every database image's verified neighbours (``delf_retrieval.expansion``), as the build's
-    neighbour stage finds them, and the seconds per image it took."""
-    from delf_retrieval.index import neighbour_table
-    from delf_retrieval.query import expansion
-
-    config = neighbour_table.NeighbourConfig(*TABLE)
-    stored = expansion.rows_by_image(reader)
-    found, start = [], time.perf_counter()
-    for image_id in database_ids:
-        if image_id not in stored:  # an image that kept no features has no rows to search with
-            continue
-        projected, locations = stored[image_id]
-        neighbours, inliers = expansion.search_neighbours(retriever, image_id, projected, locations, config)
-        found += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
-    seconds = (time.perf_counter() - start) / max(len(database_ids), 1)
-    edges = np.asarray(found, np.int64).reshape(-1, 3)
-    table = neighbour_table.cut(neighbour_table.symmetric(edges[:, 0], edges[:, 1], edges[:, 2]), config.k)
-    return table, seconds
 
 
 def ground_truth(label_of: dict, database: list, queries: list, distractor_queries: list = ()) -> dict:
@@ -236,9 +234,52 @@ def measure(doc: dict, truth: dict) -> dict:
             "ap_per_query": [q["ap"] for q in scores["per_query"]]}
 
 
-def run_ours(set_name, root, rows, database, queries, preset, cache, config) -> dict:
-    from delf_retrieval.index import shortlist
+def search_all(retriever, features: dict, ids: dict, paths: list) -> tuple[dict, dict]:
+    """Each path's matches, searched with itself excluded when it is indexed, and the seconds per
+    query of each stage."""
+    everything = np.array(sorted(ids.values()), np.int64)
+    searches, timings = {}, {}
+    if paths:  # the first search loads the compiled RANSAC (numba): not timed
+        retriever.search(features[paths[0]], among=everything[everything != ids.get(paths[0], -1)])
+    for p in paths:
+        among = everything[everything != ids[p]] if p in ids else everything
+        result = retriever.search(features[p], among=among)
+        searches[p] = result.matches
+        for stage, seconds in result.timings.items():
+            timings.setdefault(stage, []).append(seconds)
+    return searches, {k: float(np.mean(v)) for k, v in timings.items()}
+
+
+def searched(path: str, run, key) -> tuple:
+    """``run()``'s (searches, timings, edges, neighbour seconds), kept in ``path`` (JSON) for the
+    next run with the same ``key`` (retrieval config, queries, image ids): the searches are the slow part."""
+    import hashlib
+
+    from delf_retrieval.query.matching import Match
+
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept["key"] == digest:
+            searches = {p: [Match(*m) for m in ms] for p, ms in kept["searches"].items()}
+            edges = np.asarray(kept["edges"], np.int64).reshape(-1, 3)
+            return searches, kept["timings"], edges, kept["neighbour_seconds"]
+    searches, timings, edges, neighbour_seconds = run()
+    with open(path, "w") as f:
+        json.dump({"key": digest, "searches": {p: [(int(m.image_id), m.uri, float(m.score), int(m.inliers), int(m.votes),
+                                                    bool(m.verified)) for m in ms] for p, ms in searches.items()},
+                   "timings": timings, "edges": [[int(x) for x in e] for e in edges],
+                   "neighbour_seconds": neighbour_seconds}, f)
+    return searches, timings, edges, neighbour_seconds
+
+
+def prepare(set_name, root, rows, database, queries, preset, cache, config) -> dict:
+    """Everything the sweep needs of one set: the queries' searches (one each), the raw verified
+    neighbour edges of every database image, the protocols, and the figures that do not depend on
+    the setting (timings, shortlist survival)."""
     from delf_retrieval.query import retrieval
+    from delf_retrieval.index import shortlist
 
     features, extract_seconds = extract_all(root, rows, preset, cache, set_name=set_name)
     label = network(preset)[0]
@@ -246,42 +287,15 @@ def run_ours(set_name, root, rows, database, queries, preset, cache, config) -> 
     reader, ids = build_index({p: features[p] for p, _ in database},
                               os.path.join(cache, f"index-{set_name}-{label}-{len(database)}"))
     retriever = retrieval.Retriever(reader, config)
-    everything = np.array(sorted(ids.values()), np.int64)
-    label_of = dict(rows)
-    distractors = [p for p, s in database if s is None]  # dev's: they query too, for GLD+dq
-    searches, timings = {}, {"shortlist": [], "ann": [], "voting": [], "ransac": []}
-    for p in queries + distractors:
-        among = everything[everything != ids[p]] if p in ids else everything
-        result = retriever.search(features[p], among=among)
-        searches[p] = result.matches
-        for stage, seconds in result.timings.items():
-            timings[stage].append(seconds)
-    truth = ground_truth(label_of, database, queries)
-    neighbours, neighbour_seconds = neighbour_table(reader, retriever, sorted(ids.values()))
-    uri_of = retriever.uri_of
-    rules = [("votes (no verification)", "votes", 0.0, None), ("inliers (paper)", "inliers", 0.0, None)]
-    rules += [(f"inliers + {w} x votes", "combined", w, None) for w in VOTE_WEIGHTS]
-    rules += [(f"{base}, expand K {k} T {t}", rule, 0.0, (neighbours, k, t, uri_of))
-              for base, rule in (("votes", "votes"), ("inliers", "inliers")) for k, t in EXPANSIONS]
-    table = {}
-    for name, rule, weight, expand in rules:
-        doc = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers, expand, p)}
-                           for p in queries]}
-        table[name] = measure(doc, truth)
-        if distractors:
-            # The Google-Landmarks measure when the distractors query too: a score must then also be
-            # comparable across queries, since a distractor query's best matches are all false.
-            everyone = {"results": [{"query": p, "matches": rank(searches[p], rule, weight, config.min_inliers,
-                                                                  expand, p)}
-                                    for p in queries + distractors]}
-            table[name]["gld_with_distractor_queries"] = measure(
-                everyone, ground_truth(label_of, database, queries, distractors))["gld_micro_ap"]
-    # Each rule against votes alone, paired over the same queries: mean AP difference and its s.e.
-    base = np.asarray(table["votes (no verification)"]["ap_per_query"])
-    for name in table:
-        diff = np.asarray(table[name]["ap_per_query"]) - base
-        table[name]["vs_votes"] = [float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))]
-    # How often the true matches survive the image shortlist (self excluded).
+    # dev's distractors query too, for GLD+dq (hard's are never queries: the set's protocol).
+    distractors = [p for p, s in database if s is None] if set_name == "dev" else []
+    searches, timings, edges, neighbour_seconds = searched(
+        os.path.join(cache, f"searches-{set_name}-{label}-{len(database)}-{len(queries)}.json"),
+        lambda: search_all(retriever, features, ids, queries + distractors) + sweep.raw_edges(
+            reader, retriever, sorted(ids.values())), (config, queries + distractors, sorted(ids.items())))
+    truths = protocols(set_name, root, rows, database, queries)
+    first = next(iter(truths.values()))  # dev, train: the only one; hard: medium (every true match)
+    positives = {q: first.truth[q].positives if q in first.truth else frozenset() for q in queries}
     built = shortlist.build_from_index(reader, size=len(ids))
     survival = {}
     for size in (5, 10, 20, 50):
@@ -289,20 +303,186 @@ def run_ours(set_name, root, rows, database, queries, preset, cache, config) -> 
         for p in queries:
             candidates = [c for c in built.candidates(reader.pca.transform(features[p].descriptors), size + 1)
                           if c != ids.get(p)][:size]
-            positives = {ids[q] for q in truth_positives(truth, p)}
-            kept += len(positives & set(candidates))
-            total += len(positives)
+            wanted = {ids[q] for q in positives[p]}
+            kept += len(wanted & set(candidates))
+            total += len(wanted)
         survival[size] = kept / max(total, 1)
-    return {"set": set_name, "preset": preset, "images": len(database), "queries": len(queries),
-            "descriptors": reader.num_rows, "index": reader.manifest["spec"], "rules": table,
-            "seconds_per_query": {k: float(np.mean(v)) for k, v in timings.items()},
-            "neighbour_table": {"k": TABLE[0], "min_inliers": TABLE[1], "edges": len(neighbours),
-                                "seconds_per_image": neighbour_seconds},
+    return {"set": set_name, "preset": preset, "images": len(database), "queries": queries,
+            "distractors": distractors, "label_of": dict(rows), "database": database,
+            "descriptors": reader.num_rows, "index": reader.manifest["spec"], "features": features, "ids": ids,
+            "retriever": retriever, "searches": searches, "edges": edges, "protocols": truths,
+            "seconds_per_query": timings, "neighbour_seconds_per_image": neighbour_seconds,
             "extract_seconds_per_image": extract_seconds, "shortlist_survival": survival}
 
 
-def truth_positives(truth: dict, query: str) -> list[str]:
-    return next(q["positives"] for q in truth["queries"] if q["query"] == query)
+def default_setting() -> sweep.Setting:
+    """Today's default: RetrievalConfig's ranking and expansion, with the neighbour table every
+    build keeps (NeighbourConfig)."""
+    from delf_retrieval.index.neighbour_table import NeighbourConfig
+    from delf_retrieval.query.retrieval import RetrievalConfig
+
+    d, n = RetrievalConfig(), NeighbourConfig()
+    if not d.expand:
+        return sweep.Setting(d.rank_by, d.vote_weight)
+    return sweep.Setting(d.rank_by, d.vote_weight, n.k, n.min_inliers, d.expand, d.expand_min_inliers)
+
+
+def score_settings(data: dict, grid: list, min_inliers: int, searches: dict | None = None) -> dict:
+    """{setting: {protocol: (AP per query, P@10 per query)}} of one set, the searches re-ranked offline."""
+    searches = searches or data["searches"]
+    tables = {(k, m): sweep.table(data["edges"], k, m) for k, m in {s.table for s in grid if s.table}}
+    uri_of, top = data["retriever"].uri_of, data["retriever"].config.top
+    memo = {}
+    out, by_rule = {}, {}
+    for s in grid:
+        by_rule.setdefault(s.rule, []).append(s)
+    protocols = data["protocols"]
+    scored = set().union(*(p.queries for p in protocols.values()))  # the queries with positives somewhere
+    for rule, members in by_rule.items():
+        ordered = {q: sweep.rank_matches(searches[q], *rule, min_inliers) for q in scored}
+        for s in members:
+            per_query = {}
+            for q in scored:
+                key = (q, sweep.answer_key(ordered[q], s, rule))
+                if key not in memo:  # settings that answer alike are scored once
+                    uris = sweep.ranking(ordered[q], s, tables, uri_of, top, q)
+                    memo[key] = {name: p.score_one(q, uris) for name, p in protocols.items() if q in p.positive}
+                per_query[q] = memo[key]
+            # in each protocol's own query order (its scene means pair them with its queries)
+            out[s] = {name: (np.array([per_query[q][name][0] for q in p.queries]),
+                             np.array([per_query[q][name][1] for q in p.queries])) for name, p in protocols.items()}
+    return out
+
+
+def rows_of(sets: dict, scores: dict, grid: list, default: sweep.Setting) -> list[dict]:
+    """One row per setting: per set its figures on the deciding protocol (and hard's others), the
+    paired AP difference from the default, and the mean mAP over the sets."""
+    rows = []
+    for s in grid:
+        row = {"setting": s.to_json(), "label": s.label(), "default": s == default, "sets": {}}
+        for name, data in sets.items():
+            figures = {}
+            for protocol, (ap, p10) in scores[name][s].items():
+                base = scores[name][default][protocol][0]
+                figures[protocol] = {"map": float(ap.mean()), "mp@10": float(p10.mean()),
+                                     "scene_mean": data["protocols"][protocol].scene_mean(ap),
+                                     "diff": list(sweep.paired(ap, base)), "queries": len(ap)}
+            row["sets"][name] = {**figures[DECIDING[name]], "protocols": figures}
+        row["mean_map"] = float(np.mean([row["sets"][n]["map"] for n in sets]))
+        rows.append(row)
+    return rows
+
+
+def classic_rules(data: dict, min_inliers: int, weights) -> dict:
+    """The ranking rules without expansion through the full ``evaluate`` (GLD micro-AP too; on dev
+    also GLD+dq, the distractors querying): a check of the sweep's own scoring as well."""
+    truth_name = DECIDING[data["set"]]
+    protocol = data["protocols"][truth_name]
+    truth = {"queries": [{"query": q, "positives": sorted(t.positives), "junk": sorted(t.junk)}
+                         for q, t in protocol.truth.items()]}
+    out = {}
+    for rank_by, w in [("votes", 0.0), ("inliers", 0.0)] + [("combined", w) for w in weights]:
+        def doc(paths):
+            results = []
+            for p in paths:
+                ordered = sweep.rank_matches(data["searches"][p], rank_by, w, min_inliers)
+                results.append({"query": p, "matches": [m.to_json() for m in ordered if m.uri != p]})
+            return {"results": results}
+        name = sweep.Setting(rank_by, w).label()
+        out[name] = measure(doc(data["queries"]), truth)
+        ap = np.asarray(out[name].pop("ap_per_query"))
+        fast = protocol.score({p: [m["uri"] for m in r["matches"]] for p, r in
+                               zip(data["queries"], doc(data["queries"])["results"])})[0]
+        assert np.allclose(ap, fast), "the sweep's AP differs from delf_retrieval.query.evaluation's"
+        if data["distractors"]:
+            out[name]["gld_with_distractor_queries"] = measure(
+                doc(data["queries"] + data["distractors"]),
+                ground_truth(data["label_of"], data["database"], data["queries"], data["distractors"]))["gld_micro_ap"]
+    return out
+
+
+def expansion_seconds(data: dict, s: sweep.Setting, min_inliers: int) -> float:
+    """Seconds per query of re-ranking and expanding (``expansion.expand``) under ``s``."""
+    tables = {s.table: sweep.table(data["edges"], *s.table)} if s.table else {}
+    start = time.perf_counter()
+    for q in data["queries"]:
+        sweep.ranking(sweep.rank_matches(data["searches"][q], s.rank_by, s.vote_weight, min_inliers), s, tables,
+                      data["retriever"].uri_of, data["retriever"].config.top, q)
+    return (time.perf_counter() - start) / max(len(data["queries"]), 1)
+
+
+def max_distance_check(sets: dict, distances, settings: list, min_inliers: int) -> dict:
+    """The queries searched again with each other ``max_distance`` (the neighbour tables stay
+    those of the default search, as an index built once); each setting scored on the deciding
+    protocol, paired against the same setting at the default distance."""
+    import dataclasses
+
+    out = {}
+    for name, data in sets.items():
+        retriever = data["retriever"]
+        protocol = DECIDING[name]
+        base = score_settings(data, settings, min_inliers)
+        for d in distances:
+            other = retriever.with_config(dataclasses.replace(retriever.config, max_distance=d))
+            searches, timings = search_all(other, data["features"], data["ids"], data["queries"])
+            scored = score_settings(data, settings, min_inliers, searches)
+            for s in settings:
+                ap = scored[s][protocol][0]
+                out.setdefault(s.label(), {}).setdefault(name, {})[str(d)] = {
+                    "map": float(ap.mean()), "diff": list(sweep.paired(ap, base[s][protocol][0])),
+                    "search_seconds": float(sum(timings.values()))}
+            print(f"  max_distance {d}: {name}: " + "; ".join(
+                f"{s.label()}: {out[s.label()][name][str(d)]['map']:.3f} "
+                f"({out[s.label()][name][str(d)]['diff'][0]:+.3f} +- {out[s.label()][name][str(d)]['diff'][1]:.3f})"
+                for s in settings), flush=True)
+    return out
+
+
+def max_distance_markdown(found: dict) -> str:
+    """The ``max_distance_check`` figures as a table: mAP (points) and the paired difference."""
+    sets = list(next(iter(found.values())))
+    distances = list(found[next(iter(found))][sets[0]])
+    head = ["setting"] + [f"{n} max_distance {d}" for n in sets for d in distances]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, by_set in found.items():
+        lines.append("| " + " | ".join([label] + [
+            f"{pct(by_set[n][d]['map'])} ({100 * by_set[n][d]['diff'][0]:+.1f} +- {100 * by_set[n][d]['diff'][1]:.1f})"
+            for n in sets for d in distances]) + " |")
+    return "\n".join(lines)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(rows: list[dict], set_names: list[str], chosen: dict | None, max_loss: float) -> str:
+    """The decision table, best mean mAP first (mAP and differences in points, i.e. x 100)."""
+    head = ["rank_by", "vote w", "nbr K", "nbr min", "exp K", "exp T"]
+    for n in set_names:
+        head += [f"{n} mAP", f"{n} mP@10"]
+        if n == "hard":
+            head += ["hard scene-mean", "hard-medium mAP", "hard-medium scene-mean"]
+    head += ["mean mAP"] + [f"{n} diff (SE)" for n in set_names] + ["admissible"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: -r["mean_map"]):
+        s = row["setting"]
+        mark = " (default)" if row["default"] else (" (chosen)" if row is chosen else "")
+        cells = [s["rank_by"] + mark, f"{s['vote_weight']:g}" if s["rank_by"] == "combined" else "",
+                 str(s["table_k"] if s["expand"] else 0), str(s["table_min"]) if s["expand"] else "",
+                 str(s["expand"]) if s["expand"] else "0", str(s["expand_min"]) if s["expand"] else ""]
+        for n in set_names:
+            f = row["sets"][n]
+            cells += [pct(f["map"]), pct(f["mp@10"])]
+            if n == "hard":
+                m = f["protocols"]["medium"]
+                cells += [pct(f["scene_mean"]), pct(m["map"]), pct(m["scene_mean"])]
+        cells += [pct(row["mean_map"])]
+        cells += [f"{100 * row['sets'][n]['diff'][0]:+.1f} ({100 * row['sets'][n]['diff'][1]:.1f})" for n in set_names]
+        cells += ["yes" if row["admissible"] else "no"]
+        if row is chosen or row["default"]:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_sift(root, rows, database, queries, max_features: int) -> dict:
@@ -354,81 +534,168 @@ def run_sift(root, rows, database, queries, max_features: int) -> dict:
             "seconds_per_query": {"extract": float(np.mean(extract_seconds)), "match+ransac": float(np.mean(match_seconds))}}
 
 
-HEADER = (f"{'set: method':<52} {'mAP':>6} {'mP@1':>6} {'mP@5':>6} {'mP@10':>6} {'GLD':>6} {'GLD+dq':>6}  "
-          "s/query (search; extraction)")
-
-
-def print_ours(ours: dict) -> None:
-    if "rules" not in ours:
-        return
-    search = sum(ours["seconds_per_query"].values())
-    name_of = lambda n: f"{ours['set']}: {ours['preset']}: {n}"  # noqa: E731
-    for name, s in ours["rules"].items():
+def print_set(data: dict, classic: dict) -> None:
+    t = data["seconds_per_query"]
+    print(f"{data['set']}: {data['preset']}: {data['images']} images, {len(data['queries'])} queries, {data['index']}, "
+          f"{data['descriptors']} descriptors; search per query " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items())
+          + f" (total {sum(t.values()) * 1000:.0f} ms); neighbour search {data['neighbour_seconds_per_image']:.3f} s "
+          f"per database image ({len(data['edges'])} verified pairs at >= 1 inlier); extraction "
+          f"{data['extract_seconds_per_image']:.2f} s per image", flush=True)
+    print(f"  {data['set']}: true matches surviving the image shortlist: "
+          + ", ".join(f"top {n}: {v:.3f}" for n, v in data["shortlist_survival"].items()))
+    print(f"  {'rule (no expansion), ' + DECIDING[data['set']] + ' protocol':<44} {'mAP':>6} {'mP@1':>6} {'mP@5':>6} "
+          f"{'mP@10':>6} {'GLD':>6} {'GLD+dq':>6}")
+    for name, s in classic.items():
         dq = s.get("gld_with_distractor_queries")
-        print(f"{name_of(name):<52} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} "
-              f"{s['mp@10']:6.3f} {s['gld_micro_ap']:6.3f} {'' if dq is None else f'{dq:6.3f}':>6}  {search:.3f}; "
-              f"{ours['extract_seconds_per_image']:.2f}"
-              f"  (AP vs votes {s['vs_votes'][0]:+.4f} +- {s['vs_votes'][1]:.4f})")
-    print(f"  {ours['set']}: {ours['preset']}: {ours['images']} images, {ours['queries']} queries, {ours['index']}, "
-          f"{ours['descriptors']} descriptors; per query "
-          + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in ours["seconds_per_query"].items()))
-    t = ours["neighbour_table"]
-    print(f"  {ours['set']}: {ours['preset']}: neighbour table (k {t['k']}, >= {t['min_inliers']} inliers): "
-          f"{t['edges']} edges, {t['seconds_per_image']:.3f} s per image to find")
-    print(f"  {ours['set']}: {ours['preset']}: true matches surviving the image shortlist: "
-          + ", ".join(f"top {n}: {v:.3f}" for n, v in ours["shortlist_survival"].items()), flush=True)
+        print(f"  {name:<44} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} {s['mp@10']:6.3f} "
+              f"{s['gld_micro_ap']:6.3f} {'' if dq is None else f'{dq:6.3f}':>6}", flush=True)
 
 
 def print_sift(set_name: str, sift: dict) -> None:
     s, t = sift["scores"], sift["seconds_per_query"]
     print(f"{set_name + ': SIFT baseline':<52} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} {s['mp@10']:6.3f} "
-          f"{s['gld_micro_ap']:6.3f} {'':>6}  {t['match+ransac']:.3f}; {t['extract']:.2f}", flush=True)
+          f"{s['gld_micro_ap']:6.3f}  {t['match+ransac']:.3f}; {t['extract']:.2f}", flush=True)
+
+
+def floats(text: str, kind=float) -> tuple:
+    return tuple(kind(x) for x in text.split(",") if x.strip())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default="dev,train", help="dev (landmarks-dev), train (landmarks-train)")
+    parser.add_argument("--sets", default="dev,train,hard",
+                        help="dev (landmarks-dev), train (landmarks-train), hard (landmarks-hard), train-heldout")
     parser.add_argument("--data", default=LANDMARKS_DEV, help="landmarks-dev")
     parser.add_argument("--train-data", default=LANDMARKS_TRAIN, help="landmarks-train")
+    parser.add_argument("--hard-data", default=LANDMARKS_HARD, help="landmarks-hard")
     parser.add_argument("--train-queries", type=int, default=5, help="queries per landmark of landmarks-train")
     parser.add_argument("--train-database", type=int, default=40, help="database images per landmark (at most)")
-    parser.add_argument("--presets", default="lite,resnet50")
+    parser.add_argument("--presets", default="lite,resnet50", help="the sweep and decision use the first available")
     parser.add_argument("--models", default="", help="trained model folders, compared beside the presets")
-    parser.add_argument("--quick", action="store_true", help="dev: three scenes and ten distractors; train: six "
-                        "landmarks, 2 queries and 10 database images each")
+    parser.add_argument("--quick", action="store_true", help="dev and hard: three scenes and ten distractors; train: "
+                        "six landmarks, 2 queries and 10 database images each")
+    parser.add_argument("--vote-weights", type=floats, default=VOTE_WEIGHTS, help="combined-score weights swept")
+    parser.add_argument("--table-ks", type=lambda t: floats(t, int), default=TABLE_KS,
+                        help="neighbour-table k swept (verified neighbours per image)")
+    parser.add_argument("--table-mins", type=lambda t: floats(t, int), default=TABLE_MINS,
+                        help="neighbour-table min inliers swept")
+    parser.add_argument("--expand-ks", type=lambda t: floats(t, int), default=EXPAND_KS, help="expansion K swept")
+    parser.add_argument("--expand-ts", type=lambda t: floats(t, int), default=EXPAND_TS, help="expansion T swept")
+    parser.add_argument("--max-loss", type=float, default=0.01,
+                        help="the most mAP a setting may lose against the default on any set (default: one point)")
+    parser.add_argument("--max-distances", type=floats, default=(),
+                        help="also search again with these ANN max distances (default setting and chosen)")
     parser.add_argument("--no-sift", action="store_true")
     parser.add_argument("--sift-sets", default="dev", help="sets the SIFT baseline runs on (brute force over all "
                         "pairs: on train's split it takes ~10 minutes here)")
     parser.add_argument("--sift-features", type=int, default=1000, help="SIFT keypoints per image (ours: 1000 features)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "retrieval_quality.json"))
+    parser.add_argument("--markdown", default=os.path.join(RESULTS, "decision.md"), help="the decision table")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from delf_retrieval.query.retrieval import RetrievalConfig
 
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     cache = os.path.join(RESULTS, "cache")
     os.makedirs(cache, exist_ok=True)
-    report = {"sets": {}}
-    print(HEADER, flush=True)
-    for set_name in args.sets.split(","):
-        folder = args.data if set_name == "dev" else args.train_data
+    report = {"started": started, "load_at_start": os.getloadavg(), "command": sys.argv, "sets": {}}
+    default = default_setting()
+    rules = [("votes", 0.0), ("inliers", 0.0)] + [("combined", w) for w in args.vote_weights]
+    grid = sweep.settings(rules, args.table_ks, args.table_mins, args.expand_ks, args.expand_ts)
+    if default not in grid:
+        grid.insert(0, default)
+    set_names = args.sets.split(",")
+    folders = {"dev": args.data, "hard": args.hard_data}
+    prepared, scores = {}, {}
+    for set_name in set_names:
+        folder = folders.get(set_name, args.train_data)
         if not os.path.isdir(folder):
             print(f"{set_name}: no data at {folder}: skipped")
             continue
         root, rows, database, queries = evaluation_set(set_name, args)
-        config = RetrievalConfig(top=len(database), shortlist=100)
+        config = RetrievalConfig(top=len(database), expand=0)  # expansion is re-applied offline, per setting
         entry = report["sets"][set_name] = {"images": len(database), "queries": len(queries),
                                             "config": config.__dict__, "ours": [], "sift": None}
         print(f"{set_name}: {len(database)} database images, {len(queries)} queries", flush=True)
         for preset in [p for p in args.presets.split(",") + args.models.split(",") if p]:
             try:
-                entry["ours"].append(run_ours(set_name, root, rows, database, queries, preset, cache, config))
-                print_ours(entry["ours"][-1])
+                data = prepare(set_name, root, rows, database, queries, preset, cache, config)
             except (OSError, ValueError) as e:  # the ResNet50 ImageNet file needs a download
                 print(f"{set_name}: {preset}: unavailable ({type(e).__name__}: {e})", flush=True)
                 entry["ours"].append({"preset": preset, "unavailable": f"{type(e).__name__}: {e}"})
-        if not args.no_sift and set_name in args.sift_sets.split(","):
+                continue
+            classic = classic_rules(data, config.min_inliers, args.vote_weights)
+            print_set(data, classic)
+            entry["ours"].append({k: data[k] for k in ("preset", "images", "descriptors", "index", "seconds_per_query",
+                                                       "neighbour_seconds_per_image", "extract_seconds_per_image",
+                                                       "shortlist_survival")}
+                                 | {"queries": len(queries), "rules": classic, "verified_pairs": len(data["edges"])})
+            if set_name not in prepared:  # the sweep: the first preset that is available
+                start = time.perf_counter()
+                scores[set_name] = score_settings(data, grid, config.min_inliers)
+                print(f"  {set_name}: swept {len(grid)} settings in {time.perf_counter() - start:.0f} s", flush=True)
+                prepared[set_name] = data
+        if not args.no_sift and set_name in args.sift_sets.split(",") and set_name != "hard":
             entry["sift"] = run_sift(root, rows, database, queries, args.sift_features)
             print_sift(set_name, entry["sift"])
+    names = list(prepared)
+    if names:
+        rows = rows_of(prepared, scores, grid, default)
+        chosen = sweep.decide(rows, names, args.max_loss)
+        table = markdown(rows, names, chosen, args.max_loss)
+        base = next(r for r in rows if r["default"])
+        chosen_setting = sweep.Setting(**chosen["setting"])
+        timing = {}
+        for n, data in prepared.items():
+            timing[n] = {"search_seconds_per_query": data["seconds_per_query"],
+                         "search_total": float(sum(data["seconds_per_query"].values())),
+                         "rerank_expand_seconds_default": expansion_seconds(data, default, RetrievalConfig().min_inliers),
+                         "rerank_expand_seconds_chosen": expansion_seconds(data, chosen_setting,
+                                                                           RetrievalConfig().min_inliers),
+                         "neighbour_seconds_per_database_image": data["neighbour_seconds_per_image"]}
+        described = ", ".join(f"{n} ({len(prepared[n]['queries'])} queries, {prepared[n]['images']} images, "
+                              f"{DECIDING[n]} protocol)" for n in names)
+        lines = [f"Sets: {described}; preset {prepared[names[0]]['preset']}; {len(grid)} settings.",
+                 f"Started {started}; load average at start {report['load_at_start'][0]:.2f}.",
+                 f"Decision rule: best mean mAP over the sets among the settings losing at most {100 * args.max_loss:g} "
+                 f"mAP point(s) against today's default ({default.label()}) on every set. mAP, mP@10 and differences "
+                 "in points (x 100); diff = mean per-query AP difference from the default (standard error).", "",
+                 f"**Default**: {base['label']}: " + ", ".join(f"{n} {pct(base['sets'][n]['map'])}" for n in names)
+                 + f"; mean {pct(base['mean_map'])}.",
+                 f"**Chosen**: {chosen['label']}: " + ", ".join(
+                     f"{n} {pct(chosen['sets'][n]['map'])} ({100 * chosen['sets'][n]['diff'][0]:+.1f} +- "
+                     f"{100 * chosen['sets'][n]['diff'][1]:.1f})" for n in names) + f"; mean {pct(chosen['mean_map'])}.",
+                 f"Admissible settings: {sum(r['admissible'] for r in rows)} of {len(rows)}.", "",
+                 "Seconds per query (search = shortlist + ANN + voting + RANSAC of 100; re-rank + expansion offline):", ""]
+        for n in names:
+            t = timing[n]
+            lines.append(f"- {n}: search {t['search_total']:.3f} s (" + ", ".join(
+                f"{k} {v:.3f}" for k, v in t["search_seconds_per_query"].items())
+                + f"); re-rank {t['rerank_expand_seconds_default'] * 1000:.1f} ms (default), re-rank + expansion "
+                f"{t['rerank_expand_seconds_chosen'] * 1000:.1f} ms (chosen); neighbour table build "
+                f"{t['neighbour_seconds_per_database_image']:.3f} s per database image")
+        text = "\n".join(lines) + "\n\n" + table + "\n"
+        print("\n" + text, flush=True)
+        report.update({"grid": len(grid), "default": base, "chosen": chosen, "rows": rows, "timing": timing,
+                       "decision_rule": {"max_loss": args.max_loss, "sets": names,
+                                         "protocols": {n: DECIDING[n] for n in names}},
+                       "ap_per_query": {n: {label: {p: scores[n][s][p][0].tolist() for p in scores[n][s]}
+                                            for label, s in (("default", default), ("chosen", chosen_setting))}
+                                        for n in names}})
+        if args.max_distances:
+            print(f"max_distance (default {RetrievalConfig().max_distance}), queries searched again:", flush=True)
+            report["max_distance"] = max_distance_check(prepared, args.max_distances,
+                                                        list(dict.fromkeys([default, chosen_setting])),
+                                                        RetrievalConfig().min_inliers)
+            text += ("\nThe queries searched again with other ANN max distances (neighbour tables of the default "
+                     f"search): mAP, paired difference from max_distance {RetrievalConfig().max_distance} (SE):\n\n"
+                     + max_distance_markdown(report["max_distance"]) + "\n")
+        os.makedirs(os.path.dirname(args.markdown), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(f"# Retrieval defaults: the sweep\n\n`{' '.join(sys.argv)}`\n\n" + text)
+        print(f"written {args.markdown}")
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    report["load_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1, default=float)
