@@ -19,8 +19,7 @@ import sys
 
 from delf_retrieval.extraction.extractor import PAPER_SCALES, ExtractionConfig
 from delf_retrieval.model import delf
-from delf_retrieval.training import data, loop, steps
-from delf_retrieval.training.steps import STEPS
+from delf_retrieval.training import STEPS
 from pipeline import cli
 
 # Per step: (resize, crop, min rescale) of the paper, learning rate, batch size.
@@ -68,6 +67,8 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
+    from delf_retrieval.training import data, loop, steps  # heavy: TensorFlow and Keras, after quiet_tensorflow
+
     defaults = STEP_DEFAULTS[args.step]
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     images = data.list_source(args.input, args.num_classes)

@@ -18,7 +18,6 @@ from delf_retrieval.training.models import AttentionClassifier, DescriptorClassi
 MODEL_DIR = "model"
 LABELS_FILE = "labels.json"
 TRAINING_FILE = "training.json"
-STEPS = ("descriptor", "attention")
 
 
 @dataclass
