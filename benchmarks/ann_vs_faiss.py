@@ -29,7 +29,7 @@ among the first R results (R@1: ranked first; an exact duplicate of it counts as
 per second on ONE thread (BLAS, OpenMP and numba limited to one; warm-up first; cpu/wall near 1.0
 confirms it). RAM B is bytes per stored descriptor held for search (ours: 10 one-byte codes + 8-byte
 id as InvertedLists holds them; faiss: code_size + 8-byte id; hnsw: its saved index with vectors / n);
-disk B is the saved index / n (ours: the all-in Parquet index of delf_retrieval.shards, n/a until it
+disk B is the saved index / n (ours: the all-in Parquet index of delf_retrieval.index.shards, n/a until it
 exists). Build = train + add, using all cores for every library. Each method runs in its own process,
 so peak RSS (MB) is its own; the database is streamed from disk in 1M-row chunks.
 

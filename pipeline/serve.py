@@ -27,11 +27,10 @@ import signal
 import sys
 import threading
 
+from delf_retrieval.index import versions
 from pipeline import cli
 from pipeline.service import ServeConfig, Service
-from delf_retrieval import versions
-from pipeline.service.connections import listening_socket
-from pipeline.service.connections import protocol
+from pipeline.service.connections import listening_socket, protocol
 
 log = logging.getLogger("pipeline.serve")
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

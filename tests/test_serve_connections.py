@@ -17,9 +17,9 @@ import pytest
 pytest.importorskip("uvicorn")
 from starlette.testclient import TestClient  # noqa: E402
 
-from delf_retrieval.live import LiveIndex  # noqa: E402
+from delf_retrieval.query.live import LiveIndex
 from pipeline.serve import make_server  # noqa: E402
-from pipeline.service import Service, ServeConfig  # noqa: E402
+from pipeline.service import ServeConfig, Service  # noqa: E402
 from pipeline.service.connections import listening_socket  # noqa: E402
 from tests.conftest import REPO_ROOT  # noqa: E402
 

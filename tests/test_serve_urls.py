@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from delf_retrieval import images, inputs
+from delf_retrieval.corpus import images, inputs
 from pipeline.service.urls import AllowUrlError, ServiceFetcher, UrlPolicy, UrlRefused
 
 NOT_PUBLIC = ["127.0.0.1", "2130706433", "0177.0.0.1", "127.1", "0x7f.0.0.1", "0x7f000001", "[::1]",

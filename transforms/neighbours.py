@@ -1,6 +1,6 @@
 """The index-time neighbour stage of the build: each image encoded by the run searches the written
 (not yet published) version with its own stored rows, and the verified pairs it finds update the
-version's neighbour table (``delf_retrieval.expansion``), which queries use for expansion."""
+version's neighbour table (``delf_retrieval.index.neighbour_table``), which queries use for expansion."""
 
 from __future__ import annotations
 

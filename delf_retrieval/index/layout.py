@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from delf_retrieval import storage
 
 INDEX_FORMAT = "delf-retrieval-index"
-INDEX_FORMAT_VERSION = 1  # one set of shards; version 2 lists segments (delf_retrieval.segments)
+INDEX_FORMAT_VERSION = 1  # one set of shards; version 2 lists segments (delf_retrieval.index.segments)
 READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PCA_FILE = "pca.npz"
