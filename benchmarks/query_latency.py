@@ -19,9 +19,9 @@ database). At the largest size the image shortlist (VLAD + HNSW, 1000 candidates
 1e6 images (1e9 rows, ~35 GB in memory here) does not fit this machine: its ANN time is
 extrapolated from the measured cost per scanned code, and labelled so.
 
-Expansion (``--expand 3 --expand-min-inliers 10``) reads a neighbour table of 20 edges per image
-(random neighbours with 10-60 inliers: the merge's cost depends on the table's size, not on which
-images the edges join). The neighbour stage is timed on real database images: their stored rows
+Each size is searched without expansion and with the defaults (``--expand 10 --expand-min-inliers
+20`` over a neighbour table of ``NeighbourConfig().k`` = 40 edges per image: random neighbours with
+10-60 inliers; the merge's cost depends on the table's size, not on which images the edges join). The neighbour stage is timed on real database images: their stored rows
 (decoded PQ codes and keypoints) search the index with themselves left out, as the build does.
 """
 
@@ -41,6 +41,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 RESULTS = os.path.join(ROOT, "bench_results")
+
+from delf_retrieval.index.neighbour_table import NeighbourConfig, NeighbourTable  # noqa: E402  (ROOT is on the path)
 
 
 class MemoryIndex:
@@ -74,10 +76,8 @@ class MemoryIndex:
                                               image_ids)
         return Searcher(self.quantizer, lists).search_cells(queries, probe, k)
 
-    def neighbours(self, per_image: int = 20, seed: int = 0):
+    def neighbours(self, per_image: int = NeighbourConfig().k, seed: int = 0):
         """A neighbour table of ``per_image`` random edges per image (see the module's note)."""
-        from delf_retrieval.index.neighbour_table import NeighbourTable
-
         if self._neighbours is None:
             ids = self.images.column("image_id").to_numpy()
             rng = np.random.default_rng(seed)
@@ -192,13 +192,13 @@ def main(argv=None) -> int:
     real = {"regions": encoded.regions, "codes": encoded.codes,
             "locations": np.concatenate([features[u].locations for u in uris]).astype(np.float32)}
     real_images = np.repeat(np.arange(len(uris)), [len(features[u]) for u in uris])
-    config = retrieval.RetrievalConfig()
+    config = retrieval.RetrievalConfig(expand=0)
     report = {"config": config.__dict__, "per_image": args.per_image, "extract_seconds": extract_seconds,
               "index": quantizer.params.spec, "sizes": []}
     print(f"queries: {len(queries)} real photographs; extraction {extract_seconds:.2f} s/query (lite, 7 scales, 1024 px)")
     print(f"{'images':>8} {'rows':>11} {'shortlist':>9} {'expand':>6} {'ann':>7} {'voting':>7} {'ransac':>7} "
           f"{'expand':>7} {'search':>7} {'codes/q':>10} {'peak MB':>8}")
-    expanded = retrieval.RetrievalConfig(expand=3, expand_min_inliers=10)
+    expanded = retrieval.RetrievalConfig()  # the defaults: expansion on
     first_rows = np.r_[0, np.cumsum([len(features[u]) for u in uris])]
     for size in sizes:
         lists, images, locations, n_images = database(size, args.per_image, real, real_images, quantizer)
