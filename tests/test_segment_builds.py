@@ -32,7 +32,7 @@ def files_of(root):
 
 def answers(root, queries):
     """The ranked (uri, score) of each query's own stored rows, searched in the current version."""
-    retriever = Retriever(segment_reader.open_reader(str(root)), RetrievalConfig(top=5))
+    retriever = Retriever(segment_reader.open_reader(str(root)), RetrievalConfig(top=5, expand=0))  # the rows, not the table
     out = []
     for projected, locations in queries:
         out.append([(m.uri, m.score, m.inliers) for m in retriever.search_projected(projected, locations).matches])

@@ -327,9 +327,10 @@ def test_prune_keeps_referenced_segments_and_rollback_reaches_every_kept_version
     assert versions.prune(root, keep=2) == ["builds/20260101T000000Z-a"]  # a's segment is still b's and c's
     assert all(os.path.isdir(folder(n)) for n in "abcm")
 
-    reference = Retriever(single, RetrievalConfig(top=10))
+    config = RetrievalConfig(top=10, expand=0)  # the versions written here keep no neighbour table
+    reference = Retriever(single, config)
     features = queries(history, np.random.default_rng(4))[2:4]
-    answer = lambda: [[m.to_json() for m in Retriever(segment_reader.open_reader(root), RetrievalConfig(top=10))  # noqa: E731
+    answer = lambda: [[m.to_json() for m in Retriever(segment_reader.open_reader(root), config)  # noqa: E731
                        .search(f).matches] for f in features]
     expected = [[m.to_json() for m in reference.search(f).matches] for f in features]
     assert answer() == expected  # the merged version
