@@ -17,6 +17,7 @@ from delf_retrieval.index import layout, segment_reader, segments, versions
 from pipeline import cli, reindex, search
 from pipeline import run as run_job
 from tests.conftest import SAMPLES, SMALL, corpus_of, reindex_run
+from tests.test_hostile_inputs import one_error_line
 
 NAME_MAX = 255  # bytes in one name component (ext4, tmpfs, xfs)
 
@@ -232,14 +233,6 @@ def replace_listed(root, path: str, data: bytes) -> None:
                 changed = True
         if changed:
             replace_listed(root, ref.path, json.dumps(own).encode())
-
-
-def one_error_line(capsys, prog):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith(f"python -m {prog}: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 SHAPES = {

@@ -266,14 +266,14 @@ class _Deadline:
             self._sockets.append(sock)
             expired = self.expired
         if expired:
-            _shut(sock)
+            shut(sock)
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
             sockets = list(self._sockets)
         for sock in sockets:
-            _shut(sock)
+            shut(sock)
 
     def __enter__(self):
         self._timer.start()
@@ -283,7 +283,8 @@ class _Deadline:
         self._timer.cancel()
 
 
-def _shut(sock: socket.socket) -> None:
+def shut(sock: socket.socket) -> None:
+    """Shut a socket down both ways, so a read blocked on it returns (a closed one is let be)."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

@@ -159,24 +159,17 @@ class _Cutoff:
         with self._lock:
             self._sock = sock
             if self.expired:
-                _shut(sock)
+                inputs.shut(sock)
         return sock
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
             if self._sock is not None:
-                _shut(self._sock)
+                inputs.shut(self._sock)
 
     def cancel(self) -> None:
         self._timer.cancel()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class _Pinned:
