@@ -176,3 +176,13 @@ def test_a_part_of_another_codebook_is_refused(corpus):
     part = asmk.AsmkPart.build(codebook, rows(images))
     with pytest.raises(ValueError, match="words"):
         asmk.AsmkSearcher(asmk.Codebook(codebook.words[:4]), [part])
+
+
+def test_image_ids_near_two_to_the_63_are_kept_exactly(corpus):
+    codebook, images = corpus
+    big = {2 ** 63 - 1 - i: x for i, x in images.items()}  # ids are 64-bit hashes
+    part = asmk.AsmkPart.build(codebook, rows(big))
+    small = asmk.AsmkPart.build(codebook, rows(images))
+    assert part.image_ids.tolist() == sorted(big)
+    ids, _ = asmk.AsmkSearcher(codebook, [part]).search(images[106], 1)
+    assert ids.tolist() == [2 ** 63 - 1 - 106] and part.entries == small.entries

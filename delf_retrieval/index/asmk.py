@@ -64,23 +64,25 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _POPCOUNT[np.bitwise_xor(a, b)].sum(axis=-1, dtype=np.int64)
 
 
-def aggregate_sums(ids: np.ndarray, descriptors: np.ndarray, words: np.ndarray, multiple: int = 1):
-    """(keys = owner * k + word, sorted; residual sums (n, d) float64) of a chunk of rows: per (owner,
-    word) the sum of the residuals to that word of the owner's descriptors assigned to it (each
-    descriptor to its ``multiple`` nearest words). Unbinarized, so that chunks of one image add up."""
+def aggregate_sums(owners: np.ndarray, descriptors: np.ndarray, words: np.ndarray, multiple: int = 1):
+    """Per (owner, word) of a chunk of rows, the sum of the residuals to that word of the owner's
+    descriptors assigned to it (each descriptor to its ``multiple`` nearest words): (owners, words,
+    sums (n, d) float64), sorted by owner then word; an owner is any int64 label (an image id).
+    Unbinarized, so that the chunks of one image can add up."""
     descriptors = np.asarray(descriptors, np.float32)
     k, d = words.shape
     if not len(descriptors):
-        return np.zeros(0, np.int64), np.zeros((0, d))
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, d))
     labels, _ = nearest(descriptors, words, k=min(multiple, k))
     m = labels.shape[1]
     flat_words = labels.reshape(-1)
     residuals = np.repeat(descriptors, m, axis=0) - words[flat_words]
-    used, slot = np.unique(np.repeat(np.asarray(ids, np.int64), m) * k + flat_words, return_inverse=True)
+    distinct, local = np.unique(np.asarray(owners, np.int64), return_inverse=True)  # ids may be near 2^63
+    used, slot = np.unique(np.repeat(local, m) * k + flat_words, return_inverse=True)
     sums = np.empty((len(used), d), np.float64)
     for j in range(d):  # one bincount per dimension: far faster than np.add.at
         sums[:, j] = np.bincount(slot, weights=residuals[:, j], minlength=len(used))
-    return used, sums
+    return distinct[used // k], used % k, sums
 
 
 class Codebook:
@@ -106,8 +108,8 @@ class Codebook:
 
     def query(self, descriptors: np.ndarray, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(words, signatures) of one image's descriptors, sorted by word."""
-        keys, sums = aggregate_sums(np.zeros(len(descriptors), np.int64), descriptors, self.words, multiple)
-        return keys, binarize(sums)
+        _, words, sums = aggregate_sums(np.zeros(len(descriptors), np.int64), descriptors, self.words, multiple)
+        return words, binarize(sums)
 
 
 class AsmkPart:
@@ -143,16 +145,17 @@ class AsmkPart:
         images (default: those met in the rows); an image without rows holds no word."""
         if isinstance(chunks, tuple):
             chunks = [chunks]
-        collected = []
-        for ids, descriptors in chunks:
-            collected.append(aggregate_sums(np.asarray(ids, np.int64), descriptors, codebook.words, multiple))
-        keys = np.concatenate([c[0] for c in collected]) if collected else np.zeros(0, np.int64)
-        sums = np.concatenate([c[1] for c in collected]) if collected else np.zeros((0, codebook.bits))
+        collected = [aggregate_sums(ids, descriptors, codebook.words, multiple) for ids, descriptors in chunks]
         k = len(codebook)
-        used, slot = np.unique(keys, return_inverse=True)  # an image's rows over several chunks add up
-        total = np.zeros((len(used), codebook.bits), np.float64)
-        np.add.at(total, slot, sums)
-        owner_ids, words = used // k, used % k
+        owner_ids = np.concatenate([c[0] for c in collected] + [np.zeros(0, np.int64)])
+        words = np.concatenate([c[1] for c in collected] + [np.zeros(0, np.int64)])
+        sums = np.concatenate([c[2] for c in collected] + [np.zeros((0, codebook.bits))])
+        order = np.lexsort((words, owner_ids))  # an image's rows over several chunks add up
+        owner_ids, words, sums = owner_ids[order], words[order], sums[order]
+        starts = np.flatnonzero(np.r_[True, (owner_ids[1:] != owner_ids[:-1]) | (words[1:] != words[:-1])])
+        if len(starts) < len(owner_ids):
+            sums = np.add.reduceat(sums, starts, axis=0)
+            owner_ids, words = owner_ids[starts], words[starts]
         if image_ids is None:
             image_ids = np.unique(owner_ids)
         image_ids = np.unique(np.asarray(image_ids, np.int64))
@@ -162,7 +165,7 @@ class AsmkPart:
         order = np.lexsort((positions, words))  # by word, then image
         offsets = np.zeros(k + 1, np.int64)
         offsets[1:] = np.cumsum(np.bincount(words, minlength=k))
-        return cls(k, image_ids, offsets, positions[order], binarize(total[order]))
+        return cls(k, image_ids, offsets, positions[order], binarize(sums[order]))
 
     def to_bytes(self) -> bytes:
         return npz.to_bytes(FORMAT_VERSION, image_ids=self.image_ids, offsets=self.offsets, images=self.images,
