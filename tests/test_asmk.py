@@ -78,6 +78,7 @@ def test_selectivity_is_a_signed_power_above_the_threshold():
     np.testing.assert_allclose(asmk.selectivity(u, 3.0, 0.0), [1.0, 0.125, 0.0, 0.0, 0.008])
     np.testing.assert_allclose(asmk.selectivity(u, 3.0, -1.0), [1.0, 0.125, 0.0, -0.125, 0.008])
     np.testing.assert_allclose(asmk.selectivity(u, 1.0, 0.3), [1.0, 0.5, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(asmk.selectivity(u, 1.0, 0.5), [1.0, 0.0, 0.0, 0.0, 0.0])  # u = tau is no match
     table = asmk.similarity_table(8, 3.0, 0.0)  # u(h) = 1 - 2h/8
     np.testing.assert_allclose(table, [1.0, 0.421875, 0.125, 0.015625, 0, 0, 0, 0, 0])
 
