@@ -98,11 +98,11 @@ def full_scans(name, retriever, features, ids, queries, n) -> dict:
             return json.load(f)
     everything = np.array(sorted(ids.values()), np.int64)
     default = retriever.with_config(RetrievalConfig(top=n))
-    default.search(features[queries[0]], among=everything[everything != ids[queries[0]]])  # loads the kernels
+    default.search(features[queries[0]], among=everything[everything != ids.get(queries[0], -1)])  # loads the kernels
     out, seconds = {"queries": {}}, []
     for q in queries:
         start = time.perf_counter()
-        result = default.search(features[q], among=everything[everything != ids[q]])
+        result = default.search(features[q], among=everything[everything != ids.get(q, -1)])
         seconds.append(time.perf_counter() - start)
         out["queries"][q] = {"verified": {str(m.image_id): m.inliers for m in result.matches
                                           if m.verified and m.inliers >= default.config.min_inliers},
@@ -193,7 +193,7 @@ def vlad_tops(reader, features, ids, distractors, queries, k_max) -> tuple[dict,
         start = time.perf_counter()
         found = built.candidates(projected, min(k_max + 1, len(built)))
         seconds.append(time.perf_counter() - start)
-        tops[q] = [int(i) for i in found if i != ids[q]][:k_max]
+        tops[q] = [int(i) for i in found if i != ids.get(q, -1)][:k_max]
     return tops, float(np.mean(seconds)), built.vectors.shape[1] * 4
 
 
@@ -225,7 +225,7 @@ def whitened_vlad_tops(reader, features, ids, distractors, queries, k_max, n_wor
         projected = project(features[q])
         start = time.perf_counter()
         scores = vectors @ transform(shortlist.aggregate(projected, words))
-        scores[db_ids == ids[q]] = -np.inf
+        scores[db_ids == ids.get(q, -1)] = -np.inf
         top = np.argsort(-scores, kind="stable")[:k_max]
         seconds.append(time.perf_counter() - start)
         tops[q] = db_ids[top].tolist()
@@ -272,7 +272,7 @@ def asmk_tops(codebook, part, reader, features, ids, queries, k_max, query_assig
     for q in queries:
         projected = reader.pca.transform(features[q].descriptors.astype(np.float32))
         start = time.perf_counter()
-        found, _ = searcher.search(projected, k_max, exclude=[ids[q]])
+        found, _ = searcher.search(projected, k_max, exclude=[ids.get(q, -1)])
         seconds.append(time.perf_counter() - start)
         tops[q] = found.tolist()
         scanned.append(lengths[codebook.query(projected, query_assignment)[0]].sum())
