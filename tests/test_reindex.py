@@ -25,7 +25,7 @@ from delf_retrieval.index.neighbour_table import NeighbourConfig
 from delf_retrieval.model import delf
 from delf_retrieval.query import retrieval
 from pipeline import cli, reindex
-from tests.conftest import REPO_ROOT, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
+from tests.conftest import REPO_ROOT, SAMPLES, SMALL, assert_shellcheck_clean, corpus_of, reindex_run
 from tests.job_graph import encoding_waits_for_extraction, step_labels
 from tests.test_pipeline import graph_of
 
@@ -185,9 +185,16 @@ def test_a_killed_run_leaves_the_previous_version_and_the_next_run_completes(bui
 
 
 def test_two_concurrent_runs_do_not_both_publish(built, tmp_path):
-    corpus, root = copy_root(built, tmp_path)
+    _, root = copy_root(built, tmp_path)
     first = layout.read_manifest(str(root))
-    runs = [start_run(corpus, root), start_run(corpus, root)]
+    # The 42 sample photographs: the first run extracts them all and holds the lock for many seconds,
+    # longer than the second takes to start; the second starts once that lock is taken.
+    corpus = shutil.copytree(SAMPLES, tmp_path / "samples")
+    runs = [start_run(corpus, root)]
+    deadline = time.time() + 120
+    while time.time() < deadline and not (root / versions.LOCK_FILE).exists():
+        time.sleep(0.05)
+    runs.append(start_run(corpus, root))
     results = [(p.wait(timeout=300), p.communicate()) for p in runs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, reindex.EXIT_LOCKED], results
