@@ -51,9 +51,8 @@ class FindNeighbours(beam.DoFn):
 
 def stored_shards(_, job, version: dict) -> list[tuple[dict, dict]]:
     """(segment ref, shard record) of every posting shard the written version lists."""
-    root = job.root
     return [(ref.to_json(), record) for ref in segments.segment_refs(version["manifest"])
-            for record in segments.read_segment(root, ref).shards]
+            for record in segments.read_segment(job.root, ref).shards]
 
 
 class StoredImageRows(beam.DoFn):
@@ -63,12 +62,16 @@ class StoredImageRows(beam.DoFn):
 
     def __init__(self, job, pq_m: int, pq_bits: int):
         self.job, self.pq_m, self.pq_bits = job, pq_m, pq_bits
+        self._index_id, self._tombstones, self._searched = None, None, None
 
     def process(self, element, version):
         ref, record = segments.SegmentRef.from_json(element[0]), element[1]
-        folder = storage.join(self.job.root, self.job.build)
-        dropped = segments.read_tombstones(folder, version["manifest"]).of(ref.segment_id)
-        skip = np.union1d(dropped, np.asarray(version["searched"], np.int64))
+        manifest = version["manifest"]
+        if self._index_id != manifest["index_id"]:  # the version's tombstones, read once per worker
+            self._tombstones = segments.read_tombstones(storage.join(self.job.root, self.job.build), manifest)
+            self._searched = np.asarray(version["searched"], np.int64)
+            self._index_id = manifest["index_id"]
+        skip = np.union1d(self._tombstones.of(ref.segment_id), self._searched)
         with scrub.reading(self.job.root, ref.segment_id):
             data = layout.checked_read(self.job.root, segments.in_segment(ref, record))
         rows = shards.posting_rows(pq.read_table(io.BytesIO(data)), self.pq_m, self.pq_bits)
