@@ -97,10 +97,12 @@ def distractor_rows(rng, source, quantizer, first_id: int, count: int):
     take = rng.integers(0, len(regions), (count, n)).ravel()
     new_codes = codes[take].copy()
     m = new_codes.shape[1]
-    which = np.argsort(rng.random((len(take), m)), axis=1)[:, :REDRAWN_SUBCODES]
+    # Three distinct sub-codes of each row: a random start and two random distinct steps mod m.
+    first = rng.integers(0, m, len(take))
+    steps = np.stack([np.ones(len(take), np.int64), rng.integers(2, m, len(take))], 1)
+    which = np.column_stack([first, (first + steps[:, 0]) % m, (first + steps[:, 1]) % m])[:, :REDRAWN_SUBCODES]
     np.put_along_axis(new_codes, which, rng.integers(0, k, (len(take), REDRAWN_SUBCODES)).astype(np.uint8), axis=1)
-    shuffled = locations[take].reshape(count, n, 2)
-    shuffled = np.take_along_axis(shuffled, np.argsort(rng.random((count, n)), axis=1)[..., None], axis=1)
+    shuffled = rng.permuted(locations[take].reshape(count, n, 2), axis=1)  # keypoints swapped among the rows
     shuffled = shuffled.reshape(-1, 2) + rng.normal(0, 8, (len(take), 2)).astype(np.float32)
     ids = np.repeat(np.arange(first_id, first_id + count, dtype=np.int64), n)
     region = regions[take]
@@ -137,12 +139,13 @@ def build(args, work: str) -> dict:
             projection = pca_lib.PCA.load(io.BytesIO(saved["pca"].tobytes()))
             quantizer = quantize.Quantizer.load(io.BytesIO(saved["quantizer"].tobytes()))
     else:
-        projection, quantizer = encode.train(raw[np.random.default_rng(0).permutation(len(raw))[:500_000]],
-                                             quantize.IndexParams(), expected_count=total_rows)
+        params = quantize.IndexParams(**({"n_cells": args.cells} if args.cells else {}))
+        projection, quantizer = encode.train(raw[np.random.default_rng(0).permutation(len(raw))[:args.train_rows]],
+                                             params, expected_count=total_rows)
         np.savez(model_path, pca=np.frombuffer(projection.to_npz_bytes(), np.uint8),
                  quantizer=np.frombuffer(quantizer.to_npz_bytes(), np.uint8))
     seconds["train"] = time.perf_counter() - start
-    print(f"trained {quantizer.params.spec} on {min(len(raw), 500_000)} of {len(raw)} real descriptors "
+    print(f"trained {quantizer.params.spec} on {min(len(raw), args.train_rows)} of {len(raw)} real descriptors "
           f"in {seconds['train']:.0f} s; {len(real)} real images + {n_distractors} distractors", flush=True)
     ids = {uri: inputs.image_id(uri) for uri in real}
     encoded = {uri: encode.encode_image(ids[uri], f, projection, quantizer) for uri, f in real.items()}
@@ -337,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shortlist-size", type=int, default=1000)
     parser.add_argument("--full-scan", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--segment-images", type=int, default=25_000)
+    parser.add_argument("--cells", type=int, default=0, help="coarse cells (0: the build's default)")
+    parser.add_argument("--train-rows", type=int, default=500_000, help="real descriptors the quantizer trains on")
     parser.add_argument("--neighbour-images", type=int, default=0, help="time the neighbour stage on this many "
                         "real images (0: all of them)")
     parser.add_argument("--reuse", action="store_true", help="serve the index already written under --work")

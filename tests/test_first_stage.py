@@ -159,3 +159,15 @@ def test_the_first_stage_must_cover_the_listed_segments(staged, tmp_path, model)
         segments.segmented_manifest(str(tmp_path), "x", model[1], {}, list(segments.segment_refs(manifest)),
                                     codebooks=manifest["codebooks"],
                                     first_stage=search.entry(4, {"a": manifest["first_stage"]["segments"]["a"]}))
+
+
+def test_rows_naming_regions_or_codes_outside_the_quantizer_are_damage(staged):
+    history, root, reader = staged
+    stage = search.FirstStage.open(reader)
+    rows = stage.rows_of(stage.image_ids[:3])
+    queries = np.zeros((2, reader.quantizer.dim), np.float32)
+    for field, value in (("region", reader.quantizer.regions.n_regions), ("code", 200)):
+        table = rows.table.copy()
+        table[field][0] = value
+        with pytest.raises(layout.DamagedFile):
+            search.CandidateRows(reader.quantizer, rows.image_ids, table).search(queries, 3)

@@ -53,11 +53,17 @@ class CandidateRows:
     table: np.ndarray  # (n,) parts.row_dtype
 
     def search(self, queries: np.ndarray, k: int, nprobe: int = 8, image_ids=None) -> tuple[np.ndarray, np.ndarray]:
-        regions = self.table["region"].astype(np.int64)
-        order = np.argsort(regions, kind="stable")
+        from delf_retrieval.first_stage.grouping_kernel import group_by_region  # heavy: numba compiles on first use
+
+        regions = np.ascontiguousarray(self.table["region"])
         n_regions = self.quantizer.regions.n_regions
-        offsets = np.searchsorted(regions[order], np.arange(n_regions + 1)).astype(np.int64)
-        lists = InvertedLists(offsets, np.ascontiguousarray(self.table["code"][order]), order.astype(np.int64))
+        if len(regions) and (regions.min() < 0 or regions.max() >= n_regions):
+            raise layout.DamagedFile(f"candidate rows name regions outside the quantizer's {n_regions}")
+        codes = self.table["code"]
+        if len(codes) and int(codes.max()) >= 1 << self.quantizer.params.pq_bits:
+            raise layout.DamagedFile(f"candidate rows hold PQ codes beyond {self.quantizer.params.pq_bits} bits")
+        order, offsets = group_by_region(regions, n_regions)
+        lists = InvertedLists(offsets, np.ascontiguousarray(codes[order]), order)
         return Searcher(self.quantizer, lists).search(queries, k, nprobe)
 
     def rows(self, ids: np.ndarray) -> Rows:
