@@ -39,7 +39,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -281,7 +280,9 @@ def serve(args) -> int:
             top = retriever.first_stage.top(projected, max(KS) + 1)
             record["top"] = [int(i) for i in top if i != own][:max(KS)]
         out["queries"][name] = record
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from ann_common import peak_rss_mb
+
+    out["rss_mb"] = peak_rss_mb()
     with open(args.json, "w") as f:
         json.dump(out, f)
     return 0
