@@ -153,6 +153,19 @@ def build(args, work: str) -> dict:
         e = encoded.get(uri_of(name, path))
         if e is not None:
             pool.append((e.encoded.regions, e.encoded.codes, e.locations, e.scales, e.attentions))
+    # The queries' features, for the serving process.
+    queries, owners = [], {}
+    for name, (_, _, asked, _, features) in sets.items():
+        for q in asked:
+            queries.append((name, q))
+            owners[f"{name}/{q}"] = ids.get(uri_of(name, q), -1)
+    arrays = {}
+    for i, (name, q) in enumerate(queries):
+        f = sets[name][4][q]
+        arrays[f"d{i}"], arrays[f"l{i}"] = projection.transform(f.descriptors.astype(np.float32)), f.locations
+    np.savez(os.path.join(work, "queries.npz"), **arrays)
+    with open(os.path.join(work, "queries.json"), "w") as f:
+        json.dump({"queries": [f"{n}/{q}" for n, q in queries], "owners": owners}, f)
     root = os.path.join(work, "index")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
@@ -163,6 +176,9 @@ def build(args, work: str) -> dict:
     done, next_id, number = 0, 1, 0
     real_uris = sorted(real)
     while done < len(real_uris) + n_distractors:
+        if number and args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+            print(f"  stopped at {done} images: --max-minutes {args.max_minutes} reached", flush=True)
+            break
         t = time.perf_counter()
         parts_rows, records = [], []
         if number == 0:
@@ -195,9 +211,10 @@ def build(args, work: str) -> dict:
         done += len(records)
         number += 1
         del rows
-        print(f"  segment {segment_id}: {done} images written ({time.perf_counter() - start:.0f} s)", flush=True)
-    entry = search.entry(vlad.DEFAULT_WORDS, by_segment)
-    segments.write_version(root, quantizer=quantizer, pca=projection, segments=refs, first_stage=entry)
+        entry = search.entry(vlad.DEFAULT_WORDS, by_segment)  # a version after every segment: it can stop here
+        segments.write_version(root, quantizer=quantizer, pca=projection, segments=refs, first_stage=entry)
+        print(f"  segment {segment_id}: {done} images written ({time.perf_counter() - start:.0f} s; "
+              f"postings {seconds['postings']:.0f} s, first stage {seconds['first_stage']:.0f} s)", flush=True)
 
     # The neighbour stage through the first stage, for the real images (in batches, as the build).
     t = time.perf_counter()
@@ -226,23 +243,10 @@ def build(args, work: str) -> dict:
     print(f"neighbour stage: {neighbour_seconds:.3f} s per image over {len(uris)} images, {len(table)} edges",
           flush=True)
 
-    # The queries' features, for the serving process.
-    queries, owners = [], {}
-    for name, (_, _, asked, _, features) in sets.items():
-        for q in asked:
-            queries.append((name, q))
-            owners[f"{name}/{q}"] = ids.get(uri_of(name, q), -1)
-    arrays = {}
-    for i, (name, q) in enumerate(queries):
-        f = sets[name][4][q]
-        arrays[f"d{i}"], arrays[f"l{i}"] = projection.transform(f.descriptors.astype(np.float32)), f.locations
-    np.savez(os.path.join(work, "queries.npz"), **arrays)
-    with open(os.path.join(work, "queries.json"), "w") as f:
-        json.dump({"queries": [f"{n}/{q}" for n, q in queries], "owners": owners}, f)
     size = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(root) for name in names)
     stage_bytes = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(root) for name in names
                       if parts.FIRST_STAGE_DIR in d)
-    return {"images": len(real) + n_distractors, "real_images": len(real), "rows": int(reader.num_rows),
+    return {"images": done, "requested_images": args.images, "real_images": len(real), "rows": int(reader.num_rows),
             "index": quantizer.params.spec, "segments": len(refs), "build_seconds": seconds,
             "index_bytes": size, "first_stage_bytes": stage_bytes, "neighbour_s_per_image": neighbour_seconds,
             "neighbour_images_timed": len(uris)}
@@ -345,6 +349,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-rows", type=int, default=500_000, help="real descriptors the quantizer trains on")
     parser.add_argument("--neighbour-images", type=int, default=0, help="time the neighbour stage on this many "
                         "real images (0: all of them)")
+    parser.add_argument("--max-minutes", type=float, default=0, help="stop adding segments after this many "
+                        "minutes of build (0: never); the index then holds the images written so far")
     parser.add_argument("--reuse", action="store_true", help="serve the index already written under --work")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="staged", help=argparse.SUPPRESS)

@@ -4,6 +4,7 @@ quantizer's coarse centroids so that every index gets them without a pass over i
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 
 from delf_retrieval.quantize.kmeans import kmeans
 
@@ -37,10 +38,10 @@ def accumulate(descriptors: np.ndarray, owners: np.ndarray, n_owners: int, words
     assigned = assign_words(descriptors, words)
     residuals = descriptors - words[assigned]
     slot = np.asarray(owners, np.int64) * k + assigned  # (owner, word) flattened
-    used, slot = np.unique(slot, return_inverse=True)
-    flat = out.reshape(-1, d)
-    for j in range(d):  # one bincount per dimension: far faster than np.add.at
-        flat[used, j] += np.bincount(slot, weights=residuals[:, j], minlength=len(used)).astype(np.float32)
+    # The sums per slot as one sparse product (slot x row indicator) @ residuals: a single pass.
+    indicator = sparse.csr_matrix((np.ones(len(slot), np.float32), (slot, np.arange(len(slot)))),
+                                  shape=(n_owners * k, len(slot)))
+    out.reshape(-1, d)[...] += indicator @ residuals
     return out
 
 

@@ -65,7 +65,10 @@ class ProductQuantizer:
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Reconstructions (n, M * dsub) float32."""
         codes = np.asarray(codes)
-        return self.codebooks[np.arange(self.m)[None, :], codes.astype(np.int64)].reshape(len(codes), self.dim)
+        k = self.codebooks.shape[1]
+        # One gather from the flattened codebooks: sub-space j's centroid c is row j * k + c.
+        rows = codes.astype(np.intp) + np.arange(0, self.m * k, k, dtype=np.intp)
+        return np.take(self.codebooks.reshape(self.m * k, -1), rows, axis=0).reshape(len(codes), self.dim)
 
 
 def train(x: np.ndarray, m: int = 10, bits: int = 5, iterations: int = 20, seed: int = 0) -> ProductQuantizer:
