@@ -423,9 +423,8 @@ def pyramid_flops(backbone: str) -> dict:
     return {"backbone": backbone, "levels": levels, "gflops_per_image": round(sum(lv["gflops"] for lv in levels), 1)}
 
 
-# The index-time stages after extraction, CPU seconds per image on the 2-core machine's cores (wall
-# seconds x 2, an upper bound): the first stage's files and the neighbour stage through the first
-# stage. ASSUMED unless --scale-json gives benchmarks/scale.py's measured figures at 1e6.
+# The index-time stages after extraction (the first stage's files, the neighbour stage), CPU s/image:
+# ASSUMED unless --scale-json gives benchmarks/scale.py's figures (wall s x 2 cores, an upper bound).
 INDEX_STAGES = {"first_stage_cpu_s": 0.02, "neighbours_cpu_s": 0.4, "source": "assumed"}
 
 
@@ -474,7 +473,9 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
     features_gb = held * e["features"] * (CHANNELS[backbone] * 4 + 16) / 1e9  # descriptors + location/scale/score
     rows_gb = e["images"] * e["features"] * 48 / 1e9  # cell, region, 10 code bytes, image id, location, scale, attention
     rows_gb *= 3  # to the shards; to the first stage's parts; to the neighbour stage
-    cost = worker_h * usd_h + (features_gb + rows_gb) * PRICES["shuffle_gb"]
+    # The index-time stages need no GPU: priced on CPU workers of the same shape (resource hints).
+    usd_h_cpu = g["vcpus"] * PRICES["vcpu_h"] + g["memory_gb"] * PRICES["memory_gb_h"] + e["disk_gb"] * PRICES["pd_gb_h"]
+    cost = ((hours - index_h) * usd_h + index_h * usd_h_cpu) * e["workers"] + (features_gb + rows_gb) * PRICES["shuffle_gb"]
     return {"backbone": backbone, "gpu": gpu, "machine": g["machine"], "workers": e["workers"],
             "gflops_per_image": flops["gflops_per_image"], "gpu_efficiency": GPU_EFFICIENCY[backbone],
             "gpu_s_per_image": round(gpu_s, 4), "cpu_s_per_image_other": round(cpu_s_per_image_other, 3),
