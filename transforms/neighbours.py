@@ -5,6 +5,7 @@ version's neighbour table (``delf_retrieval.index.neighbour_table``), which quer
 from __future__ import annotations
 
 import io
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -35,7 +36,8 @@ class FindNeighbours(beam.DoFn):
         self.timing = StageTimer("neighbours")
 
     def process(self, batch, version, first_stage):
-        with self.timing:
+        start = time.perf_counter()
+        try:
             manifest = version["manifest"]
             if self._index_id != manifest["index_id"]:
                 manifest = {**manifest, "first_stage": first_stage_entry(self.job, manifest, first_stage)}
@@ -47,6 +49,10 @@ class FindNeighbours(beam.DoFn):
             images = [(image_id, quantizer.decode(rows.encoded.regions, rows.encoded.codes), rows.locations)
                       for image_id, rows in batch]
             found = expansion.search_neighbours_batch(self.retriever, images, self.job.neighbours)
+        except Exception:  # noqa: BLE001 - the images stay indexed; only their edges are missing
+            self.failed.inc(len(batch))
+            return
+        self.timing.share(time.perf_counter() - start, len(batch))  # each image its share of the batch
         for (image_id, _, _), result in zip(images, found):
             if isinstance(result, Exception):  # the image stays indexed; only its edges are missing
                 self.failed.inc()
