@@ -26,7 +26,7 @@ class QueryImage(NamedTuple):
 
 
 class SearchIndex(beam.DoFn):
-    """(QueryImage, Features, hash) -> a JSON line {"rank", "query", "matches", "error"}."""
+    """(QueryImage, Features, facts) -> a JSON line {"rank", "query", "matches", "error"}."""
 
     def __init__(self, index: str, config, open_options: dict, visualize: str | None = None, visualize_top: int = 5):
         self.index = index
