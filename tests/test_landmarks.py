@@ -1,0 +1,133 @@
+"""Landmark clustering on graphs with known answers: cliques, bridges, one-off photos, GPS splits."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from delf_retrieval.landmarks import clustering
+from delf_retrieval.landmarks.clustering import NONE, ClusterConfig, cluster
+
+
+def clique(members, inliers=50):
+    return [(a, b, inliers) for a, b in itertools.combinations(members, 2)]
+
+
+def run(n, edges, latitude=None, longitude=None, **config):
+    e = np.asarray(edges, np.int64).reshape(-1, 3)
+    return cluster(n, e[:, 0], e[:, 1], e[:, 2], latitude, longitude, ClusterConfig(**config))
+
+
+def same_partition(labels, groups):
+    """Whether ``labels`` put exactly each of ``groups`` together (other images: NONE)."""
+    grouped = set(itertools.chain(*groups))
+    if any(labels[i] != NONE for i in range(len(labels)) if i not in grouped):
+        return False
+    ids = [labels[list(g)] for g in groups]
+    return all(len(set(x)) == 1 and x[0] != NONE for x in ids) and len({int(x[0]) for x in ids}) == len(groups)
+
+
+def test_two_cliques_and_one_off_photos():
+    edges = clique(range(0, 6)) + clique(range(6, 10))
+    result = run(13, edges)
+    assert same_partition(result.labels, [range(0, 6), range(6, 10)])
+    assert list(result.labels[:6]) == [0] * 6 and list(result.labels[6:10]) == [1] * 4  # largest first
+    assert list(result.labels[10:]) == [NONE] * 3 and list(result.scores[10:]) == [0] * 3
+    assert result.count == 2 and result.scores[0] == 50
+
+
+def test_one_ambiguous_photo_does_not_chain_two_landmarks():
+    # photo 12 matches three of each landmark strongly
+    edges = clique(range(0, 6)) + clique(range(6, 12)) + [(12, i, 60) for i in (0, 1, 2, 6, 7, 8)]
+    labels = run(13, edges).labels
+    assert labels[0] != labels[6]
+    assert same_partition(labels, [range(0, 6), range(6, 12)]) or \
+        same_partition(labels, [list(range(0, 6)) + [12], range(6, 12)]) or \
+        same_partition(labels, [range(0, 6), list(range(6, 12)) + [12]])
+
+
+def test_one_strong_edge_between_landmarks_does_not_chain_them():
+    edges = clique(range(0, 5)) + clique(range(5, 10)) + [(4, 5, 200)]
+    assert same_partition(run(10, edges).labels, [range(0, 5), range(5, 10)])
+
+
+def test_weak_edges_are_not_evidence():
+    edges = clique(range(0, 4), inliers=12) + [(4, 5, 19)]
+    assert (run(6, edges).labels == NONE).all()
+    assert same_partition(run(6, edges, min_inliers=10).labels, [range(0, 4), (4, 5)])
+
+
+def test_a_pair_that_only_matches_itself_is_a_landmark_unless_min_size_says_otherwise():
+    assert same_partition(run(3, [(0, 1, 30)]).labels, [(0, 1)])
+    assert (run(3, [(0, 1, 30)], min_size=3).labels == NONE).all()
+
+
+def test_a_photo_that_lost_its_edges_for_support_joins_its_best_landmark():
+    # 9 sees 0 and 1 strongly and 5 weakly-supported: it joins landmark of 0..4 and chains nothing
+    edges = clique(range(0, 5)) + clique(range(5, 9)) + [(9, 0, 40), (9, 5, 25)]
+    labels = run(10, edges, min_support=0.6).labels
+    assert labels[9] == labels[0] != labels[5]
+
+
+def test_gps_splits_one_visual_cluster_and_untagged_photos_follow_their_neighbours():
+    # one visual clique of 8; 0-2 in Paris, 3-5 in Rome, 6 and 7 untagged (6 sees only Paris, 7 only Rome)
+    edges = clique(range(0, 6)) + [(6, i, 40) for i in (0, 1, 2)] + [(7, i, 40) for i in (3, 4, 5)]
+    lat = np.array([48.85, 48.86, 48.84, 41.90, 41.89, 41.91, np.nan, np.nan])
+    lon = np.array([2.35, 2.34, 2.36, 12.49, 12.48, 12.50, np.nan, np.nan])
+    labels = run(8, edges, lat, lon).labels
+    assert same_partition(labels, [(0, 1, 2, 6), (3, 4, 5, 7)])
+    assert same_partition(run(8, edges).labels, [range(8)])  # without GPS: one landmark
+
+
+def test_gps_keeps_look_alikes_in_two_cities_apart():
+    # two look-alike buildings: all photos match each other, the cities are 600 km apart
+    edges = clique(range(0, 10))
+    lat = np.r_[np.full(5, 52.52), np.full(5, 48.14)]
+    lon = np.r_[np.full(5, 13.40), np.full(5, 11.58)]
+    labels = run(10, edges, lat, lon).labels
+    assert same_partition(labels, [range(0, 5), range(5, 10)])
+
+
+def test_no_two_photos_farther_apart_than_the_limit_share_a_landmark():
+    rng = np.random.default_rng(0)
+    n = 60
+    edges = [(a, b, int(rng.integers(20, 80))) for a, b in itertools.combinations(range(n), 2) if rng.random() < 0.3]
+    lat = np.where(rng.random(n) < 0.7, 45.0 + rng.random(n) * 0.6, np.nan)  # a 67 km span
+    lon = np.where(np.isfinite(lat), 7.0 + rng.random(n) * 0.6, np.nan)
+    result = run(n, edges, lat, lon)
+    for label in set(result.labels[result.labels >= 0].tolist()):
+        members = np.flatnonzero((result.labels == label) & np.isfinite(lat))
+        if len(members) > 1:
+            assert clustering.pairwise_km(lat[members], lon[members]).max() <= 25.0
+
+
+def test_a_geotagged_photo_attaches_only_near_its_landmark():
+    edges = clique(range(0, 5)) + clique(range(5, 9)) + [(9, 0, 40), (9, 5, 25)]
+    lat = np.r_[np.full(9, 40.0), 10.0]
+    lon = np.r_[np.full(9, 3.0), 3.0]
+    assert run(10, edges, lat, lon, min_support=0.6).labels[9] == NONE
+
+
+def test_representatives_are_the_best_connected_members():
+    edges = clique(range(0, 4), inliers=30) + [(2, i, 90) for i in (0, 1, 3)]
+    result = run(4, edges)
+    assert list(clustering.representatives(result.labels, *result.edges)) == [2]
+
+
+def test_odd_input():
+    assert run(0, []).count == 0
+    result = run(3, [(0, 0, 50), (0, 7, 50), (-1, 1, 50)])  # self-loops and unknown positions
+    assert (result.labels == NONE).all()
+    with pytest.raises(ValueError):
+        ClusterConfig(min_support=2.0)
+    assert ClusterConfig.from_json(ClusterConfig().to_json()) == ClusterConfig()
+
+
+def test_cost_is_near_linear_on_a_large_sparse_graph():
+    rng = np.random.default_rng(1)
+    n, size = 20000, 10
+    groups = np.arange(n) // size
+    a = rng.integers(0, n, 8 * n)
+    b = groups[a] * size + rng.integers(0, size, len(a))  # edges inside groups of 10
+    result = cluster(n, a, b, np.full(len(a), 40))
+    assert result.count >= n // size * 0.9
