@@ -119,7 +119,8 @@ def cluster(n: int, a, b, inliers, latitude=None, longitude=None,
     strong = w >= config.min_inliers
     a, b, w = a[strong], b[strong], w[strong]
     labels = components(n, a[keep[strong]], b[keep[strong]])
-    labels = split_by_distance(labels, a[keep[strong]], b[keep[strong]], lat, lon, geo, config.max_distance_km)
+    kept = keep[strong]
+    labels = split_by_distance(labels, a[kept], b[kept], w[kept], lat, lon, geo, config.max_distance_km)
     labels = numbered(labels, config.min_size)
     labels, keep = attach(labels, a, b, w, keep[strong], lat, lon, geo, config.max_distance_km)
     return Clustering(labels, scores(n, labels, a[keep], b[keep], w[keep]), (a[keep], b[keep], w[keep]))
@@ -174,10 +175,11 @@ def components(n: int, a: np.ndarray, b: np.ndarray, nodes: np.ndarray | None = 
     return csgraph.connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def split_by_distance(labels: np.ndarray, a, b, lat, lon, geo, max_km: float) -> np.ndarray:
+def split_by_distance(labels: np.ndarray, a, b, w, lat, lon, geo, max_km: float) -> np.ndarray:
     """Components whose geotagged images span more than ``max_km`` split: the geotagged ones by
     complete linkage (no two farther apart than ``max_km`` in one part), the others joining the part
-    they reach first over kept edges (label propagation), then each part cut to its connected pieces."""
+    they reach first over kept edges, the one they carry most inliers to (label propagation), then each
+    part cut to its connected pieces."""
     labels = labels.copy()
     next_label = int(labels.max()) + 1 if len(labels) else 0
     tagged_all = np.flatnonzero(geo)
@@ -195,14 +197,10 @@ def split_by_distance(labels: np.ndarray, a, b, lat, lon, geo, max_km: float) ->
         part = np.full(len(labels), -1, np.int64)
         part[tagged] = complete_linkage(lat[tagged], lon[tagged], max_km)
         inside = np.isin(a, members) & np.isin(b, members)
-        ea, eb = a[inside], b[inside]
-        for _ in range(len(members)):  # untagged images take the part of a neighbour, nearest first
-            pending_a = (part[ea] < 0) & (part[eb] >= 0)
-            pending_b = (part[eb] < 0) & (part[ea] >= 0)
-            if not (pending_a.any() or pending_b.any()):
+        ea, eb, ew = a[inside], b[inside], w[inside]
+        for _ in range(len(members)):  # untagged images take a part of their neighbours', nearest first
+            if not _propagate(part, ea, eb, ew):
                 break
-            part[ea[pending_a]] = part[eb[pending_a]]
-            part[eb[pending_b]] = part[ea[pending_b]]
         part[members[part[members] < 0]] = 0  # unreachable cannot happen in a component; kept safe
         keep = part[ea] == part[eb]
         pieces = components(len(labels), ea[keep], eb[keep])
@@ -211,6 +209,26 @@ def split_by_distance(labels: np.ndarray, a, b, lat, lon, geo, max_km: float) ->
             labels[chosen] = next_label
             next_label += 1
     return labels
+
+
+def _propagate(part: np.ndarray, a, b, w) -> bool:
+    """One round: each image without a part whose edges reach images with one takes the part its
+    edges carry most inliers to (ties: the lower part). Whether any image took a part."""
+    to_a, to_b = (part[a] < 0) & (part[b] >= 0), (part[b] < 0) & (part[a] >= 0)
+    image = np.r_[a[to_a], b[to_b]]
+    if not len(image):
+        return False
+    target = np.r_[part[b[to_a]], part[a[to_b]]]
+    weight = np.r_[w[to_a], w[to_b]]
+    order = np.lexsort((target, image))
+    image, target, weight = image[order], target[order], weight[order]
+    starts = np.flatnonzero(np.r_[True, (image[1:] != image[:-1]) | (target[1:] != target[:-1])])
+    totals = np.add.reduceat(weight, starts)
+    image, target = image[starts], target[starts]
+    best = np.lexsort((target, -totals, image))
+    first = np.r_[True, image[best][1:] != image[best][:-1]]
+    part[image[best][first]] = target[best][first]
+    return True
 
 
 def _diameter_within(lat: np.ndarray, lon: np.ndarray, max_km: float) -> bool:
