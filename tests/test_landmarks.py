@@ -131,3 +131,23 @@ def test_cost_is_near_linear_on_a_large_sparse_graph():
     b = groups[a] * size + rng.integers(0, size, len(a))  # edges inside groups of 10
     result = cluster(n, a, b, np.full(len(a), 40))
     assert result.count >= n // size * 0.9
+
+
+def test_recognition_picks_the_landmark_with_most_verified_inliers():
+    from delf_retrieval.landmarks.recognition import Recognizer, RecognitionConfig
+    from delf_retrieval.query.matching import Match
+
+    recognizer = Recognizer(np.array([1, 2, 3, 4, 5]), np.array([7, 7, 8, NONE, 8]), {7: "a.jpg", 8: "c.jpg"})
+    matches = [Match(3, "c.jpg", 90.0, 60, 90, True), Match(1, "a.jpg", 50.0, 40, 50, True),
+               Match(2, "b.jpg", 45.0, 35, 45, True), Match(4, "d.jpg", 99.0, 99, 99, True),
+               Match(5, "e.jpg", 10.0, 0, 10, False)]  # unverified: no evidence
+    found = recognizer.recognize(matches)
+    assert (found.landmark, found.confidence, found.images, found.representative) == (7, 75.0, 2, "a.jpg")
+    assert found.to_json()["landmark"] == 7
+    none = recognizer.recognize([Match(4, "d.jpg", 99.0, 99, 99, True), Match(1, "a.jpg", 9.0, 9, 20, True)])
+    assert none.landmark is None and none.confidence == 0 and none.to_json()["landmark"] == "none"
+    assert recognizer.recognize([]).landmark is None
+    strict = Recognizer(np.array([1]), np.array([7]), config=RecognitionConfig(min_confidence=50))
+    assert strict.recognize([Match(1, "a.jpg", 40.0, 40, 50, True)]).landmark is None
+    assert list(recognizer.landmark_of(np.array([5, 6, 1]))) == [8, NONE, 7]
+    assert Recognizer(np.zeros(0), np.zeros(0)).recognize(matches).landmark is None

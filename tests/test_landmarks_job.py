@@ -109,6 +109,25 @@ def test_landmarks_job_writes_its_outputs(geotagged, tmp_path):
     assert len(sheets) == len(summary["summary"]) and Image.open(tmp_path / "out" / "sheets" / sheets[0]).size[0] > 300
 
 
+def test_a_query_reports_its_landmark(geotagged):
+    import delf_retrieval as delf
+    from pipeline import search
+
+    corpus, root = geotagged
+    assert run_landmarks(root) == 0
+    names = by_name(table.load(str(root)), corpus)
+    index = delf.open_index(str(root))
+    try:
+        answer = index.answer(str(corpus / "sacre/1.jpg"))
+    finally:
+        index.stop()
+    assert answer.landmark.landmark == names["sacre/1.jpg"] and answer.landmark.confidence > 0
+    out = root.parent / "results.json"
+    assert search.run(["--index", str(root), "--output", str(out), str(corpus / "sacre/2.jpg")]) == 0
+    record = json.loads(out.read_text())["results"][0]
+    assert record["landmark"]["landmark"] == names["sacre/2.jpg"] and record["landmark"]["confidence"] > 0
+
+
 def test_ids_persist_across_runs(geotagged, tmp_path):
     import shutil
 

@@ -216,7 +216,8 @@ class Service:
         return JSONResponse({
             "query": name, "query_id": query_id, "version": engine.version.name, "index_id": engine.version.index_id,
             "matches": matches, "num_descriptors": answer.num_descriptors, "timings": timings,
-            "picture": f"/v1/matches/{query_id}.png", "attention": f"/v1/attention/{query_id}.png"})
+            "picture": f"/v1/matches/{query_id}.png", "attention": f"/v1/attention/{query_id}.png",
+            **({"landmark": answer.landmark.to_json()} if answer.landmark is not None else {})})
 
     def _image(self, request: Request):
         """(engine, image id, record) of the image the path names, in the serving version; 404 if absent."""
