@@ -151,3 +151,42 @@ def test_recognition_picks_the_landmark_with_most_verified_inliers():
     assert strict.recognize([Match(1, "a.jpg", 40.0, 40, 50, True)]).landmark is None
     assert list(recognizer.landmark_of(np.array([5, 6, 1]))) == [8, NONE, 7]
     assert Recognizer(np.zeros(0), np.zeros(0)).recognize(matches).landmark is None
+
+
+def test_the_table_round_trips_and_damage_only_costs_recognition(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from delf_retrieval.index import layout
+    from delf_retrieval.index.neighbour_table import NeighbourTable, symmetric
+    from delf_retrieval.landmarks import recognition, table
+
+    images = pa.table({"image_id": pa.array([10, 11, 12, 13, 14], pa.int64()),
+                       "uri": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+                       "latitude": pa.array([48.8, 48.8001, None, None, None], pa.float64()),
+                       "longitude": pa.array([2.3, 2.3001, None, None, None], pa.float64())})
+    edges = symmetric([10, 10, 11, 12], [11, 12, 12, 99], [40, 40, 40, 40])  # 99 is not live
+    found = table.find(images, edges)
+    assert list(found.landmarks) == [0, 0, 0, NONE, NONE] and found.next_id == 1
+    assert found.summary[0]["size"] == 3 and found.summary[0]["geotagged"] == 2
+    assert found.summary[0]["radius_km"] < 0.1
+    record = table.save(str(tmp_path), "v1", found)
+    assert set(record["files"]) == {"landmarks.parquet", "summary.json", "ground_truth.json"}
+    back = table.load(str(tmp_path), "v1")
+    assert list(back.landmarks) == list(found.landmarks) and back.uris == found.uris
+    assert table.load(str(tmp_path), "v2") is None and table.load(str(tmp_path / "none")) is None
+    # a later run where a and b remain and a new pair appears: the old landmark keeps id 0, the new one gets 1
+    later = pa.table({"image_id": pa.array([10, 11, 20, 21], pa.int64()), "uri": ["a.jpg", "b.jpg", "x.jpg", "y.jpg"]})
+    again = table.find(later, NeighbourTable(np.array([10, 20]), np.array([11, 21]), np.array([50, 50])), previous=back)
+    assert dict(zip(again.uris, again.landmarks.tolist())) == {"a.jpg": 0, "b.jpg": 0, "x.jpg": 1, "y.jpg": 1}
+    assert again.next_id == 2
+    # damage: a replaced table file is refused by its checksum; recognition goes on without landmarks
+    (tmp_path / "landmarks" / "v1" / "landmarks.parquet").write_bytes(b"garbage")
+    with pytest.raises(layout.IndexStorageError):
+        table.load(str(tmp_path))
+    assert recognition.load(str(tmp_path)) is None
+    (tmp_path / "landmarks.json").write_text("{not json")
+    assert recognition.load(str(tmp_path)) is None
+    (tmp_path / "landmarks.json").write_text(json.dumps({"format_version": 1, "index_id": "v1", "files": {}}))
+    assert recognition.load(str(tmp_path)) is None
