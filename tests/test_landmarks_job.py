@@ -168,3 +168,31 @@ def test_one_clear_error_line_for_an_index_that_is_not_there(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[0].startswith("python -m pipeline.landmarks: error:") and "Traceback" not in "".join(err)
     assert cli.main(landmarks.run, ["--index", str(tmp_path), "--min-support", "3"]) == 2
+
+
+def test_the_service_reports_the_landmark_and_lists_landmarks(geotagged):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from delf_retrieval.query import live
+    from pipeline.service.app import Service
+    from pipeline.service.config import ServeConfig
+
+    corpus, root = geotagged
+    assert run_landmarks(root) == 0
+    names = by_name(table.load(str(root)), corpus)
+    following = live.LiveIndex(str(root), interval=3600)
+    assert following.poll() == "switched"
+    service = Service(ServeConfig(index=str(root), workers=1, request_timeout=180.0), live=following)
+    with TestClient(service.app) as http:
+        with open(corpus / "sacre/3.jpg", "rb") as f:
+            answer = http.post("/v1/search", files={"image": ("q.jpg", f.read(), "image/jpeg")}).json()
+        assert answer["landmark"]["landmark"] == names["sacre/3.jpg"] and answer["landmark"]["confidence"] > 0
+        listed = http.get("/v1/landmarks").json()["landmarks"]
+        assert {l["landmark"] for l in listed} == {v for v in names.values() if v >= 0}
+        members = http.get(f"/v1/landmarks/{names['sacre/0.jpg']}").json()["members"]
+        assert {m["uri"] for m in members} == {str(corpus / f"sacre/{i}.jpg") for i in range(5)}
+        assert http.get("/v1/landmarks/999999").status_code == 404
+        assert http.get("/v1/landmarks/x%2F..").status_code == 404
+        assert "landmarks-view" in http.get("/").text
+    following.stop()

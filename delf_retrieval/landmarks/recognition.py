@@ -54,12 +54,15 @@ class Recognizer:
         self.image_ids, self.landmarks = image_ids[inside][order], landmarks[inside][order]
         self.representatives = representatives or {}
         self.config = config
+        self.summary: list = []  # per landmark (table.summaries' records), when built from a table
 
     @classmethod
     def from_landmarks(cls, found, config: RecognitionConfig = RecognitionConfig()) -> "Recognizer":
         """From a ``table.Landmarks`` (its summary gives each landmark's representative)."""
         representatives = {int(s["landmark"]): s.get("representative") for s in found.summary}
-        return cls(found.image_ids, found.landmarks, representatives, config)
+        recognizer = cls(found.image_ids, found.landmarks, representatives, config)
+        recognizer.summary = sorted(found.summary, key=lambda s: (-int(s["size"]), int(s["landmark"])))
+        return recognizer
 
     def __len__(self) -> int:
         return len(self.image_ids)
