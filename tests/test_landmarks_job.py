@@ -126,6 +126,7 @@ def test_a_query_reports_its_landmark(geotagged):
     assert search.run(["--index", str(root), "--output", str(out), str(corpus / "sacre/2.jpg")]) == 0
     record = json.loads(out.read_text())["results"][0]
     assert record["landmark"]["landmark"] == names["sacre/2.jpg"] and record["landmark"]["confidence"] > 0
+    assert evaluation.parse_results(json.loads(out.read_text()))  # pipeline.evaluate reads it as before
 
 
 def test_ids_persist_across_runs(geotagged, tmp_path):
