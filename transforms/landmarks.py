@@ -65,7 +65,7 @@ def find_landmarks(_, job: LandmarksJob, edges: list):
     reader = segment_reader.open_reader(storage.join(job.root, job.build), manifest=job.manifest)
     parts = [np.asarray(e, np.int64).reshape(-1, 3) for e in edges]
     found = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
-    # edges both ways, cut as a build keeps them
+    # each verified pair once per direction (a pair found from both sides keeps its larger count)
     edges_table = neighbour_table.symmetric(found[:, 0], found[:, 1], found[:, 2])
     previous = None
     try:

@@ -70,7 +70,8 @@ def find(images: pa.Table, neighbours: NeighbourTable, config: ClusterConfig = C
     ids = images.column("image_id").to_numpy().astype(np.int64)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
-    uris = [images.column("uri").to_pylist()[i] for i in order]
+    every_uri = images.column("uri").to_pylist()
+    uris = [every_uri[i] for i in order]
     lat, lon = (np.full(len(ids), np.nan), np.full(len(ids), np.nan))
     if "latitude" in images.schema.names and "longitude" in images.schema.names:
         lat = np.asarray(images.column("latitude").to_numpy(zero_copy_only=False), np.float64)[order]
