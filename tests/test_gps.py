@@ -118,3 +118,15 @@ def test_image_tables_without_gps_columns_read_with_nulls():
     out = io.BytesIO()
     pq.write_table(new, out)
     assert shards.read_image_table(out.getvalue(), "x").to_pylist()[0]["longitude"] == 2.25
+
+
+def test_mutated_exif_never_raises():
+    rng = np.random.default_rng(7)
+    data = jpeg_with_gps(PARIS)
+    start = data.index(b"Exif\x00\x00")
+    for _ in range(400):
+        mutant = bytearray(data)
+        for at in rng.integers(start, min(start + 400, len(data)), int(rng.integers(1, 6))):
+            mutant[at] = int(rng.integers(0, 256))
+        where = gps.read_gps(bytes(mutant))
+        assert where is None or (-90 <= where[0] <= 90 and -180 <= where[1] <= 180)
