@@ -28,7 +28,7 @@ def same_partition(labels, groups):
 
 
 def test_two_cliques_and_one_off_photos():
-    edges = clique(range(0, 6)) + clique(range(6, 10))
+    edges = clique(range(0, 6)) + clique(range(6, 10)) + [(10, 11, 60)]  # 10 and 11: a pair, below min_size
     result = run(13, edges)
     assert same_partition(result.labels, [range(0, 6), range(6, 10)])
     assert list(result.labels[:6]) == [0] * 6 and list(result.labels[6:10]) == [1] * 4  # largest first
@@ -52,14 +52,14 @@ def test_one_strong_edge_between_landmarks_does_not_chain_them():
 
 
 def test_weak_edges_are_not_evidence():
-    edges = clique(range(0, 4), inliers=12) + [(4, 5, 19)]
+    edges = clique(range(0, 4), inliers=12) + [(4, 5, 14)]
     assert (run(6, edges).labels == NONE).all()
-    assert same_partition(run(6, edges, min_inliers=10).labels, [range(0, 4), (4, 5)])
+    assert same_partition(run(6, edges, min_inliers=10, min_size=2).labels, [range(0, 4), (4, 5)])
 
 
-def test_a_pair_that_only_matches_itself_is_a_landmark_unless_min_size_says_otherwise():
-    assert same_partition(run(3, [(0, 1, 30)]).labels, [(0, 1)])
-    assert (run(3, [(0, 1, 30)], min_size=3).labels == NONE).all()
+def test_a_pair_that_only_matches_itself_is_a_landmark_only_when_min_size_allows():
+    assert same_partition(run(3, [(0, 1, 30)], min_size=2).labels, [(0, 1)])
+    assert (run(3, [(0, 1, 30)]).labels == NONE).all()
 
 
 def test_a_photo_that_lost_its_edges_for_support_joins_its_best_landmark():
@@ -178,7 +178,8 @@ def test_the_table_round_trips_and_damage_only_costs_recognition(tmp_path):
     assert table.load(str(tmp_path), "v2") is None and table.load(str(tmp_path / "none")) is None
     # a later run where a and b remain and a new pair appears: the old landmark keeps id 0, the new one gets 1
     later = pa.table({"image_id": pa.array([10, 11, 20, 21], pa.int64()), "uri": ["a.jpg", "b.jpg", "x.jpg", "y.jpg"]})
-    again = table.find(later, NeighbourTable(np.array([10, 20]), np.array([11, 21]), np.array([50, 50])), previous=back)
+    pairs = clustering.ClusterConfig(min_size=2)
+    again = table.find(later, NeighbourTable(np.array([10, 20]), np.array([11, 21]), np.array([50, 50])), pairs, back)
     assert dict(zip(again.uris, again.landmarks.tolist())) == {"a.jpg": 0, "b.jpg": 0, "x.jpg": 1, "y.jpg": 1}
     assert again.next_id == 2
     # damage: a replaced table file is refused by its checksum; recognition goes on without landmarks

@@ -26,9 +26,9 @@ class ClusterConfig:
     component of fewer than ``min_size`` images is no landmark. Two geotagged images more than
     ``max_distance_km`` apart never share a landmark."""
 
-    min_inliers: int = 20
+    min_inliers: int = 15
     min_support: float = 0.5
-    min_size: int = 2
+    min_size: int = 3
     max_distance_km: float = 25.0
 
     def __post_init__(self):
