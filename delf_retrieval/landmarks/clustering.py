@@ -115,14 +115,13 @@ def cluster(n: int, a, b, inliers, latitude=None, longitude=None,
     far = geo[a] & geo[b]
     far[far] = gps.distance_km(lat[a[far]], lon[a[far]], lat[b[far]], lon[b[far]]) > config.max_distance_km
     a, b, w = a[~far], b[~far], w[~far]  # a verified pair too far apart is two landmarks that look alike
-    keep = supported(n, a, b, w, config)
     strong = w >= config.min_inliers
+    keep = supported(n, a, b, w, config)[strong]
     a, b, w = a[strong], b[strong], w[strong]
-    labels = components(n, a[keep[strong]], b[keep[strong]])
-    kept = keep[strong]
-    labels = split_by_distance(labels, a[kept], b[kept], w[kept], lat, lon, geo, config.max_distance_km)
+    labels = components(n, a[keep], b[keep])
+    labels = split_by_distance(labels, a[keep], b[keep], w[keep], lat, lon, geo, config.max_distance_km)
     labels = numbered(labels, config.min_size)
-    labels, keep = attach(labels, a, b, w, keep[strong], lat, lon, geo, config.max_distance_km)
+    labels, keep = attach(labels, a, b, w, keep, lat, lon, geo, config.max_distance_km)
     return Clustering(labels, scores(n, labels, a[keep], b[keep], w[keep]), (a[keep], b[keep], w[keep]))
 
 
