@@ -26,6 +26,6 @@ setup(
     extras_require={
         "dev": requirements("requirements-dev.txt"),
         # Benchmarks compare against these; the system itself never imports them.
-        "bench": ["faiss-cpu==1.15.1", "psutil", "scikit-image==0.26.0", "opencv-python-headless==5.0.0.93"],
+        "bench": ["faiss-cpu==1.15.1", "nmslib==2.1.2", "psutil", "scikit-image==0.26.0", "opencv-python-headless==5.0.0.93"],
     },
 )

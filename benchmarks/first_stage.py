@@ -15,8 +15,8 @@ default IndexParams), then per query, with itself excluded:
 - the full scan: ``Retriever.search`` over every posting row, every voted image verified by RANSAC
   (``shortlist`` = the database): its verified images are those with >= ``min_inliers`` (4) inliers;
   and the default search (shortlist 100) whose ranking gives the full pipeline's mAP;
-- each first stage's top K: today's image shortlist (VLAD-16 + HNSW, ``shortlist.build_from_index``)
-  and ASMK* (``index/asmk.py``: codebook of ``--words`` trained on 200,000 stored rows, database
+- each first stage's top K: the shipped first stage (VLAD-16, words from the coarse centroids, brute force)
+  and ASMK* (``first_stage/asmk.py``: codebook of ``--words`` trained on 200,000 stored rows, database
   descriptors = the index's decoded rows, each to its nearest word; query descriptors to their
   ``--query-assignment`` nearest words; alpha 3, tau 0, idf);
 - recall: per query |top K & verified| / |verified| over the queries that verify something, then
@@ -45,13 +45,14 @@ sys.path.insert(0, HERE)
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 RESULTS = os.path.join(ROOT, "bench_results")
 CACHE = os.path.join(RESULTS, "cache")
-DEFAULT_FEATURES = os.path.join(os.path.dirname(ROOT), "wt-quality", "bench_results", "cache")
+DEFAULT_FEATURES = CACHE  # retrieval_quality.py's feature cache
 
 import retrieval_quality as rq  # noqa: E402  (benchmarks/ is on the path)
 
 from delf_retrieval.corpus import inputs  # noqa: E402
 from delf_retrieval.extraction.features import Features  # noqa: E402
-from delf_retrieval.index import asmk, shortlist  # noqa: E402
+from delf_retrieval.first_stage import asmk, vlad  # noqa: E402
+from delf_retrieval.quantize.kmeans import kmeans  # noqa: E402
 from delf_retrieval.query import evaluation  # noqa: E402
 from delf_retrieval.query.retrieval import RetrievalConfig, Retriever  # noqa: E402
 from pipeline.extract import output_names  # noqa: E402
@@ -179,34 +180,32 @@ def distractor_chunks(reader, distractors, source):
 
 
 def vlad_tops(reader, features, ids, distractors, queries, k_max) -> tuple[dict, float, int]:
-    built = shortlist.build_from_index(reader)
-    extra_ids, extra = [], []
-    for i, descriptors in distractor_chunks(reader, distractors, "rows"):
-        extra_ids.append(int(i[0]))
-        extra.append(shortlist.aggregate(descriptors, built.words))
-    if extra:
-        built = shortlist.ImageShortlist(built.words, np.r_[built.image_ids, extra_ids], np.r_[built.vectors, extra],
-                                         size=len(built.image_ids) + len(extra))
+    """The shipped first stage (``delf_retrieval.first_stage``): VLAD-16 over the words derived from
+    the coarse centroids, database vectors from the decoded rows, brute-force dot products."""
+    words = vlad.words_of(reader.quantizer.coarse.centroids)
+    db_ids, vectors = vlad.vectors_of_postings(database_chunks(reader, features, ids, distractors, "rows"), words)
     tops, seconds = {}, []
     for q in queries:
         projected = reader.pca.transform(features[q].descriptors.astype(np.float32))
         start = time.perf_counter()
-        found = built.candidates(projected, min(k_max + 1, len(built)))
+        scores = vectors @ vlad.aggregate(projected, words)
+        scores[db_ids == ids.get(q, -1)] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:k_max]
         seconds.append(time.perf_counter() - start)
-        tops[q] = [int(i) for i in found if i != ids.get(q, -1)][:k_max]
-    return tops, float(np.mean(seconds)), built.vectors.shape[1] * 4
+        tops[q] = db_ids[top].tolist()
+    return tops, float(np.mean(seconds)), vectors.shape[1] * 2
 
 
 def whitened_vlad_tops(reader, features, ids, distractors, queries, k_max, n_words, dims) -> tuple[dict, float, int]:
     """VLAD of ``n_words`` over the exact PCA'd descriptors (signed square root, per-word and global
     L2), then PCA-whitened to ``dims`` (0: not whitened) with the whitening learned on the distractors
     alone, L2 again; brute-force dot products (an upper bound for any graph over the vectors)."""
-    sample = shortlist.sample_rows_of(reader, np.sort(np.fromiter(ids.values(), np.int64)), 200_000)
-    words = shortlist.train_words(sample, n_words)
+    sample = asmk.sample_rows_of(reader, np.sort(np.fromiter(ids.values(), np.int64)), 200_000)
+    words = kmeans(np.asarray(sample, np.float32), n_words, iterations=20, seed=0)
     project = lambda f: reader.pca.transform(f.descriptors.astype(np.float32))  # noqa: E731
     db_ids = np.r_[np.fromiter(ids.values(), np.int64), np.fromiter(distractors, np.int64)]
-    vectors = np.stack([shortlist.aggregate(project(features[p]), words) for p in ids]
-                       + [shortlist.aggregate(project(f), words) for f in distractors.values()])
+    vectors = np.stack([vlad.aggregate(project(features[p]), words) for p in ids]
+                       + [vlad.aggregate(project(f), words) for f in distractors.values()])
     transform = lambda v: v  # noqa: E731
     if dims:
         learn = vectors[len(ids):]
@@ -224,7 +223,7 @@ def whitened_vlad_tops(reader, features, ids, distractors, queries, k_max, n_wor
     for q in queries:
         projected = project(features[q])
         start = time.perf_counter()
-        scores = vectors @ transform(shortlist.aggregate(projected, words))
+        scores = vectors @ transform(vlad.aggregate(projected, words))
         scores[db_ids == ids.get(q, -1)] = -np.inf
         top = np.argsort(-scores, kind="stable")[:k_max]
         seconds.append(time.perf_counter() - start)
@@ -239,7 +238,7 @@ def asmk_codebook(name, reader, ids, words) -> asmk.Codebook:
             return asmk.load(f.read())[0]
     config = asmk.AsmkConfig(words=words)
     start = time.perf_counter()
-    sample = shortlist.sample_rows_of(reader, np.sort(np.fromiter(ids.values(), np.int64)), config.sample_rows)
+    sample = asmk.sample_rows_of(reader, np.sort(np.fromiter(ids.values(), np.int64)), config.sample_rows)
     codebook = asmk.Codebook.train(sample, config)
     print(f"  {name}: codebook of {words} words trained in {time.perf_counter() - start:.0f} s", flush=True)
     os.makedirs(CACHE, exist_ok=True)
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
         print(f"{name}: {n} images + {len(distractors)} distractors, {len(queries)} queries, "
               f"{np.mean(verified):.1f} verified per query, full-scan mAP {full_map:.3f}", flush=True)
         tops, seconds, nbytes = vlad_tops(reader, features, ids, distractors, queries, max(ks))
-        out["stages"]["VLAD-16 + HNSW"] = {"tops": tops, "seconds": seconds, "bytes_per_image": nbytes}
+        out["stages"]["VLAD-16 (shipped)"] = {"tops": tops, "seconds": seconds, "bytes_per_image": nbytes}
         for spec in filter(None, args.vlad.split(",")):
             n_words, dims = (int(x) for x in spec.split(":"))
             tops, seconds, nbytes = whitened_vlad_tops(reader, features, ids, distractors, queries, max(ks), n_words, dims)
@@ -375,9 +374,9 @@ def main(argv=None) -> int:
                                     / max(sum(s["stages"][label]["recalls"][m][k][1] for s in report["sets"].values()), 1)
                                     for k in ks} for label in labels} for m in measures}
     report["all"] = report["pooled"]["verified"]
-    best = max((l for l in labels if l != "VLAD-16 + HNSW"), key=lambda l: sum(report["pooled"]["verified >= 10"][l].values()),
+    best = max((l for l in labels if l != "VLAD-16 (shipped)"), key=lambda l: sum(report["pooled"]["verified >= 10"][l].values()),
                default=None)
-    for label in ["VLAD-16 + HNSW"] + ([best] if best else []):
+    for label in ["VLAD-16 (shipped)"] + ([best] if best else []):
         for name, out in report["sets"].items():
             retriever, features, ids, truth = out["_ctx"]
             out["stages"][label]["map"] = {k: restricted_map(retriever, features, ids, out["stages"][label]["tops"],
@@ -467,7 +466,7 @@ def markdown(report, ks, map_ks, labels, best) -> str:
     lines += ["", "| first stage | " + " | ".join(f"{s} mAP @{k}" for s in sets for k in map_ks) + " |",
               "|---|" + "---|" * (len(sets) * len(map_ks)),
               "| full scan | " + " | ".join(f"{report['sets'][s]['full_scan_map']:.3f}" for s in sets for _ in map_ks) + " |"]
-    for label in ["VLAD-16 + HNSW"] + ([best] if best else []):
+    for label in ["VLAD-16 (shipped)"] + ([best] if best else []):
         lines.append(f"| {label} | " + " | ".join(f"{report['sets'][s]['stages'][label]['map'][k]:.3f}"
                                                   for s in sets for k in map_ks) + " |")
     return "\n".join(lines)

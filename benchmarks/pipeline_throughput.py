@@ -423,7 +423,27 @@ def pyramid_flops(backbone: str) -> dict:
     return {"backbone": backbone, "levels": levels, "gflops_per_image": round(sum(lv["gflops"] for lv in levels), 1)}
 
 
-def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTIMATE) -> dict:
+# The index-time stages after extraction, CPU seconds per image on the 2-core machine's cores (wall
+# seconds x 2, an upper bound): the first stage's files and the neighbour stage through the first
+# stage. ASSUMED unless --scale-json gives benchmarks/scale.py's measured figures at 1e6.
+INDEX_STAGES = {"first_stage_cpu_s": 0.02, "neighbours_cpu_s": 0.4, "source": "assumed"}
+
+
+def index_stages(scale_json: str | None) -> dict:
+    """INDEX_STAGES, or the figures of a scale.py run (its JSON): build seconds of the first stage
+    per image and the neighbour stage's seconds per image, each x 2 cores."""
+    if not scale_json:
+        return dict(INDEX_STAGES)
+    with open(scale_json) as f:
+        scale = json.load(f)
+    cores = 2
+    return {"first_stage_cpu_s": scale["build_seconds"]["first_stage"] / scale["images"] * cores,
+            "neighbours_cpu_s": scale["neighbour_s_per_image"] * cores,
+            "source": f"benchmarks/scale.py at {scale['images']:,} images (wall s x {cores} cores)"}
+
+
+def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTIMATE,
+             stages: dict = INDEX_STAGES) -> dict:
     """Time and cost of the build for ``e['images']`` images on ``e['workers']`` GPU workers.
 
     Per worker the GPU runs the network; its vCPUs do fetch, decode, resize, keypoint selection,
@@ -432,7 +452,10 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
     (one worker trains while the others wait for its side input). Data moved: the raw features of
     the training sample (``index.training_images`` images, extracted first and held until the
     model is trained; every other image's features go straight to their codes) and the PQ rows
-    grouped by shard, both priced as Dataflow Shuffle."""
+    grouped by shard, both priced as Dataflow Shuffle. Then the index-time stages on the same
+    workers' vCPUs (their GPUs idle): the first stage's files (the rows regrouped by image part,
+    shuffled again) and the neighbour stage (each image's rows shuffled to the worker that
+    searches with them)."""
     from delf_retrieval.build.encode import training_images
 
     g = GPUS[gpu]
@@ -441,19 +464,24 @@ def estimate(flops: dict, cpu_s_per_image_other: float, gpu: str, e: dict = ESTI
     cpu_s = cpu_s_per_image_other / g["vcpus"]
     per_worker = 1 / max(gpu_s, cpu_s)
     extract_h = e["images"] / (per_worker * e["workers"]) / 3600
-    hours = e["startup_h"] + extract_h + e["train_h"]
+    index_cpu_s = stages["first_stage_cpu_s"] + stages["neighbours_cpu_s"]
+    index_h = e["images"] * index_cpu_s / (g["vcpus"] * e["workers"]) / 3600
+    hours = e["startup_h"] + extract_h + e["train_h"] + index_h
     worker_h = hours * e["workers"]
     usd_h = (PRICES["gpu_h"][gpu] + g["vcpus"] * PRICES["vcpu_h"] + g["memory_gb"] * PRICES["memory_gb_h"]
              + e["disk_gb"] * PRICES["pd_gb_h"])
     held = min(e["images"], training_images(e["sample_size"], e["features"]))  # the training sample's images
     features_gb = held * e["features"] * (CHANNELS[backbone] * 4 + 16) / 1e9  # descriptors + location/scale/score
     rows_gb = e["images"] * e["features"] * 48 / 1e9  # cell, region, 10 code bytes, image id, location, scale, attention
+    rows_gb *= 3  # to the shards; to the first stage's parts; to the neighbour stage
     cost = worker_h * usd_h + (features_gb + rows_gb) * PRICES["shuffle_gb"]
     return {"backbone": backbone, "gpu": gpu, "machine": g["machine"], "workers": e["workers"],
             "gflops_per_image": flops["gflops_per_image"], "gpu_efficiency": GPU_EFFICIENCY[backbone],
             "gpu_s_per_image": round(gpu_s, 4), "cpu_s_per_image_other": round(cpu_s_per_image_other, 3),
             "bound": "gpu" if gpu_s >= cpu_s else "cpu", "images_per_s_per_worker": round(per_worker, 1),
-            "extract_h": round(extract_h, 2), "hours": round(hours, 2), "worker_hours": round(worker_h, 1),
+            "extract_h": round(extract_h, 2), "index_stages_h": round(index_h, 2),
+            "index_stages_cpu_s_per_image": round(index_cpu_s, 3), "hours": round(hours, 2),
+            "worker_hours": round(worker_h, 1),
             "usd_per_worker_hour": round(usd_h, 3), "intermediate_gb": round(features_gb + rows_gb),
             "sample_features_gb": round(features_gb, 1), "rows_gb": round(rows_gb, 1),
             "usd": round(cost)}
@@ -475,7 +503,7 @@ def non_network_cpu(dev: dict) -> tuple[float, str]:
     return value, f"measured in '{run['name']}' (share {per_image / busy:.2f} of stage time) x {scale:.2f} for 1024 px"
 
 
-def part_estimate(dev: dict, quick: bool, flops_json: str | None = None) -> dict:
+def part_estimate(dev: dict, quick: bool, flops_json: str | None = None, scale_json: str | None = None) -> dict:
     backbones = ["efficientnet_lite0"] if quick else ["efficientnet_lite0", "efficientnet_lite2", "resnet50"]
     known = {}
     if flops_json:  # reuse FLOPs computed by an earlier run (they depend only on the networks)
@@ -488,7 +516,10 @@ def part_estimate(dev: dict, quick: bool, flops_json: str | None = None) -> dict
             print(f"  scale {lv['scale']:<7} input {lv['input'][0]:>4}x{lv['input'][1]:<5} bucket "
                   f"{lv['bucket'][0]:>4}x{lv['bucket'][1]:<5} {lv['gflops']:>8.2f} GFLOPs")
     other, source = non_network_cpu(dev)
-    rows = [estimate(f, other, gpu) for gpu in GPUS for f in flops]
+    stages = index_stages(scale_json)
+    rows = [estimate(f, other, gpu, stages=stages) for gpu in GPUS for f in flops]
+    print(f"index-time stages: first stage {stages['first_stage_cpu_s']:.3f}, neighbours {stages['neighbours_cpu_s']:.3f} "
+          f"CPU s/image ({stages['source']})")
     print(f"\n{ESTIMATE['images']:,} images x {ESTIMATE['features']} features, {ESTIMATE['workers']} workers; "
           f"GPU efficiency {GPU_EFFICIENCY} of FP32 peak (assumed); non-network CPU {other:.3f} s/image ({source});")
     print(f"startup {ESTIMATE['startup_h']} h and training {ESTIMATE['train_h']} h added (assumed); "
@@ -501,6 +532,7 @@ def part_estimate(dev: dict, quick: bool, flops_json: str | None = None) -> dict
               f"{r['worker_hours']:>7.0f}{r['usd_per_worker_hour']:>8.2f}{r['intermediate_gb']:>11}{r['usd']:>7}")
     return {"flops": flops, "gpu_efficiency": GPU_EFFICIENCY, "prices_assumed": PRICES, "gpus": GPUS,
             "assumptions": ESTIMATE, "non_network_cpu_s_per_image": round(other, 4), "non_network_source": source,
+            "index_stages": stages,
             "rows": rows}
 
 
@@ -520,6 +552,8 @@ def main() -> None:
                                                "their runs are merged, so sizes measured separately make one curve)")
     parser.add_argument("--dev-json", help="take the dev part's figures from this earlier JSON instead of running it")
     parser.add_argument("--flops-json", help="take the FLOPs from this earlier JSON instead of profiling the networks")
+    parser.add_argument("--scale-json", help="benchmarks/scale.py's JSON at 1e6 images: the index-time stages' "
+                                             "measured seconds per image (default: assumed)")
     parser.add_argument("--workdir", help="keep the generated corpus and outputs here (default: a temporary folder)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench_results", "pipeline_throughput.json"))
     args = parser.parse_args()
@@ -553,7 +587,7 @@ def main() -> None:
             with open(args.dev_json) as f:
                 results["dev"] = json.load(f)["dev"]
         if "estimate" in parts:
-            results["estimate"] = part_estimate(results.get("dev", {}), args.quick, args.flops_json)
+            results["estimate"] = part_estimate(results.get("dev", {}), args.quick, args.flops_json, args.scale_json)
             save()
     finally:
         if not args.workdir:

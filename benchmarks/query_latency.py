@@ -15,7 +15,7 @@ serves it; the PCA and quantizer are trained on the real descriptors (their 205k
 they would be).
 
 Queries are real scene photographs. Extraction is timed apart (it does not depend on the
-database). At the largest size the image shortlist (VLAD + HNSW, 1000 candidates) is measured too.
+database). The first stage at scale is benchmarks/scale.py's.
 1e6 images (1e9 rows, ~35 GB in memory here) does not fit this machine: its ANN time is
 extrapolated from the measured cost per scanned code, and labelled so.
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--per-image", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="sizes 1000,10000 and fewer queries")
-    parser.add_argument("--no-shortlist", action="store_true")
+    parser.add_argument("--no-shortlist", action="store_true", help="(kept for old command lines: no effect)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "query_latency.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -180,7 +180,6 @@ def main(argv=None) -> int:
         return 0
     from delf_retrieval import quantize
     from delf_retrieval.build import encode
-    from delf_retrieval.index import shortlist
     from delf_retrieval.query import retrieval
 
     sizes = [1000, 10000] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
@@ -204,13 +203,8 @@ def main(argv=None) -> int:
         lists, images, locations, n_images = database(size, args.per_image, real, real_images, quantizer)
         memory = MemoryIndex(quantizer, projection, lists, images, locations, np.arange(n_images))
         variants = [("none", None, config), ("none", None, expanded)]
-        if size == max(sizes) and not args.no_shortlist:
-            start = time.perf_counter()
-            built = shortlist.build_from_index(memory, size=1000)
-            variants.append((f"1000 of {n_images}", built, config))
-            report.setdefault("shortlist_build_seconds", time.perf_counter() - start)
         for name, image_shortlist, variant in variants:
-            retriever = retrieval.Retriever(memory, variant, image_shortlist)
+            retriever = retrieval.Retriever(memory, variant)
             retriever.search(features[queries[0]])  # compile the kernel outside the timing
             stages = {"shortlist": [], "ann": [], "voting": [], "ransac": [], "expansion": []}
             scanned = []

@@ -46,7 +46,7 @@ the 1000 strongest keypoints as ours keeps 1000 features), Lowe's ratio test 0.8
 force over all pairs, ranked by inliers. Its query time is its feature extraction plus matching
 against every database image; ours is extraction plus the index search.
 
-Also measured: how often the true matches survive the image-level shortlist (VLAD + HNSW) at
+Also measured: how often the true matches survive the first stage (VLAD-16 image vectors, brute force) at
 several shortlist sizes. ResNet50 needs the Keras ImageNet file (a download): offline it is
 reported as unavailable.
 """
@@ -279,7 +279,7 @@ def prepare(set_name, root, rows, database, queries, preset, cache, config) -> d
     neighbour edges of every database image, the protocols, and the figures that do not depend on
     the setting (timings, shortlist survival)."""
     from delf_retrieval.query import retrieval
-    from delf_retrieval.index import shortlist
+    from delf_retrieval.first_stage import vlad
 
     features, extract_seconds = extract_all(root, rows, preset, cache, set_name=set_name)
     label = network(preset)[0]
@@ -296,12 +296,14 @@ def prepare(set_name, root, rows, database, queries, preset, cache, config) -> d
     truths = protocols(set_name, root, rows, database, queries)
     first = next(iter(truths.values()))  # dev, train: the only one; hard: medium (every true match)
     positives = {q: first.truth[q].positives if q in first.truth else frozenset() for q in queries}
-    built = shortlist.build_from_index(reader, size=len(ids))
+    words = vlad.words_of(reader.quantizer.coarse.centroids)
+    stage_ids, stage_vectors = vlad.vectors_of_postings(reader.postings(), words)
     survival = {}
     for size in (5, 10, 20, 50):
         kept = total = 0
         for p in queries:
-            candidates = [c for c in built.candidates(reader.pca.transform(features[p].descriptors), size + 1)
+            scores = stage_vectors @ vlad.aggregate(reader.pca.transform(features[p].descriptors), words)
+            candidates = [c for c in stage_ids[np.argsort(-scores, kind="stable")[:size + 1]].tolist()
                           if c != ids.get(p)][:size]
             wanted = {ids[q] for q in positives[p]}
             kept += len(wanted & set(candidates))

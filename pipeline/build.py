@@ -17,6 +17,7 @@ from delf_retrieval.build import planning as plan_lib
 from delf_retrieval.build.planning import BuildConfig
 from delf_retrieval.corpus import inputs
 from delf_retrieval.extraction.extractor import ExtractionConfig
+from delf_retrieval.first_stage import search as first_stage
 from delf_retrieval.index import layout, segments, versions
 from delf_retrieval.index.neighbour_table import NeighbourConfig
 from delf_retrieval.model import delf
@@ -173,12 +174,13 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
                                counts, pointer and pointer["params"]["n_cells"],
                                carry=carry, keep_all=args.input is None)
     build = f"{layout.BUILDS_DIR}/{build_id}"
-    kept, merges, previous_files, codebooks = (), (), {}, {}
+    kept, merges, previous_files, codebooks, previous_first_stage = (), (), {}, {}, {}
     if mode == plan_lib.INCREMENTAL and not carry:
         kept, merges, previous_files = plan_lib.plan_segments(args.index, pointer, plan, build_id, config.rows_per_shard,
                                                      getattr(args, "max_segments", None) if getattr(args, "merge", False)
                                                      else None)
         codebooks = segments.codebook_records(pointer)
+        previous_first_stage = (first_stage.records_of(pointer) or {}).get("segments", {})
     plan_record = layout.write_table_file(storage.join(args.index, build), plan_lib.PLAN_FILE, plan.table())
     fetch = cli.fetch_config_from_args(args)
     job = plan_lib.BuildJob(
@@ -191,7 +193,7 @@ def add_build(pipeline, args: argparse.Namespace, mode: str, pointer: dict | Non
         drift_sample=getattr(args, "drift_sample", plan_lib.DRIFT_SAMPLE), started=started, neighbours=neighbours,
         previous_neighbours=previous_neighbours, carry=plan.carry, kept=plan.count(plan_lib.KEEP), segments=kept,
         previous_descriptors=counts["descriptors"] if counts else 0,
-        merges=merges, previous_files=previous_files, codebooks=codebooks,
+        merges=merges, previous_files=previous_files, codebooks=codebooks, previous_first_stage=previous_first_stage,
         scrub=start.scrub.to_json() if start else None, repaired=tuple(sorted(start.damaged)) if start else ())
     extract = functools.partial(
         ExtractImages, model_config, extraction_config, max_batch_size=args.batch_size, fetch=fetch,

@@ -1,4 +1,4 @@
-"""The ASMK* first stage (delf_retrieval.index.asmk) against literal references on small synthetic
+"""The ASMK* first stage (delf_retrieval.first_stage.asmk) against literal references on small synthetic
 data: binarization, selectivity, aggregation, the kernel as a double loop, parts and tombstones."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_retrieval.index import asmk
+from delf_retrieval.first_stage import asmk
 
 D, K = 12, 6  # 12 bits: two bytes, the second one half used
 

@@ -29,7 +29,10 @@ from tests.load_pickles import load
 JOBS = ("full build", "fixed-quantizer build", "nightly re-index", "batch search")
 BUILD_STEPS = {"Plan", "ReadPlan", "SpreadPlan", "New", "AsInputs", "Maybe", "CheckContent", "ToExtract",
                "ExtractImages", "Encode", "ListedAgain", "DeadLetters", "NewImages", "AllRows", "GroupByShard",
-               "WriteShards", "NoMerges", "Once", "WriteVersion", "Publish"}
+               "WriteShards", "NoMerges", "Once", "WriteVersion", "Publish",
+               # the first stage's files of every new segment, and the neighbour stage's batches
+               "FirstStageOnce", "FirstStageShards", "SpreadFirstStageShards", "FirstStagePartRows",
+               "GroupFirstStageParts", "WriteFirstStageParts", "BatchImageRows"}
 # Every step of each job's graph, by name (the first level under BuildIndex or SearchQueries).
 STEPS = {
     "full build": BUILD_STEPS | {"TrainingSampleImages", "TrainingSampleRest", "SpreadTrainingSample", "SampleInputs",

@@ -18,7 +18,8 @@ from PIL import Image
 
 from delf_retrieval import npz, storage
 from delf_retrieval.extraction import features as features_lib
-from delf_retrieval.index import layout, segments, shortlist, versions
+from delf_retrieval.first_stage import parts
+from delf_retrieval.index import layout, segments, versions
 from delf_retrieval.quantize import Quantizer, pca
 from pipeline import cli
 from pipeline import run as run_job
@@ -276,8 +277,8 @@ def test_no_npz_loader_unpickles_an_object_array(tiny_versions):  # noqa: F811
         "pca": (pca.PCA.load, open(os.path.join(folder, layout.PCA_FILE), "rb").read()),
         "quantizer": (Quantizer.load, open(os.path.join(folder, layout.QUANTIZER_FILE), "rb").read()),
         "features": (features_lib.Features.from_npz, feature_file.to_npz_bytes()),
-        "shortlist": (lambda data: npz.read(data, shortlist.FORMAT_VERSION, "shortlist"),
-                      npz.to_bytes(shortlist.FORMAT_VERSION, vectors=np.zeros((2, 4), np.float32))),
+        "first stage": (lambda data: npz.read(data, parts.FORMAT_VERSION, "first-stage vectors"),
+                        npz.to_bytes(parts.FORMAT_VERSION, vectors=np.zeros((2, 4), np.float16))),
     }
     for name, (load, valid) in loaders.items():
         load(valid)  # the valid file loads

@@ -20,7 +20,7 @@ from delf_retrieval import storage
 from delf_retrieval.build import encode
 from delf_retrieval.corpus import images, inputs
 from delf_retrieval.index import layout, segment_reader, segments, versions
-from pipeline import build_quantizer, build_shortlist, cli, evaluate, extract, reindex
+from pipeline import build_quantizer, cli, evaluate, extract, reindex
 from pipeline import run as run_job
 from pipeline import search, train
 from tests.conftest import REPO_ROOT, SAMPLES
@@ -388,8 +388,6 @@ def test_the_commands_answer_bad_input_with_one_line(hostile_build, tmp_path, ca
     (root / layout.MANIFEST).write_text('{"format": "delf-retrieval-index", "format_')
     assert cli.main(reindex.run, ["--input", str(folder), "--index", str(root)] + TINY) == 2
     assert "cannot read" in one_error_line(capsys, "pipeline.reindex")
-    assert cli.main(build_shortlist.run, ["--index", str(tmp_path / "nothing")]) == 2
-    assert "is not an index" in one_error_line(capsys, "pipeline.build_shortlist")
     (tmp_path / "no-features").mkdir()
     assert cli.main(build_quantizer.run, ["--features", str(tmp_path / "no-features"), "--output",
                                           str(tmp_path / "q")]) == 2

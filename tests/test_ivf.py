@@ -66,3 +66,93 @@ def test_kernels_agree_and_pad_short_results(index):
 def test_unknown_kernel(index):
     with pytest.raises(ValueError, match="unknown kernel"):
         index[1].search(index[5], 1, kernel="gpu")
+
+
+def test_kernels_agree_across_probes(index):
+    """k larger than any one cell's rows but smaller than the probed rows: the heap keeps rows of
+    several cells, so the distances of different probes (each with its own ||q - c||^2 in the
+    precomputed tables) are compared with each other. On the LOPQ index both kinds of region, the
+    global codebooks' tables and the local models', are scanned in the same query."""
+    trained, searcher, _, ids, _, queries = index
+    counts = np.diff(searcher.lists.offsets)
+    per_cell = np.add.reduceat(counts, searcher.cell_regions[:-1])
+    k = int(per_cell.max()) + 50
+    nprobe = 6
+    probed, _ = trained.coarse.probe(queries, nprobe)
+    assert (per_cell[probed].sum(axis=1) > k).all()
+    if trained.params.lopq:
+        region_model, bounds = trained.regions.region_model, searcher.cell_regions
+        mixed = 0
+        for cells in probed:
+            models = np.concatenate([region_model[bounds[c]:bounds[c + 1]][counts[bounds[c]:bounds[c + 1]] > 0]
+                                     for c in cells])
+            mixed += bool((models < 0).any() and (models >= 0).any())
+        assert mixed > len(probed) // 4  # many queries scan both kinds of region
+    a_d, a_i = searcher.search(queries, k=k, nprobe=nprobe, kernel="compiled")
+    b_d, b_i = searcher.search(queries, k=k, nprobe=nprobe, kernel="numpy")
+    assert (a_i >= 0).all()
+    np.testing.assert_allclose(a_d, b_d, rtol=1e-5, atol=1e-6)
+    # each id the compiled kernel returns is at the distance the reference gives it
+    for q in range(len(queries)):
+        ref = dict(zip(b_i[q].tolist(), b_d[q].tolist()))
+        shared = [i for i in a_i[q].tolist() if i in ref]
+        assert len(shared) >= k - 5  # ties at the k-th distance may swap a few ids
+        np.testing.assert_allclose([d for i, d in zip(a_i[q].tolist(), a_d[q].tolist()) if i in ref],
+                                   [ref[i] for i in shared], rtol=1e-5, atol=1e-6)
+
+
+def test_cell_table_is_computed_once_per_quantizer(index):
+    trained, searcher, _, _, _, _ = index
+    again = Searcher(trained, searcher.lists)
+    assert again.cell_table is searcher.cell_table
+    m, n_centroids, dsub = trained.pq.codebooks.shape
+    c = trained.coarse.centroids.reshape(-1, m, dsub).astype(np.float64)
+    b = trained.pq.codebooks.astype(np.float64)
+    expected = 2 * np.einsum("njt,jct->njc", c, b) + (b ** 2).sum(-1)[None]
+    np.testing.assert_allclose(searcher.cell_table, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_smallest_k_keeps_ties_in_column_order():
+    from delf_retrieval.quantize import adc_kernel
+
+    rng = np.random.default_rng(5)
+    d = rng.integers(0, 6, size=(50, 300)).astype(np.float32)  # many exact ties
+    add = rng.integers(0, 3, size=300).astype(np.float32)
+    for k in (1, 2, 8, 64, 300):
+        cols, values = adc_kernel.smallest_k(d, add, k)
+        expected = np.argsort(d + add, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(cols, expected)
+        np.testing.assert_array_equal(values, np.take_along_axis(d + add, expected, 1))
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 400])
+def test_compiled_top_k_matches_a_full_sort_with_many_ties(k):
+    """The reservoir's cuts (quickselect) and final sort against a full sort, on codes that repeat
+    so that many distances tie exactly: the same sorted distances, and each id at its distance."""
+    from delf_retrieval.quantize import adc_kernel
+
+    rng = np.random.default_rng(k)
+    n_cells, m, n_centroids, dsub = 3, 4, 4, 2
+    codebooks = rng.normal(size=(m, n_centroids, dsub)).astype(np.float32)
+    centroids = rng.normal(size=(n_cells, m * dsub)).astype(np.float32)
+    offsets = np.array([0, 300, 310, 900], np.int64)
+    codes = rng.integers(0, n_centroids, size=(900, m)).astype(np.uint8)
+    ids = rng.permutation(900).astype(np.int64)
+    queries = rng.normal(size=(5, m * dsub)).astype(np.float32)
+    probe = np.array([[0, 1, 2], [2, -1, 0], [1, -1, -1], [2, 1, 0], [-1, -1, -1]], np.int64)
+    cell_regions = np.arange(n_cells + 1, dtype=np.int64)
+    none = (np.full(n_cells, -1, np.int64), np.zeros((0, m * dsub), np.float32),
+            np.zeros((0, m * dsub, m * dsub), np.float32), np.zeros((0, m, n_centroids, dsub), np.float32))
+    from delf_retrieval.quantize.ivf import _search_numpy
+
+    args = (queries, probe, centroids, cell_regions, *none, codebooks, offsets, codes, ids, k)
+    a_d, a_i = adc_kernel.search(*args)
+    b_d, b_i = _search_numpy(*args)
+    np.testing.assert_allclose(a_d, b_d, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(a_i == -1, b_i == -1)
+    for q in range(len(queries)):
+        found = a_i[q][a_i[q] >= 0]
+        assert len(set(found.tolist())) == len(found)
+        rows = np.argsort(ids)[found]  # row of each returned id
+        cells = np.searchsorted(offsets, rows, side="right") - 1
+        assert np.isin(cells, probe[q]).all()

@@ -12,7 +12,7 @@ import pytest
 from delf_retrieval import quantize
 from delf_retrieval.build import encode
 from delf_retrieval.extraction.features import Features
-from delf_retrieval.index import layout, shard_reader, shards, shortlist
+from delf_retrieval.index import shard_reader, shards
 from delf_retrieval.query import matching, retrieval
 from pipeline import run as run_job
 from pipeline import search as search_cli
@@ -144,32 +144,12 @@ def test_rank_by_votes_and_top_limit(planted_index):
     assert retrieval.Retriever(reader, config).search(empty).matches == []
 
 
-def test_vlad_matches_its_definition():
-    rng = np.random.default_rng(2)
-    words = rng.normal(size=(4, 6)).astype(np.float32)
-    x = rng.normal(size=(50, 6)).astype(np.float32)
-    got = shortlist.aggregate(x, words)
-    nearest = np.argmin(((x[:, None, :] - words[None]) ** 2).sum(-1), axis=1)
-    expected = np.zeros((4, 6))
-    for i, w in enumerate(nearest):
-        expected[w] += x[i] - words[w]
-    expected = np.sign(expected) * np.sqrt(np.abs(expected))
-    expected /= np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-12)
-    expected = expected.ravel() / np.linalg.norm(expected)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_index, tmp_path):
-    source, features = planted_index
-    directory = str(tmp_path / "index")  # its own copy: this test saves a shortlist, then damages it
-    shutil.copytree(source, directory)
+def test_a_search_restricted_to_images_equals_the_unrestricted_one_filtered(planted_index):
+    directory, features = planted_index
     reader = shard_reader.IndexReader(directory)
-    built = shortlist.build_from_index(reader, n_words=8, size=5)
-    assert len(built) == 30
     query, _ = planted_query(features)
     projected = reader.pca.transform(query.descriptors)
-    candidates = built.candidates(projected)
-    assert len(candidates) == 5 and 1007 in candidates
+    candidates = np.array([1001, 1003, 1007, 1012, 1020], np.int64)
     # The ANN then only scans the candidates' rows, and equals a search of just those rows.
     distances, rows = reader.search(projected, 5, nprobe=16, image_ids=candidates)
     found = reader.rows(rows).image_ids
@@ -185,20 +165,6 @@ def test_image_shortlist_restricts_the_search_and_survives_a_round_trip(planted_
     resident_distances, resident_rows = resident.search(projected, 5, nprobe=16, image_ids=candidates)
     np.testing.assert_array_equal(resident_rows, rows)
     np.testing.assert_allclose(resident_distances, distances, rtol=1e-6)
-    # Saved beside the index, loaded back for the same index only, checked by SHA-256.
-    built.save(directory, reader.manifest["index_id"])
-    loaded = shortlist.ImageShortlist.load(directory, reader.manifest["index_id"], size=5)
-    np.testing.assert_array_equal(loaded.candidates(projected), candidates)
-    assert shortlist.ImageShortlist.load(directory, "another-index") is None
-    retriever = retrieval.open_index(directory, retrieval.RetrievalConfig(max_distance=10.0), image_shortlist="on",
-                                     shortlist_size=5)
-    assert retriever.image_shortlist is not None and retriever.search(query).matches[0].uri == "db/7.jpg"
-    vectors = os.path.join(directory, shortlist.SHORTLIST_DIR, reader.manifest["index_id"], shortlist.VECTORS_FILE)
-    with open(vectors, "r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01\x02")
-    with pytest.raises(layout.ShardError, match="SHA-256"):
-        shortlist.ImageShortlist.load(directory, reader.manifest["index_id"])
 
 
 @pytest.fixture(scope="module")
@@ -259,22 +225,6 @@ def test_beam_search_gives_the_local_answers(scene_index, tmp_path):
     assert search_cli.run(["--index", str(scene_index), "--output", str(beam), "--runner", "DirectRunner",
                            *queries]) == 1
     assert json.loads(beam.read_text()) == json.loads(local.read_text())
-
-
-def test_build_shortlist_cli_replaces_the_previous_versions_shortlist(planted_index, tmp_path):
-    from pipeline import build_shortlist
-
-    source, _ = planted_index
-    directory = tmp_path / "index"
-    shutil.copytree(source, directory)
-    stale = directory / shortlist.SHORTLIST_DIR / "an-older-version"
-    stale.mkdir(parents=True)
-    (stale / shortlist.VECTORS_FILE).write_bytes(b"old")
-    assert build_shortlist.run(["--index", str(directory), "--words", "4"]) == 0
-    record = json.loads((directory / shortlist.SHORTLIST_MANIFEST).read_text())
-    assert record["index_id"] == layout.read_manifest(str(directory))["index_id"]
-    assert record["images"] == 30 and record["dim"] == 4 * 40
-    assert os.listdir(directory / shortlist.SHORTLIST_DIR) == [record["index_id"]]
 
 
 def test_lists_restricted_to_images_hold_exactly_their_rows_in_the_regions():

@@ -4,6 +4,7 @@ when it publishes; the merge policy merges during a run, ``--merge`` on demand, 
 versions that roll back; an index written before segments (format 1) is read, and converted once
 by the first nightly run."""
 
+import json
 import os
 import time
 
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 from delf_retrieval import storage
 from delf_retrieval.corpus import inputs
 from delf_retrieval.index import layout, segment_reader, segments, shard_reader, shards, versions
+from delf_retrieval.query import retrieval
 from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 from pipeline import reindex
 from tests.conftest import SMALL, corpus_of, reindex_run
@@ -61,6 +63,22 @@ def stored_queries(root, names, corpus):
     return queries
 
 
+def first_stage_of(root, queries=()):
+    """The current version's first-stage entry, checked: it covers exactly the version's segments,
+    holds exactly its live images, and searching through it (K above the index's size) answers
+    each query as the full scan does."""
+    manifest = layout.read_manifest(str(root))
+    entry = manifest["first_stage"]
+    assert set(entry["segments"]) == {r.segment_id for r in segments.segment_refs(manifest)}
+    staged = retrieval.open_index(str(root), RetrievalConfig(top=5, expand=0), image_shortlist="on")
+    live = staged.reader.images.column("image_id").to_pylist()
+    assert sorted(staged.first_stage.image_ids.tolist()) == sorted(live)
+    for (projected, locations), expected in zip(queries, answers(root, queries)):
+        got = [(m.uri, m.score, m.inliers) for m in staged.search_projected(projected, locations).matches]
+        assert got == expected
+    return entry
+
+
 def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_path, cache_dir, monkeypatch):
     corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
     assert reindex_run(corpus, root) == 0
@@ -68,6 +86,7 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     (a,) = segments.segment_refs(first)
     assert first["format_version"] == 2 and a.segment_id == first["build"].split("/")[-1] and a.images == 5
     before = files_of(root)
+    first_stage_of(root, stored_queries(root, ["lund/a.jpg"], corpus))
 
     # Tonight: one photo added, one replaced by another picture, one deleted, one only touched.
     corpus_of(corpus, {"lund/new.jpg": ("lund_street", 5), "sacre/a.jpg": ("sacre_coeur", 3)})
@@ -108,6 +127,9 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     queries = stored_queries(root, ["lund/new.jpg", "berlin/a.jpg", "lund/a.jpg"], corpus)
     second_answers = answers(root, queries)
     assert second_answers[0][0][0] == uri["lund/new.jpg"]
+    # The first stage: the kept segment's parts as they were, the new segment's written by the run.
+    entry = first_stage_of(root, queries)
+    assert entry["segments"][a.segment_id] == first["first_stage"]["segments"][a.segment_id]
 
     # The next run (nothing changed): two tiny segments are more than the policy's tiers allow, so
     # it merges them, dropping the tombstoned rows; every image keeps its rows bit for bit.
@@ -119,6 +141,7 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     assert third["counts"]["tombstones"] == 0 and merged.images == 5
     assert merged.descriptors == third["counts"]["descriptors"] == second["counts"]["descriptors"]
     assert rows_by_image(root) == second_rows and answers(root, queries) == second_answers
+    assert list(first_stage_of(root, queries)["segments"]) == [merged.segment_id]
     merged_images = {r["uri"]: r["stamp"] for r in segment_reader.open_reader(str(root)).images.to_pylist()}
     assert merged_images[uri["lund/a.jpg"]] == storage.stamp(uri["lund/a.jpg"])  # the restamp, merged in
 
@@ -138,6 +161,20 @@ def test_a_nightly_run_writes_only_its_segment_and_merges_keep_every_answer(tmp_
     # Pruning keeps what kept versions reference and deletes the rest.
     referenced = {r.folder for v in (second, third, fourth) for r in segments.segment_refs(v)}
     assert set(versions.segment_folders(str(root))) == referenced
+
+
+def test_an_index_without_a_first_stage_gains_one_at_its_next_run(tmp_path, cache_dir):
+    corpus, root = corpus_of(tmp_path / "corpus", BASE), tmp_path / "index"
+    assert reindex_run(corpus, root) == 0
+    pointer = layout.read_manifest(str(root))
+    for folder in (root, root / pointer["build"]):  # as a version written before first stages
+        manifest = json.loads((folder / layout.MANIFEST).read_text())
+        del manifest["first_stage"]
+        (folder / layout.MANIFEST).write_text(json.dumps(manifest))
+    assert retrieval.open_index(str(root), shortlist_min_images=1).first_stage is None  # it answers without
+    assert reindex_run(corpus, root) == 0
+    assert last_report(root)["re_extracted"] == 0
+    first_stage_of(root, stored_queries(root, ["lund/a.jpg", "sacre/a.jpg"], corpus))
 
 
 def format_1_copy(root, tmp_path):
@@ -172,6 +209,7 @@ def test_an_index_of_before_segments_is_read_and_converted_by_the_first_nightly_
     assert reindex_run(corpus, old) == 0
     converted = layout.read_manifest(str(old))
     assert converted["format_version"] == 2 and converted["counts"]["segments"] == 1
+    first_stage_of(old, stored_queries(old, ["lund/new.jpg", "lund/a.jpg"], corpus))  # the carried rows too
     report = last_report(old)
     assert report["reused"] == 5 and report["re_extracted"] == 1 and report["added"] == 1
     rows = rows_by_image(old)

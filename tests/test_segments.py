@@ -11,7 +11,7 @@ import pytest
 
 from delf_retrieval import quantize
 from delf_retrieval.extraction.features import Features
-from delf_retrieval.index import (layout, merge_policy, segment_reader, segments, shard_reader, shards, shortlist,
+from delf_retrieval.index import (layout, merge_policy, segment_reader, segments, shard_reader, shards,
                                   versions)
 from delf_retrieval.index.neighbour_table import NeighbourTable
 from delf_retrieval.quantize import pca as pca_lib
@@ -474,28 +474,3 @@ def test_a_version_folder_reads_by_a_manifest_not_yet_written(both, model, tmp_p
     assert reader.neighbours() is None
 
 
-def test_the_image_shortlist_of_a_format_2_version_is_that_of_its_live_images(both, tmp_path):
-    """Built from the live rows only (no tombstoned image), with the same words and vectors as the
-    one-segment index however the rows are split; pipeline.build_shortlist writes it beside a
-    format-2 root and the retriever loads it."""
-    import shutil
-
-    from pipeline import build_shortlist
-
-    history, single, segmented = both
-    one = shortlist.build_from_index(single, n_words=4, sample_rows=500, size=5)
-    many = shortlist.build_from_index(segmented, n_words=4, sample_rows=500, size=5)
-    np.testing.assert_array_equal(one.image_ids, many.image_ids)
-    assert 5 not in many.image_ids.tolist() and sorted(many.image_ids.tolist()) == sorted(history.content)
-    np.testing.assert_array_equal(one.words, many.words)
-    np.testing.assert_allclose(one.vectors, many.vectors, atol=1e-6)
-    again = shortlist.build_from_index(segmented, n_words=4, sample_rows=500, seed=1, size=5)
-    assert not np.array_equal(again.words, many.words)  # the seed chooses the sample
-
-    root = tmp_path / "root"
-    shutil.copytree(segmented.directory, root)
-    assert build_shortlist.run(["--index", str(root), "--words", "4", "--sample-rows", "500"]) == 0
-    retriever = retrieval.open_index(str(root), image_shortlist="on", shortlist_size=5)
-    np.testing.assert_array_equal(np.sort(retriever.image_shortlist.image_ids), np.sort(many.image_ids))
-    features = queries(history, np.random.default_rng(7))[0]
-    assert retriever.search(features).matches[0].image_id == 0

@@ -17,8 +17,8 @@ from delf_retrieval.model import delf
 
 DEAD_LETTER = "dead_letter"
 METRICS_NAMESPACE = "delf"
-STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "merge", "neighbours",
-          "publish")
+STAGES = ("read", "decode", "model_load", "extract", "sample", "train", "encode", "write", "merge", "first_stage",
+          "neighbours", "publish")
 
 
 class StageTimer:

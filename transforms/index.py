@@ -20,6 +20,7 @@ from delf_retrieval.index import layout, merging, scrub, segments, shards, versi
 from delf_retrieval.index.neighbour_table import NEIGHBOURS_FILE
 from delf_retrieval.index.segments import codebook_records
 from transforms.extract import DEAD_LETTER, StageTimer, internal_error, split_training_sample, with_accelerator
+from transforms.first_stage import first_stage_entry, first_stage_files
 from transforms.neighbours import FindNeighbours, StoredImageRows, image_rows, next_neighbour_table, stored_shards
 from transforms.reindex import SAME, CarryPostings, CheckContent, drift_error, read_current_model
 
@@ -304,6 +305,7 @@ class BuildIndex(beam.PTransform):
                 new_images=beam.pvalue.AsList(new_images), same_uris=beam.pvalue.AsList(checked[SAME]),
                 dead_letters=beam.pvalue.AsList(dead), new_error=beam.pvalue.AsSingleton(new_error))
         )
+        stage_parts = first_stage_files(pbegin, job, version, index.pq_m, index.pq_bits)
         if job.neighbours is not None:  # each new image searches the written version with its own rows
             searching = [e[IMAGE_ROWS] for e in encoded]
             if job.mode == plan_lib.INCREMENTAL and job.previous_neighbours is None:
@@ -318,10 +320,13 @@ class BuildIndex(beam.PTransform):
                     | "ImageRows" >> beam.Map(image_rows, index.pq_m))
             edges = (searching | "AllImageRows" >> beam.Flatten()
                      | "SpreadImageRows" >> beam.Reshuffle()
-                     | "FindNeighbours" >> beam.ParDo(FindNeighbours(job), version=beam.pvalue.AsSingleton(version)))
+                     | "BatchImageRows" >> beam.BatchElements(min_batch_size=1, max_batch_size=32)
+                     | "FindNeighbours" >> beam.ParDo(FindNeighbours(job), version=beam.pvalue.AsSingleton(version),
+                                                      first_stage=beam.pvalue.AsList(stage_parts)))
         else:
             edges = pbegin | "NoNeighbours" >> beam.Create([])
-        return version | "Publish" >> beam.ParDo(PublishVersion(job), edges=beam.pvalue.AsList(edges))
+        return version | "Publish" >> beam.ParDo(PublishVersion(job), edges=beam.pvalue.AsList(edges),
+                                                 first_stage=beam.pvalue.AsList(stage_parts))
 
 
 CHANGE_COUNTS = ("listed", "added", "changed", "unchanged", "deleted", "rejected", "reused", "re_extracted")
@@ -475,7 +480,8 @@ class WriteVersion(beam.DoFn):
 
 class PublishVersion(beam.DoFn):
     """The last step, on one worker: the neighbour table (when the build keeps one: the current
-    version's, updated with the ``edges`` found this run), then the version's manifest,
+    version's, updated with the ``edges`` found this run), the first stage's parts (the current
+    version's of the segments it keeps, and ``first_stage``, those written this run), then the version's manifest,
     verification and the pointer that makes it visible (``versions.publish``, a compare-and-swap
     against ``job.expected_token``, the pointer the run found when it took the lock: a run that lost
     its lock cannot publish over another's). Then older versions are pruned under the run's lock,
@@ -486,10 +492,11 @@ class PublishVersion(beam.DoFn):
     def __init__(self, job: plan_lib.BuildJob):
         self.job = job
 
-    def process(self, version, edges):
+    def process(self, version, edges, first_stage):
         job = self.job
         manifest, report = version["manifest"], version["report"]
         with StageTimer("publish"):
+            manifest["first_stage"] = first_stage_entry(job, manifest, first_stage)
             if job.neighbours is not None:
 
                 table = next_neighbour_table(job, version, edges)

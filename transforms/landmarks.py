@@ -10,6 +10,7 @@ import apache_beam as beam
 import numpy as np
 
 from delf_retrieval import storage
+from delf_retrieval.first_stage import search as first_stage
 from delf_retrieval.index import layout, neighbour_table, segment_reader
 from delf_retrieval.index.neighbour_table import NeighbourConfig, NeighbourTable
 from delf_retrieval.landmarks import graph, sheets, table
@@ -39,6 +40,11 @@ class LandmarksJob:
 
     def is_segmented(self) -> bool:
         return "segments" in self.manifest
+
+    @property
+    def previous_first_stage(self) -> dict:
+        """The version's first-stage parts by segment (what ``FindNeighbours`` searches through)."""
+        return (first_stage.records_of(self.manifest) or {}).get("segments", {})
 
 
 def stored_edges(_, job: LandmarksJob):
@@ -111,7 +117,8 @@ class FindLandmarks(beam.PTransform):
                      | "GroupImageRows" >> beam.GroupByKey()
                      | "ImageRows" >> beam.Map(image_rows, pq_m)
                      | "SpreadImageRows" >> beam.Reshuffle()
-                     | "FindNeighbours" >> beam.ParDo(FindNeighbours(job), version=version)
+                     | "BatchImageRows" >> beam.BatchElements(min_batch_size=1, max_batch_size=32)
+                     | "FindNeighbours" >> beam.ParDo(FindNeighbours(job), version=version, first_stage=[])
                      | "AsArrays" >> beam.Map(as_array))
         else:
             edges = once | "SearchNeighbours" >> beam.FlatMap(searched_edges, job)

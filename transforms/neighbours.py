@@ -14,14 +14,19 @@ from apache_beam.metrics import Metrics
 from delf_retrieval import storage
 from delf_retrieval.index import layout, neighbour_table, scrub, segment_reader, segments, shards
 from delf_retrieval.query import expansion
+from delf_retrieval.first_stage.search import DEFAULT_MIN_IMAGES, FirstStage
 from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
 from transforms.extract import StageTimer
+from transforms.first_stage import first_stage_entry
 
 
 class FindNeighbours(beam.DoFn):
-    """(image id, PostingRows) -> (image id, neighbour id, inliers) of each verified neighbour,
-    searched in the version the ``version`` side input describes (``WriteVersion``'s output),
-    opened once per worker. A search that fails loses that image's edges only (counted)."""
+    """[(image id, PostingRows)] (a batch) -> (image id, neighbour id, inliers) of each verified
+    neighbour, searched in the version the ``version`` side input describes (``WriteVersion``'s
+    output, with the ``first_stage`` parts written for it), opened once per worker; through the
+    first stage when the version is large enough for queries to use it, so that each image
+    searches its candidates, not the whole index. A search that fails loses that image's edges
+    only (counted)."""
 
     def __init__(self, job):
         self.job = job
@@ -29,24 +34,25 @@ class FindNeighbours(beam.DoFn):
         self.failed = Metrics.counter("delf", "neighbour_searches_failed")
         self.timing = StageTimer("neighbours")
 
-    def process(self, element, version):
-        image_id, rows = element
-        try:
-            with self.timing:
-                manifest = version["manifest"]
-                if self._index_id != manifest["index_id"]:
-                    reader = segment_reader.open_reader(storage.join(self.job.root, self.job.build), manifest=manifest)
-                    self.retriever = Retriever(reader, RetrievalConfig())
-                    self._index_id = manifest["index_id"]
-                quantizer = self.retriever.reader.quantizer
-                projected = quantizer.decode(rows.encoded.regions, rows.encoded.codes)
-                neighbours, inliers = expansion.search_neighbours(self.retriever, image_id, projected,
-                                                                  rows.locations, self.job.neighbours)
-        except Exception:  # noqa: BLE001 - the image stays indexed; only its edges are missing
-            self.failed.inc()
-            return
-        for n, c in zip(neighbours.tolist(), inliers.tolist()):
-            yield image_id, n, c
+    def process(self, batch, version, first_stage):
+        with self.timing:
+            manifest = version["manifest"]
+            if self._index_id != manifest["index_id"]:
+                manifest = {**manifest, "first_stage": first_stage_entry(self.job, manifest, first_stage)}
+                reader = segment_reader.open_reader(storage.join(self.job.root, self.job.build), manifest=manifest)
+                stage = FirstStage.open(reader) if manifest["counts"]["images"] >= DEFAULT_MIN_IMAGES else None
+                self.retriever = Retriever(reader, RetrievalConfig(), stage)
+                self._index_id = manifest["index_id"]
+            quantizer = self.retriever.reader.quantizer
+            images = [(image_id, quantizer.decode(rows.encoded.regions, rows.encoded.codes), rows.locations)
+                      for image_id, rows in batch]
+            found = expansion.search_neighbours_batch(self.retriever, images, self.job.neighbours)
+        for (image_id, _, _), result in zip(images, found):
+            if isinstance(result, Exception):  # the image stays indexed; only its edges are missing
+                self.failed.inc()
+                continue
+            for n, c in zip(result[0].tolist(), result[1].tolist()):
+                yield image_id, n, c
 
 
 def stored_shards(_, job, version: dict) -> list[tuple[dict, dict]]:

@@ -345,6 +345,9 @@ class BuildJob:
     started: float = 0.0
     neighbours: object = None  # expansion.NeighbourConfig: keep a verified-neighbour table; None: none
     previous_neighbours: dict | None = None  # the current version's neighbour table (file record)
+    # The current version's first-stage parts by segment (``first_stage.search.records_of``): the
+    # segments it keeps need no new ones.
+    previous_first_stage: dict = field(default_factory=dict)
     # The segments: the one this run writes (named by its build id; its shards carry ``index_id``),
     # whether it copies the kept images' rows into it (``carry``, over a format-1 version), how many
     # plan rows are kept, the current version's segments the new one keeps listing, the merges of

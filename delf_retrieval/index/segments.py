@@ -44,6 +44,7 @@ SEGMENT_MANIFEST = "segment.json"
 TOMBSTONES_FILE = "tombstones.parquet"
 TOMBSTONE_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64())])
 RESTAMPS_FILE = "restamps.parquet"
+FIRST_STAGE = "first_stage"  # the manifest's entry for the first stage's files (delf_retrieval.first_stage)
 RESTAMP_SCHEMA = pa.schema([("segment", pa.string()), ("image_id", pa.int64()), ("stamp", pa.string())])
 
 
@@ -303,10 +304,15 @@ def verify_segments(directory: str, manifest: dict, deep: set[str] | None = None
     root = index_root(directory, manifest)
     for record in manifest["codebooks"].values():  # small, shared: always read
         layout.checked_read(root, record, checksum=True)
+    first_stage = (manifest.get(FIRST_STAGE) or {}).get("segments", {})
     for ref in segment_refs(manifest):
         segment = read_segment(root, ref)
+        deeply = deep is None or ref.segment_id in deep
         for record in (segment.images,) + segment.shards:
-            layout.checked_read(root, in_segment(ref, record), checksum=deep is None or ref.segment_id in deep)
+            layout.checked_read(root, in_segment(ref, record), checksum=deeply)
+        for part in first_stage.get(ref.segment_id, ()):  # paths from the root
+            for record in (part["vectors"], part["row_file"]):
+                layout.checked_read(root, record, checksum=deeply)
 
 
 def segment_folder(root: str, segment_id: str) -> str:
@@ -363,13 +369,14 @@ def codebook_records(manifest: dict) -> dict:
 def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA | None, segments: list[SegmentRef],
                      tombstones: Tombstones = Tombstones(), version_folder: str | None = None,
                      dead_letters: pa.Table | None = None, neighbours=None, model: dict | None = None,
-                     codebooks: dict | None = None) -> dict:
+                     codebooks: dict | None = None, first_stage: dict | None = None) -> dict:
     """Write a version's own files into ``directory`` (its tombstones, and the model under
     ``codebooks/`` unless ``codebooks`` names those already written) and return its format-2
     manifest, not yet written: ``layout.write_manifest`` or ``versions.publish`` does that.
     ``version_folder``: ``builds/<id>`` when ``directory`` is that folder of a versioned root;
     ``neighbours``: the version's ``expansion.NeighbourTable`` (readers drop its edges to images
-    that are not live)."""
+    that are not live); ``first_stage``: the first stage's manifest entry
+    (``first_stage.search.entry``) when its files are written."""
     root = index_root(directory, {"version_folder": version_folder}) if version_folder else directory
     if codebooks is None:
         codebooks = write_codebooks(root, layout.new_index_id(), quantizer.to_npz_bytes(),
@@ -381,13 +388,14 @@ def version_manifest(directory: str, *, quantizer: Quantizer, pca: pca_lib.PCA |
 
         files["neighbours"] = layout.write_table_file(directory, NEIGHBOURS_FILE, neighbours.to_table())
     return segmented_manifest(directory, layout.new_index_id(), quantizer, files, segments, tombstones,
-                              version_folder=version_folder, model=model, codebooks=codebooks)
+                              version_folder=version_folder, model=model, codebooks=codebooks, first_stage=first_stage)
 
 
 def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, files: dict, segments: list[SegmentRef],
                        tombstones: Tombstones = Tombstones(), restamps: Restamps = Restamps(),
                        version_folder: str | None = None, model: dict | None = None, extra: dict | None = None,
-                       live_descriptors: int | None = None, codebooks: dict | None = None) -> dict:
+                       live_descriptors: int | None = None, codebooks: dict | None = None,
+                       first_stage: dict | None = None) -> dict:
     """A format-2 manifest over the version's own ``files`` (written into ``directory``; its
     tombstones and restamps are written here too), the shared ``codebooks`` (``write_codebooks``'s
     records) and the ``segments`` it lists. ``live_descriptors``: the rows of its live images,
@@ -421,6 +429,10 @@ def segmented_manifest(directory: str, index_id: str, quantizer: Quantizer, file
                                "segments": len(segments), "tombstones": len(tombstones)})
     if version_folder is not None:
         manifest["version_folder"] = version_folder
+    if first_stage is not None:
+        if set(first_stage["segments"]) != listed:
+            raise ValueError("the first stage must cover exactly the segments the version lists")
+        manifest[FIRST_STAGE] = first_stage
     return manifest
 
 

@@ -1,6 +1,6 @@
 """The compiled ASMK scan (numba): Hamming distances of packed binary signatures along the inverted
 lists of a query's words, turned into the selective similarity and summed per image. Same inputs
-and results as ``delf_retrieval.index.asmk.scan_numpy``."""
+and results as ``delf_retrieval.first_stage.asmk.scan_numpy``."""
 
 from __future__ import annotations
 

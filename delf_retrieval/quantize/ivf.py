@@ -72,6 +72,15 @@ class Searcher:
         self.quantizer = quantizer
         self.lists = lists
         self.cell_regions = quantizer.regions.cell_regions(quantizer.coarse.n_cells)
+        self._cell_table = None
+
+    @property
+    def cell_table(self) -> np.ndarray:
+        """The cells' part of the global-codebook lookup tables (``adc_kernel.cell_tables``), computed
+        once per quantizer and kept on it: readers build a Searcher for every query's working set."""
+        if self._cell_table is None:
+            self._cell_table = cell_table(self.quantizer)
+        return self._cell_table
 
     def search(self, queries: np.ndarray, k: int, nprobe: int = 8, kernel: str = "compiled") -> tuple[np.ndarray, np.ndarray]:
         """The k nearest stored rows of each query by asymmetric distance over its ``nprobe``
@@ -91,10 +100,26 @@ class Searcher:
         if kernel == "compiled":
             from delf_retrieval.quantize import adc_kernel  # heavy: numba compiles the kernel on first use
 
-            return adc_kernel.search(*args)
+            return adc_kernel.search(*args, cell_table=self.cell_table)
         if kernel == "numpy":
             return _search_numpy(*args)
         raise ValueError(f"unknown kernel {kernel!r}: expected 'compiled' or 'numpy'")
+
+
+_CELL_TABLE = "_adc_cell_table"  # attribute of a Quantizer: (centroids, codebooks, table)
+
+
+def cell_table(quantizer: Quantizer) -> np.ndarray:
+    """``adc_kernel.cell_tables`` of the quantizer's centroids and global codebooks (n_cells, M, K),
+    cached on the quantizer object; recomputed if either array was replaced since."""
+    centroids, codebooks = quantizer.coarse.centroids, quantizer.pq.codebooks
+    cached = quantizer.__dict__.get(_CELL_TABLE)
+    if cached is None or cached[0] is not centroids or cached[1] is not codebooks:
+        from delf_retrieval.quantize import adc_kernel
+
+        cached = (centroids, codebooks, adc_kernel.cell_tables(centroids, codebooks))
+        quantizer.__dict__[_CELL_TABLE] = cached
+    return cached[2]
 
 
 def _search_numpy(queries, probe_cells, centroids, cell_regions, region_model, model_mean, model_rotation,

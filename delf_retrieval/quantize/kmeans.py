@@ -7,6 +7,10 @@ import numpy as np
 
 # Rows per distance block (2048 x 8192 float32 = 64 MB); the matrix product dominates the time.
 _ROWS_PER_CHUNK = 2048
+# Up to this k the k nearest are picked by a compiled one-pass insertion (adc_kernel.smallest_k),
+# beyond it by np.argpartition, which costs ~16 ns per centroid and row whatever k is (measured
+# 80 us per row over 4401 centroids on one core: 9x the matrix product).
+_COMPILED_SELECT_MAX_K = 64
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +29,14 @@ def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1) -> tuple[np.ndarra
     for start in range(0, x.shape[0], _ROWS_PER_CHUNK):
         block = x[start:start + _ROWS_PER_CHUNK]
         d = block @ minus_two_ct
+        x_sq = np.einsum("ij,ij->i", block, block)[:, None]
+        if 1 < k <= _COMPILED_SELECT_MAX_K:
+            from delf_retrieval.quantize import adc_kernel  # numba: compiled on first use
+
+            top, top_d = adc_kernel.smallest_k(d, c_sq, k)  # the same float32 sums as d + c_sq
+            labels[start:start + len(block)] = top
+            dists[start:start + len(block)] = np.maximum(top_d + x_sq, 0.0)
+            continue
         d += c_sq
         if k == 1:
             top = np.argmin(d, axis=1)[:, None]
@@ -32,7 +44,6 @@ def nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1) -> tuple[np.ndarra
             top = np.argpartition(d, k - 1, axis=1)[:, :k]
             order = np.argsort(np.take_along_axis(d, top, axis=1), axis=1, kind="stable")
             top = np.take_along_axis(top, order, axis=1)
-        x_sq = np.einsum("ij,ij->i", block, block)[:, None]
         labels[start:start + len(block)] = top
         dists[start:start + len(block)] = np.maximum(np.take_along_axis(d, top, axis=1) + x_sq, 0.0)
     return labels, dists

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from delf_retrieval.extraction.extractor import Extractor
+from delf_retrieval.first_stage.search import DEFAULT_MIN_IMAGES
 from delf_retrieval.index import layout
 from delf_retrieval.landmarks import recognition
 from delf_retrieval.model import delf
@@ -31,7 +32,7 @@ class EngineConfig:
     retrieval: RetrievalConfig = RetrievalConfig()
     image_shortlist: str = "auto"  # auto: when the index has one and at least shortlist_min_images images
     shortlist_size: int = 1000
-    shortlist_min_images: int = 50_000
+    shortlist_min_images: int = DEFAULT_MIN_IMAGES
     # The postings are held in memory (the reader's load_all) when ``resident`` and their estimate
     # fits in ``max_memory``; otherwise they are read per probe through a row-group cache of that size.
     max_memory: int = 4 << 30
@@ -182,7 +183,7 @@ class Engine:
         return {"version": self.version.name, "index_id": m["index_id"], "created": m.get("created"),
                 "images": m["counts"]["images"], "descriptors": m["counts"]["descriptors"], "spec": m.get("spec"),
                 "preset": model.get("preset"), "backbone": (model.get("network") or {}).get("backbone"),
-                "resident": self.resident, "image_shortlist": self.retriever.image_shortlist is not None,
+                "resident": self.resident, "image_shortlist": self.retriever.first_stage is not None,
                 "opened": self.opened}
 
     def probe(self, max_rows: int = 300) -> None:
@@ -221,7 +222,8 @@ def open_engine(version: Version, config: EngineConfig = EngineConfig(), extract
                                      shortlist_size=config.shortlist_size, cache_bytes=config.max_memory,
                                      manifest=version.manifest)
     reader = retriever.reader
-    resident = config.resident and reader.resident_bytes() <= config.max_memory
+    # With a first stage, queries read their candidates' rows: the cell lists are never held.
+    resident = config.resident and retriever.first_stage is None and reader.resident_bytes() <= config.max_memory
     if resident:
         reader.load_all()
     engine = Engine(version, retriever, extractor if extractor is not None else load_extractor(reader.manifest),

@@ -12,18 +12,37 @@ from delf_retrieval.query.matching import Match
 
 
 def search_neighbours(retriever, image_id: int, projected: np.ndarray, locations: np.ndarray,
-                      config: NeighbourConfig) -> tuple[np.ndarray, np.ndarray]:
+                      config: NeighbourConfig, shortlisted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(neighbour ids, inliers) of one database image: the index searched with its own rows
     (``projected``: decoded codes; ``locations``: their keypoints), the verified images with at
     least ``min_inliers`` inliers but itself, the ``k`` with most. The search is not restricted
     to the other images: the image finds itself first, which costs one of the shortlist's
-    verifications and is cheaper than filtering every probed list."""
-    result = retriever.search_projected(projected, locations)
+    verifications and is cheaper than filtering every probed list. ``shortlisted``: the image's
+    first-stage candidates, when found for a batch (:func:`search_neighbours_batch`)."""
+    result = retriever.search_projected(projected, locations, shortlisted=shortlisted)
     found = [(m.image_id, m.inliers) for m in result.matches
              if m.verified and m.inliers >= config.min_inliers and m.image_id != image_id]
     found.sort(key=lambda f: (-f[1], f[0]))
     found = found[:config.k]
     return np.asarray([f[0] for f in found], np.int64), np.asarray([f[1] for f in found], np.int64)
+
+
+def search_neighbours_batch(retriever, images: list, config: NeighbourConfig) -> list:
+    """:func:`search_neighbours` of several images, ``images`` a list of (image id, projected,
+    locations): with a first stage, their candidates come from one matrix product, so that the
+    stage's cost per image stays flat as the index grows. One result (or exception) per image."""
+    shortlisted = [None] * len(images)
+    stage = retriever.first_stage
+    if stage is not None and images:
+        vectors = np.stack([stage.vector(projected) for _, projected, _ in images])
+        shortlisted = stage.top_vectors(vectors, retriever.shortlist_size)
+    out = []
+    for (image_id, projected, locations), candidates in zip(images, shortlisted):
+        try:
+            out.append(search_neighbours(retriever, image_id, projected, locations, config, candidates))
+        except Exception as e:  # noqa: BLE001 - one image's failure is that image's alone
+            out.append(e)
+    return out
 
 
 def rows_by_image(reader) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -12,7 +12,7 @@ import numpy as np
 from delf_retrieval.extraction.extractor import ExtractionConfig
 from delf_retrieval.extraction.features import Features
 from delf_retrieval.index import segment_reader
-from delf_retrieval.index.shortlist import ImageShortlist
+from delf_retrieval.first_stage.search import DEFAULT_MIN_IMAGES, FirstStage
 from delf_retrieval.model import delf
 from delf_retrieval.query import verify
 from delf_retrieval.query.expansion import expand
@@ -70,7 +70,7 @@ def combined_score(inliers: np.ndarray, votes: np.ndarray, config: RetrievalConf
 @dataclass
 class QueryResult:
     matches: list[Match]
-    timings: dict  # seconds per stage: shortlist (with PCA), ann, voting, ransac
+    timings: dict  # seconds per stage: shortlist (with PCA; the first stage and reading its images' rows), ann, voting, ransac
     num_descriptors: int
     num_putative: int
     notes: tuple = ()  # what a user should know of how the query was answered
@@ -83,14 +83,17 @@ NO_NEIGHBOUR_TABLE = ("the index has no neighbour table: answered without query 
 class Retriever:
     """Answers queries against an opened index (:class:`~delf_retrieval.index.shard_reader.IndexReader`).
 
-    ``image_shortlist`` (a :class:`~delf_retrieval.index.shortlist.ImageShortlist`) restricts the local
-    search to the images nearest the query's aggregated descriptor, for large corpora.
+    ``first_stage`` (a :class:`~delf_retrieval.first_stage.search.FirstStage`) restricts the
+    descriptor search to the ``shortlist_size`` images nearest the query's image vector, read from
+    their image-major rows: the index's cell lists are then not read at all (large corpora).
     """
 
-    def __init__(self, reader, config: RetrievalConfig = RetrievalConfig(), image_shortlist=None):
+    def __init__(self, reader, config: RetrievalConfig = RetrievalConfig(), first_stage: FirstStage | None = None,
+                 shortlist_size: int = 1000):
         self.reader = reader
         self.config = config
-        self.image_shortlist = image_shortlist
+        self.first_stage = first_stage
+        self.shortlist_size = shortlist_size
         images = reader.images
         ids = images.column("image_id").to_numpy()
         order = np.argsort(ids, kind="stable")
@@ -100,7 +103,7 @@ class Retriever:
 
     def with_config(self, config: RetrievalConfig) -> "Retriever":
         """The same opened index answering with other settings (a request's own ``top``, ``rank_by``...):
-        the reader, the image shortlist and the id tables are shared, nothing is read again."""
+        the reader, the first stage and the id tables are shared, nothing is read again."""
         if config == self.config:
             return self
         other = copy.copy(self)
@@ -126,23 +129,29 @@ class Retriever:
         return self.search_projected(projected, features.locations, among, time.perf_counter() - start)
 
     def search_projected(self, projected: np.ndarray, locations: np.ndarray, among: np.ndarray | None = None,
-                         projection_seconds: float = 0.0) -> QueryResult:
+                         projection_seconds: float = 0.0, shortlisted: np.ndarray | None = None) -> QueryResult:
         """:meth:`search` for descriptors already in the index's space, with their (y, x) keypoints:
-        a query's, or a database image's own stored rows (decoded codes), as query expansion uses."""
+        a query's, or a database image's own stored rows (decoded codes), as query expansion uses.
+        ``shortlisted``: the first stage's candidates when the caller found them already (a batch
+        of images searching at once)."""
         config = self.config
         timings = {}
         start = time.perf_counter() - projection_seconds
         candidates = None if among is None else np.asarray(among, np.int64)
-        if self.image_shortlist is not None and len(projected):
-            shortlisted = self.image_shortlist.candidates(projected)
-            candidates = shortlisted if candidates is None else shortlisted[np.isin(shortlisted, candidates)]
+        source = self.reader
+        if self.first_stage is not None and len(projected):
+            if shortlisted is None:
+                shortlisted = self.first_stage.top(projected, self.shortlist_size, among=candidates)
+            elif candidates is not None:
+                shortlisted = shortlisted[np.isin(shortlisted, candidates)]
+            source, candidates = self.first_stage.rows_of(shortlisted), None
         timings["shortlist"] = time.perf_counter() - start
         start = time.perf_counter()
         if len(projected):
-            distances, rows = self.reader.search(projected, config.neighbours, config.nprobe, image_ids=candidates)
+            distances, rows = source.search(projected, config.neighbours, config.nprobe, image_ids=candidates)
         else:
             distances, rows = np.zeros((0, config.neighbours), np.float32), np.zeros((0, config.neighbours), np.int64)
-        stored = self.reader.rows(rows)
+        stored = source.rows(rows)
         timings["ann"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -202,24 +211,27 @@ def index_configs(manifest: dict):
     return delf.ModelConfig.from_json(dict(model["network"])), ExtractionConfig.from_json(model["extraction"])
 
 
+NO_FIRST_STAGE = ("{index} has no first stage (image shortlist) for its current version: the next "
+                  "pipeline.reindex run writes it")
+
+
 def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_shortlist: str = "auto",
-               shortlist_min_images: int = 50_000, shortlist_size: int = 1000,
+               shortlist_min_images: int = DEFAULT_MIN_IMAGES, shortlist_size: int = 1000,
                cache_bytes: int = 2 << 30, manifest: dict | None = None) -> Retriever:
     """A Retriever over the index at ``index`` (local or gs://; its current version, or the one
     whose pointer ``manifest`` was read from it: a server that must know which version it opened).
-    The image shortlist is used when ``image_shortlist`` is "on", or "auto" and the index has at
-    least ``shortlist_min_images`` images and a shortlist was built for it."""
+    The first stage (image shortlist) is used when ``image_shortlist`` is "on", or "auto" and the
+    index has at least ``shortlist_min_images`` live images and the files of a first stage."""
 
     if image_shortlist not in ("auto", "on", "off"):
         raise ValueError("image_shortlist must be auto, on or off")
     reader = segment_reader.open_reader(index, cache_bytes=cache_bytes, manifest=manifest)
-    shortlist = None
+    first_stage = None
     if image_shortlist == "on" or (image_shortlist == "auto" and reader.manifest["counts"]["images"] >= shortlist_min_images):
-        shortlist = ImageShortlist.load(index, reader.manifest["index_id"], size=shortlist_size)
-        if shortlist is None and image_shortlist == "on":
-            raise FileNotFoundError(f"{index} has no image shortlist for its current version: "
-                                    "build one with python -m pipeline.build_shortlist")
-    return Retriever(reader, config, shortlist)
+        first_stage = FirstStage.open(reader)
+        if first_stage is None and image_shortlist == "on":
+            raise FileNotFoundError(NO_FIRST_STAGE.format(index=index))
+    return Retriever(reader, config, first_stage, shortlist_size)
 
 
 def results_document(answers: list[tuple[str, list[Match]]], notes=(), landmarks: dict | None = None) -> dict:

@@ -268,3 +268,46 @@ def save(codebook: Codebook, config: AsmkConfig) -> bytes:
 def load(payload: bytes) -> tuple[Codebook, AsmkConfig]:
     a = npz.read(io.BytesIO(payload), FORMAT_VERSION, "ASMK codebook")
     return Codebook(a["words"]), AsmkConfig.from_json(json.loads(a["config"].tobytes().decode()))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64: a well-spread 64-bit key per input."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_rows_of(reader, image_ids: np.ndarray, sample_rows: int, seed: int = 0) -> np.ndarray:
+    """About ``sample_rows`` of an index's reconstructed descriptors, chosen and ordered by a
+    pseudo-random key of (seed, image id, the row's place among its image's rows): the smallest keys
+    win. The sample depends only on the live images' rows, not on how they are split into row groups
+    or segments, so one corpus gives one vocabulary however it was written. ``image_ids``: the
+    sorted ids of the index's images."""
+    sample_rows = max(int(sample_rows), 1)
+    salt = _mix(np.asarray([seed], np.uint64))[0]
+    seen = np.zeros(len(image_ids), np.int64)  # rows of each image met so far
+    keys, picked, held, threshold = [], [], 0, None
+    for ids, reconstructed in reader.postings():
+        owners = np.searchsorted(image_ids, ids)
+        order = np.argsort(owners, kind="stable")
+        starts = np.flatnonzero(np.r_[True, owners[order][1:] != owners[order][:-1]])
+        place = np.empty(len(ids), np.int64)
+        place[order] = seen[owners[order]] + np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+        seen += np.bincount(owners, minlength=len(image_ids))
+        key = _mix(_mix(np.asarray(ids).astype(np.uint64) ^ salt) + place.astype(np.uint64))
+        take = np.flatnonzero(key < threshold) if threshold is not None else np.arange(len(key))
+        keys.append(key[take])
+        picked.append(reconstructed[take])
+        held += len(take)
+        if held >= 2 * sample_rows:  # keep the smallest keys (amortised: the pool at most doubles)
+            keys, picked = [np.concatenate(keys)], [np.concatenate(picked)]
+            best = np.argpartition(keys[0], sample_rows - 1)[:sample_rows]
+            keys, picked = [keys[0][best]], [picked[0][best]]
+            held, threshold = sample_rows, keys[0].max()
+    if not held:
+        return np.zeros((0, 0), np.float32)
+    key, sample = np.concatenate(keys), np.concatenate(picked)
+    best = np.argsort(key, kind="stable")[:sample_rows]
+    return sample[best]

@@ -1,0 +1,382 @@
+"""An index of N images on this machine, served through the first stage: build time per stage,
+bytes on disk, query latency and serving memory, the first stage's recall of the full scan, mAP of
+the real queries with and without it, and the neighbour stage's seconds per image.
+
+    python benchmarks/scale.py --images N [--json FILE] [--work DIR] [--shortlist-size 1000]
+        [--full-scan auto|on|off] [--segment-images 25000]
+
+The index holds:
+
+- the real photographs of the three validation sets, their features from retrieval_quality.py's
+  cache (bench_results/cache; extracted with the lite preset): landmarks-dev (205), landmarks-hard
+  (339), landmarks-train's database split (1,403), and their queries: dev's 165 and hard's 177 scene
+  photos (each with itself excluded) and the 90 train queries of the 18 landmarks
+  ``train_attention_model.landmark_halves`` puts first;
+- distractors up to N images, 1000 rows each, each made from ONE real image's encoded rows (dev's
+  and hard's distractor photos, and landmarks-train photos of the other 18 landmarks: never a
+  query's group): 1000 of its rows drawn (with replacement when it has fewer), 3 of each row's 10
+  PQ sub-codes re-drawn and the keypoints shuffled among the rows and jittered, so that it
+  resembles its source to the first stage but does not verify.
+
+The PCA and quantizer are trained on the real descriptors (``encode.train``, ``expected_count`` the
+index's rows, as a build sizes LOPQ). Segments of ``--segment-images`` images are written as a build
+writes them (cell-sorted posting shards, then the first stage's parts). The neighbour table holds
+the real images' verified neighbours, found by the neighbour stage through the first stage (a
+distractor's would be empty: it verifies against nothing); its seconds per image are timed on them.
+
+Queries are answered by a separate serving process (``--serve``) that opens the index as
+``pipeline.serve`` does: through the first stage (``image_shortlist="on"``, cell lists never held)
+or, for the full scan, with every posting held in memory (``load_all``); its peak RSS is reported.
+Times are search + verification + expansion, extraction apart. The full scan runs where it fits
+(``--full-scan auto``: up to 2e5 images). First-stage recall: per query, the share of the images
+the full scan verifies (>= 10 inliers, the neighbour table's threshold; and >= 4, every verified
+image) found in the first stage's top K, averaged over the queries that verify something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+RESULTS = os.path.join(ROOT, "bench_results")
+
+ROWS_PER_DISTRACTOR = 1000
+REDRAWN_SUBCODES = 3
+KS = (100, 300, 1000)
+
+
+def real_sets():
+    """{set: (root, database rows, queries, truth, features)} from retrieval_quality's cache, and
+    the distractor sources (set, path) (never a query's group)."""
+    import first_stage as fs
+    from train_attention_model import landmark_halves
+
+    out, sources = {}, []
+    for name in ("dev", "hard", "train"):
+        root, rows, database, queries, truth = fs.evaluation_set(name)
+        features = fs.cached_features(name, root, rows, fs.CACHE)
+        if features is None:
+            raise SystemExit(f"{name}: features not in {fs.CACHE}: run benchmarks/retrieval_quality.py first")
+        label = dict(rows)
+        if name == "train":
+            asked, other = (set(h) for h in landmark_halves(root))
+            queries = [q for q in queries if label[q] in asked]
+            truth = {q: t for q, t in truth.items() if q in set(queries)}
+            sources += [(name, p) for p, l in database if l in other]
+        else:
+            sources += [(name, p) for p, l in rows if not l]
+        out[name] = (root, database, queries, truth, features)
+    return out, sources
+
+
+def uri_of(name: str, path: str) -> str:
+    return f"{name}/{path}"
+
+
+def distractor_rows(rng, source, quantizer, first_id: int, count: int):
+    """``count`` distractors made from one source's encoded rows (see the module's docstring)."""
+    from delf_retrieval.index import shards
+    from delf_retrieval.quantize import Encoded
+
+    regions, codes, locations, scales, attentions = source
+    k = quantizer.pq.codebooks.shape[1]
+    n = ROWS_PER_DISTRACTOR
+    take = rng.integers(0, len(regions), (count, n)).ravel()
+    new_codes = codes[take].copy()
+    m = new_codes.shape[1]
+    # Three distinct sub-codes of each row: a random start and two random distinct steps mod m.
+    first = rng.integers(0, m, len(take))
+    steps = np.stack([np.ones(len(take), np.int64), rng.integers(2, m, len(take))], 1)
+    which = np.column_stack([first, (first + steps[:, 0]) % m, (first + steps[:, 1]) % m])[:, :REDRAWN_SUBCODES]
+    np.put_along_axis(new_codes, which, rng.integers(0, k, (len(take), REDRAWN_SUBCODES)).astype(np.uint8), axis=1)
+    shuffled = rng.permuted(locations[take].reshape(count, n, 2), axis=1)  # keypoints swapped among the rows
+    shuffled = shuffled.reshape(-1, 2) + rng.normal(0, 8, (len(take), 2)).astype(np.float32)
+    ids = np.repeat(np.arange(first_id, first_id + count, dtype=np.int64), n)
+    region = regions[take]
+    return shards.PostingRows(Encoded(quantizer.regions.region_cell[region], region, new_codes), ids,
+                              np.clip(shuffled, 0, 4000), scales[take], attentions[take])
+
+
+def build(args, work: str) -> dict:
+    """Write the index under ``work/index`` and the queries' features; returns the build report."""
+    from delf_retrieval import quantize
+    from delf_retrieval.build import encode
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.first_stage import parts, search, vlad
+    from delf_retrieval.index import segment_reader, segments, shards
+    from delf_retrieval.query import expansion
+    from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
+    from delf_retrieval.index.neighbour_table import NeighbourConfig, NeighbourTable, cut, symmetric
+    from delf_retrieval.quantize import pca as pca_lib
+
+    seconds: dict = {}
+    start = time.perf_counter()
+    sets, sources = real_sets()
+    real = {}
+    for name, (_, database, _, _, features) in sets.items():
+        for path, _ in database:
+            if len(features[path]):
+                real[uri_of(name, path)] = features[path]
+    raw = np.concatenate([f.descriptors for f in real.values()])
+    n_distractors = max(args.images - len(real), 0)
+    total_rows = len(raw) + n_distractors * ROWS_PER_DISTRACTOR
+    model_path = os.path.join(work, "model.npz")  # kept: a re-run of the same size trains nothing
+    if os.path.exists(model_path):
+        with np.load(model_path) as saved:
+            projection = pca_lib.PCA.load(io.BytesIO(saved["pca"].tobytes()))
+            quantizer = quantize.Quantizer.load(io.BytesIO(saved["quantizer"].tobytes()))
+    else:
+        params = quantize.IndexParams(**({"n_cells": args.cells} if args.cells else {}))
+        projection, quantizer = encode.train(raw[np.random.default_rng(0).permutation(len(raw))[:args.train_rows]],
+                                             params, expected_count=total_rows)
+        np.savez(model_path, pca=np.frombuffer(projection.to_npz_bytes(), np.uint8),
+                 quantizer=np.frombuffer(quantizer.to_npz_bytes(), np.uint8))
+    seconds["train"] = time.perf_counter() - start
+    print(f"trained {quantizer.params.spec} on {min(len(raw), args.train_rows)} of {len(raw)} real descriptors "
+          f"in {seconds['train']:.0f} s; {len(real)} real images + {n_distractors} distractors", flush=True)
+    ids = {uri: inputs.image_id(uri) for uri in real}
+    encoded = {uri: encode.encode_image(ids[uri], f, projection, quantizer) for uri, f in real.items()}
+    pool = []
+    for name, path in sources:
+        e = encoded.get(uri_of(name, path))
+        if e is not None:
+            pool.append((e.encoded.regions, e.encoded.codes, e.locations, e.scales, e.attentions))
+    root = os.path.join(work, "index")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    words = vlad.words_of(quantizer.coarse.centroids)
+    refs, by_segment = [], {}
+    seconds.update({"postings": 0.0, "first_stage": 0.0, "distractors": 0.0})
+    rng = np.random.default_rng(1)
+    done, next_id, number = 0, 1, 0
+    real_uris = sorted(real)
+    while done < len(real_uris) + n_distractors:
+        t = time.perf_counter()
+        parts_rows, records = [], []
+        if number == 0:
+            parts_rows.append(shards.PostingRows.concatenate([encoded[u] for u in real_uris], quantizer.params.pq_m))
+            records += [{"image_id": ids[u], "uri": u, "width": 0, "height": 0, "num_features": len(real[u]),
+                         "content_hash": ""} for u in real_uris]
+        room = args.segment_images - len(records)
+        count = min(room, len(real_uris) + n_distractors - done - len(records))
+        made = 0
+        while made < count:
+            batch = min(count - made, 64)
+            source = pool[int(rng.integers(len(pool)))]
+            parts_rows.append(distractor_rows(rng, source, quantizer, next_id, batch))
+            records += [{"image_id": i, "uri": f"distractor:{i}", "width": 0, "height": 0,
+                         "num_features": ROWS_PER_DISTRACTOR, "content_hash": ""}
+                        for i in range(next_id, next_id + batch)]
+            next_id += batch
+            made += batch
+        rows = shards.PostingRows.concatenate(parts_rows, quantizer.params.pq_m)
+        del parts_rows
+        seconds["distractors"] += time.perf_counter() - t
+        segment_id = f"s{number:04d}"
+        t = time.perf_counter()
+        refs.append(segments.write_segment(root, rows, shards.image_table(records), quantizer.params.pq_bits,
+                                           segment_id=segment_id))
+        seconds["postings"] += time.perf_counter() - t
+        t = time.perf_counter()
+        by_segment[segment_id] = parts.write_segment_parts(root, segment_id, rows, quantizer, words, len(records))
+        seconds["first_stage"] += time.perf_counter() - t
+        done += len(records)
+        number += 1
+        del rows
+        print(f"  segment {segment_id}: {done} images written ({time.perf_counter() - start:.0f} s)", flush=True)
+    entry = search.entry(vlad.DEFAULT_WORDS, by_segment)
+    segments.write_version(root, quantizer=quantizer, pca=projection, segments=refs, first_stage=entry)
+
+    # The neighbour stage through the first stage, for the real images (in batches, as the build).
+    t = time.perf_counter()
+    reader = segment_reader.open_reader(root)
+    stage = search.FirstStage.open(reader)
+    retriever = Retriever(reader, RetrievalConfig(), stage, args.shortlist_size)
+    config = NeighbourConfig()
+    edges = []
+    uris = real_uris[:: max(1, len(real_uris) // args.neighbour_images)] if args.neighbour_images else real_uris
+    timed = []
+    for b in range(0, len(uris), 32):
+        batch = uris[b:b + 32]
+        items = [(ids[u], quantizer.decode(encoded[u].encoded.regions, encoded[u].encoded.codes), encoded[u].locations)
+                 for u in batch]
+        t0 = time.perf_counter()
+        found = expansion.search_neighbours_batch(retriever, items, config)
+        timed.append((time.perf_counter() - t0, len(batch)))
+        for (image_id, _, _), (neighbours, inliers) in zip(items, found):
+            edges += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
+    neighbour_seconds = sum(s for s, _ in timed[1:]) / max(sum(n for _, n in timed[1:]), 1)  # first: compiles
+    found = np.asarray(edges, np.int64).reshape(-1, 3)
+    table = cut(symmetric(found[:, 0], found[:, 1], found[:, 2]), config.k)
+    segments.write_version(root, quantizer=quantizer, pca=projection, segments=refs, first_stage=entry,
+                           neighbours=NeighbourTable(table.image_ids, table.neighbours, table.inliers))
+    seconds["neighbours_real_images"] = time.perf_counter() - t
+    print(f"neighbour stage: {neighbour_seconds:.3f} s per image over {len(uris)} images, {len(table)} edges",
+          flush=True)
+
+    # The queries' features, for the serving process.
+    queries, owners = [], {}
+    for name, (_, _, asked, _, features) in sets.items():
+        for q in asked:
+            queries.append((name, q))
+            owners[f"{name}/{q}"] = ids.get(uri_of(name, q), -1)
+    arrays = {}
+    for i, (name, q) in enumerate(queries):
+        f = sets[name][4][q]
+        arrays[f"d{i}"], arrays[f"l{i}"] = projection.transform(f.descriptors.astype(np.float32)), f.locations
+    np.savez(os.path.join(work, "queries.npz"), **arrays)
+    with open(os.path.join(work, "queries.json"), "w") as f:
+        json.dump({"queries": [f"{n}/{q}" for n, q in queries], "owners": owners}, f)
+    size = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(root) for name in names)
+    stage_bytes = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(root) for name in names
+                      if parts.FIRST_STAGE_DIR in d)
+    return {"images": len(real) + n_distractors, "real_images": len(real), "rows": int(reader.num_rows),
+            "index": quantizer.params.spec, "segments": len(refs), "build_seconds": seconds,
+            "index_bytes": size, "first_stage_bytes": stage_bytes, "neighbour_s_per_image": neighbour_seconds,
+            "neighbour_images_timed": len(uris)}
+
+
+def serve(args) -> int:
+    """The serving process: open the index as the service does, answer every query, report."""
+    from delf_retrieval.query import retrieval
+    from delf_retrieval.query.retrieval import RetrievalConfig
+
+    start = time.perf_counter()
+    staged = args.mode == "staged"
+    retriever = retrieval.open_index(args.serve, RetrievalConfig(top=100), image_shortlist="on" if staged else "off",
+                                     shortlist_size=args.shortlist_size)
+    if not staged:
+        retriever.reader.load_all()
+    opened = time.perf_counter() - start
+    with open(os.path.join(os.path.dirname(args.query_file), "queries.json")) as f:
+        meta = json.load(f)
+    data = np.load(args.query_file)
+    names = meta["queries"]
+    out = {"mode": args.mode, "open_seconds": opened, "queries": {}}
+    retriever.search_projected(data["d0"], data["l0"])  # compile the kernels outside the timing
+    for i, name in enumerate(names):
+        projected, locations = data[f"d{i}"], data[f"l{i}"]
+        own = meta["owners"][name]
+        t = time.perf_counter()
+        result = retriever.search_projected(projected, locations)
+        seconds = time.perf_counter() - t
+        record = {"seconds": seconds, "timings": result.timings,
+                  "ranking": [m.uri for m in result.matches if m.image_id != own],
+                  "verified": {str(m.image_id): m.inliers for m in result.matches
+                               if m.verified and m.inliers >= 4 and m.image_id != own}}
+        if staged:
+            top = retriever.first_stage.top(projected, max(KS) + 1)
+            record["top"] = [int(i) for i in top if i != own][:max(KS)]
+        out["queries"][name] = record
+    from ann_common import peak_rss_mb
+
+    out["rss_mb"] = peak_rss_mb()
+    with open(args.json, "w") as f:
+        json.dump(out, f)
+    return 0
+
+
+def served(args, work: str, mode: str) -> dict:
+    path = os.path.join(work, f"served-{mode}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--serve", os.path.join(work, "index"), "--mode", mode,
+               "--query-file", os.path.join(work, "queries.npz"), "--shortlist-size", str(args.shortlist_size),
+               "--json", path]
+    subprocess.run(command, check=True)
+    with open(path) as f:
+        return json.load(f)
+
+
+def evaluate(report: dict, staged: dict, full: dict | None) -> None:
+    import first_stage as fs
+
+    sets, _ = real_sets()
+    for mode, answers in (("staged", staged), ("full", full)):
+        if answers is None:
+            continue
+        times = np.array([a["seconds"] for a in answers["queries"].values()])
+        report[mode] = {"query_p50_s": float(np.percentile(times, 50)), "query_p95_s": float(np.percentile(times, 95)),
+                        "rss_mb": answers["rss_mb"], "open_seconds": answers["open_seconds"],
+                        "stage_seconds": {k: float(np.mean([a["timings"].get(k, 0.0)
+                                                            for a in answers["queries"].values()]))
+                                          for k in ("shortlist", "ann", "voting", "ransac", "expansion")},
+                        "map": {}}
+        for name, (_, _, asked, truth, _) in sets.items():
+            rankings = {q: [u.split("/", 1)[1] for u in answers["queries"][f"{name}/{q}"]["ranking"]
+                            if u.startswith(name + "/")] for q in asked}
+            report[mode]["map"][name] = fs.mean_ap(rankings, truth)
+    report.update({k: report["staged"][k] for k in ("query_p50_s", "query_p95_s", "rss_mb")})
+    if full is None:
+        report["first_stage_recall"] = None
+        return
+    recall = {}
+    for threshold in (10, 4):
+        for k in KS:
+            values = []
+            for name, answer in full["queries"].items():
+                wanted = {int(i) for i, c in answer["verified"].items() if c >= threshold}
+                if wanted:
+                    values.append(len(wanted & set(staged["queries"][name]["top"][:k])) / len(wanted))
+            recall[f">={threshold}@{k}"] = float(np.mean(values)) if values else None
+    report["first_stage_recalls"] = recall
+    report["first_stage_recall"] = recall[f">=10@{max(KS)}"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=float, default=1e5)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--work", default=None, help="where the index is written (default bench_results/scale-N)")
+    parser.add_argument("--shortlist-size", type=int, default=1000)
+    parser.add_argument("--full-scan", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--segment-images", type=int, default=25_000)
+    parser.add_argument("--cells", type=int, default=0, help="coarse cells (0: the build's default)")
+    parser.add_argument("--train-rows", type=int, default=500_000, help="real descriptors the quantizer trains on")
+    parser.add_argument("--neighbour-images", type=int, default=0, help="time the neighbour stage on this many "
+                        "real images (0: all of them)")
+    parser.add_argument("--reuse", action="store_true", help="serve the index already written under --work")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="staged", help=argparse.SUPPRESS)
+    parser.add_argument("--query-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args)
+    args.images = int(args.images)
+    work = args.work or os.path.join(RESULTS, f"scale-{args.images}")
+    os.makedirs(work, exist_ok=True)
+    report_path = os.path.join(work, "build.json")
+    if args.reuse:
+        with open(report_path) as f:
+            report = json.load(f)
+    else:
+        report = build(args, work)
+        with open(report_path, "w") as f:
+            json.dump(report, f)
+    report["load_average"] = os.getloadavg()
+    staged = served(args, work, "staged")
+    full = None
+    if args.full_scan == "on" or (args.full_scan == "auto" and report["images"] <= 200_000):
+        full = served(args, work, "full")
+    evaluate(report, staged, full)
+    report["load_average_end"] = os.getloadavg()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
