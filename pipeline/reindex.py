@@ -64,6 +64,9 @@ def parse_args(argv=None):
     add("--repair", nargs="?", const=True, default=False, type=cli.flag,
         help="verify every byte of every segment now, and extract the images of any damaged one again from the "
              "corpus into this run's segment")
+    add("--landmarks", nargs="?", const=True, default=False, type=cli.flag,
+        help="then cluster the new version into landmarks (pipeline.landmarks, its defaults; persisting "
+             "landmarks keep their ids)")
     args, beam_args = parser.parse_known_args(argv)
     if not args.rollback and not args.input and not args.merge:
         parser.error("--input is required (except with --rollback or --merge)")
@@ -119,6 +122,10 @@ def run(argv=None, test_pipeline=None) -> int:
     report = build.execute(args, beam_args, "pipeline.reindex", choose_mode, test_pipeline)
     if report is not None:
         print(report_line(report))
+        if args.landmarks:
+            from pipeline import landmarks  # the landmarks job, on the same runner
+
+            return landmarks.run(["--index", args.index, *beam_args], test_pipeline=None)
     return 0
 
 

@@ -58,12 +58,12 @@ def parse_args(argv=None):
     return args, beam_args
 
 
-def search_locally(args) -> tuple[list, list, set]:
+def search_locally(args) -> tuple[list, list, set, dict]:
     """Answer each query in this process, through the ``Index`` pipeline.serve answers with:
-    (answers, failures, notes on how they were answered)."""
+    (answers, failures, notes on how they were answered, landmarks: query -> recognition record)."""
     # One-off queries read only the row groups they probe; a server holds the postings instead.
     index = Index(args.index, cli.engine_config_from_args(args, resident=False), cli.fetch_config_from_args(args))
-    answers, failures, notes = [], [], set()
+    answers, failures, notes, landmarks = [], [], set(), {}
     timings = dict.fromkeys(("extract", "shortlist", "ann", "voting", "ransac"), 0.0)
     for rank, query in enumerate(args.queries):
         try:
@@ -82,15 +82,17 @@ def search_locally(args) -> tuple[list, list, set]:
             timings[stage] = timings.get(stage, 0.0) + seconds
         answers.append((query, answer.matches))
         notes.update(answer.notes)
+        if answer.landmark is not None:
+            landmarks[query] = answer.landmark.to_json()
         if args.visualize:
             write_query_picture(args.visualize, rank, query, image, index.engine.extractor.score_map(image),
                                 answer.matches[: args.visualize_top])
     n = max(len(answers) - len(failures), 1)
     print("seconds per query: " + ", ".join(f"{k} {v / n:.3f}" for k, v in timings.items()), file=sys.stderr)
-    return answers, failures, notes
+    return answers, failures, notes, landmarks
 
 
-def search_with_beam(args, beam_args) -> tuple[list, list, set]:
+def search_with_beam(args, beam_args) -> tuple[list, list, set, dict]:
     """The same search as a Beam pipeline: workers write one JSON line per query beside
     ``--output`` (so on Dataflow it must be a gs:// path), read back here in query order."""
 
@@ -110,7 +112,8 @@ def search_with_beam(args, beam_args) -> tuple[list, list, set]:
     records.sort(key=lambda r: r["rank"])
     answers = [(r["query"], [_Match(m) for m in r["matches"]]) for r in records]
     failures = [(r["query"], r["error"]) for r in records if r.get("error")]
-    return answers, failures, {note for r in records for note in r.get("notes", ())}
+    landmarks = {r["query"]: r["landmark"] for r in records if r.get("landmark") is not None}
+    return answers, failures, {note for r in records for note in r.get("notes", ())}, landmarks
 
 
 class _Match:
@@ -128,9 +131,12 @@ def run(argv=None) -> int:
     cli.quiet_tensorflow(args.debug)
 
     start = time.time()
-    answers, failures, notes = search_with_beam(args, beam_args) if args.runner else search_locally(args)
-    storage.write_bytes(args.output, json.dumps(retrieval.results_document(answers, sorted(notes)), indent=1).encode())
+    answers, failures, notes, landmarks = search_with_beam(args, beam_args) if args.runner else search_locally(args)
+    storage.write_bytes(args.output, json.dumps(retrieval.results_document(answers, sorted(notes), landmarks),
+                                                indent=1).encode())
     print(retrieval.results_table(answers))
+    for query, landmark in landmarks.items():
+        print(f"{query}: landmark {landmark['landmark']} (confidence {landmark['confidence']:g})")
     for note in sorted(notes):
         print(f"note: {note}", file=sys.stderr)
     for query, error in failures:

@@ -75,7 +75,8 @@ def test_round_trip_of_rows_and_tables(index_dir, corpus):
     np.testing.assert_allclose(rows.attentions, corpus["attentions"][stored], rtol=1e-3)
     images = reader.images.to_pylist()
     assert images[3] == {"image_id": 35, "uri": "gs://bucket/img/3.jpg", "width": 1024, "height": 768,
-                         "num_features": PER_IMAGE, "content_hash": f"{3:064x}", "label": "scene", "stamp": None}
+                         "num_features": PER_IMAGE, "content_hash": f"{3:064x}", "label": "scene", "stamp": None,
+                         "latitude": None, "longitude": None}
     assert reader.pca.components.shape == (40, 64)
     np.testing.assert_array_equal(reader.quantizer.encode(corpus["x"][:50]).codes, corpus["encoded"].codes[:50])
 

@@ -156,8 +156,8 @@ def read_input(uri: str, fetcher):
 
 
 class DecodeImage(beam.DoFn):
-    """(key, encoded bytes) -> (key, RGB array, content hash); bad images -> dead letter. The key is
-    an ``InputImage`` (or a plain uri string)."""
+    """(key, encoded bytes) -> (key, RGB array, ImageFacts: content hash and EXIF GPS); bad images
+    -> dead letter. The key is an ``InputImage`` (or a plain uri string)."""
 
     def __init__(self, limits: dict | None = None):
         self.limits = limits or {}
@@ -171,7 +171,7 @@ class DecodeImage(beam.DoFn):
         with self.timing:
             try:
                 image = images.decode_image(data, name=uri, limits=images.DecodeLimits(**self.limits))
-                digest = images.content_hash(data)
+                facts = images.image_facts(data)
             except Exception as e:  # noqa: BLE001 - typed errors by their reason, anything else as internal
                 image, failure = None, e
         if image is None:
@@ -181,11 +181,11 @@ class DecodeImage(beam.DoFn):
                    if isinstance(failure, images.ImageError) else internal_error(uri, "decode", failure))
             return
         self.decoded.inc()
-        yield key, image, digest
+        yield key, image, facts
 
 
 class ExtractFeatures(beam.DoFn):
-    """Batches of (key, image, hash) -> (key, Features, hash). The network is built once per worker,
+    """Batches of (key, image, facts) -> (key, Features, facts) (the facts pass through). The network is built once per worker,
     by its first batch (never pickled with the graph), from plain model/extraction settings. If a batch
     fails, its images are retried one by one and only the failing ones become dead letters."""
 
@@ -244,7 +244,7 @@ def with_accelerator(transform, accelerator: str | None):
 
 
 class ExtractImages(beam.PTransform):
-    """InputImage records -> {"features": (InputImage, Features, hash), "dead_letter": records}."""
+    """InputImage records -> {"features": (InputImage, Features, ImageFacts), "dead_letter": records}."""
 
     def __init__(self, model_config, extraction_config, max_batch_size: int = 8, decode_limits: dict | None = None,
                  fetch=None, progress_total: int = 0):

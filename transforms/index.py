@@ -71,12 +71,12 @@ def train_for(sample, config: plan_lib.BuildConfig, listed: int, per_image: floa
 
 
 def feature_count(record) -> int:
-    """(key, Features, hash) -> its number of features."""
+    """(key, Features, facts) -> its number of features."""
     return len(record[1])
 
 
 def descriptors_of(record):
-    """(key, Features, hash) -> its descriptors."""
+    """(key, Features, facts) -> its descriptors."""
     return record[1].descriptors
 
 
@@ -99,7 +99,7 @@ def train_on_sample(sample_features, listed: int, config: plan_lib.BuildConfig):
 
 
 class EncodeImages(beam.DoFn):
-    """(InputImage, Features, hash) -> (shard, PostingRows) per shard the image touches, and an
+    """(InputImage, Features, ImageFacts) -> (shard, PostingRows) per shard the image touches, and an
     image-table record on the ``images`` output. The model (a ``TrainedModel``) arrives as a side
     input and is loaded once per worker. Shards are cut from ``num_shards`` when given, else from
     the ``descriptors`` side input (an upper bound of the total)."""
@@ -114,7 +114,7 @@ class EncodeImages(beam.DoFn):
         self.timing = StageTimer("encode")
 
     def process(self, element, model, descriptors=None):
-        key, features, digest = element
+        key, features, facts = element
         try:
             with self.timing:
                 if self._model_key != id(model):
@@ -135,7 +135,8 @@ class EncodeImages(beam.DoFn):
         self.rows.inc(len(features))
         yield beam.pvalue.TaggedOutput(IMAGES, {"image_id": image_id, "uri": key.uri, "width": int(width),
                                                 "height": int(height), "num_features": len(features),
-                                                "content_hash": digest, "label": key.label})
+                                                "content_hash": facts.content_hash, "label": key.label,
+                                                "latitude": facts.latitude, "longitude": facts.longitude})
         if self.keep_rows and rows is not None:
             yield beam.pvalue.TaggedOutput(IMAGE_ROWS, (image_id, rows))
         yield from parts
@@ -143,7 +144,7 @@ class EncodeImages(beam.DoFn):
 
 def encode_images(features, model, job: plan_lib.BuildJob, descriptors, label: str = "Encode",
                   accelerator: str | None = None):
-    """(InputImage, Features, hash) -> EncodeImages' ``rows`` and ``images`` outputs; with the
+    """(InputImage, Features, ImageFacts) -> EncodeImages' ``rows`` and ``images`` outputs; with the
     extraction's ``accelerator`` hint, so that it fuses with the extraction (``with_accelerator``)."""
     sizes = {} if job.num_shards else {"descriptors": beam.pvalue.AsSingleton(descriptors)}
     encode = beam.ParDo(EncodeImages(job.config.rows_per_shard, job.num_shards, keep_rows=job.neighbours is not None),

@@ -13,6 +13,7 @@ from delf_retrieval.corpus.inputs import read_image
 from delf_retrieval.extraction.extractor import Extractor
 from delf_retrieval.extraction.visualize import write_query_picture
 from delf_retrieval.index import layout
+from delf_retrieval.landmarks import recognition
 from delf_retrieval.model import delf
 from delf_retrieval.query import retrieval
 from transforms.extract import DEAD_LETTER, ExtractImages, with_accelerator
@@ -26,7 +27,7 @@ class QueryImage(NamedTuple):
 
 
 class SearchIndex(beam.DoFn):
-    """(QueryImage, Features, hash) -> a JSON line {"rank", "query", "matches", "error"}."""
+    """(QueryImage, Features, facts) -> a JSON line {"rank", "query", "matches", "error"}."""
 
     def __init__(self, index: str, config, open_options: dict, visualize: str | None = None, visualize_top: int = 5):
         self.index = index
@@ -35,11 +36,13 @@ class SearchIndex(beam.DoFn):
         self.visualize = visualize
         self.visualize_top = visualize_top
         self.retriever = None
+        self.recognizer = None
         self.extractor = None
         self.answered = Metrics.counter("delf", "queries_answered")
 
     def setup(self):
         self.retriever = retrieval.open_index(self.index, self.config, **self.open_options)
+        self.recognizer = recognition.load(self.index)  # None: the index has no landmarks
 
     def process(self, element):
         query, features, _ = element
@@ -52,8 +55,9 @@ class SearchIndex(beam.DoFn):
         self.answered.inc()
         if self.visualize:
             self._picture(query, result.matches[: self.visualize_top])
+        landmark = self.recognizer.recognize(result.matches).to_json() if self.recognizer is not None else None
         yield json.dumps({"rank": query.rank, "query": query.uri, "matches": [m.to_json() for m in result.matches],
-                          "error": None, "notes": list(result.notes)})
+                          "error": None, "notes": list(result.notes), "landmark": landmark})
 
     def _picture(self, query: QueryImage, matches) -> None:
         if self.extractor is None:

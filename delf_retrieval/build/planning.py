@@ -244,8 +244,7 @@ def previous_images(root: str, pointer: dict | None) -> list[dict]:
     if is_segmented(pointer):
         return live_images(root, pointer).to_pylist()
     record = pointer["files"]["images"]
-    return layout.read_table(layout.checked_read(root, record), shards.IMAGE_SCHEMA, record["path"],
-                             not_null=("image_id", "uri")).to_pylist()
+    return shards.read_image_table(layout.checked_read(root, record), record["path"]).to_pylist()
 
 
 @dataclass(frozen=True)

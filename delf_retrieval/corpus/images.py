@@ -6,11 +6,13 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from delf_retrieval import storage
+from delf_retrieval.corpus import gps
 
 # Decoding never guesses at the rest of a truncated file.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -86,6 +88,21 @@ class DecodeLimits:
 def content_hash(data: bytes) -> str:
     """SHA-256 of the encoded bytes, hex: identifies an image independently of its name."""
     return hashlib.sha256(data).hexdigest()
+
+
+class ImageFacts(NamedTuple):
+    """What the image table records of a decoded file besides its pixels: the content hash and the
+    EXIF GPS position (None when absent or malformed)."""
+
+    content_hash: str
+    latitude: float | None = None
+    longitude: float | None = None
+
+
+def image_facts(data: bytes) -> ImageFacts:
+    """The :class:`ImageFacts` of an image file's bytes (never raises on bad metadata)."""
+    where = gps.read_gps(data)
+    return ImageFacts(content_hash(data), *(where if where is not None else (None, None)))
 
 
 def read_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

@@ -275,8 +275,7 @@ def segment_images(root: str, ref: SegmentRef, dropped: np.ndarray = np.zeros(0,
     """A segment's image table (checked) without the ``dropped`` image ids, ``restamped`` stamps applied."""
     segment = read_segment(root, ref)
     record = in_segment(ref, segment.images)
-    table = layout.read_table(layout.checked_read(root, record, checksum=True), shards.IMAGE_SCHEMA, record["path"],
-                              not_null=("image_id", "uri"))
+    table = shards.read_image_table(layout.checked_read(root, record, checksum=True), record["path"])
     return with_restamps(without_images(table, dropped), restamped)
 
 

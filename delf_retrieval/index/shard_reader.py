@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 from delf_retrieval import storage
 from delf_retrieval.index.layout import (MANIFEST, DamagedFile, ManifestError, check_manifest_paths, checked_read,
-                                         read_manifest, read_table, resolve)
+                                         read_manifest, resolve)
 from delf_retrieval.index.neighbour_table import NeighbourTable
-from delf_retrieval.index.shards import IMAGE_SCHEMA, unpacked_codes
+from delf_retrieval.index.shards import read_image_table, unpacked_codes
 from delf_retrieval.quantize import Quantizer
 from delf_retrieval.quantize import pca as pca_lib
 from delf_retrieval.quantize.ivf import InvertedLists, Searcher, expand_ranges
@@ -153,8 +153,7 @@ class IndexReader:
     @property
     def images(self) -> pa.Table:
         if self._images is None:
-            self._images = read_table(self._images_bytes, IMAGE_SCHEMA, self.manifest["files"]["images"]["path"],
-                                      not_null=("image_id", "uri"))
+            self._images = read_image_table(self._images_bytes, self.manifest["files"]["images"]["path"])
         return self._images
 
     def _load_group(self, group: int) -> dict:

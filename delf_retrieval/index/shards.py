@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from delf_retrieval import storage
+from delf_retrieval.index import layout
 from delf_retrieval.index.layout import (DEAD_LETTERS_FILE, IMAGES_FILE, INDEX_FORMAT, INDEX_FORMAT_VERSION, PCA_FILE,
                                          POSTINGS_DIR, QUANTIZER_FILE, new_index_id, sha256_of_file, write_array_file,
                                          write_manifest, write_table_file)
@@ -40,7 +41,11 @@ IMAGE_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("num_features", pa.int32()), ("content_hash", pa.string()), ("label", pa.string()),
     ("stamp", pa.string()),  # the source's change marker when listed (storage.stamp), for re-indexing
+    # EXIF GPS in degrees, null when the file has none (or a malformed one); tables written before
+    # these columns are read with them null (read_image_table)
+    ("latitude", pa.float64()), ("longitude", pa.float64()),
 ])
+OPTIONAL_IMAGE_COLUMNS = ("latitude", "longitude")
 
 
 DEAD_LETTER_SCHEMA = pa.schema([("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
@@ -196,7 +201,28 @@ def split_by_cells(table: pa.Table, rows_per_shard: int) -> list[pa.Table]:
 
 def image_table(records: list[dict]) -> pa.Table:
     """The image table from dicts with the keys of ``IMAGE_SCHEMA`` (label may be absent)."""
-    return pa.Table.from_pylist([{**{"label": None, "stamp": None}, **r} for r in records], schema=IMAGE_SCHEMA)
+    defaults = {"label": None, "stamp": None, "latitude": None, "longitude": None}
+    return pa.Table.from_pylist([{**defaults, **r} for r in records], schema=IMAGE_SCHEMA)
+
+
+def read_image_table(data: bytes, where: str, not_null: tuple = ("image_id", "uri")) -> pa.Table:
+    """An image table's checked Parquet bytes with the columns of ``IMAGE_SCHEMA`` in its order: the
+    optional GPS columns null where an older table lacks them (``layout.read_table`` checks the rest)."""
+    required = pa.schema([f for f in IMAGE_SCHEMA if f.name not in OPTIONAL_IMAGE_COLUMNS])
+    table = layout.read_table(data, required, where, not_null=not_null)
+    columns = []
+    for field in IMAGE_SCHEMA:
+        if field.name in table.schema.names:
+            column = table.column(field.name)
+            if column.type != field.type:
+                try:
+                    column = column.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise layout.ShardError(f"{where}: column {field.name!r} is {column.type}, not {field.type}") from None
+            columns.append(column)
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=IMAGE_SCHEMA)
 
 
 def dead_letter_table(records: list[dict]) -> pa.Table:

@@ -16,6 +16,7 @@ import numpy as np
 from delf_retrieval.extraction.extractor import Extractor
 from delf_retrieval.first_stage.search import DEFAULT_MIN_IMAGES
 from delf_retrieval.index import layout
+from delf_retrieval.landmarks import recognition
 from delf_retrieval.model import delf
 from delf_retrieval.query import retrieval
 from delf_retrieval.query.matching import Match
@@ -98,6 +99,7 @@ class Answer:
     timings: dict  # seconds per stage: extract, then the search's (shortlist, ann, voting, ransac[, expansion])
     num_descriptors: int
     notes: tuple = ()  # how it was answered, when a user should know (no neighbour table to expand with)
+    landmark: recognition.Recognition | None = None  # when the index has landmarks (pipeline.landmarks)
 
 
 def network_key(manifest: dict) -> str:
@@ -138,6 +140,7 @@ class Engine:
         self.extractor = extractor
         self.resident = resident
         self.opened = time.time()
+        self.recognizer = recognition.load(version.root)  # None when the index has no landmarks
         ids = retriever.reader.images.column("image_id").to_numpy()
         self._image_order = np.argsort(ids, kind="stable")
         self._sorted_image_ids = ids[self._image_order]
@@ -163,7 +166,8 @@ class Engine:
         with _search_guard():
             result = retriever.search(features)
         timings.update(result.timings)
-        return Answer(result.matches, timings, result.num_descriptors, result.notes)
+        landmark = self.recognizer.recognize(result.matches) if self.recognizer is not None else None
+        return Answer(result.matches, timings, result.num_descriptors, result.notes, landmark)
 
     def image_record(self, image_id: int) -> dict | None:
         """The image table's row of ``image_id`` (None if the version has no such image)."""

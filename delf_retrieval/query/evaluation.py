@@ -70,10 +70,10 @@ class QueryTruth:
 # --------------------------------------------------------------------------------------- schemas
 
 
-def _expect_keys(obj, keys: set, where: str) -> None:
+def _expect_keys(obj, keys: set, where: str, optional: set = frozenset()) -> None:
     if not isinstance(obj, dict):
         raise SchemaError(f"{where}: expected an object with keys {sorted(keys)}, got {type(obj).__name__}")
-    missing, unknown = keys - set(obj), set(obj) - keys
+    missing, unknown = keys - set(obj), set(obj) - keys - optional
     if missing:
         raise SchemaError(f"{where}: missing key(s) {sorted(missing)}")
     if unknown:
@@ -106,11 +106,11 @@ def _expect_score(value, where: str) -> float:
 
 def parse_results(doc) -> dict[str, list[Match]]:
     """Validate a results document; returns query -> matches (best first), in file order."""
-    _expect_keys(doc, {"results"}, "results file")
+    _expect_keys(doc, {"results"}, "results file", optional={"notes"})
     out: dict[str, list[Match]] = {}
     for i, entry in enumerate(_expect_list(doc["results"], "results")):
         where = f"results[{i}]"
-        _expect_keys(entry, {"query", "matches"}, where)
+        _expect_keys(entry, {"query", "matches"}, where, optional={"landmark"})  # landmark: pipeline.search's
         query = _expect_str(entry["query"], f"{where}.query")
         if query in out:
             raise SchemaError(f"{where}: query {query!r} appears more than once")

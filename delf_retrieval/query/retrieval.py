@@ -234,10 +234,14 @@ def open_index(index: str, config: RetrievalConfig = RetrievalConfig(), image_sh
     return Retriever(reader, config, first_stage, shortlist_size)
 
 
-def results_document(answers: list[tuple[str, list[Match]]], notes=()) -> dict:
+def results_document(answers: list[tuple[str, list[Match]]], notes=(), landmarks: dict | None = None) -> dict:
     """The results.json document: {"results": [{"query", "matches": [{uri, score, inliers, votes}]}]},
-    with "notes" on how the queries were answered when there are any."""
-    document = {"results": [{"query": query, "matches": [m.to_json() for m in matches]} for query, matches in answers]}
+    with "notes" on how the queries were answered when there are any, and each query's "landmark"
+    when ``landmarks`` (query -> recognition record) has it."""
+    landmarks = landmarks or {}
+    document = {"results": [{"query": query, "matches": [m.to_json() for m in matches],
+                             **({"landmark": landmarks[query]} if query in landmarks else {})}
+                            for query, matches in answers]}
     if notes:
         document["notes"] = list(notes)
     return document

@@ -216,7 +216,8 @@ class Service:
         return JSONResponse({
             "query": name, "query_id": query_id, "version": engine.version.name, "index_id": engine.version.index_id,
             "matches": matches, "num_descriptors": answer.num_descriptors, "timings": timings,
-            "picture": f"/v1/matches/{query_id}.png", "attention": f"/v1/attention/{query_id}.png"})
+            "picture": f"/v1/matches/{query_id}.png", "attention": f"/v1/attention/{query_id}.png",
+            **({"landmark": answer.landmark.to_json()} if answer.landmark is not None else {})})
 
     def _image(self, request: Request):
         """(engine, image id, record) of the image the path names, in the serving version; 404 if absent."""
@@ -254,6 +255,26 @@ class Service:
                 raise ApiError(502, "image_unreadable", "the indexed image cannot be read now") from None
             self.thumbnails.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    async def landmarks(self, request: Request):
+        """The landmarks of the index, largest first (at most 500), or one landmark's members (at most
+        500) with /v1/landmarks/{id}; 404 when the index has none (pipeline.landmarks)."""
+        engine = self.engine()
+        recognizer = getattr(engine, "recognizer", None)
+        if recognizer is None:
+            raise ApiError(404, "not_found", "the index has no landmarks (run pipeline.landmarks)")
+        text = request.path_params.get("landmark")
+        if text is None:
+            return JSONResponse({"landmarks": [{**{k: s.get(k) for k in ("landmark", "size", "latitude", "longitude",
+                                                                       "radius_km")},
+                                                "representative_id": str(inputs.image_id(s["representative"]))}
+                                               for s in recognizer.summary[:500]]})
+        chosen = next((s for s in recognizer.summary if IMAGE_ID.fullmatch(text) and str(s["landmark"]) == text), None)
+        if chosen is None:
+            raise ApiError(404, "not_found", f"no landmark {text[:40]}")
+        return JSONResponse({"landmark": chosen["landmark"], "size": chosen["size"],
+                             "representative_id": str(inputs.image_id(chosen["representative"])),
+                             "members": [{"image_id": str(inputs.image_id(u)), "uri": u} for u in chosen["members"][:500]]})
 
     def _recent(self, request: Request) -> RecentQuery:
         query_id = request.path_params["query_id"]
@@ -339,6 +360,8 @@ class Service:
             Route("/v1/search", self.search, methods=["POST"]),
             Route("/v1/images/{image_id}", self.image_record),  # ids checked by _image, not by a convertor
             Route("/v1/images/{image_id}/thumbnail", self.thumbnail),
+            Route("/v1/landmarks", self.landmarks),
+            Route("/v1/landmarks/{landmark}", self.landmarks),
             Route("/v1/matches/{query_id}.png", self.matches_picture),
             Route("/v1/attention/{query_id}.png", self.attention_picture),
         ]

@@ -1,0 +1,1 @@
+"""Landmarks: images clustered by verified matches and GPS, their table, and recognition at query time."""
