@@ -59,7 +59,7 @@ class CandidateRows:
         n_regions = self.quantizer.regions.n_regions
         if len(regions) and (regions.min() < 0 or regions.max() >= n_regions):
             raise layout.DamagedFile(f"candidate rows name regions outside the quantizer's {n_regions}")
-        codes = self.table["code"]
+        codes = np.ascontiguousarray(self.table["code"])  # one strided copy: the gather below is then dense
         if len(codes) and int(codes.max()) >= 1 << self.quantizer.params.pq_bits:
             raise layout.DamagedFile(f"candidate rows hold PQ codes beyond {self.quantizer.params.pq_bits} bits")
         order, offsets = group_by_region(regions, n_regions)
@@ -151,39 +151,41 @@ class FirstStage:
 
     def rows_of(self, image_ids: np.ndarray) -> CandidateRows:
         """The stored rows of these images (unknown ids ignored), read by ranges from their parts."""
-        pos = np.searchsorted(self.image_ids, np.intersect1d(self.image_ids, np.asarray(image_ids, np.int64)))
+        wanted = np.unique(np.asarray(image_ids, np.int64))
+        pos = np.minimum(np.searchsorted(self.image_ids, wanted), max(len(self.image_ids) - 1, 0))
+        pos = pos[self.image_ids[pos] == wanted] if len(self.image_ids) else pos[:0]
+        pos = pos[np.lexsort((self.starts[pos], self.part_index[pos]))]  # by part, then place in it
         dtype = parts.row_dtype(self.quantizer.params.pq_m)
-        tables, owners = [], []
+        table = np.empty(int(self.counts[pos].sum()), dtype)  # filled part by part, no concatenation
+        at = 0
         for p in np.unique(self.part_index[pos]):
             here = pos[self.part_index[pos] == p]
-            here = here[np.argsort(self.starts[here])]
-            tables.append(self._read(int(p), self.starts[here], self.counts[here], dtype))
-            owners.append(np.repeat(self.image_ids[here], self.counts[here]))
-        if not tables:
-            return CandidateRows(self.quantizer, np.zeros(0, np.int64), np.zeros(0, dtype))
-        return CandidateRows(self.quantizer, np.concatenate(owners), np.concatenate(tables))
+            n = int(self.counts[here].sum())
+            self._read(int(p), self.starts[here], self.counts[here], table[at:at + n])
+            at += n
+        return CandidateRows(self.quantizer, np.repeat(self.image_ids[pos], self.counts[pos]), table)
 
-    def _read(self, part: int, starts: np.ndarray, counts: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    def _read(self, part: int, starts: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+        """Read rows of ``part`` (ranges ``starts``, ``counts``) into ``out``, in order."""
         record = self.row_files[part]
-        if record["row_bytes"] != dtype.itemsize:
-            raise layout.ShardError(f"{record['path']}: rows of {record['row_bytes']} bytes, expected {dtype.itemsize}")
-        offset, size = int(record["data_offset"]), dtype.itemsize
+        if record["row_bytes"] != out.dtype.itemsize:
+            raise layout.ShardError(f"{record['path']}: rows of {record['row_bytes']} bytes, expected "
+                                    f"{out.dtype.itemsize}")
+        offset, size = int(record["data_offset"]), out.dtype.itemsize
         path = layout.resolve(self.root, record["path"])
-        out = np.empty(int(counts.sum()), dtype)
         view = out.view(np.uint8)
         at = 0
         if storage.is_gcs(path):
             for s, c in zip(starts.tolist(), counts.tolist()):
                 view[at:at + c * size] = np.frombuffer(storage.read_bytes(path, offset + s * size, c * size), np.uint8)
                 at += c * size
-            return out
+            return
         fd = self._fd(part, path, record)
         for s, c in zip(starts.tolist(), counts.tolist()):
             got = os.preadv(fd, [memoryview(view[at:at + c * size])], offset + s * size)
             if got != c * size:
                 raise layout.DamagedFile(f"{record['path']}: truncated (rows {s}..{s + c} not all there)")
             at += c * size
-        return out
 
     def _fd(self, part: int, path: str, record: dict) -> int:
         with self._lock:
