@@ -8,8 +8,9 @@ With ``--descriptor-steps N`` the paper's step 1 runs first on the same photos: 
 the descriptor as a classifier of the landmarks (``pipeline.train descriptor``, the backbone's layers
 before ``--freeze-below`` frozen), then the head trains on that descriptor, and the exported folder
 holds the whole network (``model.weights.h5``, 3.4 MB) instead of the head alone. Measured with
-blocks 9-10 trainable (800 steps), it lost 1.6 mAP points on landmarks-hard (benchmarks/README.md,
-"Descriptor fine-tuning (step 1)"), so the shipped head keeps the ImageNet descriptor.
+blocks 9-10 trainable (800 steps), it lost 1.6 mAP points on landmarks-hard and 1.3 on the held-out
+landmarks (benchmarks/README.md, "Descriptor fine-tuning (step 1)"), so the shipped head keeps the
+ImageNet descriptor.
 
 With ``--landmarks half`` (to validate the recipe) landmarks are split in two halves by a hash of
 their name (``landmark_halves``): the head trains on every photo of the first half, with landmark
