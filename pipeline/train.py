@@ -49,6 +49,9 @@ def parse_args(argv=None):
     train.add_argument("--image-size", type=int, help="central square resized to this (paper: 250 / 900)")
     train.add_argument("--crop-size", type=int, help="random crop (paper: 224 / 720)")
     train.add_argument("--min-rescale", type=float, help="attention: batches rescaled by r in [this, 1] (default 0.5)")
+    train.add_argument("--freeze-below", metavar="LAYER",
+                       help="descriptor step: freeze the backbone's layers before LAYER, a layer or block name "
+                            "(e.g. block9 of efficientnet_lite0, conv4_block5 of resnet50); default: all train")
     train.add_argument("--checkpoint-every", type=int, default=500)
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--seed", type=int, default=0)
@@ -63,7 +66,10 @@ def parse_args(argv=None):
                      help="pyramid scales extraction will use (default: the paper's 7)")
     cal.add_argument("--max-image-size", type=int, default=1024, help="long side cap extraction will use (default: %(default)s)")
     cli.add_debug_argument(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.freeze_below and args.step != "descriptor":
+        parser.error("--freeze-below is for the descriptor step (the attention step freezes the whole backbone)")
+    return args
 
 
 def main(args) -> int:
@@ -82,7 +88,8 @@ def main(args) -> int:
     print(f"{args.step} step: {images.num_classes} classes"
           + (f", {len(images)} images" if not images.tfrecord_files else f", {len(images.tfrecord_files)} TFRecord files"))
     if args.step == "descriptor":
-        result = steps.train_descriptor(images, model_config, args.output, loop_config, preprocessing, **common)
+        result = steps.train_descriptor(images, model_config, args.output, loop_config, preprocessing,
+                                        trainable_from=args.freeze_below, **common)
     else:
         extraction = ExtractionConfig(scales=args.scales or PAPER_SCALES, max_image_size=args.max_image_size)
         calibration = steps.CalibrationConfig(args.target_features, args.calibration_images, extraction)
@@ -90,6 +97,8 @@ def main(args) -> int:
     run = result.loop
     rows = [("steps", f"{run.start_step} -> {run.step}"), ("seconds", f"{run.seconds:.1f}"),
             ("strategy", run.strategy), ("mixed precision", run.mixed_precision)]
+    if args.step == "descriptor" and args.freeze_below:
+        rows.append(("frozen", f"{len(run.model.frozen_layers)} backbone layers before {args.freeze_below}"))
     if run.losses:
         tail = max(1, len(run.losses) // 10)
         rows += [("loss (last 10%)", f"{sum(run.losses[-tail:]) / tail:.4f}"),

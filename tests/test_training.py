@@ -145,6 +145,48 @@ def test_descriptor_step_loss_goes_down_and_exports_the_trained_backbone(tmp_pat
     assert final.config.keypoint_score == "attention" and final.config.score_threshold == second.calibration.threshold
 
 
+def test_freeze_below_freezes_exactly_the_layers_before_the_named_block(tmp_path, cache_dir):
+    """``pipeline.train descriptor --freeze-below block9`` (ImageNet Lite0, 3 steps, 64 px crops):
+    every weight of the stem and of blocks 0-8 leaves the run bit for bit as it came in; the
+    convolutions of blocks 9 and 10 (the last two of the stride-16 stage) all change, BatchNorm
+    statistics nowhere. A block no layer has is refused, with the blocks there are."""
+    from pipeline import train
+    from delf_retrieval.training.models import DescriptorClassifier, freeze_below
+
+    images = csv_listing(tmp_path)
+    listing = tmp_path / "train.csv"
+    assert train.run(["descriptor", "--input", str(listing), "--output", str(tmp_path / "run"), "--steps", "3",
+                      "--batch-size", "8", "--learning-rate", "1e-3", "--image-size", "72", "--crop-size", "64",
+                      "--freeze-below", "block9", "--no-progress"]) == 0
+    trained = delf.load(str(tmp_path / "run" / steps.MODEL_DIR), cache_dir=cache_dir)
+    start = delf.load(delf.ModelConfig(backbone="efficientnet_lite0", weights="imagenet"), cache_dir=cache_dir)
+    changed = {}
+    for after, before in zip(trained.backbone.weights, start.backbone.weights):
+        assert after.path == before.path
+        changed[after.path] = not np.array_equal(after.numpy(), before.numpy())
+    upper = {p for p in changed if p.startswith(("block9_", "block10_"))}
+    assert upper and not any(changed[p] for p in changed if p not in upper), [p for p in changed if changed[p]]
+    assert all(changed[p] for p in upper if p.endswith("/kernel") or p.endswith("/depthwise_kernel")), changed
+    assert not any(changed[p] for p in changed if "moving_" in p)
+    info = json.loads((tmp_path / "run" / steps.MODEL_DIR / steps.TRAINING_FILE).read_text())
+    frozen = [layer.name for layer in start.backbone.layers[: info["frozen_layers"]]]
+    assert info["trainable_from"] == "block9" and frozen[0] == "image" and frozen[-1] == "block8_out"
+
+    # The model alone: what trains is the upper blocks and the classifier; None freezes nothing.
+    net = delf.load(delf.ModelConfig(backbone="efficientnet_lite0", weights="random"), cache_dir=cache_dir)
+    model = DescriptorClassifier(net.backbone, images.num_classes, trainable_from="block10")
+    model(np.zeros((1, 64, 64, 3), np.float32))
+    layers = {v.path.split("/")[0] for v in model.trainable_variables}
+    assert {n for n in layers if not n.startswith("descriptor_classifier")} == {
+        "block10_expand_conv", "block10_expand_bn", "block10_dwconv", "block10_dw_bn", "block10_project_conv",
+        "block10_project_bn"} and len(layers) == 7
+    assert freeze_below(delf.load(delf.ModelConfig(weights="random")).backbone, None) == []
+    with pytest.raises(ValueError, match="block11.*stem, block0, block1"):
+        freeze_below(net.backbone, "block11")
+    with pytest.raises(SystemExit):
+        train.parse_args(["attention", "--input", "x", "--output", "y", "--freeze-below", "block9"])
+
+
 def test_resume_continues_the_step_count_and_is_exact(tmp_path):
     """4 steps, stop, resume to 8: the same batches, losses and weights bit for bit as 8 straight
     steps (model, optimizer state, step and the data order all come back). A small network stands

@@ -73,20 +73,25 @@ def _dataset_factory(images, preprocessing, loop_config, net_holder, seed):
 def train_descriptor(images: data.LabelledImages, model_config: delf.ModelConfig, output: str,
                      loop_config: loop.LoopConfig = loop.LoopConfig(),
                      preprocessing: data.Preprocessing = data.DESCRIPTOR_PREPROCESSING, seed: int = 0,
-                     resume: bool = True, cache_dir: str | None = None, source: str = "") -> StepResult:
-    """Step 1: fine-tune the descriptor (backbone) as a classifier of the landmark labels. The
-    exported model ranks keypoints by descriptor L2 norm: its attention head is not trained yet."""
+                     resume: bool = True, cache_dir: str | None = None, source: str = "",
+                     trainable_from: str | None = None) -> StepResult:
+    """Step 1: fine-tune the descriptor (backbone) as a classifier of the landmark labels; with
+    ``trainable_from`` (a backbone layer or block name) only that layer and the ones after it train,
+    the lower layers keep their starting weights. The exported model ranks keypoints by descriptor
+    L2 norm: its attention head is not trained yet."""
     _check_labels(images, output)
     holder = {}
 
     def build():
         holder["net"] = delf.load(model_config, cache_dir=cache_dir)
-        return DescriptorClassifier(holder["net"].backbone, images.num_classes, seed=seed)
+        return DescriptorClassifier(holder["net"].backbone, images.num_classes, seed=seed,
+                                    trainable_from=trainable_from)
 
     result = loop.train(build, _dataset_factory(images, preprocessing, loop_config, holder, seed), loop_config,
                         output, resume=resume)
     model_dir, _ = _export(holder["net"], "l2norm", output)
-    _write_training_info(model_dir, "descriptor", images, preprocessing, loop_config, result, source)
+    _write_training_info(model_dir, "descriptor", images, preprocessing, loop_config, result, source,
+                         {"trainable_from": trainable_from, "frozen_layers": len(result.model.frozen_layers)})
     return StepResult(model_dir, result)
 
 
