@@ -116,9 +116,6 @@ def build(args, work: str) -> dict:
     from delf_retrieval.corpus import inputs
     from delf_retrieval.first_stage import parts, search, vlad
     from delf_retrieval.index import segment_reader, segments, shards
-    from delf_retrieval.query import expansion
-    from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
-    from delf_retrieval.index.neighbour_table import NeighbourConfig, NeighbourTable, cut, symmetric
     from delf_retrieval.quantize import pca as pca_lib
 
     seconds: dict = {}
@@ -218,30 +215,12 @@ def build(args, work: str) -> dict:
 
     # The neighbour stage through the first stage, for the real images (in batches, as the build).
     t = time.perf_counter()
-    reader = segment_reader.open_reader(root)
-    stage = search.FirstStage.open(reader)
-    retriever = Retriever(reader, RetrievalConfig(), stage, args.shortlist_size)
-    config = NeighbourConfig()
-    edges = []
-    uris = real_uris[:: max(1, len(real_uris) // args.neighbour_images)] if args.neighbour_images else real_uris
-    timed = []
-    for b in range(0, len(uris), 32):
-        batch = uris[b:b + 32]
-        items = [(ids[u], quantizer.decode(encoded[u].encoded.regions, encoded[u].encoded.codes), encoded[u].locations)
-                 for u in batch]
-        t0 = time.perf_counter()
-        found = expansion.search_neighbours_batch(retriever, items, config)
-        timed.append((time.perf_counter() - t0, len(batch)))
-        for (image_id, _, _), (neighbours, inliers) in zip(items, found):
-            edges += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
-    neighbour_seconds = sum(s for s, _ in timed[1:]) / max(sum(n for _, n in timed[1:]), 1)  # first: compiles
-    found = np.asarray(edges, np.int64).reshape(-1, 3)
-    table = cut(symmetric(found[:, 0], found[:, 1], found[:, 2]), config.k)
+    sample = real_uris[:: max(1, len(real_uris) // args.neighbour_images)] if args.neighbour_images else real_uris
+    table, neighbour_seconds = neighbour_stage(root, [ids[u] for u in sample], args.shortlist_size)
     segments.write_version(root, quantizer=quantizer, pca=projection, segments=refs, first_stage=entry,
-                           neighbours=NeighbourTable(table.image_ids, table.neighbours, table.inliers))
+                           neighbours=table)
     seconds["neighbours_real_images"] = time.perf_counter() - t
-    print(f"neighbour stage: {neighbour_seconds:.3f} s per image over {len(uris)} images, {len(table)} edges",
-          flush=True)
+    reader = segment_reader.open_reader(root)
 
     size = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(root) for name in names)
     stage_bytes = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(root) for name in names
@@ -249,7 +228,39 @@ def build(args, work: str) -> dict:
     return {"images": done, "requested_images": args.images, "real_images": len(real), "rows": int(reader.num_rows),
             "index": quantizer.params.spec, "segments": len(refs), "build_seconds": seconds,
             "index_bytes": size, "first_stage_bytes": stage_bytes, "neighbour_s_per_image": neighbour_seconds,
-            "neighbour_images_timed": len(uris)}
+            "neighbour_images_timed": len(sample)}
+
+
+def neighbour_stage(root: str, image_ids: list, shortlist_size: int):
+    """The build's neighbour stage for these images of the index at ``root``: each searches with
+    its stored rows (read through the first stage, decoded), in batches of 32 as the build batches
+    them. Returns (their neighbour table, seconds per image, the first batch left out: it compiles)."""
+    from delf_retrieval.first_stage import search
+    from delf_retrieval.index import segment_reader
+    from delf_retrieval.index.neighbour_table import NeighbourConfig, NeighbourTable, cut, symmetric
+    from delf_retrieval.query import expansion
+    from delf_retrieval.query.retrieval import RetrievalConfig, Retriever
+
+    reader = segment_reader.open_reader(root)
+    stage = search.FirstStage.open(reader)
+    retriever = Retriever(reader, RetrievalConfig(), stage, shortlist_size)
+    config, edges, timed = NeighbourConfig(), [], []
+    for b in range(0, len(image_ids), 32):
+        items = []
+        for image_id in image_ids[b:b + 32]:
+            rows = stage.rows_of(np.array([image_id]))
+            items.append((image_id, reader.quantizer.decode(rows.table["region"].astype(np.int64), rows.table["code"]),
+                          np.stack([rows.table["y"], rows.table["x"]], 1).astype(np.float32)))
+        t = time.perf_counter()
+        found = expansion.search_neighbours_batch(retriever, items, config)
+        timed.append((time.perf_counter() - t, len(items)))
+        for (image_id, _, _), (neighbours, inliers) in zip(items, found):
+            edges += [(image_id, n, c) for n, c in zip(neighbours.tolist(), inliers.tolist())]
+    seconds = sum(s for s, _ in timed[1:]) / max(sum(n for _, n in timed[1:]), 1)
+    found = np.asarray(edges, np.int64).reshape(-1, 3)
+    table = cut(symmetric(found[:, 0], found[:, 1], found[:, 2]), config.k)
+    print(f"neighbour stage: {seconds:.3f} s per image over {len(image_ids)} images, {len(table)} edges", flush=True)
+    return NeighbourTable(table.image_ids, table.neighbours, table.inliers), seconds
 
 
 def serve(args) -> int:
@@ -352,6 +363,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=0, help="stop adding segments after this many "
                         "minutes of build (0: never); the index then holds the images written so far")
     parser.add_argument("--reuse", action="store_true", help="serve the index already written under --work")
+    parser.add_argument("--remeasure-neighbours", type=int, default=0, help="with --reuse: time the neighbour "
+                        "stage again on this many real images of the written index")
+    parser.add_argument("--modes", default="staged,full", help="serving modes to measure (full: where it fits)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="staged", help=argparse.SUPPRESS)
     parser.add_argument("--query-file", help=argparse.SUPPRESS)
@@ -365,15 +379,26 @@ def main(argv=None) -> int:
     if args.reuse:
         with open(report_path) as f:
             report = json.load(f)
+        if args.remeasure_neighbours:
+            with open(os.path.join(work, "queries.json")) as f:
+                owners = sorted({i for i in json.load(f)["owners"].values() if i >= 0})
+            sample = owners[:: max(1, len(owners) // args.remeasure_neighbours)]
+            report["neighbour_s_per_image"] = neighbour_stage(os.path.join(work, "index"), sample,
+                                                              args.shortlist_size)[1]
+            report["neighbour_images_timed"] = len(sample)
     else:
         report = build(args, work)
         with open(report_path, "w") as f:
             json.dump(report, f)
     report["load_average"] = os.getloadavg()
+    modes = args.modes.split(",")
     staged = served(args, work, "staged")
     full = None
-    if args.full_scan == "on" or (args.full_scan == "auto" and report["images"] <= 200_000):
+    if "full" in modes and (args.full_scan == "on" or (args.full_scan == "auto" and report["images"] <= 200_000)):
         full = served(args, work, "full")
+    elif args.reuse and os.path.exists(os.path.join(work, "served-full.json")) and args.full_scan != "off":
+        with open(os.path.join(work, "served-full.json")) as f:  # measured before, by the same index
+            full = json.load(f)
     evaluate(report, staged, full)
     report["load_average_end"] = os.getloadavg()
     text = json.dumps(report, indent=1)
