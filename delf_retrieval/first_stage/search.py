@@ -53,6 +53,8 @@ class CandidateRows:
     table: np.ndarray  # (n,) parts.row_dtype
 
     def search(self, queries: np.ndarray, k: int, nprobe: int = 8, image_ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """ADC search of these rows as an index reader's ``search`` (``image_ids`` is accepted for
+        that interface and unused: the rows are already the candidates'): (distances, positions)."""
         from delf_retrieval.first_stage.grouping_kernel import group_by_region  # heavy: numba compiles on first use
 
         regions = np.ascontiguousarray(self.table["region"])
