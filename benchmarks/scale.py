@@ -115,7 +115,7 @@ def build(args, work: str) -> dict:
     from delf_retrieval.build import encode
     from delf_retrieval.corpus import inputs
     from delf_retrieval.first_stage import parts, search, vlad
-    from delf_retrieval.index import segment_reader, segments, shards
+    from delf_retrieval.index import layout, segment_reader, segments, shards
     from delf_retrieval.quantize import pca as pca_lib
 
     seconds: dict = {}
@@ -164,13 +164,25 @@ def build(args, work: str) -> dict:
     with open(os.path.join(work, "queries.json"), "w") as f:
         json.dump({"queries": [f"{n}/{q}" for n, q in queries], "owners": owners}, f)
     root = os.path.join(work, "index")
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
     words = vlad.words_of(quantizer.coarse.centroids)
     refs, by_segment = [], {}
     seconds.update({"postings": 0.0, "first_stage": 0.0, "distractors": 0.0})
-    rng = np.random.default_rng(1)
     done, next_id, number = 0, 1, 0
+    if args.resume and os.path.exists(os.path.join(root, "manifest.json")):
+        # Go on from the segments already written: distractor ids are 1, 2, ... in order.
+        manifest = layout.read_manifest(root)
+        refs, by_segment = segments.segment_refs(manifest), dict(manifest["first_stage"]["segments"])
+        done = sum(ref.images for ref in refs)
+        number, next_id = len(refs), done - len(real) + 1
+        previous = json.load(open(os.path.join(work, "build.json"))) if os.path.exists(
+            os.path.join(work, "build.json")) else {}
+        seconds.update({k: v for k, v in previous.get("build_seconds", {}).items() if k in seconds})
+        print(f"  resuming after {number} segments, {done} images", flush=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+    rng = np.random.default_rng(1 + number)
+    entry = search.entry(vlad.DEFAULT_WORDS, by_segment)
     real_uris = sorted(real)
     while done < len(real_uris) + n_distractors:
         if number and args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
@@ -363,6 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=0, help="stop adding segments after this many "
                         "minutes of build (0: never); the index then holds the images written so far")
     parser.add_argument("--reuse", action="store_true", help="serve the index already written under --work")
+    parser.add_argument("--resume", action="store_true", help="add segments to the index already written under "
+                        "--work (a run stopped by --max-minutes) until it holds --images")
     parser.add_argument("--remeasure-neighbours", type=int, default=0, help="with --reuse: time the neighbour "
                         "stage again on this many real images of the written index")
     parser.add_argument("--modes", default="staged,full", help="serving modes to measure (full: where it fits)")
