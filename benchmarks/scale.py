@@ -282,8 +282,9 @@ def serve(args) -> int:
 
     start = time.perf_counter()
     staged = args.mode == "staged"
+    # The full scan holds every posting, and its row groups for verification: a cache the index's size.
     retriever = retrieval.open_index(args.serve, RetrievalConfig(top=100), image_shortlist="on" if staged else "off",
-                                     shortlist_size=args.shortlist_size)
+                                     shortlist_size=args.shortlist_size, cache_bytes=(2 if staged else 12) << 30)
     if not staged:
         retriever.reader.load_all()
     opened = time.perf_counter() - start
