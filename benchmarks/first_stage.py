@@ -51,7 +51,7 @@ import retrieval_quality as rq  # noqa: E402  (benchmarks/ is on the path)
 
 from delf_retrieval.corpus import inputs  # noqa: E402
 from delf_retrieval.extraction.features import Features  # noqa: E402
-from delf_retrieval.first_stage import asmk, vlad  # noqa: E402
+from delf_retrieval.first_stage import asmk, search, vlad  # noqa: E402
 from delf_retrieval.quantize.kmeans import kmeans  # noqa: E402
 from delf_retrieval.query import evaluation  # noqa: E402
 from delf_retrieval.query.retrieval import RetrievalConfig, Retriever  # noqa: E402
@@ -181,18 +181,20 @@ def distractor_chunks(reader, distractors, source):
 
 def vlad_tops(reader, features, ids, distractors, queries, k_max) -> tuple[dict, float, int]:
     """The shipped first stage (``delf_retrieval.first_stage``): VLAD-16 over the words derived from
-    the coarse centroids, database vectors from the decoded rows, brute-force dot products."""
+    the coarse centroids, database vectors from the decoded rows, brute-force dot products, at most
+    ``duplicates.SLOTS`` images of a near-duplicate group before the others (``FirstStage.top``)."""
     words = vlad.words_of(reader.quantizer.coarse.centroids)
     db_ids, vectors = vlad.vectors_of_postings(database_chunks(reader, features, ids, distractors, "rows"), words)
+    n = len(db_ids)
+    stage = search.FirstStage("", reader.quantizer, words, db_ids, vectors.astype(np.float16).astype(np.float32),
+                              np.zeros(n, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64), [])
     tops, seconds = {}, []
     for q in queries:
         projected = reader.pca.transform(features[q].descriptors.astype(np.float32))
         start = time.perf_counter()
-        scores = vectors @ vlad.aggregate(projected, words)
-        scores[db_ids == ids.get(q, -1)] = -np.inf
-        top = np.argsort(-scores, kind="stable")[:k_max]
+        top = stage.top(projected, k_max + 1)
         seconds.append(time.perf_counter() - start)
-        tops[q] = db_ids[top].tolist()
+        tops[q] = [i for i in top.tolist() if i != ids.get(q, -1)][:k_max]
     return tops, float(np.mean(seconds)), vectors.shape[1] * 2
 
 

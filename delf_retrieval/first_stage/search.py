@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from delf_retrieval import storage
-from delf_retrieval.first_stage import parts, vlad
+from delf_retrieval.first_stage import duplicates, parts, vlad
 from delf_retrieval.index import layout, segments
 from delf_retrieval.index.shard_reader import Rows
 from delf_retrieval.quantize.ivf import InvertedLists, Searcher
@@ -87,6 +87,7 @@ class FirstStage:
                  part_index: np.ndarray, starts: np.ndarray, counts: np.ndarray, row_files: list[dict]):
         self.root, self.quantizer, self.words = root, quantizer, words
         self.image_ids, self.vectors = image_ids, vectors
+        self.sketches = duplicates.sketches(vectors)  # near-duplicate groups are found in these
         self.part_index, self.starts, self.counts = part_index, starts, counts
         self.row_files = row_files
         self._files: dict[int, int] = {}
@@ -126,29 +127,36 @@ class FirstStage:
         return len(self.image_ids)
 
     def nbytes(self) -> int:
-        return int(self.vectors.nbytes + self.image_ids.nbytes + 20 * len(self.image_ids))
+        return int(self.vectors.nbytes + self.sketches.nbytes + self.image_ids.nbytes + 20 * len(self.image_ids))
 
     def vector(self, descriptors: np.ndarray) -> np.ndarray:
         """A query's vector from its PCA'd descriptors."""
         return vlad.aggregate(descriptors, self.words)
 
-    def top(self, descriptors: np.ndarray, k: int, among: np.ndarray | None = None) -> np.ndarray:
-        """Ids of the ``k`` images whose vectors are nearest the query's (dot product), nearest first;
+    def top(self, descriptors: np.ndarray, k: int, among: np.ndarray | None = None, **spread) -> np.ndarray:
+        """Ids of the ``k`` images whose vectors are nearest the query's (dot product), nearest first,
+        with at most ``slots`` images of a near-duplicate group (``duplicates``) before all the others;
         ``among`` limits them to those ids."""
-        return self.top_vectors(self.vector(descriptors)[None], k, among)[0]
+        return self.top_vectors(self.vector(descriptors)[None], k, among, **spread)[0]
 
-    def top_vectors(self, queries: np.ndarray, k: int, among: np.ndarray | None = None) -> list[np.ndarray]:
-        """:meth:`top` for a batch of query vectors (b, D): one matrix product for all of them."""
+    def top_vectors(self, queries: np.ndarray, k: int, among: np.ndarray | None = None,
+                    slots: int = duplicates.SLOTS, cosine: float = duplicates.COSINE) -> list[np.ndarray]:
+        """:meth:`top` for a batch of query vectors (b, D): one matrix product for all of them
+        (``slots`` 0: the plain ranking)."""
         scores = np.asarray(queries, np.float32) @ self.vectors.T
         if among is not None:
             allowed = np.isin(self.image_ids, np.asarray(among, np.int64))
             scores[:, ~allowed] = -np.inf
         k = min(int(k), len(self.image_ids))
+        ranked = min(k * duplicates.CANDIDATES, len(self.image_ids)) if slots else k
         out = []
         for row in scores:
-            best = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
+            best = np.argpartition(-row, ranked - 1)[:ranked] if ranked < len(row) else np.arange(len(row))
             best = best[np.lexsort((self.image_ids[best], -row[best]))]
-            out.append(self.image_ids[best[np.isfinite(row[best])]])
+            best = best[np.isfinite(row[best])]
+            if slots:  # near-duplicate groups get at most ``slots`` of the k
+                best = best[duplicates.spread(self.sketches[best], k, cosine, slots)]
+            out.append(self.image_ids[best[:k]])
         return out
 
     def rows_of(self, image_ids: np.ndarray) -> CandidateRows:
