@@ -30,7 +30,8 @@ or, for the full scan, with every posting held in memory (``load_all``); its pea
 Times are search + verification + expansion, extraction apart. The full scan runs where it fits
 (``--full-scan auto``: up to 2e5 images). First-stage recall: per query, the share of the images
 the full scan verifies (>= 10 inliers, the neighbour table's threshold; and >= 4, every verified
-image) found in the first stage's top K, averaged over the queries that verify something.
+image) found in the first stage's top K, averaged over the queries that verify something; and at
+any size, the share of each real query's ground-truth positives in the top K, per set.
 """
 
 from __future__ import annotations
@@ -345,6 +346,18 @@ def evaluate(report: dict, staged: dict, full: dict | None) -> None:
                             if u.startswith(name + "/")] for q in asked}
             report[mode]["map"][name] = fs.mean_ap(rankings, truth)
     report.update({k: report["staged"][k] for k in ("query_p50_s", "query_p95_s", "rss_mb")})
+    # The share of each query's ground-truth positives in the first stage's top K: at any size.
+    from delf_retrieval.corpus import inputs
+
+    report["first_stage_positives"] = {}
+    for name, (_, _, _, truth, _) in sets.items():
+        shares = []
+        for q, t in truth.items():
+            answer = staged["queries"].get(f"{name}/{q}")
+            if answer is not None and t.positives:
+                wanted = {inputs.image_id(uri_of(name, p)) for p in t.positives}
+                shares.append(len(wanted & set(answer["top"])) / len(wanted))
+        report["first_stage_positives"][name] = float(np.mean(shares)) if shares else None
     if full is None:
         report["first_stage_recall"] = None
         return

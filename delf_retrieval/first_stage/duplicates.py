@@ -6,7 +6,7 @@ resembles one of them, the first stage ranks all its copies together; at a milli
 can fill the whole shortlist. Walking the ranking in order, an image whose vector has a cosine of
 at least ``cosine`` with an earlier group's leader joins that group, else it leads a new one; a
 group's images past its first ``slots`` wait behind every other candidate. Copies of a true match
-are not lost: the verified match brings them back through the neighbour graph (expansion).
+that wait can still come back through the verified match's neighbours (expansion).
 """
 
 from __future__ import annotations
