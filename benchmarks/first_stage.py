@@ -179,10 +179,11 @@ def distractor_chunks(reader, distractors, source):
         yield np.full(len(f), i, np.int64), projected
 
 
-def vlad_tops(reader, features, ids, distractors, queries, k_max) -> tuple[dict, float, int]:
+def vlad_tops(reader, features, ids, distractors, queries, k_max, **spread) -> tuple[dict, float, int]:
     """The shipped first stage (``delf_retrieval.first_stage``): VLAD-16 over the words derived from
     the coarse centroids, database vectors from the decoded rows, brute-force dot products, at most
-    ``duplicates.SLOTS`` images of a near-duplicate group before the others (``FirstStage.top``)."""
+    ``duplicates.SLOTS`` images of a near-duplicate group before the others (``FirstStage.top``;
+    ``spread``: its ``slots`` and ``cosine`` instead)."""
     words = vlad.words_of(reader.quantizer.coarse.centroids)
     db_ids, vectors = vlad.vectors_of_postings(database_chunks(reader, features, ids, distractors, "rows"), words)
     n = len(db_ids)
@@ -192,7 +193,7 @@ def vlad_tops(reader, features, ids, distractors, queries, k_max) -> tuple[dict,
     for q in queries:
         projected = reader.pca.transform(features[q].descriptors.astype(np.float32))
         start = time.perf_counter()
-        top = stage.top(projected, k_max + 1)
+        top = stage.top(projected, k_max + 1, **spread)
         seconds.append(time.perf_counter() - start)
         tops[q] = [i for i in top.tolist() if i != ids.get(q, -1)][:k_max]
     return tops, float(np.mean(seconds)), vectors.shape[1] * 2
@@ -303,6 +304,8 @@ def main(argv=None) -> int:
                         "set's first stage")
     parser.add_argument("--vlad", default="16:0,16:256,64:256,256:512", help="stronger VLADs, words:whitened "
                         "dims (0: none), brute force")
+    parser.add_argument("--slots", default="", help="the shipped first stage again with these slots a "
+                        "near-duplicate group (0: the plain ranking), e.g. 0,16,32")
     parser.add_argument("--ks", default="20,50,100,200,500,1000")
     parser.add_argument("--map-ks", default="50,100")
     parser.add_argument("--features-cache", default=DEFAULT_FEATURES)
@@ -348,6 +351,10 @@ def main(argv=None) -> int:
               f"{np.mean(verified):.1f} verified per query, full-scan mAP {full_map:.3f}", flush=True)
         tops, seconds, nbytes = vlad_tops(reader, features, ids, distractors, queries, max(ks))
         out["stages"]["VLAD-16 (shipped)"] = {"tops": tops, "seconds": seconds, "bytes_per_image": nbytes}
+        for slots in filter(None, args.slots.split(",")):
+            tops, seconds, nbytes = vlad_tops(reader, features, ids, distractors, queries, max(ks), slots=int(slots))
+            out["stages"][f"VLAD-16, {slots} slots a near-duplicate group"] = {"tops": tops, "seconds": seconds,
+                                                                            "bytes_per_image": nbytes}
         for spec in filter(None, args.vlad.split(",")):
             n_words, dims = (int(x) for x in spec.split(":"))
             tops, seconds, nbytes = whitened_vlad_tops(reader, features, ids, distractors, queries, max(ks), n_words, dims)
