@@ -15,8 +15,8 @@ import numba
 import numpy as np
 
 COSINE = 0.65  # sketches this close are one group: copies of one photo measure ~0.73, other pairs ~0.26
-SLOTS = 8  # a group's most images among the first K
-CANDIDATES = 4  # the spread looks at the nearest CANDIDATES * K images
+SLOTS = 16  # a group's most images among the first K
+CANDIDATES = 16  # the spread looks at the nearest CANDIDATES * K images
 DIMS = 128  # the sketch's dimensions
 SEED = 0  # the projection's: every process that opens the same vectors makes the same sketches
 
