@@ -4,6 +4,8 @@ the real queries with and without it, and the neighbour stage's seconds per imag
 
     python benchmarks/scale.py --images N [--json FILE] [--work DIR] [--shortlist-size 1000]
         [--full-scan auto|on|off] [--segment-images 25000]
+    python benchmarks/scale.py --images N --first-stage-grid 0:4,16:16   # the first stage alone, per
+        near-duplicate setting (slots:candidates), on the index written before
 
 The index holds:
 
@@ -374,6 +376,52 @@ def evaluate(report: dict, staged: dict, full: dict | None) -> None:
     report["first_stage_recall"] = recall[f">=10@{max(KS)}"]
 
 
+def first_stage_grid(work: str, settings: list[tuple[int, int]], k: int) -> dict:
+    """The first stage alone, in this process, on the written index: per (slots, candidates) of
+    the near-duplicate spread (slots 0: the plain ranking), the share of each set's positives in
+    the real queries' top ``k`` and, where the full scan was served, of the images it verified with
+    >= 10 inliers; and milliseconds per query (in batches of 32, as the neighbour stage asks)."""
+    import first_stage as fs
+    from delf_retrieval.corpus import inputs
+    from delf_retrieval.first_stage import duplicates, search
+    from delf_retrieval.index import segment_reader
+
+    stage = search.FirstStage.open(segment_reader.open_reader(os.path.join(work, "index")))
+    with open(os.path.join(work, "queries.json")) as f:
+        meta = json.load(f)
+    data = np.load(os.path.join(work, "queries.npz"))
+    vectors = np.stack([stage.vector(data[f"d{i}"]) for i in range(len(meta["queries"]))])
+    truth = {name: fs.evaluation_set(name)[4] for name in ("dev", "hard", "train")}
+    full_path = os.path.join(work, "served-full.json")
+    full = json.load(open(full_path))["queries"] if os.path.exists(full_path) else None
+    out, default = {}, duplicates.CANDIDATES
+    for slots, candidates in settings:
+        duplicates.CANDIDATES = candidates
+        try:
+            start = time.perf_counter()
+            tops = [t for b in range(0, len(vectors), 32) for t in stage.top_vectors(vectors[b:b + 32], k + 1, slots=slots)]
+            seconds = (time.perf_counter() - start) / len(vectors)
+        finally:
+            duplicates.CANDIDATES = default
+        shares: dict = {}
+        for i, name in enumerate(meta["queries"]):
+            kind, q = name.split("/", 1)
+            top = set([x for x in tops[i].tolist() if x != meta["owners"][name]][:k])
+            t = truth[kind].get(q)
+            if t is not None and t.positives:
+                wanted = {inputs.image_id(uri_of(kind, p)) for p in t.positives}
+                shares.setdefault(kind, []).append(len(wanted & top) / len(wanted))
+            verified = {int(i) for i, c in full[name]["verified"].items() if c >= 10} if full else set()
+            if verified:
+                shares.setdefault("verified >= 10", []).append(len(verified & top) / len(verified))
+        out[f"{slots} slots, {candidates}K"] = {"ms_per_query": 1000 * seconds,
+                                               **{key: float(np.mean(v)) for key, v in shares.items()}}
+        print(f"{slots} slots among the nearest {candidates}K: " + ", ".join(
+            f"{key} {v:.3f}" if key != "ms_per_query" else f"{v:.0f} ms/query"
+            for key, v in out[f"{slots} slots, {candidates}K"].items()), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=float, default=1e5)
@@ -394,6 +442,8 @@ def main(argv=None) -> int:
     parser.add_argument("--remeasure-neighbours", type=int, default=0, help="with --reuse: time the neighbour "
                         "stage again on this many real images of the written index")
     parser.add_argument("--modes", default="staged,full", help="serving modes to measure (full: where it fits)")
+    parser.add_argument("--first-stage-grid", default="", help="with --reuse: only the first stage, per "
+                        "SLOTS:CANDIDATES of the near-duplicate spread (e.g. 0:4,16:4,16:16): its recall (no serving)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="staged", help=argparse.SUPPRESS)
     parser.add_argument("--query-file", help=argparse.SUPPRESS)
@@ -404,6 +454,13 @@ def main(argv=None) -> int:
     work = args.work or os.path.join(RESULTS, f"scale-{args.images}")
     os.makedirs(work, exist_ok=True)
     report_path = os.path.join(work, "build.json")
+    if args.first_stage_grid:
+        settings = [tuple(int(x) for x in spec.split(":")) for spec in args.first_stage_grid.split(",")]
+        grid = first_stage_grid(work, settings, args.shortlist_size)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"images": args.images, "first_stage_grid": grid, "load_average": os.getloadavg()}, f, indent=1)
+        return 0
     if args.reuse:
         with open(report_path) as f:
             report = json.load(f)
