@@ -6,6 +6,7 @@ the real queries with and without it, and the neighbour stage's seconds per imag
         [--full-scan auto|on|off] [--segment-images 25000]
     python benchmarks/scale.py --images N --first-stage-grid 0:4,16:16   # the first stage alone, per
         near-duplicate setting (slots:candidates), on the index written before
+    python benchmarks/scale.py --paired BEFORE.json,AFTER.json   # two serving runs' mAP, paired per query
 
 The index holds:
 
@@ -422,6 +423,32 @@ def first_stage_grid(work: str, settings: list[tuple[int, int]], k: int) -> dict
     return out
 
 
+def paired(before: str, after: str) -> dict:
+    """Per set, mAP of two serving runs' answers (``served-*.json``, the same queries) and the mean
+    per-query AP difference with its paired standard error."""
+    import first_stage as fs
+    from delf_retrieval.query import evaluation
+
+    runs = [json.load(open(path))["queries"] for path in (before, after)]
+    out = {}
+    for name in ("dev", "hard", "train"):
+        aps = []
+        for q, t in fs.evaluation_set(name)[4].items():
+            key = f"{name}/{q}"
+            if t.positives and key in runs[0]:
+                rankings = [[u.split("/", 1)[1] for u in run[key]["ranking"] if u.startswith(name + "/")]
+                            for run in runs]
+                aps.append([evaluation.average_precision(evaluation.positive_ranks(r, t), len(t.positives))
+                            for r in rankings])
+        a = np.asarray(aps)
+        d = a[:, 1] - a[:, 0]
+        out[name] = {"queries": len(a), "before": float(a[:, 0].mean()), "after": float(a[:, 1].mean()),
+                     "difference": float(d.mean()), "standard_error": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        print(f"{name}: {100 * a[:, 0].mean():.1f} -> {100 * a[:, 1].mean():.1f}, {100 * d.mean():+.1f} "
+              f"({100 * out[name]['standard_error']:.1f}) over {len(a)} queries", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=float, default=1e5)
@@ -444,6 +471,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="staged,full", help="serving modes to measure (full: where it fits)")
     parser.add_argument("--first-stage-grid", default="", help="with --reuse: only the first stage, per "
                         "SLOTS:CANDIDATES of the near-duplicate spread (e.g. 0:4,16:4,16:16): its recall (no serving)")
+    parser.add_argument("--paired", default="", help="BEFORE.json,AFTER.json: two serving runs' answers "
+                        "(served-*.json) compared per query: mAP per set and the paired difference (no index needed)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="staged", help=argparse.SUPPRESS)
     parser.add_argument("--query-file", help=argparse.SUPPRESS)
@@ -454,6 +483,9 @@ def main(argv=None) -> int:
     work = args.work or os.path.join(RESULTS, f"scale-{args.images}")
     os.makedirs(work, exist_ok=True)
     report_path = os.path.join(work, "build.json")
+    if args.paired:
+        paired(*args.paired.split(","))
+        return 0
     if args.first_stage_grid:
         settings = [tuple(int(x) for x in spec.split(":")) for spec in args.first_stage_grid.split(",")]
         grid = first_stage_grid(work, settings, args.shortlist_size)
