@@ -330,6 +330,14 @@ def served(args, work: str, mode: str) -> dict:
         return json.load(f)
 
 
+def positives_share(name: str, truth, top: set) -> float:
+    """The share of a query's ground-truth positives (of set ``name``) among the image ids ``top``."""
+    from delf_retrieval.corpus import inputs
+
+    wanted = {inputs.image_id(uri_of(name, p)) for p in truth.positives}
+    return len(wanted & top) / len(wanted)
+
+
 def evaluate(report: dict, staged: dict, full: dict | None) -> None:
     import first_stage as fs
 
@@ -350,16 +358,10 @@ def evaluate(report: dict, staged: dict, full: dict | None) -> None:
             report[mode]["map"][name] = fs.mean_ap(rankings, truth)
     report.update({k: report["staged"][k] for k in ("query_p50_s", "query_p95_s", "rss_mb")})
     # The share of each query's ground-truth positives in the first stage's top K: at any size.
-    from delf_retrieval.corpus import inputs
-
     report["first_stage_positives"] = {}
     for name, (_, _, _, truth, _) in sets.items():
-        shares = []
-        for q, t in truth.items():
-            answer = staged["queries"].get(f"{name}/{q}")
-            if answer is not None and t.positives:
-                wanted = {inputs.image_id(uri_of(name, p)) for p in t.positives}
-                shares.append(len(wanted & set(answer["top"])) / len(wanted))
+        shares = [positives_share(name, t, set(staged["queries"][f"{name}/{q}"]["top"])) for q, t in truth.items()
+                  if f"{name}/{q}" in staged["queries"] and t.positives]
         report["first_stage_positives"][name] = float(np.mean(shares)) if shares else None
     if full is None:
         report["first_stage_recall"] = None
@@ -383,8 +385,7 @@ def first_stage_grid(work: str, settings: list[tuple[int, int]], k: int) -> dict
     the real queries' top ``k`` and, where the full scan was served, of the images it verified with
     >= 10 inliers; and milliseconds per query (in batches of 32, as the neighbour stage asks)."""
     import first_stage as fs
-    from delf_retrieval.corpus import inputs
-    from delf_retrieval.first_stage import duplicates, search
+    from delf_retrieval.first_stage import search
     from delf_retrieval.index import segment_reader
 
     stage = search.FirstStage.open(segment_reader.open_reader(os.path.join(work, "index")))
@@ -395,23 +396,19 @@ def first_stage_grid(work: str, settings: list[tuple[int, int]], k: int) -> dict
     truth = {name: fs.evaluation_set(name)[4] for name in ("dev", "hard", "train")}
     full_path = os.path.join(work, "served-full.json")
     full = json.load(open(full_path))["queries"] if os.path.exists(full_path) else None
-    out, default = {}, duplicates.CANDIDATES
+    out = {}
     for slots, candidates in settings:
-        duplicates.CANDIDATES = candidates
-        try:
-            start = time.perf_counter()
-            tops = [t for b in range(0, len(vectors), 32) for t in stage.top_vectors(vectors[b:b + 32], k + 1, slots=slots)]
-            seconds = (time.perf_counter() - start) / len(vectors)
-        finally:
-            duplicates.CANDIDATES = default
+        start = time.perf_counter()
+        tops = [t for b in range(0, len(vectors), 32)
+                for t in stage.top_vectors(vectors[b:b + 32], k + 1, slots=slots, candidates=candidates)]
+        seconds = (time.perf_counter() - start) / len(vectors)
         shares: dict = {}
         for i, name in enumerate(meta["queries"]):
             kind, q = name.split("/", 1)
             top = set([x for x in tops[i].tolist() if x != meta["owners"][name]][:k])
             t = truth[kind].get(q)
             if t is not None and t.positives:
-                wanted = {inputs.image_id(uri_of(kind, p)) for p in t.positives}
-                shares.setdefault(kind, []).append(len(wanted & top) / len(wanted))
+                shares.setdefault(kind, []).append(positives_share(kind, t, top))
             verified = {int(i) for i, c in full[name]["verified"].items() if c >= 10} if full else set()
             if verified:
                 shares.setdefault("verified >= 10", []).append(len(verified & top) / len(verified))

@@ -140,15 +140,16 @@ class FirstStage:
         return self.top_vectors(self.vector(descriptors)[None], k, among, **spread)[0]
 
     def top_vectors(self, queries: np.ndarray, k: int, among: np.ndarray | None = None,
-                    slots: int = duplicates.SLOTS, cosine: float = duplicates.COSINE) -> list[np.ndarray]:
+                    slots: int = duplicates.SLOTS, cosine: float = duplicates.COSINE,
+                    candidates: int = duplicates.CANDIDATES) -> list[np.ndarray]:
         """:meth:`top` for a batch of query vectors (b, D): one matrix product for all of them
-        (``slots`` 0: the plain ranking)."""
+        (``slots`` 0: the plain ranking; the groups are sought among the nearest ``candidates`` x k)."""
         scores = np.asarray(queries, np.float32) @ self.vectors.T
         if among is not None:
             allowed = np.isin(self.image_ids, np.asarray(among, np.int64))
             scores[:, ~allowed] = -np.inf
         k = min(int(k), len(self.image_ids))
-        ranked = min(k * duplicates.CANDIDATES, len(self.image_ids)) if slots else k
+        ranked = min(k * candidates, len(self.image_ids)) if slots else k
         out = []
         for row in scores:
             best = np.argpartition(-row, ranked - 1)[:ranked] if ranked < len(row) else np.arange(len(row))
