@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 RESULTS = os.path.join(ROOT, "bench_results")
 CACHE = os.path.join(RESULTS, "cache")
-DEFAULT_FEATURES = os.path.join(os.path.dirname(ROOT), "main", "bench_results", "cache")
+DEFAULT_FEATURES = CACHE  # retrieval_quality.py's feature cache
 
 import first_stage  # noqa: E402  (benchmarks/ is on the path)
 import pipeline_throughput as throughput  # noqa: E402
