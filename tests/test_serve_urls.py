@@ -178,8 +178,8 @@ def test_errors_never_repeat_the_remote_status_or_reason():
                     f"http://127.0.0.1:{port}/absent"):
             with pytest.raises(inputs.FetchError) as caught:
                 fetcher.read(url)
-            assert str(caught.value).startswith("could not fetch ")
-            assert not any(word in str(caught.value) for word in ("403", "404", "500", "SECRET", "Forbidden"))
+            # the URL alone: its port may hold "403" or "500" by chance, so the rest is compared whole
+            assert str(caught.value) == f"could not fetch {url}"
         with pytest.raises(images.ImageTooLargeError):
             ServiceFetcher(UrlPolicy(("http://127.0.0.1",)), inputs.FetchConfig(max_bytes=1000, retries=0)).read(
                 f"http://127.0.0.1:{port}/big")
