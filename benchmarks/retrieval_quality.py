@@ -78,6 +78,8 @@ EXPAND_TS = (10, 15, 20, 30)
 DECIDING = {"dev": "standard", "train": "standard", "train-heldout": "standard", "hard": "hard"}
 
 import retrieval_sweep as sweep  # noqa: E402  (benchmarks/ is on the path)
+from retrieval_report import markdown, max_distance_markdown, print_set, print_sift, summary  # noqa: E402
+from sift_baseline import METHOD, sift_matches  # noqa: E402
 from train_attention_model import landmark_halves  # noqa: E402
 
 
@@ -440,123 +442,13 @@ def max_distance_check(sets: dict, distances, settings: list, min_inliers: int) 
     return out
 
 
-def max_distance_markdown(found: dict) -> str:
-    """The ``max_distance_check`` figures as a table: mAP (points) and the paired difference."""
-    sets = list(next(iter(found.values())))
-    distances = list(found[next(iter(found))][sets[0]])
-    head = ["setting"] + [f"{n} max_distance {d}" for n in sets for d in distances]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, by_set in found.items():
-        lines.append("| " + " | ".join([label] + [
-            f"{pct(by_set[n][d]['map'])} ({100 * by_set[n][d]['diff'][0]:+.1f} +- {100 * by_set[n][d]['diff'][1]:.1f})"
-            for n in sets for d in distances]) + " |")
-    return "\n".join(lines)
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def markdown(rows: list[dict], set_names: list[str], chosen: dict | None, max_loss: float) -> str:
-    """The decision table, best mean mAP first (mAP and differences in points, i.e. x 100)."""
-    head = ["rank_by", "vote w", "nbr K", "nbr min", "exp K", "exp T"]
-    for n in set_names:
-        head += [f"{n} mAP", f"{n} mP@10"]
-        if n == "hard":
-            head += ["hard scene-mean", "hard-medium mAP", "hard-medium scene-mean"]
-    head += ["mean mAP"] + [f"{n} diff (SE)" for n in set_names] + ["admissible"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in sorted(rows, key=lambda r: -r["mean_map"]):
-        s = row["setting"]
-        mark = " (default)" if row["default"] else (" (chosen)" if row is chosen else "")
-        cells = [s["rank_by"] + mark, f"{s['vote_weight']:g}" if s["rank_by"] == "combined" else "",
-                 str(s["table_k"] if s["expand"] else 0), str(s["table_min"]) if s["expand"] else "",
-                 str(s["expand"]) if s["expand"] else "0", str(s["expand_min"]) if s["expand"] else ""]
-        for n in set_names:
-            f = row["sets"][n]
-            cells += [pct(f["map"]), pct(f["mp@10"])]
-            if n == "hard":
-                m = f["protocols"]["medium"]
-                cells += [pct(f["scene_mean"]), pct(m["map"]), pct(m["scene_mean"])]
-        cells += [pct(row["mean_map"])]
-        cells += [f"{100 * row['sets'][n]['diff'][0]:+.1f} ({100 * row['sets'][n]['diff'][1]:.1f})" for n in set_names]
-        cells += ["yes" if row["admissible"] else "no"]
-        if row is chosen or row["default"]:
-            cells = [f"**{c}**" if c else c for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
 
 def run_sift(root, rows, database, queries, max_features: int) -> dict:
-    """OpenCV SIFT + ratio test + affine RANSAC, brute force over all pairs."""
-    import cv2
-
-    from delf_retrieval.corpus.images import load_image
-
-    sift = cv2.SIFT_create(nfeatures=max_features)
-    keypoints, extract_seconds = {}, []
-    for p, _ in rows:
-        image = load_image(os.path.join(root, p))
-        start = time.perf_counter()
-        h, w = image.shape[:2]
-        factor = min(1.0, 1024 / max(h, w))
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        if factor < 1:
-            gray = cv2.resize(gray, (int(round(w * factor)), int(round(h * factor))), interpolation=cv2.INTER_AREA)
-        kp, desc = sift.detectAndCompute(gray, None)
-        extract_seconds.append(time.perf_counter() - start)
-        points = np.array([k.pt for k in kp], np.float32) / factor if kp else np.zeros((0, 2), np.float32)
-        keypoints[p] = (points, desc if desc is not None else np.zeros((0, 128), np.float32))
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
-    results, match_seconds = [], []
-    for p in queries:
-        start = time.perf_counter()
-        qp, qd = keypoints[p]
-        scored = []
-        for other, _ in database:
-            if other == p:
-                continue
-            dp, dd = keypoints[other]
-            inliers = 0
-            if len(qd) >= 2 and len(dd) >= 2:
-                pairs = [m for m, n in (x for x in matcher.knnMatch(qd, dd, k=2) if len(x) == 2) if m.distance < 0.8 * n.distance]
-                if len(pairs) >= 3:
-                    src = qp[[m.queryIdx for m in pairs]]
-                    dst = dp[[m.trainIdx for m in pairs]]
-                    _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=20.0,
-                                                   maxIters=1000, confidence=0.999)
-                    inliers = int(mask.sum()) if mask is not None else 0
-            scored.append((inliers, other))
-        match_seconds.append(time.perf_counter() - start)
-        scored.sort(key=lambda s: (-s[0], s[1]))
-        results.append({"query": p, "matches": [{"uri": o, "score": float(n), "inliers": n, "votes": 0}
-                                                for n, o in scored if n > 0]})
-    return {"method": f"OpenCV SIFT ({max_features}) + ratio 0.8 + affine RANSAC, all pairs",
+    """The SIFT baseline (``sift_baseline``), scored as ours."""
+    results, extract_seconds, match_seconds = sift_matches(root, rows, database, queries, max_features)
+    return {"method": METHOD.format(max_features),
             "scores": measure({"results": results}, ground_truth(dict(rows), database, queries)),
             "seconds_per_query": {"extract": float(np.mean(extract_seconds)), "match+ransac": float(np.mean(match_seconds))}}
-
-
-def print_set(data: dict, classic: dict) -> None:
-    t = data["seconds_per_query"]
-    print(f"{data['set']}: {data['preset']}: {data['images']} images, {len(data['queries'])} queries, {data['index']}, "
-          f"{data['descriptors']} descriptors; search per query " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items())
-          + f" (total {sum(t.values()) * 1000:.0f} ms); neighbour search {data['neighbour_seconds_per_image']:.3f} s "
-          f"per database image ({len(data['edges'])} verified pairs at >= 1 inlier); extraction "
-          f"{data['extract_seconds_per_image']:.2f} s per image", flush=True)
-    print(f"  {data['set']}: true matches surviving the image shortlist: "
-          + ", ".join(f"top {n}: {v:.3f}" for n, v in data["shortlist_survival"].items()))
-    print(f"  {'rule (no expansion), ' + DECIDING[data['set']] + ' protocol':<44} {'mAP':>6} {'mP@1':>6} {'mP@5':>6} "
-          f"{'mP@10':>6} {'GLD':>6} {'GLD+dq':>6}")
-    for name, s in classic.items():
-        dq = s.get("gld_with_distractor_queries")
-        print(f"  {name:<44} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} {s['mp@10']:6.3f} "
-              f"{s['gld_micro_ap']:6.3f} {'' if dq is None else f'{dq:6.3f}':>6}", flush=True)
-
-
-def print_sift(set_name: str, sift: dict) -> None:
-    s, t = sift["scores"], sift["seconds_per_query"]
-    print(f"{set_name + ': SIFT baseline':<52} {s['map']:6.3f} {s['mp@1']:6.3f} {s['mp@5']:6.3f} {s['mp@10']:6.3f} "
-          f"{s['gld_micro_ap']:6.3f}  {t['match+ransac']:.3f}; {t['extract']:.2f}", flush=True)
 
 
 def floats(text: str, kind=float) -> tuple:
@@ -627,7 +519,7 @@ def main(argv=None) -> int:
                 entry["ours"].append({"preset": preset, "unavailable": f"{type(e).__name__}: {e}"})
                 continue
             classic = classic_rules(data, config.min_inliers, args.vote_weights)
-            print_set(data, classic)
+            print_set(data, classic, DECIDING[set_name])
             entry["ours"].append({k: data[k] for k in ("preset", "images", "descriptors", "index", "seconds_per_query",
                                                        "neighbour_seconds_per_image", "extract_seconds_per_image",
                                                        "shortlist_survival")}
@@ -655,28 +547,9 @@ def main(argv=None) -> int:
                          "rerank_expand_seconds_chosen": expansion_seconds(data, chosen_setting,
                                                                            RetrievalConfig().min_inliers),
                          "neighbour_seconds_per_database_image": data["neighbour_seconds_per_image"]}
-        described = ", ".join(f"{n} ({len(prepared[n]['queries'])} queries, {prepared[n]['images']} images, "
-                              f"{DECIDING[n]} protocol)" for n in names)
-        lines = [f"Sets: {described}; preset {prepared[names[0]]['preset']}; {len(grid)} settings.",
-                 f"Started {started}; load average at start {report['load_at_start'][0]:.2f}.",
-                 f"Decision rule: best mean mAP over the sets among the settings losing at most {100 * args.max_loss:g} "
-                 f"mAP point(s) against today's default ({default.label()}) on every set. mAP, mP@10 and differences "
-                 "in points (x 100); diff = mean per-query AP difference from the default (standard error).", "",
-                 f"**Default**: {base['label']}: " + ", ".join(f"{n} {pct(base['sets'][n]['map'])}" for n in names)
-                 + f"; mean {pct(base['mean_map'])}.",
-                 f"**Chosen**: {chosen['label']}: " + ", ".join(
-                     f"{n} {pct(chosen['sets'][n]['map'])} ({100 * chosen['sets'][n]['diff'][0]:+.1f} +- "
-                     f"{100 * chosen['sets'][n]['diff'][1]:.1f})" for n in names) + f"; mean {pct(chosen['mean_map'])}.",
-                 f"Admissible settings: {sum(r['admissible'] for r in rows)} of {len(rows)}.", "",
-                 "Seconds per query (search = shortlist + ANN + voting + RANSAC of 100; re-rank + expansion offline):", ""]
-        for n in names:
-            t = timing[n]
-            lines.append(f"- {n}: search {t['search_total']:.3f} s (" + ", ".join(
-                f"{k} {v:.3f}" for k, v in t["search_seconds_per_query"].items())
-                + f"); re-rank {t['rerank_expand_seconds_default'] * 1000:.1f} ms (default), re-rank + expansion "
-                f"{t['rerank_expand_seconds_chosen'] * 1000:.1f} ms (chosen); neighbour table build "
-                f"{t['neighbour_seconds_per_database_image']:.3f} s per database image")
-        text = "\n".join(lines) + "\n\n" + table + "\n"
+        text = summary(prepared, names, DECIDING, grid, started, report["load_at_start"][0], args.max_loss, default,
+                       base, chosen, rows, timing)
+        text += "\n\n" + table + "\n"
         print("\n" + text, flush=True)
         report.update({"grid": len(grid), "default": base, "chosen": chosen, "rows": rows, "timing": timing,
                        "decision_rule": {"max_loss": args.max_loss, "sets": names,
