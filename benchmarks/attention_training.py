@@ -211,8 +211,8 @@ def main(argv=None) -> int:
           f"calibrated threshold {result.calibration.threshold:.3g} for {result.calibration.target_features} features")
     print(f"extraction: {len(paths)} photos in {extract_seconds:.0f} s; matching {match_seconds:.0f} s")
     print()
-    print(f"| top K | keypoints by | mAP (inliers) | mAP (votes) |")
-    print(f"|---|---|---|---|")
+    print("| top K | keypoints by | mAP (inliers) | mAP (votes) |")
+    print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['top_k']} | {r['method']} | {100 * r['map_inliers']:.1f} | {100 * r['map_votes']:.1f} |")
     report = {"args": vars(args), "train_images": len(train), "queries": len(held_out), "distractors": len(distractors),

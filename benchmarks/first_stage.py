@@ -209,7 +209,7 @@ def whitened_vlad_tops(reader, features, ids, distractors, queries, k_max, n_wor
     db_ids = np.r_[np.fromiter(ids.values(), np.int64), np.fromiter(distractors, np.int64)]
     vectors = np.stack([vlad.aggregate(project(features[p]), words) for p in ids]
                        + [vlad.aggregate(project(f), words) for f in distractors.values()])
-    transform = lambda v: v  # noqa: E731
+    mean, basis = np.zeros(vectors.shape[1], vectors.dtype), None  # no whitening: the vectors as they are
     if dims:
         learn = vectors[len(ids):]
         mean = learn.mean(axis=0)
@@ -218,9 +218,11 @@ def whitened_vlad_tops(reader, features, ids, distractors, queries, k_max, n_wor
         scale = 1.0 / np.sqrt(sv[:keep] ** 2 / len(learn) + 1e-6)
         basis = (vt[:keep].T * scale).astype(np.float32)
 
-        def transform(v):
-            w = (v - mean) @ basis
-            return w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+    def transform(v):
+        if basis is None:
+            return v
+        w = (v - mean) @ basis
+        return w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
     vectors = transform(vectors)
     tops, seconds = {}, []
     for q in queries:

@@ -50,10 +50,9 @@ import first_stage  # noqa: E402  (benchmarks/ is on the path)
 import pipeline_throughput as throughput  # noqa: E402
 import retrieval_quality as rq  # noqa: E402
 
-from delf_retrieval.corpus import inputs  # noqa: E402
 from delf_retrieval.index.neighbour_table import NeighbourTable  # noqa: E402
 from delf_retrieval.landmarks import clustering, graph  # noqa: E402
-from delf_retrieval.landmarks.clustering import NONE, ClusterConfig  # noqa: E402
+from delf_retrieval.landmarks.clustering import ClusterConfig  # noqa: E402
 
 GRID = {"min_inliers": (10, 15, 20, 30, 40), "min_support": (0.0, 0.2, 0.35, 0.5, 0.65), "min_size": (2, 3)}
 

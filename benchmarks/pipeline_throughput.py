@@ -244,7 +244,7 @@ def print_run_table(title: str, rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['name']:<22}{r['images']:>7}{r['pipeline_s']:>8.1f}{r['images_per_s']:>7.2f}"
               f"{r['cpu_s_per_image']:>10.3f}{r['peak_rss_mb']:>12.0f}{r['processes']:>6}{r['load_mean']:>6.2f}")
-    print(f"\nstage totals, seconds (sum of the delf/<stage>_us distributions over all workers)")
+    print("\nstage totals, seconds (sum of the delf/<stage>_us distributions over all workers)")
     print(f"{'run':<22}" + "".join(f"{s[:10]:>11}" for s in STAGES) + f"{'sum':>9}")
     for r in rows:
         total = sum(r["stages_s"].values())
