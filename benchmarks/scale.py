@@ -33,9 +33,10 @@ or, for the full scan, with every posting held in memory (``load_all``); its pea
 Times are search + verification + expansion, extraction apart. The full scan runs where it fits
 (``--full-scan auto``: up to 2e5 images). First-stage recall: per query, the share of the images
 the full scan verifies (>= 10 inliers, the neighbour table's threshold; and >= 4, every verified
-image; each also over the real photos alone, distractors left out) found in the first stage's top
-K, averaged over the queries that verify something; and at any size, the share of each real
-query's ground-truth positives in the top K, per set.
+image; each also over the real photos alone, distractors left out, and over the query's true
+matches alone, its ground truth's positives and junk) found in the first stage's top K, averaged
+over the queries that verify something; and at any size, the share of each real query's
+ground-truth positives in the top K, per set.
 """
 
 from __future__ import annotations
@@ -370,21 +371,28 @@ def evaluate(report: dict, staged: dict, full: dict | None) -> None:
     from delf_retrieval.corpus import inputs
 
     real = {inputs.image_id(uri_of(name, p)) for name, (_, database, _, _, _) in sets.items() for p, _ in database}
-    recall, verified = {}, {"real": [], "distractors": []}
+    matches = {}  # per query, its ground truth's images (positives and junk): the verified images that are true
+    for name, (_, _, asked, truth, _) in sets.items():
+        for q in asked:
+            t = truth.get(q)
+            matches[f"{name}/{q}"] = {inputs.image_id(uri_of(name, p)) for p in (t.positives | t.junk)} if t else set()
+    recall, verified = {}, {"real": [], "distractors": [], "true matches": []}
     for threshold in (10, 4):
-        for among, label in ((None, ""), (real, " real")):  # every verified image; the real photos alone
+        # every verified image; the real photos alone; the query's true matches alone
+        for label in ("", " real", " true"):
             for k in KS:
                 values = []
                 for name, answer in full["queries"].items():
                     wanted = {int(i) for i, c in answer["verified"].items() if c >= threshold}
-                    wanted = wanted & among if among is not None else wanted
+                    wanted &= {"": wanted, " real": real, " true": matches.get(name, set())}[label]
                     if wanted:
                         values.append(len(wanted & set(staged["queries"][name]["top"][:k])) / len(wanted))
                 recall[f">={threshold}{label}@{k}"] = float(np.mean(values)) if values else None
-    for answer in full["queries"].values():
+    for name, answer in full["queries"].items():
         ids = {int(i) for i in answer["verified"]}
         verified["real"].append(len(ids & real))
         verified["distractors"].append(len(ids - real))
+        verified["true matches"].append(len(ids & matches.get(name, set())))
     report["first_stage_recalls"] = recall
     report["full_scan_verified_per_query"] = {k: float(np.mean(v)) for k, v in verified.items()}
     report["first_stage_recall"] = recall[f">=10@{max(KS)}"]
