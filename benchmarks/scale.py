@@ -35,8 +35,10 @@ Times are search + verification + expansion, extraction apart. The full scan run
 the full scan verifies (>= 10 inliers, the neighbour table's threshold; and >= 4, every verified
 image; each also over the real photos alone, distractors left out, and over the query's true
 matches alone, its ground truth's positives and junk) found in the first stage's top K, averaged
-over the queries that verify something; and at any size, the share of each real query's
-ground-truth positives in the top K, per set.
+over the queries that verify something; pooled over the queries (all, and per set), the same
+share at K 1000 by kind (positive, junk, other real photo, distractor) and inliers (4 to 9,
+>= 10); and at any size, the share of each real query's ground-truth positives in the top K, per
+set. ``--reuse --answers`` scores the answers already served under ``--work`` again, serving nothing.
 """
 
 from __future__ import annotations
@@ -371,11 +373,13 @@ def evaluate(report: dict, staged: dict, full: dict | None) -> None:
     from delf_retrieval.corpus import inputs
 
     real = {inputs.image_id(uri_of(name, p)) for name, (_, database, _, _, _) in sets.items() for p, _ in database}
-    matches = {}  # per query, its ground truth's images (positives and junk): the verified images that are true
+    positives, junk = {}, {}  # per query, its ground truth's images: the verified images that are true matches
     for name, (_, _, asked, truth, _) in sets.items():
         for q in asked:
             t = truth.get(q)
-            matches[f"{name}/{q}"] = {inputs.image_id(uri_of(name, p)) for p in (t.positives | t.junk)} if t else set()
+            positives[f"{name}/{q}"] = {inputs.image_id(uri_of(name, p)) for p in t.positives} if t else set()
+            junk[f"{name}/{q}"] = {inputs.image_id(uri_of(name, p)) for p in t.junk} if t else set()
+    matches = {q: positives[q] | junk[q] for q in positives}
     recall, verified = {}, {"real": [], "distractors": [], "true matches": []}
     for threshold in (10, 4):
         # every verified image; the real photos alone; the query's true matches alone
@@ -388,13 +392,27 @@ def evaluate(report: dict, staged: dict, full: dict | None) -> None:
                     if wanted:
                         values.append(len(wanted & set(staged["queries"][name]["top"][:k])) / len(wanted))
                 recall[f">={threshold}{label}@{k}"] = float(np.mean(values)) if values else None
+    pooled: dict = {}  # every query's verified images by kind and inliers: [verified, in the top K]
     for name, answer in full["queries"].items():
         ids = {int(i) for i in answer["verified"]}
         verified["real"].append(len(ids & real))
         verified["distractors"].append(len(ids - real))
         verified["true matches"].append(len(ids & matches.get(name, set())))
+        top = set(staged["queries"][name]["top"][:max(KS)])
+        for i, inliers in answer["verified"].items():
+            i = int(i)
+            kind = ("positive" if i in positives.get(name, ()) else "junk" if i in junk.get(name, ())
+                    else "other real" if i in real else "distractor")
+            for group in ("all", name.split("/", 1)[0]):
+                counts = pooled.setdefault(group, {}).setdefault(
+                    f"{kind}, {'>= 10' if inliers >= 10 else '4 to 9'} inliers", [0, 0])
+                counts[0] += 1
+                counts[1] += i in top
     report["first_stage_recalls"] = recall
     report["full_scan_verified_per_query"] = {k: float(np.mean(v)) for k, v in verified.items()}
+    report["full_scan_verified_in_top"] = {group: {k: {"verified": n, "in_top": kept, "share": kept / n}
+                                                   for k, (n, kept) in sorted(kinds.items())}
+                                           for group, kinds in pooled.items()}
     report["first_stage_recall"] = recall[f">=10@{max(KS)}"]
 
 
@@ -485,6 +503,8 @@ def main(argv=None) -> int:
     parser.add_argument("--remeasure-neighbours", type=int, default=0, help="with --reuse: time the neighbour "
                         "stage again on this many real images of the written index")
     parser.add_argument("--modes", default="staged,full", help="serving modes to measure (full: where it fits)")
+    parser.add_argument("--answers", action="store_true", help="with --reuse: score the answers already served "
+                        "under --work (served-*.json) again, serving nothing")
     parser.add_argument("--first-stage-grid", default="", help="with --reuse: only the first stage, per "
                         "SLOTS:CANDIDATES of the near-duplicate spread (e.g. 0:4,16:4,16:16): its recall (no serving)")
     parser.add_argument("--paired", default="", help="BEFORE.json,AFTER.json: two serving runs' answers "
@@ -525,6 +545,11 @@ def main(argv=None) -> int:
             json.dump(report, f)
     report["load_average"] = os.getloadavg()
     modes = args.modes.split(",")
+    if args.reuse and args.answers:
+        answers = {m: os.path.join(work, f"served-{m}.json") for m in ("staged", "full")}
+        staged, full = (json.load(open(answers[m])) if os.path.exists(answers[m]) else None for m in ("staged", "full"))
+        evaluate(report, staged, full)
+        return write_report(report, args.json)
     staged = served(args, work, "staged")
     full = None
     if "full" in modes and (args.full_scan == "on" or (args.full_scan == "auto" and report["images"] <= 200_000)):
@@ -534,10 +559,15 @@ def main(argv=None) -> int:
             full = json.load(f)
     evaluate(report, staged, full)
     report["load_average_end"] = os.getloadavg()
+    return write_report(report, args.json)
+
+
+def write_report(report: dict, path: str | None) -> int:
+    """Print the report, and write it to ``path`` if one is given."""
     text = json.dumps(report, indent=1)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text)
     return 0
 
