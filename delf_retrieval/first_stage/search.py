@@ -90,7 +90,8 @@ class FirstStage:
         self.sketches = duplicates.sketches(vectors)  # near-duplicate groups are found in these
         self.part_index, self.starts, self.counts = part_index, starts, counts
         self.row_files = row_files
-        self._files: dict[int, int] = {}
+        self._files: dict[int, int] = {}  # part -> its open rows file
+        self._paths: dict[int, str] = {}  # part -> its rows file's path, resolved (checked) once
         self._lock = threading.Lock()
 
     @classmethod
@@ -183,7 +184,9 @@ class FirstStage:
             raise layout.ShardError(f"{record['path']}: rows of {record['row_bytes']} bytes, expected "
                                     f"{out.dtype.itemsize}")
         offset, size = int(record["data_offset"]), out.dtype.itemsize
-        path = layout.resolve(self.root, record["path"])
+        path = self._paths.get(part)
+        if path is None:  # the check follows symbolic links: a cost per call that a query pays per part
+            path = self._paths[part] = layout.resolve(self.root, record["path"])
         view = out.view(np.uint8)
         at = 0
         if storage.is_gcs(path):
